@@ -1,0 +1,238 @@
+"""Schemas of what operators declare as data: tools, graphs and per-tenant routing rules.
+
+A definitions file (YAML or JSON) may hold any of the top-level lists ``tools``, ``graphs`` and
+``tenants``; :class:`Catalog` merges them and checks every cross-reference once, at load time,
+so a bad definition fails before the first request rather than in the middle of one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+from contracts.errors import InvalidRequest
+from contracts.expressions import compile_expression
+from contracts.tenants import Name, TenantId
+
+END = "end"
+
+
+class DefinitionError(InvalidRequest):
+    """A definition is invalid or refers to something that does not exist."""
+
+
+class _Definition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- tools -------------------------------------------------------------------------------
+
+
+class PythonTool(_Definition):
+    """A Python callable ``module:function``, called as ``function(ctx, **arguments)``."""
+
+    callable: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class HttpTool(_Definition):
+    """An HTTP/REST endpoint; the tenant is injected by the runtime, never by the caller."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    # May contain {tenant_id} (filled by the runtime) and {argument} placeholders.
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    tenant_header: str | None = "X-Corral-Tenant"
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    max_response_bytes: int = Field(default=1024 * 1024, gt=0)
+
+
+class ToolDefinition(_Definition):
+    name: Name
+    description: str = ""
+    # JSON schema of the arguments a caller (or a model) may pass; never contains the tenant.
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    python: PythonTool | None = None
+    http: HttpTool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_adapter(self) -> ToolDefinition:
+        if (self.python is None) == (self.http is None):
+            raise ValueError(f"tool {self.name!r} needs exactly one of 'python' or 'http'")
+        return self
+
+
+# ---- graphs ------------------------------------------------------------------------------
+
+
+class NodeKind(StrEnum):
+    TOOL = "tool"
+    RESPOND = "respond"
+
+
+class ToolNode(_Definition):
+    kind: Literal[NodeKind.TOOL] = NodeKind.TOOL
+    tool: Name
+    # Values starting with '$' are paths into the run state ("$input.text").
+    args: dict[str, JsonValue] = Field(default_factory=dict)
+    timeout_s: float = Field(default=10.0, gt=0, le=3600)
+
+
+class RespondNode(_Definition):
+    """Produces text from a template with ``{path}`` placeholders over the run state."""
+
+    kind: Literal[NodeKind.RESPOND] = NodeKind.RESPOND
+    template: str
+
+
+Node = Annotated[ToolNode | RespondNode, Field(discriminator="kind")]
+
+
+class Edge(_Definition):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: Name = Field(alias="from")
+    target: Name = Field(alias="to")
+    when: str | None = None
+
+    @field_validator("when")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            compile_expression(value)
+        return value
+
+
+class GraphDefinition(_Definition):
+    name: Name
+    description: str = ""
+    entry: Name
+    nodes: dict[Name, Node]
+    edges: list[Edge] = Field(default_factory=list)
+    max_steps: int = Field(default=100, ge=1, le=10_000)
+    timeout_s: float = Field(default=30.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> GraphDefinition:
+        if END in self.nodes:
+            raise ValueError(f"graph {self.name!r}: '{END}' is reserved for the end of a run")
+        if self.entry not in self.nodes:
+            raise ValueError(f"graph {self.name!r}: entry {self.entry!r} is not a node")
+        for edge in self.edges:
+            if edge.source not in self.nodes:
+                raise ValueError(f"graph {self.name!r}: edge from unknown node {edge.source!r}")
+            if edge.target != END and edge.target not in self.nodes:
+                raise ValueError(f"graph {self.name!r}: edge to unknown node {edge.target!r}")
+        unreachable = set(self.nodes) - _reachable(self.entry, self.edges)
+        if unreachable:
+            raise ValueError(f"graph {self.name!r}: unreachable nodes {sorted(unreachable)}")
+        return self
+
+    def tools(self) -> set[str]:
+        return {node.tool for node in self.nodes.values() if isinstance(node, ToolNode)}
+
+
+def _reachable(entry: str, edges: list[Edge]) -> set[str]:
+    seen, frontier = {entry}, [entry]
+    while frontier:
+        current = frontier.pop()
+        for edge in edges:
+            if edge.source == current and edge.target not in seen:
+                seen.add(edge.target)
+                frontier.append(edge.target)
+    return seen
+
+
+# ---- tenants and routing -----------------------------------------------------------------
+
+
+class Pattern(StrEnum):
+    GRAPH = "graph"
+
+
+class Route(_Definition):
+    pattern: Pattern = Pattern.GRAPH
+    graph: Name
+
+
+class RateLimit(_Definition):
+    per_second: float = Field(default=50.0, gt=0)
+    burst: int = Field(default=100, ge=1)
+
+
+class TenantPolicy(_Definition):
+    """What one tenant may reach: its routes (targets), default route and tools."""
+
+    tenant: TenantId
+    default_route: Name | None = None
+    routes: dict[Name, Route] = Field(default_factory=dict)
+    tools: list[Name] = Field(default_factory=list)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+    max_input_bytes: int = Field(default=64 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _default_is_a_route(self) -> TenantPolicy:
+        if self.default_route is not None and self.default_route not in self.routes:
+            raise ValueError(f"tenant {self.tenant!r}: default route {self.default_route!r} is not a route")
+        return self
+
+
+# ---- the catalog -------------------------------------------------------------------------
+
+
+class DefinitionsFile(_Definition):
+    tools: list[ToolDefinition] = Field(default_factory=list)
+    graphs: list[GraphDefinition] = Field(default_factory=list)
+    tenants: list[TenantPolicy] = Field(default_factory=list)
+
+
+class Catalog(BaseModel):
+    """Every definition, by name, with cross-references checked."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tools: dict[str, ToolDefinition]
+    graphs: dict[str, GraphDefinition]
+    tenants: dict[str, TenantPolicy]
+
+    @classmethod
+    def merge(cls, files: list[DefinitionsFile]) -> Catalog:
+        tools = _unique("tool", [t for f in files for t in f.tools], lambda t: t.name)
+        graphs = _unique("graph", [g for f in files for g in f.graphs], lambda g: g.name)
+        tenants = _unique("tenant", [p for f in files for p in f.tenants], lambda p: p.tenant)
+        catalog = cls(tools=tools, graphs=graphs, tenants=tenants)
+        catalog._check_references()
+        return catalog
+
+    def _check_references(self) -> None:
+        for graph in self.graphs.values():
+            for tool in sorted(graph.tools() - set(self.tools)):
+                raise DefinitionError(f"graph {graph.name!r} uses unknown tool {tool!r}")
+        for policy in self.tenants.values():
+            for tool in policy.tools:
+                if tool not in self.tools:
+                    raise DefinitionError(f"tenant {policy.tenant!r} allows unknown tool {tool!r}")
+            for name, route in policy.routes.items():
+                graph = self.graphs.get(route.graph)
+                if graph is None:
+                    raise DefinitionError(f"tenant {policy.tenant!r}: route {name!r} uses unknown graph {route.graph!r}")
+                missing = graph.tools() - set(policy.tools)
+                if missing:
+                    raise DefinitionError(
+                        f"tenant {policy.tenant!r}: route {name!r} needs tools {sorted(missing)} "
+                        "the tenant is not allowed"
+                    )
+
+    def policy(self, tenant: str) -> TenantPolicy | None:
+        return self.tenants.get(tenant)
+
+
+def _unique(what: str, items: list[Any], key: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for item in items:
+        name = key(item)
+        if name in result:
+            raise DefinitionError(f"{what} {name!r} is defined twice")
+        result[name] = item
+    return result

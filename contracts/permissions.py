@@ -1,0 +1,63 @@
+"""Broker permissions: what a tenant user and each service role may publish and subscribe.
+
+The auth service grants :func:`tenant_permissions` to every tenant connection; the generated
+server configuration grants :data:`SERVICE_PERMISSIONS` to the service users. Both are built
+from :mod:`contracts.subjects`, so the namespace and the permissions cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from contracts import subjects
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    # Publishing to the reply subject of a received request (no blanket _INBOX permission).
+    allow_responses: bool = False
+    deny_publish: tuple[str, ...] = field(default=())
+    deny_subscribe: tuple[str, ...] = field(default=())
+
+
+def tenant_permissions(tenant: str) -> Permissions:
+    """A tenant user: publish requests and signals, read its own events and inbox, nothing else."""
+    return Permissions(
+        publish=(subjects.router_request(tenant), subjects.workflow_signal(tenant)),
+        subscribe=(subjects.tenant_events(tenant), subjects.tenant_inboxes(tenant)),
+    )
+
+
+def _service(name: str, *, publish: tuple[str, ...] = (), subscribe: tuple[str, ...] = ()) -> Permissions:
+    return Permissions(
+        publish=publish,
+        subscribe=(*subscribe, f"{subjects.service_inbox_prefix(name)}.>", subjects.ping(name)),
+        allow_responses=True,
+    )
+
+
+SERVICE_PERMISSIONS: dict[str, Permissions] = {
+    "router": _service(
+        "router",
+        publish=(subjects.GRAPH_RUNS, subjects.ALL_EVENTS, subjects.ALL_AUDIT),
+        subscribe=(subjects.ROUTER_REQUESTS,),
+    ),
+    "graph": _service(
+        "graph",
+        publish=(subjects.TOOL_CALLS, subjects.ALL_EVENTS, subjects.ALL_AUDIT),
+        subscribe=(subjects.GRAPH_RUNS,),
+    ),
+    "tools": _service(
+        "tools",
+        publish=(subjects.ALL_EVENTS, subjects.ALL_AUDIT),
+        subscribe=(subjects.TOOL_CALLS,),
+    ),
+    # The operator's console (corral up readiness checks, bench's raw baseline): no tenant data.
+    "admin": Permissions(
+        publish=(subjects.ALL_PINGS, "bench.>"),
+        subscribe=("_INBOX._admin.>", "bench.>"),
+        allow_responses=True,
+    ),
+}

@@ -1,0 +1,132 @@
+"""The one module that builds and parses subjects.
+
+Every subject carrying tenant traffic is ``t.<tenant>.<...>``; the tenant token is the partition
+key for permissions, guards, stream filters and monitoring. Builders validate every identifier
+they place into a subject, so no caller can produce a wildcard or an extra token by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contracts.errors import InvalidRequest
+from contracts.tenants import validate_name, validate_run_id, validate_tenant_id
+
+PREFIX = "t"
+INBOX = "_INBOX"
+
+# Subscription patterns for the services (queue groups named after the service).
+ROUTER_REQUESTS = "t.*.router.request"
+GRAPH_RUNS = "t.*.graph.run"
+WORKFLOW_STARTS = "t.*.workflow.start"
+WORKFLOW_SIGNALS = "t.*.workflow.signal"
+SWARM_TURNS = "t.*.swarm.turn"
+TOOL_CALLS = "t.*.tool.*.call"
+ALL_EVENTS = "t.*.events.>"
+ALL_AUDIT = "t.*.audit.>"
+ALL_TENANT_TRAFFIC = "t.>"
+AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
+ALL_INBOXES = "_INBOX.*.>"
+
+
+def router_request(tenant: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.router.request"
+
+
+def graph_run(tenant: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.graph.run"
+
+
+def workflow_start(tenant: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.workflow.start"
+
+
+def workflow_signal(tenant: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.workflow.signal"
+
+
+def swarm_turn(tenant: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.swarm.turn"
+
+
+def tool_call(tenant: str, tool: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.tool.{validate_name(tool)}.call"
+
+
+def events(tenant: str, run_id: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.events.{validate_run_id(run_id)}"
+
+
+def tenant_events(tenant: str) -> str:
+    """Every run's events of one tenant (what a tenant user may subscribe to)."""
+    return f"t.{validate_tenant_id(tenant)}.events.>"
+
+
+def audit(tenant: str, service: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.audit.{validate_name(service)}"
+
+
+def inbox_prefix(tenant: str) -> str:
+    """The inbox prefix a tenant connection must use (nats-py ``inbox_prefix``)."""
+    return f"{INBOX}.{validate_tenant_id(tenant)}"
+
+
+def tenant_inboxes(tenant: str) -> str:
+    return f"{inbox_prefix(tenant)}.>"
+
+
+def service_inbox_prefix(service: str) -> str:
+    """Inbox prefix of a service connection.
+
+    The leading underscore can never start a tenant id, so a service inbox can never be
+    mistaken for (or granted to) a tenant.
+    """
+    return f"{INBOX}._{validate_name(service)}"
+
+
+def ping(service: str) -> str:
+    """Health probe subject answered by every replica of a service."""
+    return f"corral.ping.{validate_name(service)}"
+
+
+ALL_PINGS = "corral.ping.>"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSubject:
+    """A parsed tenant subject: ``t.<tenant>.<area>.<rest...>``."""
+
+    tenant: str
+    area: str
+    rest: tuple[str, ...]
+
+    @property
+    def tool(self) -> str:
+        """The tool name of a ``t.<tenant>.tool.<tool>.call`` subject."""
+        if self.area != "tool" or len(self.rest) != 2 or self.rest[1] != "call":
+            raise InvalidRequest("not a tool call subject")
+        return self.rest[0]
+
+
+def parse(subject: str) -> TenantSubject:
+    """Parse a tenant subject; the tenant is validated, never trusted from anywhere else."""
+    parts = subject.split(".")
+    if len(parts) < 3 or parts[0] != PREFIX:
+        raise InvalidRequest(f"not a tenant subject: {subject[:120]!r}")
+    tenant = validate_tenant_id(parts[1])
+    if any(not p or p in ("*", ">") for p in parts[2:]):
+        raise InvalidRequest(f"malformed subject: {subject[:120]!r}")
+    return TenantSubject(tenant=tenant, area=parts[2], rest=tuple(parts[3:]))
+
+
+def tenant_of(subject: str) -> str:
+    """The tenant token of a tenant subject."""
+    return parse(subject).tenant
+
+
+def reply_belongs_to(reply: str, tenant: str) -> bool:
+    """True if ``reply`` is inside ``tenant``'s inbox namespace.
+
+    The server does not check reply subjects against permissions, so every service must.
+    """
+    return reply.startswith(f"{INBOX}.{tenant}.") and len(reply) > len(INBOX) + len(tenant) + 2

@@ -1,0 +1,1 @@
+"""Corral's deployable services, their shared runtime and the ``corral`` command."""

@@ -1,0 +1,33 @@
+"""Settings from ``CORRAL_*`` environment variables (one prefix for everything)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DEFINITIONS = REPO_ROOT / "deploy" / "definitions"
+
+
+class Settings(BaseSettings):
+    """Common settings of every service. Credentials come from the environment first, else from
+    the state directory written by ``corral init``/``corral up``."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: str | None = None
+    state_dir: Path | None = None
+    definitions: Path = DEFAULT_DEFINITIONS
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "info"
+    # Messages handled concurrently per replica; more wait in the subscription (back-pressure).
+    max_in_flight: int = Field(default=512, ge=1)
+    # Used when a request carries no deadline.
+    default_timeout_s: float = Field(default=30.0, gt=0)
+    # How long a stopping service waits for in-flight messages.
+    drain_timeout_s: float = Field(default=10.0, gt=0)
