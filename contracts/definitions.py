@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from contracts.errors import InvalidRequest
-from contracts.expressions import compile_expression
+from contracts.expressions import ExpressionError, compile_expression
 from contracts.tenants import Name, TenantId
 
 END = "end"
@@ -100,7 +100,10 @@ class Edge(_Definition):
     @classmethod
     def _parses(cls, value: str | None) -> str | None:
         if value is not None:
-            compile_expression(value)
+            try:
+                compile_expression(value)
+            except ExpressionError as exc:
+                raise ValueError(exc.message) from None  # pydantic reports ValueErrors with the field
         return value
 
 
@@ -216,7 +219,9 @@ class Catalog(BaseModel):
             for name, route in policy.routes.items():
                 graph = self.graphs.get(route.graph)
                 if graph is None:
-                    raise DefinitionError(f"tenant {policy.tenant!r}: route {name!r} uses unknown graph {route.graph!r}")
+                    raise DefinitionError(
+                        f"tenant {policy.tenant!r}: route {name!r} uses unknown graph {route.graph!r}"
+                    )
                 missing = graph.tools() - set(policy.tools)
                 if missing:
                     raise DefinitionError(

@@ -31,6 +31,8 @@ class CorralError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # True when the error was decoded from another service's reply rather than raised here.
+        self.remote = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code.value}: {self.message})"

@@ -47,8 +47,15 @@ def wait_for_port(host: str, port: int, *, timeout: float, process: subprocess.P
 class NatsServer:
     """A ``nats-server`` child process; a context manager that always stops it."""
 
-    def __init__(self, *, config: Path | None = None, host: str = "127.0.0.1", port: int | None = None,
-                 args: list[str] | None = None, log_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        config: Path | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        args: list[str] | None = None,
+        log_file: Path | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.config = config

@@ -59,6 +59,7 @@ class Request(Generic[P]):
     tenant: str
     subject: str
     service: Service
+    size: int = 0  # bytes of the message body, for admission limits
     _log: Any = field(default=None, repr=False)
 
     @property
@@ -71,6 +72,11 @@ class Request(Generic[P]):
         if self._log is None:
             self._log = self.service.log.bind(tenant_id=self.tenant, run_id=self.envelope.run_id)
         return self._log
+
+    def with_run_id(self, run_id: str) -> Request[P]:
+        """The same request with a run id assigned (when the client did not choose one)."""
+        envelope = self.envelope.model_copy(update={"run_id": run_id})
+        return Request(envelope, self.tenant, self.subject, self.service, self.size)
 
     async def emit(self, event: RunEvent) -> None:
         """Publish a progress event on ``t.<tenant>.events.<run_id>`` (if the run has an id)."""
@@ -106,8 +112,16 @@ class Service:
 
     # ---- declaration -----------------------------------------------------------------
 
-    def operation(self, subject: str, kind: Kind, payload: type[BaseModel], summary: str, *,
-                  tenant_facing: bool = False, reply: type[BaseModel] = Result) -> Callable[[Handler], Handler]:
+    def operation(
+        self,
+        subject: str,
+        kind: Kind,
+        payload: type[BaseModel],
+        summary: str,
+        *,
+        tenant_facing: bool = False,
+        reply: type[BaseModel] = Result,
+    ) -> Callable[[Handler], Handler]:
         """Declare a handler for ``subject`` (a ``t.*...`` pattern) taking ``Envelope[payload]``."""
 
         def register(handler: Handler) -> Handler:
@@ -148,7 +162,9 @@ class Service:
                 await self.nc.subscribe(op.subject, queue=self.name, cb=callback, pending_msgs_limit=65536)
             )
         for subject, raw_callback in self.raw_subscriptions:
-            self._subscriptions.append(await self.nc.subscribe(subject, queue=self.name, cb=self._tracked(raw_callback)))
+            self._subscriptions.append(
+                await self.nc.subscribe(subject, queue=self.name, cb=self._tracked(raw_callback))
+            )
         if self.ping:
             self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
         await self.nc.flush()
@@ -225,7 +241,7 @@ class Service:
                 raise InvalidRequest(f"expected a {op.kind.value} envelope, got {envelope.kind.value}")
             if envelope.remaining(1.0) <= 0:
                 raise DeadlineExceeded("the request's deadline has passed")
-            output = await op.handler(Request(envelope, tenant, msg.subject, self))
+            output = await op.handler(Request(envelope, tenant, msg.subject, self, len(msg.data)))
             if msg.reply:
                 reply = envelope.follow(Kind.RESULT, output if isinstance(output, Result) else Result(output=output))
                 await self.nc.publish(msg.reply, reply.model_dump_json().encode())
@@ -237,8 +253,9 @@ class Service:
 
     async def _refuse(self, msg: Msg, tenant: str | None, envelope: Envelope[Any] | None, error: CorralError) -> None:
         """Log a refusal and answer it with a typed error where a reply is possible and safe."""
-        self.log.warning("refused", subject=msg.subject[:200], tenant_id=tenant, code=error.code.value,
-                         reason=error.message)
+        self.log.warning(
+            "refused", subject=msg.subject[:200], tenant_id=tenant, code=error.code.value, reason=error.message
+        )
         if not msg.reply or tenant is None:
             return
         try:
@@ -280,7 +297,9 @@ def decode_reply(data: bytes) -> Any:
         raise Internal(f"unreadable reply: {_describe(exc)}") from None
     if reply.kind == Kind.ERROR:
         info = ErrorInfo.model_validate(reply.payload)
-        raise error_for(info.code, info.message)
+        error = error_for(info.code, info.message)
+        error.remote = True  # raised by the service that replied (which already reported it)
+        raise error
     if not isinstance(reply.payload, dict):
         raise Internal("reply payload is not an object")
     return reply.payload.get("output")
@@ -297,8 +316,6 @@ def _describe(exc: ValidationError) -> str:
 def run_service(build: Callable[[Settings], Service]) -> None:
     """Entry point of a service's ``__main__``: build it from settings and run it."""
     service = build(Settings())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(service.run())
-    except KeyboardInterrupt:
-        pass
     structlog.get_logger().debug("exit")

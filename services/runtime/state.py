@@ -70,8 +70,9 @@ def load_secrets(state_dir: Path) -> Secrets:
     return Secrets(passwords=data["passwords"], issuer_seed=data["issuer_seed"], dev_key=data["dev_key"])
 
 
-def init_state(state_dir: Path, *, host: str | None = "127.0.0.1", port: int = 4222,
-               jetstream_dir: str | None = None) -> Secrets:
+def init_state(
+    state_dir: Path, *, host: str | None = "127.0.0.1", port: int = 4222, jetstream_dir: str | None = None
+) -> Secrets:
     """Create the state directory if needed (keeping existing secrets) and write ``nats.conf``."""
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "jetstream").mkdir(exist_ok=True)
@@ -112,7 +113,11 @@ def render_nats_config(found: Secrets, *, host: str | None, port: int, jetstream
     auth_user = {
         "user": AUTH_USER,
         "password": found.passwords[AUTH_USER],
-        "permissions": {"subscribe": {"allow": [subjects.AUTH_CALLOUT]}, "publish": {"allow": []}, "allow_responses": True},
+        "permissions": {
+            "subscribe": {"allow": [subjects.AUTH_CALLOUT]},
+            "publish": {"allow": []},
+            "allow_responses": True,
+        },
     }
     config: dict[str, Any] = {} if host is None else {"host": host}  # None: every interface
     config |= {

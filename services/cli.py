@@ -1,0 +1,237 @@
+"""The ``corral`` command: run the system, mint development tokens, send requests, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from contracts.envelope import RunEvent
+from contracts.errors import CorralError
+from services.runtime.state import init_state, load_secrets, read_runtime_info, resolve_state_dir, write_runtime_info
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CorralError as error:
+        _fail(f"{error.code.value}: {error.message}", args)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--state-dir", help="state directory (default: $CORRAL_STATE_DIR, else ./.corral)")
+        sub.set_defaults(run=run)
+        return sub
+
+    init = command("init", _init, "write keys, credentials and the NATS configuration into the state directory")
+    init.add_argument("--port", type=int, default=4222)
+    init.add_argument("--listen", default="127.0.0.1", help="address the broker listens on")
+    init.add_argument("--client-url", help="URL clients should use (written for `corral request`)")
+
+    up = command("up", _up, "start the broker and every service; Ctrl-C stops them")
+    up.add_argument("--port", type=int, default=4222, help="broker port (0 picks a free one)")
+    up.add_argument("--nats-url", help="use this running broker instead of starting one")
+    up.add_argument("--scale", action="append", default=[], metavar="SERVICE=N", help="replicas of a service")
+    up.add_argument("--log-dir", type=Path, help="write service logs here instead of the terminal")
+
+    token = command("token", _token, "mint a development token for a tenant")
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--sub", default="dev")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds")
+
+    request = command("request", _request, "send a request as a tenant and print its events and result")
+    request.add_argument("text")
+    request.add_argument("--tenant", help="tenant to act as (a development token is minted)")
+    request.add_argument("--token", help="application JWT (its tenant claim decides the tenant)")
+    request.add_argument("--target", help="route name (default: the tenant's default route)")
+    request.add_argument("--nats-url")
+    request.add_argument("--timeout", type=float, default=30.0)
+    request.add_argument("--json", action="store_true", help="machine-readable output")
+
+    bench = command("bench", _bench, "measure router -> graph -> tool round trips against a raw nats-py chain")
+    bench.add_argument("--nats-url", help="benchmark a running system (its state directory gives credentials)")
+    bench.add_argument("--requests", type=int, default=2000)
+    bench.add_argument("--concurrency", type=int, default=64)
+    bench.add_argument("--json", action="store_true")
+
+    asyncapi = command("asyncapi", _asyncapi, "print the AsyncAPI document of the bus API")
+    asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    return parser
+
+
+def _fail(message: str, args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": message}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    state_dir = resolve_state_dir(args.state_dir)
+    init_state(state_dir, host=args.listen, port=args.port)
+    if args.client_url:
+        write_runtime_info(state_dir, {"nats_url": args.client_url})
+    print(f"wrote {state_dir}/nats.conf and {state_dir}/secrets.json")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.runtime.nats_server import free_port
+    from services.runtime.system import SERVICES, System
+
+    replicas: dict[str, int] = {}
+    for item in args.scale:
+        name, _, count = item.partition("=")
+        if name not in SERVICES or not count.isdigit():
+            print(f"error: --scale takes SERVICE=N with SERVICE one of {', '.join(SERVICES)}", file=sys.stderr)
+            return EXIT_USAGE
+        replicas[name] = int(count)
+    state_dir = resolve_state_dir(args.state_dir)
+    port = args.port or free_port()
+    system = System(state_dir, port=port, nats_url=args.nats_url, replicas=replicas, log_dir=args.log_dir)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await system.start()
+        try:
+            _print_welcome(system, state_dir)
+            await stop.wait()
+            print("stopping...", flush=True)
+        finally:
+            system.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _print_welcome(system: Any, state_dir: Path) -> None:
+    flag = "" if state_dir == resolve_state_dir(None) else f" --state-dir {state_dir}"
+    print(f"Corral is up: NATS at {system.url}, state in {state_dir}", flush=True)
+    print(f'  try:   corral request{flag} --tenant acme "where is my order?"', flush=True)
+    print(f'         corral request{flag} --tenant globex "where is my order?"', flush=True)
+    print("  Ctrl-C stops everything.", flush=True)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from services.auth.tokens import mint_dev_token
+
+    secrets = load_secrets(resolve_state_dir(args.state_dir))
+    print(mint_dev_token(args.tenant, key=secrets.dev_key, sub=args.sub, ttl_s=args.ttl))
+    return 0
+
+
+def _connection(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(url, tenant, token) from flags, falling back to the running system's state directory."""
+    import jwt
+
+    from services.auth.tokens import mint_dev_token
+
+    state_dir = resolve_state_dir(args.state_dir)
+    info = read_runtime_info(state_dir) or {}
+    url = args.nats_url or info.get("nats_url")
+    if url is None:
+        raise SystemExit(
+            f"error: no running system found in {state_dir}; start one with `corral up` or pass --nats-url"
+        )
+    if args.token:
+        # The tenant only picks the inbox prefix; the broker grants permissions from the verified token.
+        claims = jwt.decode(args.token, options={"verify_signature": False})
+        tenant = args.tenant or claims.get("tenant_id")
+        if not tenant:
+            raise SystemExit("error: pass --tenant with a token whose tenant claim is not 'tenant_id'")
+        return url, tenant, args.token
+    if not args.tenant:
+        raise SystemExit("error: pass --tenant (or --token)")
+    return url, args.tenant, mint_dev_token(args.tenant, key=load_secrets(state_dir).dev_key)
+
+
+def _request(args: argparse.Namespace) -> int:
+    from services.client import CorralClient
+
+    url, tenant, token = _connection(args)
+
+    def show(event: RunEvent) -> None:
+        if not args.json:
+            where = f" {event.node}" if event.node else ""
+            timing = f" ({event.elapsed_ms:.1f} ms)" if event.elapsed_ms is not None else ""
+            details = f" {json.dumps(event.data)}" if event.data else ""
+            print(f"[{event.service}] {event.type.value}{where}{timing}{details}", flush=True)
+
+    async def run() -> int:
+        try:
+            client = await CorralClient.connect(
+                url, tenant=tenant, token=token, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0
+            )
+        except Exception as exc:
+            _fail(f"unauthorized: could not connect as tenant {tenant!r} ({exc or type(exc).__name__})", args)
+            return EXIT_ERROR
+        try:
+            result = await client.request(args.text, target=args.target, timeout=args.timeout, on_event=show)
+        finally:
+            await client.close()
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "ok": True,
+                        "run_id": result.run_id,
+                        "output": result.output,
+                        "events": [event.model_dump(mode="json") for event in result.events],
+                    }
+                )
+            )
+        else:
+            print(result.output if isinstance(result.output, str) else json.dumps(result.output, indent=2))
+        return 0
+
+    return asyncio.run(run())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from services.bench import run_bench
+
+    report = asyncio.run(
+        run_bench(
+            state_dir=resolve_state_dir(args.state_dir) if args.nats_url else None,
+            nats_url=args.nats_url,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            quiet=args.json,
+        )
+    )
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def _asyncapi(args: argparse.Namespace) -> int:
+    from services.runtime.asyncapi import render_asyncapi
+
+    print(render_asyncapi(args.format), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The graph executor: runs declared graphs of explicit nodes and conditional edges."""

@@ -1,0 +1,1 @@
+"""The router: admission and deterministic pattern selection for tenant requests."""

@@ -1,0 +1,54 @@
+"""The router's bus layer: admit, select the route, dispatch to the executor, relay the result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contracts import subjects
+from contracts.definitions import Catalog, Pattern
+from contracts.envelope import EventType, GraphRun, Kind, RouterRequest, RunEvent, new_id
+from contracts.errors import CorralError, Internal
+from services.router.policy import Router
+from services.runtime.service import Request, Service
+
+
+def register(service: Service, catalog: Catalog) -> Router:
+    """Declare the router's operation on ``service``; returns the policy object (for tests)."""
+    router = Router(catalog)
+
+    @service.operation(
+        subjects.ROUTER_REQUESTS,
+        Kind.REQUEST,
+        RouterRequest,
+        "A tenant's request: admitted, routed by the tenant's rules, answered with the result",
+        tenant_facing=True,
+    )
+    async def route_request(req: Request[RouterRequest]) -> Any:
+        if req.envelope.run_id is None:
+            req = req.with_run_id(new_id())
+        try:
+            decision = router.decide(req.tenant, req.payload.target, req.size)
+            await req.emit(
+                RunEvent(
+                    type=EventType.ACCEPTED,
+                    service=service.name,
+                    data={"target": decision.target, "pattern": decision.route.pattern.value},
+                )
+            )
+            if decision.route.pattern is Pattern.GRAPH:
+                run = GraphRun(graph=decision.route.graph, input=req.payload.input)
+                return await req.call(subjects.graph_run(req.tenant), Kind.GRAPH_RUN, run)
+            raise Internal(f"pattern {decision.route.pattern.value!r} is not served yet")
+        except CorralError as error:
+            if error.remote:
+                raise  # the executor has already reported its own failure on the run's events
+            await req.emit(
+                RunEvent(
+                    type=EventType.FAILED,
+                    service=service.name,
+                    data={"code": error.code.value, "message": error.message},
+                )
+            )
+            raise
+
+    return router

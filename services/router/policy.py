@@ -1,0 +1,72 @@
+"""Admission and route selection, by rules only: no model ever picks a tenant or a route.
+
+No NATS here; the handler feeds it the tenant from the subject and the validated request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from contracts.definitions import Catalog, RateLimit, Route, TenantPolicy
+from contracts.errors import Forbidden, InvalidRequest, NotFound, RateLimited
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per tenant. Limits are per router replica (state is in memory)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._buckets: dict[str, _Bucket] = {}
+        self._clock = clock
+
+    def admit(self, tenant: str, limit: RateLimit) -> None:
+        now = self._clock()
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = _Bucket(tokens=float(limit.burst), updated=now)
+        bucket.tokens = min(float(limit.burst), bucket.tokens + (now - bucket.updated) * limit.per_second)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            raise RateLimited(f"tenant {tenant!r} is over its rate limit of {limit.per_second:g} requests/s")
+        bucket.tokens -= 1.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: str
+    route: Route
+
+
+class Router:
+    """Decides, for one tenant's request, whether it is admitted and which route serves it."""
+
+    def __init__(self, catalog: Catalog, limiter: RateLimiter | None = None) -> None:
+        self.catalog = catalog
+        self.limiter = limiter or RateLimiter()
+
+    def policy_for(self, tenant: str) -> TenantPolicy:
+        policy = self.catalog.policy(tenant)
+        if policy is None:
+            raise Forbidden(f"tenant {tenant!r} has no routing rules")
+        return policy
+
+    def decide(self, tenant: str, target: str | None, input_bytes: int) -> Decision:
+        policy = self.policy_for(tenant)
+        if input_bytes > policy.max_input_bytes:
+            raise InvalidRequest(f"input of {input_bytes} bytes is over the tenant's limit of {policy.max_input_bytes}")
+        name = target or policy.default_route
+        if name is None:
+            raise InvalidRequest("no target given and the tenant has no default route")
+        route = policy.routes.get(name)
+        if route is None:
+            if name in self.catalog.graphs:
+                raise Forbidden(f"target {name!r} is not allowed for tenant {tenant!r}")
+            raise NotFound(f"unknown target {name!r}")
+        self.limiter.admit(tenant, policy.rate_limit)
+        return Decision(target=name, route=route)

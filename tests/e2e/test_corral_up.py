@@ -1,0 +1,156 @@
+"""The whole system as a newcomer runs it: `corral up`, then requests as two tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import pytest
+from services.auth.tokens import mint_dev_token
+
+from services.client import CorralClient
+from services.runtime.nats_server import free_port
+from services.runtime.state import load_secrets
+
+CORRAL = [sys.executable, "-m", "services.cli"]
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"corral up exited early with {process.returncode}: {process.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError("corral up did not become ready")
+        time.sleep(0.05)  # polling a file with a deadline
+
+
+@pytest.fixture(scope="module")
+def corral_up(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("state")
+    env = {**os.environ, "CORRAL_STATE_DIR": str(state_dir)}
+    process = subprocess.Popen(
+        [*CORRAL, "up", "--port", str(free_port()), "--log-dir", str(state_dir / "logs")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_file(state_dir / "corral.json", process)
+        yield state_dir, env, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def corral(env, *args, timeout=60):
+    return subprocess.run([*CORRAL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_corral_request_with_no_flags_answers_from_each_tenants_own_data(corral_up):
+    _, env, _ = corral_up
+    acme = corral(env, "request", "--tenant", "acme", "where is my order?")
+    globex = corral(env, "request", "--tenant", "globex", "where is my order?")
+    assert acme.returncode == 0, acme.stderr
+    assert globex.returncode == 0, globex.stderr
+    assert "A-" in acme.stdout.splitlines()[-1] and "G-" not in acme.stdout
+    assert "G-" in globex.stdout.splitlines()[-1] and "A-" not in globex.stdout
+    assert "[graph] node lookup" in acme.stdout  # progress events are printed as they arrive
+
+
+def test_json_output_and_a_non_zero_exit_on_error(corral_up):
+    _, env, _ = corral_up
+    ok = corral(env, "request", "--tenant", "acme", "--json", "where is my order?")
+    report = json.loads(ok.stdout)
+    assert report["ok"] and report["output"].startswith("Order A-")
+    assert [e["type"] for e in report["events"]][-1] == "completed"
+
+    missing = corral(env, "request", "--tenant", "acme", "--target", "no_such_route", "--json", "x")
+    assert missing.returncode != 0
+    assert json.loads(missing.stdout) == {"ok": False, "error": "not_found: unknown target 'no_such_route'"}
+
+
+def test_a_token_minted_by_corral_token_is_accepted(corral_up):
+    _, env, _ = corral_up
+    token = corral(env, "token", "--tenant", "globex", "--ttl", "120").stdout.strip()
+    result = corral(env, "request", "--token", token, "where is my order?")
+    assert result.returncode == 0, result.stderr
+    assert "G-" in result.stdout
+
+
+async def test_concurrent_requests_from_two_tenants_each_get_their_own_data(corral_up):
+    state_dir, _, _ = corral_up
+    url = json.loads((state_dir / "corral.json").read_text())["nats_url"]
+    key = load_secrets(state_dir).dev_key
+    acme = await CorralClient.connect(url, tenant="acme", token=mint_dev_token("acme", key=key))
+    globex = await CorralClient.connect(url, tenant="globex", token=mint_dev_token("globex", key=key))
+    try:
+        results = await asyncio.gather(
+            *[acme.request("where is my order?") for _ in range(20)],
+            *[globex.request("where is my order?") for _ in range(20)],
+        )
+    finally:
+        await acme.close()
+        await globex.close()
+    assert all(r.output.startswith("Order A-") for r in results[:20])
+    assert all(r.output.startswith("Order G-") for r in results[20:])
+
+
+async def test_a_tenant_connection_cannot_reach_another_tenants_subjects(corral_up):
+    state_dir, _, _ = corral_up
+    url = json.loads((state_dir / "corral.json").read_text())["nats_url"]
+    key = load_secrets(state_dir).dev_key
+    violations: list[str] = []
+    seen = asyncio.Event()
+
+    async def on_error(error):
+        violations.append(str(error))
+        seen.set()
+
+    nc = await nats.connect(url, token=mint_dev_token("acme", key=key), inbox_prefix=b"_INBOX.acme", error_cb=on_error)
+    try:
+        await nc.publish("t.globex.router.request", b"{}")
+        await asyncio.wait_for(seen.wait(), timeout=5)
+        assert 'permissions violation for publish to "t.globex.router.request"' in violations[0].lower()
+        seen.clear()
+        await nc.subscribe("t.globex.>")
+        await asyncio.wait_for(seen.wait(), timeout=5)
+        assert 'subscription to "t.globex.>"' in violations[-1].lower()
+    finally:
+        await nc.close()
+
+
+def test_ctrl_c_stops_every_process_cleanly(tmp_path):
+    env = {**os.environ, "CORRAL_STATE_DIR": str(tmp_path)}
+    port = free_port()
+    process = subprocess.Popen(
+        [*CORRAL, "up", "--port", str(port), "--log-dir", str(tmp_path / "logs")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_file(tmp_path / "corral.json", process)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (tmp_path / "corral.json").exists()
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.log") if p.name != "nats.log"}
+    assert set(logs) == {"auth-0.log", "router-0.log", "graph-0.log", "tools-0.log"}
+    assert all("service_stopped" in text for text in logs.values()), logs

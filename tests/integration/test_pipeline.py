@@ -1,0 +1,168 @@
+"""A request crosses router -> graph -> tools over a real broker, configured as in production."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+from services.auth.tokens import mint_dev_token
+
+from contracts import subjects
+from contracts.envelope import Envelope, Kind, RouterRequest
+from contracts.errors import DeadlineExceeded, Internal, InvalidRequest, NotFound, TenantMismatch
+from services.client import CorralClient
+from services.runtime.service import decode_reply
+from tests.support.services import running_services
+
+ALL = ("auth", "router", "graph", "tools")
+
+
+@pytest.fixture
+async def system(secured):
+    async with running_services(secured.url, secured.state_dir, ALL) as services:
+        yield secured, services
+
+
+async def client_for(broker, tenant):
+    return await CorralClient.connect(
+        broker.url, tenant=tenant, token=mint_dev_token(tenant, key=broker.secrets.dev_key)
+    )
+
+
+async def raw_tenant_connection(broker, tenant, **options):
+    return await nats.connect(
+        broker.url,
+        token=mint_dev_token(tenant, key=broker.secrets.dev_key),
+        inbox_prefix=subjects.inbox_prefix(tenant).encode(),
+        **options,
+    )
+
+
+async def test_each_tenant_is_answered_from_its_own_data(system):
+    broker, _ = system
+    acme, globex = await client_for(broker, "acme"), await client_for(broker, "globex")
+    try:
+        a, g = await asyncio.gather(acme.request("where is my order?"), globex.request("where is my order?"))
+    finally:
+        await acme.close()
+        await globex.close()
+    assert a.output.startswith("Order A-")
+    assert g.output.startswith("Order G-")
+
+
+async def test_a_run_reports_its_progress_on_its_events_subject(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request("where is my order?")
+    finally:
+        await acme.close()
+    steps = [(e.service, e.type.value, e.node) for e in result.events]
+    assert steps == [
+        ("router", "accepted", None),
+        ("graph", "started", None),
+        ("graph", "node", "lookup"),
+        ("graph", "node", "answer"),
+        ("graph", "completed", None),
+    ]
+
+
+async def test_an_unknown_target_is_a_typed_error_and_a_failed_event(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    events = []
+    try:
+        with pytest.raises(NotFound, match="unknown target 'nope'"):
+            await acme.request("x", target="nope", on_event=events.append)
+    finally:
+        await acme.close()
+    assert [e.type.value for e in events] == ["failed"]
+    assert events[0].data["code"] == "not_found"
+
+
+async def test_an_envelope_whose_tenant_differs_from_the_subject_is_refused(system):
+    broker, _ = system
+    nc = await raw_tenant_connection(broker, "acme")
+    forged = Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id="globex", payload=RouterRequest())
+    try:
+        reply = await nc.request(subjects.router_request("acme"), forged.model_dump_json().encode(), timeout=5)
+    finally:
+        await nc.close()
+    with pytest.raises(TenantMismatch):
+        decode_reply(reply.data)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"kind": "request"}', b"\xff\xfe", b"[]"])
+async def test_malformed_requests_get_a_typed_error_and_the_router_keeps_serving(system, body):
+    broker, _ = system
+    nc = await raw_tenant_connection(broker, "acme")
+    acme = await client_for(broker, "acme")
+    try:
+        reply = await nc.request(subjects.router_request("acme"), body, timeout=5)
+        with pytest.raises(InvalidRequest):
+            decode_reply(reply.data)
+        assert (await acme.request("where is my order?")).output.startswith("Order A-")
+    finally:
+        await nc.close()
+        await acme.close()
+
+
+async def test_a_reply_subject_in_another_tenants_inbox_gets_no_answer_there(system):
+    broker, _ = system
+    globex = await raw_tenant_connection(broker, "globex")
+    leaked = []
+    await globex.subscribe("_INBOX.globex.>", cb=lambda msg: leaked.append(msg))  # type: ignore[arg-type,return-value]
+    await globex.flush()
+    attacker = await raw_tenant_connection(broker, "acme")
+    acme = await client_for(broker, "acme")
+    try:
+        body = Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id="acme", payload=RouterRequest()).model_dump_json()
+        await attacker.publish(subjects.router_request("acme"), body.encode(), reply="_INBOX.globex.stolen")
+        await attacker.flush()
+        # A later request by the same tenant is answered, so the spoofed one has been handled by now.
+        assert (await acme.request("where is my order?")).output.startswith("Order A-")
+        await globex.flush()
+    finally:
+        await attacker.close()
+        await acme.close()
+        await globex.close()
+    assert leaked == []
+
+
+async def test_an_expired_deadline_is_refused_without_running_anything(system):
+    broker, _ = system
+    nc = await raw_tenant_connection(broker, "acme")
+    from contracts.envelope import deadline_in
+
+    late = Envelope[RouterRequest](
+        kind=Kind.REQUEST, tenant_id="acme", deadline=deadline_in(-1), payload=RouterRequest()
+    )
+    try:
+        reply = await nc.request(subjects.router_request("acme"), late.model_dump_json().encode(), timeout=5)
+    finally:
+        await nc.close()
+    with pytest.raises(DeadlineExceeded):
+        decode_reply(reply.data)
+
+
+async def test_without_a_graph_executor_the_router_answers_with_an_error_not_a_hang(secured):
+    async with running_services(secured.url, secured.state_dir, ("auth", "router")):
+        acme = await client_for(secured, "acme")
+        try:
+            with pytest.raises(Internal, match="no service is serving"):
+                await acme.request("where is my order?", timeout=10)
+        finally:
+            await acme.close()
+
+
+async def test_a_tenant_without_routing_rules_is_forbidden(system):
+    broker, _ = system
+    from contracts.errors import Forbidden
+
+    stranger = await client_for(broker, "initech")
+    try:
+        with pytest.raises(Forbidden, match="no routing rules"):
+            await stranger.request("hello")
+    finally:
+        await stranger.close()

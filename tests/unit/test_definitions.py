@@ -1,0 +1,113 @@
+"""Definitions are validated at load time with precise errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, GraphDefinition
+from contracts.expressions import ExpressionError, compile_expression, evaluate, render, resolve
+from services.runtime.catalog import load_catalog
+from services.runtime.settings import DEFAULT_DEFINITIONS
+
+TOOL = {"name": "lookup", "python": {"callable": "pkg.mod:fn"}}
+
+
+def graph(**changes):
+    spec = {
+        "name": "g",
+        "entry": "a",
+        "nodes": {"a": {"kind": "tool", "tool": "lookup"}, "b": {"kind": "respond", "template": "x"}},
+        "edges": [{"from": "a", "to": "b"}],
+    }
+    spec.update(changes)
+    return spec
+
+
+def test_the_shipped_demo_definitions_load():
+    catalog = load_catalog(DEFAULT_DEFINITIONS)
+    assert catalog.tenants["acme"].default_route == "order_status"
+    assert catalog.graphs["order_status"].tools() == {"orders_lookup"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"entry": "nope"}, "entry 'nope' is not a node"),
+        ({"edges": [{"from": "a", "to": "nowhere"}]}, "edge to unknown node 'nowhere'"),
+        ({"edges": [{"from": "x", "to": "b"}]}, "edge from unknown node 'x'"),
+        ({"edges": []}, "unreachable nodes ['b']"),
+        ({"edges": [{"from": "a", "to": "b", "when": "__import__('os')"}]}, "not allowed"),
+    ],
+)
+def test_bad_graphs_are_refused_with_a_precise_message(changes, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        GraphDefinition.model_validate(graph(**changes))
+
+
+def test_a_graph_using_an_unknown_tool_is_refused():
+    with pytest.raises(DefinitionError, match="unknown tool 'lookup'"):
+        Catalog.merge([DefinitionsFile.model_validate({"graphs": [graph()]})])
+
+
+def test_a_route_needing_a_tool_the_tenant_lacks_is_refused():
+    spec = {
+        "tools": [TOOL],
+        "graphs": [graph()],
+        "tenants": [{"tenant": "acme", "routes": {"r": {"graph": "g"}}, "tools": []}],
+    }
+    with pytest.raises(DefinitionError, match="not allowed"):
+        Catalog.merge([DefinitionsFile.model_validate(spec)])
+
+
+def test_names_defined_twice_are_refused():
+    with pytest.raises(DefinitionError, match="defined twice"):
+        Catalog.merge([DefinitionsFile.model_validate({"tools": [TOOL, TOOL]})])
+
+
+def test_a_tenant_policy_with_an_invalid_tenant_id_is_refused():
+    with pytest.raises(ValueError, match="invalid tenant id"):
+        DefinitionsFile.model_validate({"tenants": [{"tenant": "*"}]})
+
+
+def test_load_errors_name_the_file(tmp_path: Path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"graphs": [graph(entry="nope")]}))
+    with pytest.raises(DefinitionError, match=r"bad\.yaml"):
+        load_catalog(tmp_path)
+
+
+STATE = {"lookup": {"found": True, "orders": [{"id": "A-1"}]}, "input": {"priority": "high", "count": 3}}
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("lookup.found == true", True),
+        ("lookup.found and input.count > 2", True),
+        ("input.priority in ['high', 'urgent']", True),
+        ("not lookup.found or input.count >= 10", False),
+        ("lookup.orders[0].id == 'A-1'", True),
+        ("lookup.missing.deeper == null", True),
+        ("input.priority > 3", False),  # unlike types compare as false, not as an error
+    ],
+)
+def test_conditions_evaluate_over_the_state(expression, expected):
+    assert evaluate(compile_expression(expression), STATE) is expected
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["open('x')", "x.__class__", "(lambda: 1)()", "[x for x in y]", "a if b else c", "x + 1", "'a' * 10**9", "a[b]"],
+)
+def test_anything_but_the_safe_form_is_refused(expression):
+    with pytest.raises(ExpressionError):
+        compile_expression(expression)
+
+
+def test_templates_and_argument_references_read_the_state():
+    assert render("order {lookup.orders.0.id}, missing '{nope}'", STATE) == "order A-1, missing ''"
+    assert resolve({"q": "$input.priority", "n": [1, "$input.count"], "lit": "x"}, STATE) == {
+        "q": "high",
+        "n": [1, 3],
+        "lit": "x",
+    }

@@ -1,0 +1,94 @@
+"""The envelope: validated on arrival, unknown fields refused, errors typed."""
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from contracts.envelope import Envelope, ErrorInfo, Kind, Result, RouterRequest, ToolCall, deadline_in
+from contracts.errors import DeadlineExceeded, ErrorCode, InvalidRequest, NotFound, error_for
+from services.runtime.service import decode_reply, decode_request
+
+RequestEnvelope = Envelope[RouterRequest]
+
+
+def request(**changes):
+    fields = {"kind": Kind.REQUEST, "tenant_id": "acme", "payload": RouterRequest(input={"text": "hi"})}
+    fields.update(changes)
+    return RequestEnvelope(**fields)
+
+
+def test_an_envelope_survives_the_wire():
+    original = request(run_id="run1", deadline=deadline_in(5))
+    decoded = decode_request(original.model_dump_json().encode(), RequestEnvelope)
+    assert decoded == original
+
+
+def test_follow_keeps_tenant_run_and_deadline_and_links_causation():
+    original = request(run_id="run1", deadline=deadline_in(5), principal="alice")
+    child = original.follow(Kind.TOOL_CALL, ToolCall(tool="x"))
+    assert (child.tenant_id, child.run_id, child.deadline, child.principal) == (
+        "acme",
+        "run1",
+        original.deadline,
+        "alice",
+    )
+    assert child.causation_id == original.id and child.correlation_id == original.id
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"{}",
+        b'{"kind": "request", "tenant_id": "acme", "payload": {}, "sneaky": 1}',
+        b'{"kind": "request", "tenant_id": "ACME", "payload": {}}',
+        b'{"kind": "request", "tenant_id": "acme", "schema_version": 99, "payload": {}}',
+        b'{"kind": "request", "tenant_id": "acme", "payload": {"target": "a.b"}}',
+        b'{"kind": "request", "tenant_id": "acme", "payload": {"input": "not an object"}}',
+        b'{"kind": "request", "tenant_id": "acme", "run_id": "x.>", "payload": {}}',
+    ],
+)
+def test_bad_bodies_are_invalid_requests(body):
+    with pytest.raises(InvalidRequest):
+        decode_request(body, RequestEnvelope)
+
+
+def test_oversized_bodies_are_refused_before_parsing():
+    with pytest.raises(InvalidRequest, match="over the"):
+        decode_request(b" " * (1024 * 1024 + 1), RequestEnvelope)
+
+
+def test_deep_nesting_is_refused_cleanly():
+    body = b'{"kind": "request", "tenant_id": "acme", "payload": {"input": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}}"
+    with pytest.raises(InvalidRequest):
+        decode_request(body, RequestEnvelope)
+
+
+def test_an_error_reply_raises_its_typed_error():
+    reply = request().follow(Kind.ERROR, ErrorInfo.of(NotFound("unknown target 'x'")))
+    with pytest.raises(NotFound, match="unknown target") as caught:
+        decode_reply(reply.model_dump_json().encode())
+    assert caught.value.remote
+
+
+def test_a_result_reply_returns_its_output():
+    reply = request().follow(Kind.RESULT, Result(output={"answer": 42}))
+    assert decode_reply(reply.model_dump_json().encode()) == {"answer": 42}
+
+
+def test_remaining_is_negative_after_the_deadline():
+    assert request(deadline=deadline_in(-1)).remaining(10) < 0
+    assert request().remaining(10) == 10
+
+
+def test_unknown_error_codes_become_internal():
+    assert error_for("no_such_code", "x").code is ErrorCode.INTERNAL
+    assert isinstance(error_for("deadline_exceeded", "x"), DeadlineExceeded)
+
+
+@given(st.binary(max_size=300))
+def test_decoding_arbitrary_bytes_never_raises_anything_untyped(body):
+    with contextlib.suppress(InvalidRequest):
+        decode_request(body, RequestEnvelope)
