@@ -8,23 +8,17 @@ so a bad definition fails before the first request rather than in the middle of 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contracts.errors import InvalidRequest
-from contracts.expressions import ExpressionError, compile_expression
+from contracts.definitions_base import Definition as _Definition
+from contracts.definitions_base import DefinitionError
+from contracts.graphs import GraphDefinition
+from contracts.models import ModelDefinition
 from contracts.tenants import Name, TenantId
 
-END = "end"
-
-
-class DefinitionError(InvalidRequest):
-    """A definition is invalid or refers to something that does not exist."""
-
-
-class _Definition(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["Catalog", "DefinitionError", "DefinitionsFile", "GraphDefinition", "ModelDefinition", "TenantPolicy"]
 
 
 # ---- tools -------------------------------------------------------------------------------
@@ -61,90 +55,6 @@ class ToolDefinition(_Definition):
         if (self.python is None) == (self.http is None):
             raise ValueError(f"tool {self.name!r} needs exactly one of 'python' or 'http'")
         return self
-
-
-# ---- graphs ------------------------------------------------------------------------------
-
-
-class NodeKind(StrEnum):
-    TOOL = "tool"
-    RESPOND = "respond"
-
-
-class ToolNode(_Definition):
-    kind: Literal[NodeKind.TOOL] = NodeKind.TOOL
-    tool: Name
-    # Values starting with '$' are paths into the run state ("$input.text").
-    args: dict[str, JsonValue] = Field(default_factory=dict)
-    timeout_s: float = Field(default=10.0, gt=0, le=3600)
-
-
-class RespondNode(_Definition):
-    """Produces text from a template with ``{path}`` placeholders over the run state."""
-
-    kind: Literal[NodeKind.RESPOND] = NodeKind.RESPOND
-    template: str
-
-
-Node = Annotated[ToolNode | RespondNode, Field(discriminator="kind")]
-
-
-class Edge(_Definition):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    source: Name = Field(alias="from")
-    target: Name = Field(alias="to")
-    when: str | None = None
-
-    @field_validator("when")
-    @classmethod
-    def _parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                compile_expression(value)
-            except ExpressionError as exc:
-                raise ValueError(exc.message) from None  # pydantic reports ValueErrors with the field
-        return value
-
-
-class GraphDefinition(_Definition):
-    name: Name
-    description: str = ""
-    entry: Name
-    nodes: dict[Name, Node]
-    edges: list[Edge] = Field(default_factory=list)
-    max_steps: int = Field(default=100, ge=1, le=10_000)
-    timeout_s: float = Field(default=30.0, gt=0, le=86_400)
-
-    @model_validator(mode="after")
-    def _references_exist(self) -> GraphDefinition:
-        if END in self.nodes:
-            raise ValueError(f"graph {self.name!r}: '{END}' is reserved for the end of a run")
-        if self.entry not in self.nodes:
-            raise ValueError(f"graph {self.name!r}: entry {self.entry!r} is not a node")
-        for edge in self.edges:
-            if edge.source not in self.nodes:
-                raise ValueError(f"graph {self.name!r}: edge from unknown node {edge.source!r}")
-            if edge.target != END and edge.target not in self.nodes:
-                raise ValueError(f"graph {self.name!r}: edge to unknown node {edge.target!r}")
-        unreachable = set(self.nodes) - _reachable(self.entry, self.edges)
-        if unreachable:
-            raise ValueError(f"graph {self.name!r}: unreachable nodes {sorted(unreachable)}")
-        return self
-
-    def tools(self) -> set[str]:
-        return {node.tool for node in self.nodes.values() if isinstance(node, ToolNode)}
-
-
-def _reachable(entry: str, edges: list[Edge]) -> set[str]:
-    seen, frontier = {entry}, [entry]
-    while frontier:
-        current = frontier.pop()
-        for edge in edges:
-            if edge.source == current and edge.target not in seen:
-                seen.add(edge.target)
-                frontier.append(edge.target)
-    return seen
 
 
 # ---- tenants and routing -----------------------------------------------------------------
@@ -187,6 +97,7 @@ class TenantPolicy(_Definition):
 class DefinitionsFile(_Definition):
     tools: list[ToolDefinition] = Field(default_factory=list)
     graphs: list[GraphDefinition] = Field(default_factory=list)
+    models: list[ModelDefinition] = Field(default_factory=list)
     tenants: list[TenantPolicy] = Field(default_factory=list)
 
 
@@ -197,21 +108,29 @@ class Catalog(BaseModel):
 
     tools: dict[str, ToolDefinition]
     graphs: dict[str, GraphDefinition]
+    models: dict[str, ModelDefinition]
     tenants: dict[str, TenantPolicy]
 
     @classmethod
     def merge(cls, files: list[DefinitionsFile]) -> Catalog:
         tools = _unique("tool", [t for f in files for t in f.tools], lambda t: t.name)
         graphs = _unique("graph", [g for f in files for g in f.graphs], lambda g: g.name)
+        models = _unique("model", [m for f in files for m in f.models], lambda m: m.name)
         tenants = _unique("tenant", [p for f in files for p in f.tenants], lambda p: p.tenant)
-        catalog = cls(tools=tools, graphs=graphs, tenants=tenants)
+        catalog = cls(tools=tools, graphs=graphs, models=models, tenants=tenants)
         catalog._check_references()
         return catalog
 
     def _check_references(self) -> None:
         for graph in self.graphs.values():
-            for tool in sorted(graph.tools() - set(self.tools)):
-                raise DefinitionError(f"graph {graph.name!r} uses unknown tool {tool!r}")
+            for what, used, known in (
+                ("tool", graph.tools(), self.tools),
+                ("graph", graph.subgraphs(), self.graphs),
+                ("model", graph.models(), self.models),
+            ):
+                for name in sorted(used - set(known)):
+                    raise DefinitionError(f"graph {graph.name!r} uses unknown {what} {name!r}")
+            self.tools_of(graph.name)  # refuses subgraph cycles
         for policy in self.tenants.values():
             for tool in policy.tools:
                 if tool not in self.tools:
@@ -222,7 +141,7 @@ class Catalog(BaseModel):
                     raise DefinitionError(
                         f"tenant {policy.tenant!r}: route {name!r} uses unknown graph {route.graph!r}"
                     )
-                missing = graph.tools() - set(policy.tools)
+                missing = self.tools_of(graph.name) - set(policy.tools)
                 if missing:
                     raise DefinitionError(
                         f"tenant {policy.tenant!r}: route {name!r} needs tools {sorted(missing)} "
@@ -231,6 +150,16 @@ class Catalog(BaseModel):
 
     def policy(self, tenant: str) -> TenantPolicy | None:
         return self.tenants.get(tenant)
+
+    def tools_of(self, graph: str, _within: tuple[str, ...] = ()) -> set[str]:
+        """Every tool a graph can call, through its subgraphs too."""
+        if graph in _within:
+            raise DefinitionError(f"subgraphs form a cycle: {' -> '.join((*_within, graph))}")
+        definition = self.graphs[graph]
+        tools = set(definition.tools())
+        for child in definition.subgraphs():
+            tools |= self.tools_of(child, (*_within, graph))
+        return tools
 
 
 def _unique(what: str, items: list[Any], key: Any) -> dict[str, Any]:

@@ -67,7 +67,9 @@ class Result(_Payload):
 class EventType(StrEnum):
     ACCEPTED = "accepted"
     STARTED = "started"
-    NODE = "node"
+    NODE_STARTED = "node_started"
+    NODE_COMPLETED = "node_completed"
+    NODE_FAILED = "node_failed"
     COMPLETED = "completed"
     FAILED = "failed"
 

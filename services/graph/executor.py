@@ -1,93 +1,314 @@
-"""Runs one graph definition: explicit nodes, conditional edges, deterministic path.
+"""Runs graph definitions: explicit nodes, conditional edges, parallel branches, joins.
 
-No NATS here: tool calls and progress events go through the callables the caller passes in, so
-the executor is tested without a broker. The same input and the same tool results always give
-the same path, state and output: edges are tried in declaration order, conditional ones first,
-and the first edge whose condition holds is taken.
+No NATS here: tool and model calls and progress events go through the :class:`NodeRuntime` the
+caller passes in, so the executor is tested without a broker.
+
+Determinism: a run proceeds in steps. All nodes active in a step run concurrently; when every one
+has finished, their outputs are applied to the state in node declaration order (through the
+graph's reducers), and the next step's nodes are chosen from the edges in the same order. So the
+same input and the same tool and model results give the same path, state and output, whatever
+order parallel branches finish in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from contracts.definitions import END, GraphDefinition, RespondNode, ToolNode
-from contracts.expressions import Compiled, compile_expression, evaluate, render, resolve
-from services.graph.errors import RunTimedOut, StepLimitExceeded
+import jsonschema
 
-CallTool = Callable[[str, dict[str, Any], float], Awaitable[Any]]
-NodeDone = Callable[[str, float], Awaitable[None]]
+from contracts.errors import CorralError
+from contracts.expressions import Compiled, compile_expression, evaluate, lookup, render, resolve
+from contracts.graphs import (
+    END,
+    FunctionNode,
+    GraphDefinition,
+    JoinNode,
+    JoinWait,
+    ModelNode,
+    Reducer,
+    RespondNode,
+    SubgraphNode,
+    ToolNode,
+)
+from contracts.definitions_base import DefinitionError
+from services.graph.errors import (
+    InvalidModelOutput,
+    JoinIncomplete,
+    NodeTimedOut,
+    RunTimedOut,
+    StepLimitExceeded,
+    VisitLimitExceeded,
+)
+
+MAX_SUBGRAPH_DEPTH = 8
 
 
 @dataclass(frozen=True)
-class _Transition:
-    target: str
-    condition: Compiled | None
+class NodeRuntime:
+    """What the executor needs from the outside world."""
+
+    call_tool: Callable[[str, dict[str, Any], float], Awaitable[Any]]
+    # (model, messages, output_schema, timeout) -> the answer's text
+    call_model: Callable[[str, list[dict[str, str]], dict[str, Any] | None, float], Awaitable[str]]
+    # (kind, node, elapsed_ms, data): node_started / node_completed / node_failed
+    node_event: Callable[[str, str, float | None, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     output: Any
-    path: tuple[str, ...]
+    path: tuple[str, ...]  # nodes in the order they ran (within a step: declaration order)
     state: dict[str, Any]
 
 
-class CompiledGraph:
-    """A validated graph with its conditions parsed once; immutable and reusable across runs."""
+@dataclass(frozen=True)
+class _Transition:
+    targets: tuple[str, ...]
+    condition: Compiled | None
 
-    def __init__(self, definition: GraphDefinition) -> None:
+
+@dataclass
+class _Run:
+    state: dict[str, Any]
+    path: list[str] = field(default_factory=list)
+    visits: dict[str, int] = field(default_factory=dict)
+    arrived: dict[str, list[str]] = field(default_factory=dict)  # join -> branches arrived
+    dropped_any: dict[str, int] = field(default_factory=dict)  # 'any' join -> late arrivals to drop
+    outputs: dict[str, Any] = field(default_factory=dict)  # each node's latest own output
+    last_output: Any = None
+
+
+def _apply(reducer: Reducer, current: Any, value: Any) -> Any:
+    if current is None and reducer not in (Reducer.APPEND, Reducer.EXTEND):
+        return value
+    match reducer:
+        case Reducer.REPLACE:
+            return value
+        case Reducer.APPEND:
+            return [*(current or []), value]
+        case Reducer.EXTEND:
+            return [*(current or []), *(value if isinstance(value, list) else [value])]
+        case Reducer.MERGE:
+            return {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
+        case Reducer.SUM:
+            return current + value
+        case Reducer.MAX:
+            return max(current, value)
+        case Reducer.MIN:
+            return min(current, value)
+
+
+class CompiledGraph:
+    """A validated graph with conditions parsed and functions imported once; reusable across runs."""
+
+    def __init__(self, definition: GraphDefinition, library: dict[str, CompiledGraph] | None = None) -> None:
         self.definition = definition
-        transitions: dict[str, list[_Transition]] = {name: [] for name in definition.nodes}
-        defaults: dict[str, list[_Transition]] = {name: [] for name in definition.nodes}
+        self.library = library if library is not None else {}
+        self.order = {name: index for index, name in enumerate(definition.nodes)}
+        conditional: dict[str, list[_Transition]] = {name: [] for name in definition.nodes}
+        default: dict[str, list[_Transition]] = {name: [] for name in definition.nodes}
         for edge in definition.edges:
             if edge.when is None:
-                defaults[edge.source].append(_Transition(edge.target, None))
+                default[edge.source].append(_Transition(edge.targets, None))
             else:
-                transitions[edge.source].append(_Transition(edge.target, compile_expression(edge.when)))
-        self._next = {name: transitions[name] + defaults[name] for name in definition.nodes}
+                conditional[edge.source].append(_Transition(edge.targets, compile_expression(edge.when)))
+        self._transitions = {name: conditional[name] + default[name] for name in definition.nodes}
+        self._branches = {
+            name: definition.incoming(name) for name, node in definition.nodes.items() if isinstance(node, JoinNode)
+        }
+        self._functions = {
+            name: _import(node.callable) for name, node in definition.nodes.items() if isinstance(node, FunctionNode)
+        }
 
-    def next_node(self, node: str, state: dict[str, Any]) -> str:
-        for transition in self._next[node]:
+    def next_nodes(self, node: str, state: dict[str, Any]) -> tuple[str, ...]:
+        for transition in self._transitions[node]:
             if transition.condition is None or evaluate(transition.condition, state):
-                return transition.target
-        return END
+                return transition.targets
+        return ()
 
-    async def run(
-        self, graph_input: dict[str, Any], *, call_tool: CallTool, node_done: NodeDone, timeout: float
-    ) -> RunOutcome:
-        """Run from the entry node to the end; raises a typed error on timeout or step limit."""
+    async def run(self, graph_input: dict[str, Any], runtime: NodeRuntime, *, timeout: float) -> RunOutcome:
+        """Run from the entry node until no node is active; raises a typed error on any limit."""
         limit = min(timeout, self.definition.timeout_s)
         try:
             async with asyncio.timeout(limit):
-                return await self._walk(graph_input, call_tool, node_done)
+                return await self._run(graph_input, runtime, depth=0)
         except TimeoutError:
-            raise RunTimedOut(f"graph {self.definition.name!r} did not finish within {limit:.1f}s") from None
+            raise RunTimedOut(f"graph {self.definition.name!r} did not finish within {limit:.2f}s") from None
 
-    async def _walk(self, graph_input: dict[str, Any], call_tool: CallTool, node_done: NodeDone) -> RunOutcome:
-        state: dict[str, Any] = {"input": graph_input}
-        path: list[str] = []
-        output: Any = None
-        node = self.definition.entry
-        while node != END:
-            if len(path) >= self.definition.max_steps:
+    async def _run(self, graph_input: dict[str, Any], runtime: NodeRuntime, depth: int) -> RunOutcome:
+        run = _Run(state={"input": graph_input})
+        active = [self.definition.entry]
+        while active:
+            if len(run.path) + len(active) > self.definition.max_steps:
                 raise StepLimitExceeded(
                     f"graph {self.definition.name!r} exceeded its limit of {self.definition.max_steps} steps"
                 )
-            started = time.perf_counter()
-            output = await self._run_node(node, state, call_tool)
-            state[node] = output
-            path.append(node)
-            await node_done(node, (time.perf_counter() - started) * 1000)
-            node = self.next_node(node, state)
-        return RunOutcome(output=output, path=tuple(path), state=state)
+            for name in active:
+                self._visit(run, name)
+            outputs = await self._step(active, run, runtime, depth)
+            for name in active:  # declaration order, whatever order they finished in
+                self._write(run, name, outputs[name])
+            active = self._advance(run, active)
+        waiting = {join: arrived for join, arrived in run.arrived.items() if arrived}
+        if waiting:
+            join, arrived = next(iter(waiting.items()))
+            missing = [b for b in self._branches[join] if b not in arrived]
+            raise JoinIncomplete(f"join {join!r} is still waiting for {missing} after the run ended")
+        output = lookup(run.state, self.definition.output) if self.definition.output else run.last_output
+        return RunOutcome(output=output, path=tuple(run.path), state=run.state)
 
-    async def _run_node(self, name: str, state: dict[str, Any], call_tool: CallTool) -> Any:
+    def _visit(self, run: _Run, name: str) -> None:
+        count = run.visits[name] = run.visits.get(name, 0) + 1
+        limit = self.definition.nodes[name].max_visits
+        if limit is not None and count > limit:
+            raise VisitLimitExceeded(f"node {name!r} exceeded its limit of {limit} visits")
+
+    def _write(self, run: _Run, name: str, output: Any) -> None:
+        key = self.definition.output_key(name)
+        reducer = self.definition.reducers.get(key, Reducer.REPLACE)
+        try:
+            run.state[key] = _apply(reducer, run.state.get(key), output)
+        except TypeError:
+            raise CorralError(f"reducer {reducer.value!r} cannot combine the outputs written to {key!r}") from None
+        run.path.append(name)
+        run.outputs[name] = run.last_output = output
+
+    def _advance(self, run: _Run, finished: list[str]) -> list[str]:
+        following: list[str] = []
+        for name in finished:
+            for target in self.next_nodes(name, run.state):
+                if target == END:
+                    continue
+                if target in self._branches and not self._arrive(run, target, name):
+                    continue
+                if target not in following:
+                    following.append(target)
+        return sorted(following, key=self.order.__getitem__)
+
+    def _arrive(self, run: _Run, join: str, branch: str) -> bool:
+        """Record a branch arriving at a join; True when the join is ready to run."""
+        node = self.definition.nodes[join]
+        assert isinstance(node, JoinNode)
+        branches = self._branches[join]
+        if node.wait is JoinWait.ANY:
+            if run.dropped_any.get(join, 0) > 0:  # a late branch of a round that already went on
+                run.dropped_any[join] -= 1
+                return False
+            run.arrived.setdefault(join, []).append(branch)
+            return True
+        arrived = run.arrived.setdefault(join, [])
+        if branch not in arrived:
+            arrived.append(branch)
+        return all(b in arrived for b in branches)
+
+    async def _step(self, active: list[str], run: _Run, runtime: NodeRuntime, depth: int) -> dict[str, Any]:
+        if len(active) == 1:
+            return {active[0]: await self._node(active[0], run, runtime, depth)}
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = {name: group.create_task(self._node(name, run, runtime, depth)) for name in active}
+        except BaseExceptionGroup as failures:
+            # Report the failure of the first node in declaration order, not the first to fail.
+            failed = [
+                name
+                for name in active
+                if tasks[name].done() and not tasks[name].cancelled() and tasks[name].exception() is not None
+            ]
+            raise (tasks[failed[0]].exception() if failed else failures.exceptions[0]) from None
+        return {name: task.result() for name, task in tasks.items()}
+
+    async def _node(self, name: str, run: _Run, runtime: NodeRuntime, depth: int) -> Any:
         node = self.definition.nodes[name]
-        if isinstance(node, ToolNode):
-            return await call_tool(node.tool, resolve(node.args, state), node.timeout_s)
-        if isinstance(node, RespondNode):
-            return render(node.template, state)
-        raise AssertionError(f"unhandled node kind {node!r}")  # the schema admits no other kind
+        await runtime.node_event("node_started", name, None, {})
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(node.timeout_s):
+                output = await self._execute(name, run, runtime, depth)
+        except TimeoutError:
+            error: CorralError = NodeTimedOut(f"node {name!r} did not finish within {node.timeout_s:g}s")
+            await runtime.node_event("node_failed", name, _ms(started), {"code": error.code.value})
+            raise error from None
+        except CorralError as failure:
+            await runtime.node_event("node_failed", name, _ms(started), {"code": failure.code.value})
+            raise
+        await runtime.node_event("node_completed", name, _ms(started), {})
+        return output
+
+    async def _execute(self, name: str, run: _Run, runtime: NodeRuntime, depth: int) -> Any:
+        node = self.definition.nodes[name]
+        state = run.state
+        match node:
+            case ToolNode():
+                return await runtime.call_tool(node.tool, resolve(node.args, state), node.timeout_s)
+            case RespondNode():
+                return render(node.template, state)
+            case JoinNode():
+                return self._join_output(name, run)
+            case FunctionNode():
+                function = self._functions[name]
+                result = function(**resolve(node.args, state))
+                return await result if inspect.isawaitable(result) else result
+            case ModelNode():
+                return await self._ask_model(node, state, runtime)
+            case SubgraphNode():
+                return await self._subgraph(node, state, runtime, depth)
+        raise AssertionError(f"unhandled node {node!r}")  # the schema admits no other kind
+
+    def _join_output(self, name: str, run: _Run) -> dict[str, Any]:
+        """Each arrived branch's output, in declaration order; the join is then reset for cycles."""
+        arrived = run.arrived.pop(name, [])
+        branches = self._branches[name]
+        node = self.definition.nodes[name]
+        if isinstance(node, JoinNode) and node.wait is JoinWait.ANY:
+            run.dropped_any[name] = len(branches) - len(arrived)
+        return {branch: run.outputs.get(branch) for branch in branches if branch in arrived}
+
+    async def _ask_model(self, node: ModelNode, state: dict[str, Any], runtime: NodeRuntime) -> Any:
+        model = node.model or self.definition.model
+        assert model is not None  # checked when the graph was defined
+        messages = [{"role": "system", "content": render(node.system, state)}] if node.system else []
+        messages.append({"role": "user", "content": render(node.prompt, state)})
+        answer = await runtime.call_model(model, messages, node.output_schema, node.timeout_s)
+        if node.output_schema is None:
+            return answer
+        try:
+            parsed = json.loads(answer) if isinstance(answer, str) else answer
+            jsonschema.validate(parsed, node.output_schema)
+        except (json.JSONDecodeError, jsonschema.ValidationError) as exc:
+            message = exc.message if isinstance(exc, jsonschema.ValidationError) else "not JSON"
+            raise InvalidModelOutput(f"model {model!r} answered outside the output schema: {message}") from None
+        return parsed
+
+    async def _subgraph(self, node: SubgraphNode, state: dict[str, Any], runtime: NodeRuntime, depth: int) -> Any:
+        if depth >= MAX_SUBGRAPH_DEPTH:
+            raise StepLimitExceeded(f"subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH}")
+        child = self.library[node.graph]
+        outcome = await child._run(resolve(node.input, state), runtime, depth + 1)
+        return outcome.output
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def _import(target: str) -> Callable[..., Any]:
+    module_name, _, attribute = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise DefinitionError(f"cannot import function {target!r}: {exc}") from None
+
+
+def compile_library(graphs: dict[str, GraphDefinition]) -> dict[str, CompiledGraph]:
+    """Compile every graph, sharing one library so subgraph nodes find their graphs."""
+    library: dict[str, CompiledGraph] = {}
+    for name, definition in graphs.items():
+        library[name] = CompiledGraph(definition, library)
+    return library

@@ -1,4 +1,4 @@
-"""The graph service's bus layer: decode (by the runtime), run the graph, emit events, reply."""
+"""The graph service's bus layer: run the requested graph, emit events, reply with the output."""
 
 from __future__ import annotations
 
@@ -10,13 +10,22 @@ from contracts.definitions import Catalog
 from contracts.envelope import EventType, GraphRun, Kind, RunEvent, ToolCall
 from contracts.errors import CorralError, Internal
 from services.graph.errors import GraphNotFound
-from services.graph.executor import CompiledGraph
+from services.graph.executor import NodeRuntime, compile_library
+from services.runtime.models import ModelRegistry
 from services.runtime.service import Request, Service
 
+NODE_EVENTS = {
+    "node_started": EventType.NODE_STARTED,
+    "node_completed": EventType.NODE_COMPLETED,
+    "node_failed": EventType.NODE_FAILED,
+}
 
-def register(service: Service, catalog: Catalog) -> None:
-    """Declare the graph service's operations on ``service``."""
-    graphs = {name: CompiledGraph(definition) for name, definition in catalog.graphs.items()}
+
+def register(service: Service, catalog: Catalog, models: ModelRegistry | None = None) -> None:
+    """Declare the graph service's operation on ``service``."""
+    graphs = compile_library(catalog.graphs)
+    registry = models or ModelRegistry(catalog.models)
+    service.on_stop(registry.aclose)
 
     @service.operation(subjects.GRAPH_RUNS, Kind.GRAPH_RUN, GraphRun, "Run a declared graph for the tenant")
     async def run_graph(req: Request[GraphRun]) -> Any:
@@ -24,20 +33,32 @@ def register(service: Service, catalog: Catalog) -> None:
         if graph is None:
             raise GraphNotFound(f"graph {req.payload.graph!r} is not defined")
         started = time.perf_counter()
+        tokens: dict[str, int] = {}
 
         async def call_tool(tool: str, arguments: dict[str, Any], timeout: float) -> Any:
             call = ToolCall(tool=tool, arguments=arguments)
             return await req.call(subjects.tool_call(req.tenant, tool), Kind.TOOL_CALL, call, timeout=timeout)
 
-        async def node_done(node: str, elapsed_ms: float) -> None:
-            await req.emit(RunEvent(type=EventType.NODE, service=service.name, node=node, elapsed_ms=elapsed_ms))
+        async def call_model(
+            model: str, messages: list[dict[str, str]], schema: dict[str, Any] | None, timeout: float
+        ) -> str:
+            completion = await registry.get(model).complete(
+                messages, json_schema=schema, timeout=min(timeout, req.envelope.remaining(timeout))
+            )
+            registry.meter.record(req.tenant, model, completion.usage)
+            tokens[model] = tokens.get(model, 0) + completion.usage.total_tokens
+            return completion.content
+
+        async def node_event(kind: str, node: str, elapsed_ms: float | None, data: dict[str, Any]) -> None:
+            await req.emit(
+                RunEvent(type=NODE_EVENTS[kind], service=service.name, node=node, elapsed_ms=elapsed_ms, data=data)
+            )
 
         await req.emit(RunEvent(type=EventType.STARTED, service=service.name, data={"graph": graph.definition.name}))
         try:
             outcome = await graph.run(
                 dict(req.payload.input),
-                call_tool=call_tool,
-                node_done=node_done,
+                NodeRuntime(call_tool=call_tool, call_model=call_model, node_event=node_event),
                 timeout=req.envelope.remaining(service.settings.default_timeout_s),
             )
         except Exception as error:
@@ -46,7 +67,11 @@ def register(service: Service, catalog: Catalog) -> None:
             data = {"code": known.code.value, "message": known.message}
             await req.emit(_finished(service, EventType.FAILED, started, data))
             raise
-        await req.emit(_finished(service, EventType.COMPLETED, started, {"path": list(outcome.path)}))
+        data: dict[str, Any] = {"path": list(outcome.path)}
+        if tokens:
+            data["tokens"] = tokens
+            req.log.info("model_usage", tokens=tokens, graph=graph.definition.name)
+        await req.emit(_finished(service, EventType.COMPLETED, started, data))
         return outcome.output
 
 

@@ -109,6 +109,7 @@ class Service:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._stopping = asyncio.Event()
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # ---- declaration -----------------------------------------------------------------
 
@@ -129,6 +130,10 @@ class Service:
             return handler
 
         return register
+
+    def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Run ``cleanup`` (close HTTP clients, ...) once in-flight messages are done."""
+        self._on_stop.append(cleanup)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -180,6 +185,9 @@ class Service:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=self.settings.drain_timeout_s)
             for task in pending:
                 task.cancel()
+        for cleanup in self._on_stop:
+            with contextlib.suppress(Exception):
+                await cleanup()
         with contextlib.suppress(Exception):
             await self.nc.drain()
         self.log.info("service_stopped")

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, GraphDefinition
+from contracts.definitions import Catalog, DefinitionError, DefinitionsFile
+from contracts.graphs import GraphDefinition
 from contracts.expressions import ExpressionError, compile_expression, evaluate, render, resolve
 from services.runtime.catalog import load_catalog
 from services.runtime.settings import DEFAULT_DEFINITIONS
@@ -111,3 +112,84 @@ def test_templates_and_argument_references_read_the_state():
         "n": [1, 3],
         "lit": "x",
     }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {
+                "nodes": {"a": {"kind": "respond", "template": "x"}, "j": {"kind": "join"}},
+                "edges": [{"from": "a", "to": "j"}],
+            },
+            "join 'j' has fewer than two branches",
+        ),
+        (
+            {
+                "nodes": {"a": {"kind": "respond", "template": "x"}, "b": {"kind": "respond", "template": "y"}},
+                "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "a"}],
+            },
+            "cycle through ['a', 'b'] has no node with max_visits",
+        ),
+        (
+            {"nodes": {"a": {"kind": "respond", "template": "x"}}, "edges": [{"from": "a", "to": "a"}]},
+            "cycle through ['a'] has no node with max_visits",
+        ),
+        (
+            {
+                "nodes": {"a": {"kind": "respond", "template": "x"}, "b": {"kind": "respond", "template": "y"}},
+                "edges": [{"from": "a", "to": "b"}, {"from": "a", "to": "end"}],
+            },
+            "node 'a' has 2 default edges",
+        ),
+        (
+            {"nodes": {"a": {"kind": "model", "prompt": "p"}}},
+            "model node 'a' names no model",
+        ),
+        (
+            {
+                "nodes": {"a": {"kind": "respond", "template": "x"}, "input": {"kind": "respond", "template": "y"}},
+                "edges": [{"from": "a", "to": "input"}],
+            },
+            "reserved",
+        ),
+    ],
+)
+def test_graph_shapes_that_cannot_run_are_refused(spec, message):
+    with pytest.raises(ValueError) as caught:
+        GraphDefinition.model_validate({"name": "g", "entry": "a", **spec})
+    assert message in str(caught.value)
+
+
+def test_a_cycle_with_a_visit_limit_is_accepted():
+    GraphDefinition.model_validate(
+        {
+            "name": "g",
+            "entry": "a",
+            "nodes": {
+                "a": {"kind": "respond", "template": "x", "max_visits": 3},
+                "b": {"kind": "respond", "template": "y"},
+            },
+            "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "a", "when": "true"}],
+        }
+    )
+
+
+def test_subgraph_cycles_and_unknown_models_are_refused():
+    inner = {"name": "inner", "entry": "x", "nodes": {"x": {"kind": "subgraph", "graph": "outer"}}}
+    outer = {"name": "outer", "entry": "x", "nodes": {"x": {"kind": "subgraph", "graph": "inner"}}}
+    with pytest.raises(DefinitionError, match="cycle"):
+        Catalog.merge([DefinitionsFile.model_validate({"graphs": [inner, outer]})])
+    uses_model = {"name": "m", "entry": "x", "model": "gpt", "nodes": {"x": {"kind": "model", "prompt": "p"}}}
+    with pytest.raises(DefinitionError, match="unknown model 'gpt'"):
+        Catalog.merge([DefinitionsFile.model_validate({"graphs": [uses_model]})])
+
+
+def test_a_tenant_route_through_a_subgraph_needs_the_subgraphs_tools():
+    inner = {"name": "inner", "entry": "x", "nodes": {"x": {"kind": "tool", "tool": "lookup"}}}
+    outer = {"name": "outer", "entry": "x", "nodes": {"x": {"kind": "subgraph", "graph": "inner"}}}
+    tenant = {"tenant": "acme", "routes": {"r": {"graph": "outer"}}, "tools": []}
+    with pytest.raises(DefinitionError, match=r"needs tools \['lookup'\]"):
+        Catalog.merge(
+            [DefinitionsFile.model_validate({"tools": [TOOL], "graphs": [inner, outer], "tenants": [tenant]})]
+        )

@@ -1,12 +1,24 @@
-"""The graph executor: explicit path, conditional edges, limits that fire, determinism."""
+"""The graph executor: explicit paths, conditions, fan-out and joins, limits, determinism."""
+
+from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 
 import pytest
 
-from contracts.definitions import GraphDefinition
-from services.graph.errors import RunTimedOut, StepLimitExceeded
-from services.graph.executor import CompiledGraph
+from contracts.graphs import GraphDefinition
+from contracts.errors import ToolFailed
+from services.graph.errors import (
+    InvalidModelOutput,
+    JoinIncomplete,
+    NodeTimedOut,
+    RunTimedOut,
+    StepLimitExceeded,
+    VisitLimitExceeded,
+)
+from services.graph.executor import CompiledGraph, NodeRuntime, compile_library
 
 ORDER_GRAPH = GraphDefinition.model_validate(
     {
@@ -24,85 +36,325 @@ ORDER_GRAPH = GraphDefinition.model_validate(
     }
 )
 
+FAN_OUT = GraphDefinition.model_validate(
+    {
+        "name": "triage",
+        "entry": "start",
+        "nodes": {
+            "start": {"kind": "respond", "template": "{input.ticket}"},
+            "orders": {"kind": "tool", "tool": "orders", "output": "findings"},
+            "incidents": {"kind": "tool", "tool": "incidents", "output": "findings"},
+            "billing": {"kind": "tool", "tool": "billing", "output": "findings"},
+            "merge": {"kind": "join", "wait": "all"},
+            "decide": {"kind": "respond", "template": "{findings}"},
+        },
+        "edges": [
+            {"from": "start", "to": ["orders", "incidents", "billing"]},
+            {"from": "orders", "to": "merge"},
+            {"from": "incidents", "to": "merge"},
+            {"from": "billing", "to": "merge"},
+            {"from": "merge", "to": "decide"},
+        ],
+        "reducers": {"findings": "append"},
+    }
+)
 
-def tools(result, calls=None, delay=0.0):
-    async def call_tool(tool, arguments, timeout):
-        if calls is not None:
-            calls.append((tool, arguments))
-        if delay:
-            await asyncio.sleep(delay)  # a slow tool, not synchronisation
-        return result
 
-    return call_tool
+class Recorder:
+    """A NodeRuntime whose tools answer from a table, optionally after a delay per tool."""
+
+    def __init__(self, results=None, delays=None, model_answer="ok"):
+        self.results = results or {}
+        self.delays = delays or {}
+        self.model_answer = model_answer
+        self.calls: list[tuple[str, dict]] = []
+        self.events: list[tuple[str, str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def call_tool(self, tool, arguments, timeout):
+        self.calls.append((tool, arguments))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if tool in self.delays:
+                await asyncio.sleep(self.delays[tool])  # a slow tool, not synchronisation
+            result = self.results.get(tool, tool)
+            if isinstance(result, Exception):
+                raise result
+            return result
+        finally:
+            self.in_flight -= 1
+
+    async def call_model(self, model, messages, schema, timeout):
+        self.calls.append((f"model:{model}", {"messages": messages}))
+        return self.model_answer
+
+    async def node_event(self, kind, node, elapsed_ms, data):
+        self.events.append((kind, node))
+
+    @property
+    def runtime(self):
+        return NodeRuntime(self.call_tool, self.call_model, self.node_event)
 
 
-async def no_events(node, elapsed_ms):
-    return None
+async def run(definition, graph_input=None, recorder=None, timeout=5.0, library=None):
+    recorder = recorder or Recorder()
+    graph = (library or {}).get(definition.name) or CompiledGraph(definition)
+    return await graph.run(graph_input or {}, recorder.runtime, timeout=timeout), recorder
 
 
 async def test_the_condition_picks_the_answer_branch_and_args_come_from_the_state():
-    calls = []
     found = {"found": True, "order": {"id": "A-1", "status": "shipped"}}
-    outcome = await CompiledGraph(ORDER_GRAPH).run(
-        {"text": "where?"}, call_tool=tools(found, calls), node_done=no_events, timeout=5
-    )
+    outcome, recorder = await run(ORDER_GRAPH, {"text": "where?"}, Recorder({"orders_lookup": found}))
     assert outcome.output == "Order A-1 is shipped."
     assert outcome.path == ("lookup", "answer")
-    assert calls == [("orders_lookup", {"query": "where?"})]
+    assert recorder.calls == [("orders_lookup", {"query": "where?"})]
 
 
 async def test_the_default_edge_is_taken_when_no_condition_holds():
-    outcome = await CompiledGraph(ORDER_GRAPH).run(
-        {"text": "x"}, call_tool=tools({"found": False}), node_done=no_events, timeout=5
-    )
+    outcome, _ = await run(ORDER_GRAPH, {}, Recorder({"orders_lookup": {"found": False}}))
     assert outcome.path == ("lookup", "not_found")
 
 
-async def test_conditional_edges_win_over_a_default_declared_first():
-    definition = ORDER_GRAPH.model_copy(update={"edges": list(reversed(ORDER_GRAPH.edges))})
-    outcome = await CompiledGraph(definition).run(
-        {}, call_tool=tools({"found": True, "order": {}}), node_done=no_events, timeout=5
+async def test_every_node_reports_started_and_completed():
+    _, recorder = await run(ORDER_GRAPH, {}, Recorder({"orders_lookup": {"found": False}}))
+    assert recorder.events == [
+        ("node_started", "lookup"),
+        ("node_completed", "lookup"),
+        ("node_started", "not_found"),
+        ("node_completed", "not_found"),
+    ]
+
+
+async def test_a_fan_out_runs_its_branches_concurrently_and_the_join_waits_for_all():
+    recorder = Recorder(delays={"orders": 0.02, "incidents": 0.01, "billing": 0.0})
+    outcome, _ = await run(FAN_OUT, {"ticket": "t"}, recorder)
+    assert recorder.max_in_flight == 3
+    assert outcome.path == ("start", "orders", "incidents", "billing", "merge", "decide")
+    assert outcome.state["merge"] == {"orders": "orders", "incidents": "incidents", "billing": "billing"}
+
+
+async def test_the_result_does_not_depend_on_which_branch_finishes_first():
+    seen = set()
+    for order in itertools.permutations([0.0, 0.005, 0.01]):
+        delays = dict(zip(["orders", "incidents", "billing"], order, strict=True))
+        outcome, _ = await run(FAN_OUT, {"ticket": "t"}, Recorder(delays=delays))
+        seen.add((outcome.path, repr(outcome.state), outcome.output))
+    assert len(seen) == 1
+    # The reducer appended in declaration order, not completion order.
+    assert outcome.state["findings"] == ["orders", "incidents", "billing"]
+
+
+async def test_the_same_run_repeated_gives_the_same_path_state_and_output():
+    graph = CompiledGraph(FAN_OUT)
+    results = set()
+    for _ in range(30):
+        delays = {tool: random.random() / 200 for tool in ("orders", "incidents", "billing")}
+        outcome = await graph.run({"ticket": "t"}, Recorder(delays=delays).runtime, timeout=5)
+        results.add((outcome.path, repr(outcome.state)))
+    assert len(results) == 1
+
+
+async def test_an_any_join_goes_on_with_the_first_branch_and_drops_the_late_one():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "race",
+            "entry": "start",
+            "nodes": {
+                "start": {"kind": "respond", "template": "go"},
+                "fast": {"kind": "tool", "tool": "fast"},
+                "slow1": {"kind": "tool", "tool": "slow"},
+                "slow2": {"kind": "respond", "template": "late"},
+                "first": {"kind": "join", "wait": "any"},
+                "done": {"kind": "respond", "template": "{first}"},
+            },
+            "edges": [
+                {"from": "start", "to": ["fast", "slow1"]},
+                {"from": "fast", "to": "first"},
+                {"from": "slow1", "to": "slow2"},
+                {"from": "slow2", "to": "first"},
+                {"from": "first", "to": "done"},
+            ],
+        }
     )
-    assert outcome.path == ("lookup", "answer")
+    outcome, _ = await run(definition)
+    assert outcome.state["first"] == {"fast": "fast"}
+    assert outcome.path.count("done") == 1
 
 
-async def test_every_node_reports_its_completion_in_order():
-    seen = []
+async def test_a_join_whose_branch_went_elsewhere_fails_clearly():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "broken",
+            "entry": "start",
+            "nodes": {
+                "start": {"kind": "respond", "template": "go"},
+                "a": {"kind": "respond", "template": "a"},
+                "b": {"kind": "respond", "template": "b"},
+                "elsewhere": {"kind": "respond", "template": "x"},
+                "join": {"kind": "join"},
+            },
+            "edges": [
+                {"from": "start", "to": ["a", "b"]},
+                {"from": "a", "to": "join"},
+                {"from": "b", "to": "elsewhere", "when": "true"},
+                {"from": "b", "to": "join"},
+            ],
+        }
+    )
+    with pytest.raises(JoinIncomplete, match=r"waiting for \['b'\]"):
+        await run(definition)
 
-    async def node_done(node, elapsed_ms):
-        seen.append(node)
-        assert elapsed_ms >= 0
 
-    await CompiledGraph(ORDER_GRAPH).run({}, call_tool=tools({"found": False}), node_done=node_done, timeout=5)
-    assert seen == ["lookup", "not_found"]
-
-
-async def test_the_same_input_gives_the_same_path_and_output_every_time():
-    graph = CompiledGraph(ORDER_GRAPH)
-    found = {"found": True, "order": {"id": "A-1", "status": "shipped"}}
-    outcomes = {
-        (o.path, o.output)
-        for o in [
-            await graph.run({"text": "q"}, call_tool=tools(found), node_done=no_events, timeout=5) for _ in range(20)
-        ]
-    }
-    assert len(outcomes) == 1
-
-
-async def test_a_cycle_stops_at_the_step_limit():
-    looping = GraphDefinition.model_validate(
+async def test_a_cycle_stops_at_its_visit_limit():
+    definition = GraphDefinition.model_validate(
         {
             "name": "loop",
             "entry": "a",
-            "max_steps": 5,
-            "nodes": {"a": {"kind": "respond", "template": "again"}},
+            "nodes": {"a": {"kind": "respond", "template": "again", "max_visits": 3}},
             "edges": [{"from": "a", "to": "a"}],
         }
     )
-    with pytest.raises(StepLimitExceeded, match="5 steps"):
-        await CompiledGraph(looping).run({}, call_tool=tools(None), node_done=no_events, timeout=5)
+    with pytest.raises(VisitLimitExceeded, match="3 visits"):
+        await run(definition)
 
 
-async def test_the_run_timeout_fires_on_a_slow_tool():
+async def test_a_cycle_that_exits_by_condition_runs_until_the_condition_holds():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "retry",
+            "entry": "attempt",
+            "reducers": {"tries": "append"},
+            "nodes": {
+                "attempt": {"kind": "tool", "tool": "flaky", "output": "tries", "max_visits": 5},
+                "done": {"kind": "respond", "template": "after {tries}"},
+            },
+            "edges": [
+                {"from": "attempt", "to": "done", "when": "tries[2] == 'flaky'"},
+                {"from": "attempt", "to": "attempt"},
+            ],
+        }
+    )
+    outcome, _ = await run(definition)
+    assert outcome.path == ("attempt", "attempt", "attempt", "done")
+
+
+async def test_the_global_step_limit_fires():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "loop",
+            "entry": "a",
+            "max_steps": 4,
+            "nodes": {"a": {"kind": "respond", "template": "x", "max_visits": 100}},
+            "edges": [{"from": "a", "to": "a"}],
+        }
+    )
+    with pytest.raises(StepLimitExceeded, match="4 steps"):
+        await run(definition)
+
+
+async def test_a_node_timeout_fires_and_is_reported():
+    definition = ORDER_GRAPH.model_copy(deep=True)
+    slow = GraphDefinition.model_validate(
+        {
+            **definition.model_dump(by_alias=True),
+            "nodes": {
+                **definition.model_dump(by_alias=True)["nodes"],
+                "lookup": {"kind": "tool", "tool": "orders_lookup", "timeout_s": 0.02},
+            },
+        }
+    )
+    recorder = Recorder(delays={"orders_lookup": 5})
+    with pytest.raises(NodeTimedOut, match="lookup"):
+        await run(slow, recorder=recorder)
+    assert recorder.events[-1] == ("node_failed", "lookup")
+
+
+async def test_the_run_deadline_fires():
     with pytest.raises(RunTimedOut):
-        await CompiledGraph(ORDER_GRAPH).run({}, call_tool=tools({}, delay=5), node_done=no_events, timeout=0.05)
+        await run(ORDER_GRAPH, recorder=Recorder(delays={"orders_lookup": 5}), timeout=0.03)
+
+
+async def test_a_failing_tool_fails_the_run_with_its_typed_error():
+    recorder = Recorder({"orders": ToolFailed("orders service said 500")}, delays={"incidents": 0.01})
+    with pytest.raises(ToolFailed, match="500"):
+        await run(FAN_OUT, {"ticket": "t"}, recorder)
+
+
+async def test_a_model_node_validates_its_answer_against_the_output_schema():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "classify",
+            "entry": "classify",
+            "model": "scripted",
+            "nodes": {
+                "classify": {
+                    "kind": "model",
+                    "prompt": "Classify: {input.text}",
+                    "system": "Be brief.",
+                    "output_schema": {
+                        "type": "object",
+                        "required": ["label"],
+                        "properties": {"label": {"type": "string"}},
+                    },
+                }
+            },
+        }
+    )
+    outcome, recorder = await run(definition, {"text": "refund"}, Recorder(model_answer='{"label": "billing"}'))
+    assert outcome.output == {"label": "billing"}
+    assert recorder.calls[0][1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Classify: refund"},
+    ]
+    with pytest.raises(InvalidModelOutput, match="output schema"):
+        await run(definition, {"text": "x"}, Recorder(model_answer='{"nope": 1}'))
+
+
+async def test_a_function_node_calls_the_operators_function_with_resolved_args():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "fn",
+            "entry": "f",
+            "nodes": {
+                "f": {
+                    "kind": "function",
+                    "callable": "tests.unit.graph_functions:add",
+                    "args": {"a": "$input.x", "b": 2},
+                }
+            },
+        }
+    )
+    outcome, _ = await run(definition, {"x": 40})
+    assert outcome.output == 42
+
+
+async def test_a_subgraph_runs_with_its_own_input_and_returns_its_output():
+    inner = GraphDefinition.model_validate(
+        {
+            "name": "inner",
+            "entry": "say",
+            "nodes": {"say": {"kind": "respond", "template": "inner got {input.q}"}},
+        }
+    )
+    outer = GraphDefinition.model_validate(
+        {
+            "name": "outer",
+            "entry": "call",
+            "nodes": {
+                "call": {"kind": "subgraph", "graph": "inner", "input": {"q": "$input.text"}},
+                "wrap": {"kind": "respond", "template": "[{call}]"},
+            },
+            "edges": [{"from": "call", "to": "wrap"}],
+        }
+    )
+    library = compile_library({"inner": inner, "outer": outer})
+    outcome, _ = await run(outer, {"text": "hi"}, library=library)
+    assert outcome.output == "[inner got hi]"
+
+
+async def test_the_graph_output_can_name_a_state_path():
+    definition = FAN_OUT.model_copy(update={"output": "merge.orders"})
+    outcome, _ = await run(definition, {"ticket": "t"})
+    assert outcome.output == "orders"
