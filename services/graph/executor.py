@@ -23,6 +23,7 @@ from typing import Any
 
 import jsonschema
 
+from contracts.definitions_base import DefinitionError
 from contracts.errors import CorralError
 from contracts.expressions import Compiled, compile_expression, evaluate, lookup, render, resolve
 from contracts.graphs import (
@@ -37,7 +38,6 @@ from contracts.graphs import (
     SubgraphNode,
     ToolNode,
 )
-from contracts.definitions_base import DefinitionError
 from services.graph.errors import (
     InvalidModelOutput,
     JoinIncomplete,

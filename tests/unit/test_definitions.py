@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from contracts.definitions import Catalog, DefinitionError, DefinitionsFile
-from contracts.graphs import GraphDefinition
 from contracts.expressions import ExpressionError, compile_expression, evaluate, render, resolve
+from contracts.graphs import GraphDefinition
 from services.runtime.catalog import load_catalog
 from services.runtime.settings import DEFAULT_DEFINITIONS
 

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from contracts.graphs import GraphDefinition
 from contracts.errors import ToolFailed
+from contracts.graphs import GraphDefinition
 from services.graph.errors import (
     InvalidModelOutput,
     JoinIncomplete,
