@@ -8,9 +8,11 @@ specification generator. ``contracts/asyncapi.yaml`` is the checked-in copy; a t
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 
@@ -91,7 +93,11 @@ def render_asyncapi(fmt: str = "yaml") -> str:
         description="Subjects are partitioned by tenant: every tenant subject starts with t.<tenant>.",
         schema_version="3.0.0",
     ).to_specification()
-    return spec.to_yaml() if fmt == "yaml" else spec.to_json() + "\n"
+    # FastStream's channel order follows set iteration (varies per process): sort for a stable file.
+    document = json.loads(spec.to_json())
+    if fmt == "json":
+        return json.dumps(document, indent=2, sort_keys=True) + "\n"
+    return yaml.safe_dump(document, sort_keys=True, allow_unicode=True)
 
 
 __all__ = ["CHECKED_IN", "Result", "render_asyncapi"]

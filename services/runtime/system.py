@@ -74,7 +74,9 @@ class System:
         self.secrets = init_state(self.state_dir, port=self.port)
         try:
             if self.nats_url is None:
-                log = (self.log_dir or self.state_dir) / "nats.log"
+                log_dir = self.log_dir or self.state_dir
+                log_dir.mkdir(parents=True, exist_ok=True)
+                log = log_dir / "nats.log"
                 self.broker = NatsServer(config=self.state_dir / "nats.conf", port=self.port, log_file=log).start()
             for name in SERVICES:
                 for replica in range(self.replicas.get(name, 1)):
@@ -150,7 +152,8 @@ class System:
             with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
                 while True:
                     msg = await sub.next_msg(timeout=0.25)
-                    pids.add(int(json.loads(msg.data)["pid"]))
+                    if msg.data:  # an empty message is the server's "no responders" status
+                        pids.add(int(json.loads(msg.data)["pid"]))
         finally:
             await sub.unsubscribe()
         return len(pids)

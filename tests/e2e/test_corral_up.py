@@ -13,8 +13,8 @@ from pathlib import Path
 
 import nats
 import pytest
-from services.auth.tokens import mint_dev_token
 
+from services.auth.tokens import mint_dev_token
 from services.client import CorralClient
 from services.runtime.nats_server import free_port
 from services.runtime.state import load_secrets
@@ -68,7 +68,7 @@ def test_corral_request_with_no_flags_answers_from_each_tenants_own_data(corral_
     assert globex.returncode == 0, globex.stderr
     assert "A-" in acme.stdout.splitlines()[-1] and "G-" not in acme.stdout
     assert "G-" in globex.stdout.splitlines()[-1] and "A-" not in globex.stdout
-    assert "[graph] node lookup" in acme.stdout  # progress events are printed as they arrive
+    assert "[graph] node_completed lookup" in acme.stdout  # progress events are printed as they arrive
 
 
 def test_json_output_and_a_non_zero_exit_on_error(corral_up):

@@ -6,11 +6,11 @@ import asyncio
 
 import nats
 import pytest
-from services.auth.tokens import mint_dev_token
 
 from contracts import subjects
 from contracts.envelope import Envelope, Kind, RouterRequest
 from contracts.errors import DeadlineExceeded, Internal, InvalidRequest, NotFound, TenantMismatch
+from services.auth.tokens import mint_dev_token
 from services.client import CorralClient
 from services.runtime.service import decode_reply
 from tests.support.services import running_services
@@ -62,8 +62,10 @@ async def test_a_run_reports_its_progress_on_its_events_subject(system):
     assert steps == [
         ("router", "accepted", None),
         ("graph", "started", None),
-        ("graph", "node", "lookup"),
-        ("graph", "node", "answer"),
+        ("graph", "node_started", "lookup"),
+        ("graph", "node_completed", "lookup"),
+        ("graph", "node_started", "answer"),
+        ("graph", "node_completed", "answer"),
         ("graph", "completed", None),
     ]
 
@@ -112,7 +114,11 @@ async def test_a_reply_subject_in_another_tenants_inbox_gets_no_answer_there(sys
     broker, _ = system
     globex = await raw_tenant_connection(broker, "globex")
     leaked = []
-    await globex.subscribe("_INBOX.globex.>", cb=lambda msg: leaked.append(msg))  # type: ignore[arg-type,return-value]
+
+    async def collect(msg):
+        leaked.append(msg)
+
+    await globex.subscribe("_INBOX.globex.>", cb=collect)
     await globex.flush()
     attacker = await raw_tenant_connection(broker, "acme")
     acme = await client_for(broker, "acme")

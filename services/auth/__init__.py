@@ -1,0 +1,1 @@
+"""The auth service: the NATS auth-callout responder that turns a tenant's JWT into permissions."""

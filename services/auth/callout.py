@@ -1,0 +1,139 @@
+"""The NATS auth-callout protocol: verify the server's request, sign the response.
+
+Shapes as verified on nats-server 2.15 (see NATS-NOTES.md): JWTs with the header
+``{"typ":"JWT","alg":"ed25519-nkey"}``, base64url (no padding) header and claims, and an ed25519
+signature over ``header.claims``; ``nats.version`` is 2 in every JWT.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+import nkeys
+
+from contracts.permissions import tenant_permissions
+from services.auth.errors import InvalidCalloutRequest
+from services.auth.tokens import Identity
+from services.runtime.state import APP_ACCOUNT
+
+HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
+REQUEST_AUDIENCE = "nats-authorization-request"
+# Upper bound of a user's lifetime, whatever its token says; the server disconnects it then.
+MAX_USER_TTL_S = 24 * 3600
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class CalloutRequest:
+    user_nkey: str
+    server_id: str
+    token: str
+    client_name: str
+
+
+def _public_key(encoded: str, prefix: int) -> nacl.signing.VerifyKey:
+    raw = base64.b32decode(encoded + "=" * (-len(encoded) % 8))
+    if len(raw) != 35 or raw[0] != prefix:
+        raise InvalidCalloutRequest("request not signed by a server key")
+    if nkeys.crc16(bytearray(raw[:-2])) != int.from_bytes(raw[-2:], "little"):
+        raise InvalidCalloutRequest("server key checksum mismatch")
+    return nacl.signing.VerifyKey(raw[1:33])
+
+
+def decode_request(data: bytes) -> CalloutRequest:
+    """Verify the server's authorization-request JWT and take what the response needs."""
+    try:
+        header_part, claims_part, signature_part = data.decode().split(".")
+        header = json.loads(_unb64(header_part))
+        claims = json.loads(_unb64(claims_part))
+        if header.get("alg") != HEADER["alg"]:
+            raise InvalidCalloutRequest("unexpected request algorithm")
+        key = _public_key(str(claims["iss"]), nkeys.PREFIX_BYTE_SERVER)
+        key.verify(f"{header_part}.{claims_part}".encode(), _unb64(signature_part))
+        nats_claims = claims["nats"]
+        if claims.get("aud") != REQUEST_AUDIENCE or nats_claims.get("type") != "authorization_request":
+            raise InvalidCalloutRequest("not an authorization request")
+        return CalloutRequest(
+            user_nkey=str(nats_claims["user_nkey"]),
+            server_id=str(nats_claims["server_id"]["id"]),
+            token=str((nats_claims.get("connect_opts") or {}).get("auth_token") or ""),
+            client_name=str((nats_claims.get("client_info") or {}).get("name") or ""),
+        )
+    except InvalidCalloutRequest:
+        raise
+    except nacl.exceptions.BadSignatureError:
+        raise InvalidCalloutRequest("bad request signature") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error):
+        raise InvalidCalloutRequest("malformed authorization request") from None
+
+
+def encode_jwt(claims: dict[str, Any], signer: nkeys.KeyPair) -> str:
+    body = dict(claims)
+    body["jti"] = ""  # computed over the claims without it, as the NATS JWT library does
+    digest = hashlib.sha256(json.dumps(body, separators=(",", ":"), sort_keys=True).encode()).digest()
+    body["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    header = _b64(json.dumps(HEADER, separators=(",", ":")).encode())
+    payload = _b64(json.dumps(body, separators=(",", ":")).encode())
+    signature = _b64(signer.sign(f"{header}.{payload}".encode()))
+    return f"{header}.{payload}.{signature}"
+
+
+class CalloutSigner:
+    """Signs authorization responses (and the user JWTs inside them) with the issuer account key."""
+
+    def __init__(self, issuer_seed: str) -> None:
+        self.keys = nkeys.from_seed(issuer_seed.encode())
+        self.issuer = self.keys.public_key.decode()
+
+    def user_jwt(self, request: CalloutRequest, identity: Identity, now: int) -> str:
+        permissions = tenant_permissions(identity.tenant)
+        claims = {
+            "iss": self.issuer,
+            "sub": request.user_nkey,
+            "aud": APP_ACCOUNT,
+            "name": f"{identity.tenant}/{identity.subject}"[:200],
+            "iat": now,
+            "exp": min(identity.expires_at, now + MAX_USER_TTL_S),
+            "nats": {
+                "type": "user",
+                "version": 2,
+                "pub": {"allow": list(permissions.publish)},
+                "sub": {"allow": list(permissions.subscribe)},
+                "subs": -1,
+                "data": -1,
+                "payload": -1,
+            },
+        }
+        return encode_jwt(claims, self.keys)
+
+    def response(self, request: CalloutRequest, *, identity: Identity | None = None, error: str | None = None) -> bytes:
+        """The authorization response: a user JWT for ``identity``, or ``error``."""
+        now = int(time.time())
+        nats_claims: dict[str, Any] = {"type": "authorization_response", "version": 2}
+        if identity is not None:
+            nats_claims["jwt"] = self.user_jwt(request, identity, now)
+        else:
+            nats_claims["error"] = error or "not authorized"
+        claims = {
+            "iss": self.issuer,
+            "sub": request.user_nkey,
+            "aud": request.server_id,
+            "iat": now,
+            "nats": nats_claims,
+        }
+        return encode_jwt(claims, self.keys).encode()

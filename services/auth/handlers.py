@@ -1,0 +1,40 @@
+"""The auth service's bus layer: answer every authorization request, never crash on one."""
+
+from __future__ import annotations
+
+from nats.aio.msg import Msg
+
+from contracts.errors import CorralError
+from services.auth.callout import CalloutSigner, decode_request
+from services.auth.tokens import TokenVerifier
+from services.runtime.service import Service
+
+CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
+
+
+def register(service: Service, verifier: TokenVerifier, signer: CalloutSigner) -> None:
+    """Subscribe the callout responder on ``service``."""
+
+    async def authorize(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            request = decode_request(msg.data)
+        except CorralError as error:
+            # Without a verified request there is nobody to address a response to.
+            service.log.warning("auth_request_refused", reason=error.message)
+            return
+        try:
+            identity = verifier.verify(request.token)
+        except CorralError as error:
+            service.log.warning("auth_denied", reason=error.message, client=request.client_name[:64])
+            await service.nc.publish(msg.reply, signer.response(request, error=error.message))
+            return
+        except Exception:
+            service.log.exception("auth_failed")
+            await service.nc.publish(msg.reply, signer.response(request, error="internal error"))
+            return
+        service.log.debug("auth_granted", tenant_id=identity.tenant, principal=identity.subject)
+        await service.nc.publish(msg.reply, signer.response(request, identity=identity))
+
+    service.raw_subscriptions.append((CALLOUT_SUBJECT, authorize))

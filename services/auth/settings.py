@@ -1,0 +1,34 @@
+"""Settings of the auth service (``CORRAL_AUTH_*``); secrets fall back to the state directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.runtime.settings import Settings
+from services.runtime.state import load_secrets
+
+
+class AuthSettings(Settings):
+    auth_issuer_seed: str | None = None  # account nkey seed (SA...) that signs callout responses
+    auth_dev_key: str | None = None  # HS256 key of development tokens
+    auth_dev_mode: bool = True  # accept development tokens (HS256, no kid)
+    auth_tenant_claim: str = "tenant_id"  # a claim name, or a dotted path such as org.id
+    auth_issuer: str | None = None  # required `iss` of identity-provider tokens
+    auth_audience: str | None = None  # required `aud` of identity-provider tokens
+    auth_keys_file: Path | None = None  # JSON or YAML list of {kid, alg, public_key_pem}
+    auth_required_scope: str | None = None  # a scope (or role) every token must carry
+    auth_leeway_s: float = Field(default=30.0, ge=0, le=300)
+
+    def resolved(self) -> AuthSettings:
+        """These settings with the issuer seed and dev key taken from the state directory if unset."""
+        if (self.auth_issuer_seed and self.auth_dev_key) or self.state_dir is None:
+            return self
+        secrets = load_secrets(self.state_dir)
+        return self.model_copy(
+            update={
+                "auth_issuer_seed": self.auth_issuer_seed or secrets.issuer_seed,
+                "auth_dev_key": self.auth_dev_key or secrets.dev_key,
+            }
+        )

@@ -1,0 +1,44 @@
+"""The demo data tool: each tenant's orders, chosen by the tenant the runtime injects.
+
+The query can never pick the tenant: the data folder comes from ``ctx.tenant_id`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from contracts.tenants import validate_tenant_id
+from services.runtime.settings import REPO_ROOT
+from services.tools.context import ToolContext
+
+ORDER_ID = re.compile(r"\b[A-Z]-\d{3,6}\b")
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("CORRAL_DEMO_DATA", REPO_ROOT / "deploy" / "demo" / "data"))
+
+
+@lru_cache(maxsize=256)
+def _orders(folder: Path, tenant: str) -> tuple[dict[str, Any], ...]:
+    path = folder / validate_tenant_id(tenant) / "orders.json"
+    if not path.exists():
+        return ()
+    return tuple(json.loads(path.read_text()))
+
+
+async def lookup_orders(ctx: ToolContext, query: str) -> dict[str, Any]:
+    """The order the query names (``A-1001``), else the most recent one, of the calling tenant."""
+    orders = list(_orders(_data_dir(), ctx.tenant_id))
+    if not orders:
+        return {"found": False, "order": None, "orders": []}
+    mentioned = set(ORDER_ID.findall(query.upper()))
+    named = [order for order in orders if order["id"] in mentioned]
+    if mentioned and not named:
+        return {"found": False, "order": None, "orders": orders}
+    chosen = named[0] if named else max(orders, key=lambda order: order["placed_at"])
+    return {"found": True, "order": chosen, "orders": orders}
