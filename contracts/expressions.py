@@ -49,7 +49,7 @@ def lookup(state: State, path: str) -> Any:
 
 
 def _step(value: Any, key: str | int) -> Any:
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # the exact check first: ABC checks are slow
         return value.get(key, _MISSING) if isinstance(key, str) else _MISSING
     if isinstance(value, list | tuple):
         try:

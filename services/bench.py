@@ -25,7 +25,7 @@ from services.runtime.nats_server import free_port
 from services.runtime.state import load_secrets
 
 RAW_HOPS = ("bench.router", "bench.graph", "bench.tools")
-BENCH_TENANT = "acme"
+BENCH_TENANT = "bench"
 BENCH_TARGET = "order_status"
 ROUNDS = 3
 Call = Callable[[], Awaitable[Any]]

@@ -20,7 +20,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from contracts import subjects
-from contracts.envelope import AnyEnvelope, Envelope, EventType, Kind, RouterRequest, RunEvent, deadline_in, new_id
+from contracts.envelope import AnyEnvelope, EventType, Kind, RouterRequest, RunEvent, deadline_in, envelope_of, new_id
 from contracts.errors import DeadlineExceeded, Internal
 from services.runtime.service import decode_reply
 
@@ -82,8 +82,9 @@ class CorralClient:
         terminal event, which may arrive just after the reply since it comes from another service.
         """
         run_id = new_id()
-        payload = RouterRequest(target=target, input={**(input or {}), **({"text": text} if text is not None else {})})
-        envelope = Envelope[RouterRequest](
+        text_input = {"text": text} if text is not None else {}
+        payload = RouterRequest(target=target, input={**(input or {}), **text_input}, stream=watch)
+        envelope = envelope_of(RouterRequest)(
             kind=Kind.REQUEST, tenant_id=self.tenant, run_id=run_id, deadline=deadline_in(timeout), payload=payload
         )
         events: list[RunEvent] = []

@@ -24,7 +24,7 @@ from typing import Any
 import jsonschema
 
 from contracts.definitions_base import DefinitionError
-from contracts.errors import CorralError
+from contracts.errors import CorralError, DeadlineExceeded
 from contracts.expressions import Compiled, compile_expression, evaluate, lookup, render, resolve
 from contracts.graphs import (
     END,
@@ -57,8 +57,8 @@ class NodeRuntime:
     call_tool: Callable[[str, dict[str, Any], float], Awaitable[Any]]
     # (model, messages, output_schema, timeout) -> the answer's text
     call_model: Callable[[str, list[dict[str, str]], dict[str, Any] | None, float], Awaitable[str]]
-    # (kind, node, elapsed_ms, data): node_started / node_completed / node_failed
-    node_event: Callable[[str, str, float | None, dict[str, Any]], Awaitable[None]]
+    # (kind, node, elapsed_ms, data): node_started / node_completed / node_failed; None: nobody listens
+    node_event: Callable[[str, str, float | None, dict[str, Any]], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,11 @@ class CompiledGraph:
         self._transitions = {name: conditional[name] + default[name] for name in definition.nodes}
         self._branches = {
             name: definition.incoming(name) for name, node in definition.nodes.items() if isinstance(node, JoinNode)
+        }
+        self._schemas = {
+            name: jsonschema.validators.validator_for(node.output_schema)(node.output_schema)
+            for name, node in definition.nodes.items()
+            if isinstance(node, ModelNode) and node.output_schema is not None
         }
         self._functions = {
             name: _import(node.callable) for name, node in definition.nodes.items() if isinstance(node, FunctionNode)
@@ -226,19 +231,31 @@ class CompiledGraph:
 
     async def _node(self, name: str, run: _Run, runtime: NodeRuntime, depth: int) -> Any:
         node = self.definition.nodes[name]
-        await runtime.node_event("node_started", name, None, {})
+        report = runtime.node_event
+        if report is not None:
+            await report("node_started", name, None, {})
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(node.timeout_s):
+            if isinstance(node, FunctionNode | SubgraphNode):
+                async with asyncio.timeout(node.timeout_s):
+                    output = await self._execute(name, run, runtime, depth)
+            else:
+                # Respond and join nodes finish in place; tool and model calls carry the
+                # node's timeout themselves (a bus request or HTTP timeout), which is cheaper.
                 output = await self._execute(name, run, runtime, depth)
         except TimeoutError:
             error: CorralError = NodeTimedOut(f"node {name!r} did not finish within {node.timeout_s:g}s")
-            await runtime.node_event("node_failed", name, _ms(started), {"code": error.code.value})
+            if report is not None:
+                await report("node_failed", name, _ms(started), {"code": error.code.value})
             raise error from None
         except CorralError as failure:
-            await runtime.node_event("node_failed", name, _ms(started), {"code": failure.code.value})
-            raise
-        await runtime.node_event("node_completed", name, _ms(started), {})
+            if isinstance(failure, DeadlineExceeded) and not isinstance(failure, NodeTimedOut | RunTimedOut):
+                failure = NodeTimedOut(f"node {name!r} did not finish within {node.timeout_s:g}s: {failure.message}")
+            if report is not None:
+                await report("node_failed", name, _ms(started), {"code": failure.code.value})
+            raise failure from None
+        if report is not None:
+            await report("node_completed", name, _ms(started), {})
         return output
 
     async def _execute(self, name: str, run: _Run, runtime: NodeRuntime, depth: int) -> Any:
@@ -256,7 +273,7 @@ class CompiledGraph:
                 result = function(**resolve(node.args, state))
                 return await result if inspect.isawaitable(result) else result
             case ModelNode():
-                return await self._ask_model(node, state, runtime)
+                return await self._ask_model(name, node, state, runtime)
             case SubgraphNode():
                 return await self._subgraph(node, state, runtime, depth)
         raise AssertionError(f"unhandled node {node!r}")  # the schema admits no other kind
@@ -270,7 +287,7 @@ class CompiledGraph:
             run.dropped_any[name] = len(branches) - len(arrived)
         return {branch: run.outputs.get(branch) for branch in branches if branch in arrived}
 
-    async def _ask_model(self, node: ModelNode, state: dict[str, Any], runtime: NodeRuntime) -> Any:
+    async def _ask_model(self, name: str, node: ModelNode, state: dict[str, Any], runtime: NodeRuntime) -> Any:
         model = node.model or self.definition.model
         assert model is not None  # checked when the graph was defined
         messages = [{"role": "system", "content": render(node.system, state)}] if node.system else []
@@ -280,7 +297,7 @@ class CompiledGraph:
             return answer
         try:
             parsed = json.loads(answer) if isinstance(answer, str) else answer
-            jsonschema.validate(parsed, node.output_schema)
+            self._schemas[name].validate(parsed)
         except (json.JSONDecodeError, jsonschema.ValidationError) as exc:
             message = exc.message if isinstance(exc, jsonschema.ValidationError) else "not JSON"
             raise InvalidModelOutput(f"model {model!r} answered outside the output schema: {message}") from None

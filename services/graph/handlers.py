@@ -29,6 +29,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
 
     @service.operation(subjects.GRAPH_RUNS, Kind.GRAPH_RUN, GraphRun, "Run a declared graph for the tenant")
     async def run_graph(req: Request[GraphRun]) -> Any:
+        req.stream = req.payload.stream
         graph = graphs.get(req.payload.graph)
         if graph is None:
             raise GraphNotFound(f"graph {req.payload.graph!r} is not defined")
@@ -58,7 +59,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         try:
             outcome = await graph.run(
                 dict(req.payload.input),
-                NodeRuntime(call_tool=call_tool, call_model=call_model, node_event=node_event),
+                NodeRuntime(call_tool=call_tool, call_model=call_model, node_event=node_event if req.stream else None),
                 timeout=req.envelope.remaining(service.settings.default_timeout_s),
             )
         except Exception as error:

@@ -24,6 +24,7 @@ def register(service: Service, catalog: Catalog) -> Router:
         tenant_facing=True,
     )
     async def route_request(req: Request[RouterRequest]) -> Any:
+        req.stream = req.payload.stream
         if req.envelope.run_id is None:
             req = req.with_run_id(new_id())
         try:
@@ -36,7 +37,7 @@ def register(service: Service, catalog: Catalog) -> Router:
                 )
             )
             if decision.route.pattern is Pattern.GRAPH:
-                run = GraphRun(graph=decision.route.graph, input=req.payload.input)
+                run = GraphRun(graph=decision.route.graph, input=req.payload.input, stream=req.stream)
                 return await req.call(subjects.graph_run(req.tenant), Kind.GRAPH_RUN, run)
             raise Internal(f"pattern {decision.route.pattern.value!r} is not served yet")
         except CorralError as error:

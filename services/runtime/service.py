@@ -14,7 +14,7 @@ import json
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import nats
@@ -24,9 +24,19 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from contracts import subjects
-from contracts.envelope import MAX_MESSAGE_BYTES, AnyEnvelope, Envelope, ErrorInfo, Kind, Result, RunEvent
+from contracts.envelope import (
+    MAX_MESSAGE_BYTES,
+    Envelope,
+    ErrorInfo,
+    FollowEncoder,
+    Kind,
+    Result,
+    RunEvent,
+    envelope_of,
+)
 from contracts.errors import CorralError, DeadlineExceeded, Internal, InvalidRequest, error_for
 from services.runtime.guard import check_reply, check_tenant
 from services.runtime.logging import configure_logging
@@ -51,16 +61,24 @@ class Operation:
     reply: type[BaseModel] = Result
 
 
-@dataclass
 class Request(Generic[P]):
     """What a handler receives: the validated envelope, the tenant from the subject, the service."""
 
-    envelope: Envelope[P]
-    tenant: str
-    subject: str
-    service: Service
-    size: int = 0  # bytes of the message body, for admission limits
-    _log: Any = field(default=None, repr=False)
+    __slots__ = ("_encoder", "_events_subject", "_log", "envelope", "service", "size", "stream", "subject", "tenant")
+
+    def __init__(
+        self, envelope: Envelope[P], tenant: str, subject: subjects.TenantSubject, service: Service, size: int = 0
+    ) -> None:
+        self.envelope = envelope
+        self.tenant = tenant
+        self.subject = subject
+        self.service = service
+        self.size = size  # bytes of the message body, for admission limits
+        # Whether the client asked for progress events; without it nobody is listening.
+        self.stream = True
+        self._encoder: FollowEncoder | None = None
+        self._events_subject: str | None = None
+        self._log: Any = None
 
     @property
     def payload(self) -> P:
@@ -73,16 +91,26 @@ class Request(Generic[P]):
             self._log = self.service.log.bind(tenant_id=self.tenant, run_id=self.envelope.run_id)
         return self._log
 
+    def encode(self, kind: Kind, payload: BaseModel) -> bytes:
+        """An envelope following this request (same tenant, run, deadline, trace), as bytes."""
+        if self._encoder is None:
+            self._encoder = FollowEncoder(self.envelope)
+        return self._encoder.encode(kind, payload)
+
     def with_run_id(self, run_id: str) -> Request[P]:
         """The same request with a run id assigned (when the client did not choose one)."""
         envelope = self.envelope.model_copy(update={"run_id": run_id})
-        return Request(envelope, self.tenant, self.subject, self.service, self.size)
+        request = Request(envelope, self.tenant, self.subject, self.service, self.size)
+        request.stream = self.stream
+        return request
 
     async def emit(self, event: RunEvent) -> None:
         """Publish a progress event on ``t.<tenant>.events.<run_id>`` (if the run has an id)."""
-        if self.envelope.run_id is not None:
-            body = self.envelope.follow(Kind.EVENT, event).model_dump_json().encode()
-            await self.service.nc.publish(subjects.events(self.tenant, self.envelope.run_id), body)
+        if self.envelope.run_id is None or not self.stream:
+            return
+        if self._events_subject is None:
+            self._events_subject = subjects.events(self.tenant, self.envelope.run_id)
+        await self.service.nc.publish(self._events_subject, self.encode(Kind.EVENT, event))
 
     async def call(self, subject: str, kind: Kind, payload: BaseModel, *, timeout: float | None = None) -> Any:
         """Request another service with an envelope that follows this one; returns the output."""
@@ -90,7 +118,7 @@ class Request(Generic[P]):
         limit = remaining if timeout is None else min(timeout, remaining)
         if limit <= 0:
             raise DeadlineExceeded("deadline passed before the call")
-        return await self.service.request(subject, self.envelope.follow(kind, payload), timeout=limit)
+        return await self.service.request(subject, self.encode(kind, payload), timeout=limit)
 
 
 class Service:
@@ -173,6 +201,10 @@ class Service:
         if self.ping:
             self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
         await self.nc.flush()
+        if os.environ.get("CORRAL_GC_FREEZE"):
+            import gc
+
+            gc.freeze()
         self.log.info("service_ready", subjects=[op.subject for op in self.operations], pid=os.getpid())
 
     async def stop(self) -> None:
@@ -206,10 +238,10 @@ class Service:
 
     # ---- bus helpers -----------------------------------------------------------------
 
-    async def request(self, subject: str, envelope: Envelope[Any], *, timeout: float) -> Any:
-        """Send ``envelope`` and return the reply's output, raising the typed error it carries."""
+    async def request(self, subject: str, body: bytes, *, timeout: float) -> Any:
+        """Send an encoded envelope and return the reply's output, raising the typed error it carries."""
         try:
-            msg = await self.nc.request(subject, envelope.model_dump_json().encode(), timeout=timeout)
+            msg = await self.nc.request(subject, body, timeout=timeout)
         except NatsTimeout:
             raise DeadlineExceeded(f"no reply on {subject} within {timeout:.1f}s") from None
         except NoRespondersError:
@@ -219,7 +251,7 @@ class Service:
     # ---- the hot path ----------------------------------------------------------------
 
     def _callback(self, op: Operation) -> Callable[[Msg], Awaitable[None]]:
-        envelope_type = Envelope[op.payload]  # type: ignore[name-defined]
+        envelope_type = envelope_of(op.payload)
         return self._tracked(lambda msg: self._dispatch(op, envelope_type, msg))
 
     def _tracked(self, handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
@@ -241,7 +273,8 @@ class Service:
         tenant = None
         envelope = None
         try:
-            tenant = subjects.tenant_of(msg.subject)
+            parsed = subjects.parse(msg.subject)
+            tenant = parsed.tenant
             check_reply(msg.reply, tenant, allow_service_inbox=not op.tenant_facing)
             envelope = decode_request(msg.data, envelope_type)
             check_tenant(envelope.tenant_id, tenant)
@@ -249,10 +282,11 @@ class Service:
                 raise InvalidRequest(f"expected a {op.kind.value} envelope, got {envelope.kind.value}")
             if envelope.remaining(1.0) <= 0:
                 raise DeadlineExceeded("the request's deadline has passed")
-            output = await op.handler(Request(envelope, tenant, msg.subject, self, len(msg.data)))
+            request = Request(envelope, tenant, parsed, self, len(msg.data))
+            output = await op.handler(request)
             if msg.reply:
-                reply = envelope.follow(Kind.RESULT, output if isinstance(output, Result) else Result(output=output))
-                await self.nc.publish(msg.reply, reply.model_dump_json().encode())
+                result = output if isinstance(output, Result) else Result.model_construct(output=output)
+                await self.nc.publish(msg.reply, _encode_result(request, result))
         except CorralError as error:
             await self._refuse(msg, tenant, envelope, error)
         except Exception:
@@ -272,11 +306,11 @@ class Service:
             return  # never answer into another tenant's inbox
         info = ErrorInfo.of(error)
         if envelope is not None:
-            reply = envelope.follow(Kind.ERROR, info)
+            body = FollowEncoder(envelope).encode(Kind.ERROR, info)
         else:
-            reply = Envelope[ErrorInfo](kind=Kind.ERROR, tenant_id=tenant, payload=info)
+            body = envelope_of(ErrorInfo)(kind=Kind.ERROR, tenant_id=tenant, payload=info).model_dump_json().encode()
         with contextlib.suppress(Exception):
-            await self.nc.publish(msg.reply, reply.model_dump_json().encode())
+            await self.nc.publish(msg.reply, body)
 
     async def _on_ping(self, msg: Msg) -> None:
         if msg.reply:
@@ -285,6 +319,14 @@ class Service:
 
     async def _on_error(self, error: Exception) -> None:
         self.log.warning("nats_error", error=str(error))
+
+
+def _encode_result(request: Request[Any], result: Result) -> bytes:
+    """The reply to a request; a handler output that is not JSON is the handler's error, not a crash."""
+    try:
+        return request.encode(Kind.RESULT, result)
+    except PydanticSerializationError:
+        raise Internal("the handler produced a result that is not JSON") from None
 
 
 def decode_request(data: bytes, envelope_type: type[Envelope[Any]]) -> Envelope[Any]:
@@ -298,19 +340,26 @@ def decode_request(data: bytes, envelope_type: type[Envelope[Any]]) -> Envelope[
 
 
 def decode_reply(data: bytes) -> Any:
-    """The output of a result envelope, or the typed error an error envelope carries."""
+    """The output of a result envelope, or the typed error an error envelope carries.
+
+    Replies are read with ``json.loads`` and a check of the two fields used, not a full envelope
+    validation: they come from Corral's own services and this runs once per hop.
+    """
     try:
-        reply = AnyEnvelope.model_validate_json(data)
-    except ValidationError as exc:
-        raise Internal(f"unreadable reply: {_describe(exc)}") from None
-    if reply.kind == Kind.ERROR:
-        info = ErrorInfo.model_validate(reply.payload)
-        error = error_for(info.code, info.message)
-        error.remote = True  # raised by the service that replied (which already reported it)
-        raise error
-    if not isinstance(reply.payload, dict):
-        raise Internal("reply payload is not an object")
-    return reply.payload.get("output")
+        reply = json.loads(data)
+        kind = reply["kind"]
+        payload = reply["payload"]
+        if kind == Kind.ERROR:
+            info = ErrorInfo.model_validate(payload)
+        elif kind == Kind.RESULT and isinstance(payload, dict):
+            return payload.get("output")
+        else:
+            raise ValueError(kind)
+    except (ValueError, KeyError, TypeError, ValidationError):
+        raise Internal("unreadable reply") from None
+    error = error_for(info.code, info.message)
+    error.remote = True  # raised by the service that replied (which already reported it)
+    raise error
 
 
 def _describe(exc: ValidationError) -> str:

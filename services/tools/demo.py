@@ -19,12 +19,10 @@ from services.tools.context import ToolContext
 ORDER_ID = re.compile(r"\b[A-Z]-\d{3,6}\b")
 
 
-def _data_dir() -> Path:
-    return Path(os.environ.get("CORRAL_DEMO_DATA", REPO_ROOT / "deploy" / "demo" / "data"))
-
-
-@lru_cache(maxsize=256)
-def _orders(folder: Path, tenant: str) -> tuple[dict[str, Any], ...]:
+@lru_cache(maxsize=1024)
+def _orders(tenant: str) -> tuple[dict[str, Any], ...]:
+    """A tenant's orders, read once (demo data does not change while the service runs)."""
+    folder = Path(os.environ.get("CORRAL_DEMO_DATA", REPO_ROOT / "deploy" / "demo" / "data"))
     path = folder / validate_tenant_id(tenant) / "orders.json"
     if not path.exists():
         return ()
@@ -33,12 +31,10 @@ def _orders(folder: Path, tenant: str) -> tuple[dict[str, Any], ...]:
 
 async def lookup_orders(ctx: ToolContext, query: str) -> dict[str, Any]:
     """The order the query names (``A-1001``), else the most recent one, of the calling tenant."""
-    orders = list(_orders(_data_dir(), ctx.tenant_id))
-    if not orders:
-        return {"found": False, "order": None, "orders": []}
+    orders = _orders(ctx.tenant_id)
     mentioned = set(ORDER_ID.findall(query.upper()))
     named = [order for order in orders if order["id"] in mentioned]
-    if mentioned and not named:
-        return {"found": False, "order": None, "orders": orders}
+    if not orders or (mentioned and not named):
+        return {"found": False, "order": None, "order_count": len(orders)}
     chosen = named[0] if named else max(orders, key=lambda order: order["placed_at"])
-    return {"found": True, "order": chosen, "orders": orders}
+    return {"found": True, "order": chosen, "order_count": len(orders)}

@@ -26,14 +26,14 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
         "Call a tool for the tenant of the subject; the runtime injects the tenant",
     )
     async def call_tool(req: Request[ToolCall]) -> Any:
-        name = subjects.parse(req.subject).tool
+        name = req.subject.tool
         if name != req.payload.tool:
             raise InvalidRequest(f"the subject names tool {name!r} but the payload names {req.payload.tool!r}")
-        definition, adapter = tools.resolve(req.tenant, name)
+        adapter = tools.resolve(req.tenant, name)
         arguments, removed = strip_tenant(dict(req.payload.arguments))
         if removed:
             req.log.warning("tenant_override_attempt", tool=name, removed=removed)
-        check_arguments(arguments, definition.parameters, name)
+        check_arguments(arguments, tools.validators[name], name)
         timeout = req.envelope.remaining(service.settings.default_timeout_s)
         ctx = ToolContext(
             tenant_id=req.tenant, run_id=req.envelope.run_id, principal=req.envelope.principal, timeout_s=timeout

@@ -8,7 +8,7 @@ import httpx
 
 from contracts.definitions import Catalog, DefinitionError, ToolDefinition
 from contracts.errors import Forbidden, NotFound
-from services.tools.arguments import TENANT_KEYS
+from services.tools.arguments import TENANT_KEYS, compile_schema
 from services.tools.context import ToolContext
 from services.tools.http_adapter import HttpAdapter
 from services.tools.python_adapter import PythonAdapter
@@ -23,20 +23,22 @@ class ToolRegistry:
         self.catalog = catalog
         self.http = http or httpx.AsyncClient(follow_redirects=False)
         self.adapters: dict[str, Adapter] = {}
+        self.validators = {}
         for tool in catalog.tools.values():
             _refuse_tenant_parameters(tool)
+            self.validators[tool.name] = compile_schema(tool.parameters, f"tool {tool.name!r}")
             self.adapters[tool.name] = (
                 PythonAdapter(tool.name, tool.python) if tool.python else HttpAdapter(tool.name, tool.http, self.http)  # type: ignore[arg-type]
             )
 
-    def resolve(self, tenant: str, tool: str) -> tuple[ToolDefinition, Adapter]:
-        """The tool's definition and adapter, if ``tenant`` may use it."""
+    def resolve(self, tenant: str, tool: str) -> Adapter:
+        """The tool's adapter, if ``tenant`` may use it."""
         policy = self.catalog.policy(tenant)
         if policy is None or tool not in policy.tools:
             if tool not in self.catalog.tools and policy is not None:
                 raise NotFound(f"unknown tool {tool!r}")
             raise Forbidden(f"tool {tool!r} is not allowed for tenant {tenant!r}")
-        return self.catalog.tools[tool], self.adapters[tool]
+        return self.adapters[tool]
 
     def schemas_for(self, tenant: str) -> list[dict[str, Any]]:
         """The tools a tenant may use, as shown to a model: name, description, parameters."""

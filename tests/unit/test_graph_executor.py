@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from contracts.errors import ToolFailed
+from contracts.errors import DeadlineExceeded, ToolFailed
 from contracts.graphs import GraphDefinition
 from services.graph.errors import (
     InvalidModelOutput,
@@ -78,7 +78,11 @@ class Recorder:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if tool in self.delays:
-                await asyncio.sleep(self.delays[tool])  # a slow tool, not synchronisation
+                try:  # like a bus request, the call gives up after its timeout
+                    async with asyncio.timeout(timeout):
+                        await asyncio.sleep(self.delays[tool])  # a slow tool, not synchronisation
+                except TimeoutError:
+                    raise DeadlineExceeded(f"no reply within {timeout}s") from None
             result = self.results.get(tool, tool)
             if isinstance(result, Exception):
                 raise result
