@@ -155,7 +155,7 @@ class OpenAIChatClient:
             if attempt == self.config.max_retries:
                 raise failure
             # Exponential backoff with jitter, honouring Retry-After, never past the deadline.
-            delay = retry_after or (0.1 * 2**attempt) * (0.5 + random.random())
+            delay = retry_after if retry_after is not None else (0.1 * 2**attempt) * (0.5 + random.random())
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         raise DeadlineExceeded(f"model server did not answer within {timeout:.1f}s")
 

@@ -1,0 +1,211 @@
+"""Tool adapters against real counterparts: a local HTTP server, real Python callables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+
+from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, HttpTool, PythonTool
+from contracts.errors import DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
+from services.runtime.nats_server import free_port
+from services.tools.arguments import check_arguments, compile_schema, strip_tenant
+from services.tools.context import ToolContext
+from services.tools.http_adapter import HttpAdapter
+from services.tools.python_adapter import PythonAdapter
+from services.tools.registry import ToolRegistry
+from tests.support.http import Reply, http_server
+
+CTX = ToolContext(tenant_id="acme", run_id="run-1", principal="alice", timeout_s=5.0)
+
+
+@pytest.fixture
+async def client():
+    async with httpx.AsyncClient() as http:
+        yield http
+
+
+def adapter(client, url, **config):
+    return HttpAdapter("crm", HttpTool(url=url, **config), client)
+
+
+async def test_the_tenant_goes_into_the_header_and_the_path_and_arguments_into_the_query(client):
+    with http_server() as server:
+        result = await adapter(client, server.url + "/tenants/{tenant_id}/customers/{customer}").call(
+            CTX, {"customer": "c 1", "limit": 5}
+        )
+    assert result == {"ok": True}
+    request = server.received[0]
+    assert request.method == "GET"
+    assert request.path == "/tenants/acme/customers/c%201?limit=5"
+    assert request.headers["x-corral-tenant"] == "acme"
+    assert request.headers["x-corral-run"] == "run-1"
+
+
+async def test_post_sends_the_remaining_arguments_as_a_json_body(client):
+    with http_server() as server:
+        await adapter(client, server.url + "/orders", method="POST", headers={"Authorization": "Bearer s"}).call(
+            CTX, {"item": "anvil", "qty": 2}
+        )
+    request = server.received[0]
+    assert json.loads(request.body) == {"item": "anvil", "qty": 2}
+    assert request.headers["authorization"] == "Bearer s"
+
+
+async def test_a_tenant_header_sent_by_nobody_but_the_runtime(client):
+    """Arguments can never set the tenant header: they only become query or body fields."""
+    with http_server() as server:
+        await adapter(client, server.url + "/x").call(CTX, {"X-Corral-Tenant": "globex"})
+    assert server.received[0].headers["x-corral-tenant"] == "acme"
+
+
+@pytest.mark.parametrize(("status", "match"), [(404, "HTTP 404: no such customer"), (500, "HTTP 500")])
+async def test_error_statuses_become_tool_failures_with_the_status(client, status, match):
+    with http_server() as server:
+        server.replies.append(Reply(status=status, body="no such customer", content_type="text/plain"))
+        with pytest.raises(ToolFailed, match=match):
+            await adapter(client, server.url + "/x", retries=0).call(CTX, {})
+
+
+async def test_idempotent_calls_are_retried_on_503_and_posts_are_not(client):
+    with http_server() as server:
+        server.replies.extend([Reply(status=503, body=""), Reply(body={"ok": 2})])
+        assert await adapter(client, server.url + "/x").call(CTX, {}) == {"ok": 2}
+        assert len(server.received) == 2
+        server.replies.extend([Reply(status=503, body="busy")])
+        with pytest.raises(ToolFailed, match="503"):
+            await adapter(client, server.url + "/x", method="POST").call(CTX, {})
+        assert len(server.received) == 3
+
+
+async def test_a_response_over_the_size_limit_is_refused(client):
+    with http_server() as server:
+        server.replies.append(Reply(body="x" * 5000, content_type="text/plain"))
+        with pytest.raises(ToolFailed, match="more than 1000 bytes"):
+            await adapter(client, server.url + "/x", max_response_bytes=1000).call(CTX, {})
+
+
+async def test_a_stuck_upstream_times_out(client):
+    stuck = threading.Event()
+    with http_server() as server:
+        server.replies.append(Reply(wait=stuck))
+        try:
+            with pytest.raises(DeadlineExceeded, match="did not answer"):
+                await adapter(client, server.url + "/x", timeout_s=0.2, retries=0).call(CTX, {})
+        finally:
+            stuck.set()
+
+
+async def test_an_unreachable_server_is_a_tool_failure(client):
+    with pytest.raises(ToolFailed, match="unreachable"):
+        await adapter(client, f"http://127.0.0.1:{free_port()}/x", retries=1).call(CTX, {})
+
+
+async def test_text_answers_are_returned_as_text(client):
+    with http_server() as server:
+        server.replies.append(Reply(body="plain words", content_type="text/plain"))
+        assert await adapter(client, server.url + "/x").call(CTX, {}) == "plain words"
+
+
+async def test_a_missing_path_argument_is_an_invalid_request(client):
+    with pytest.raises(InvalidRequest, match="needs the argument 'customer'"):
+        await adapter(client, "http://127.0.0.1:1/c/{customer}").call(CTX, {})
+
+
+# ---- Python callables ------------------------------------------------------------------------
+
+
+def sync_tool(ctx, **arguments):
+    return {"tenant": ctx.tenant_id, "run": ctx.run_id, "arguments": arguments}
+
+
+async def async_tool(ctx, **arguments):
+    return {"tenant": ctx.tenant_id, "arguments": arguments}
+
+
+async def slow_tool(ctx):
+    await asyncio.Event().wait()  # never finishes by itself
+
+
+def broken_tool(ctx):
+    raise RuntimeError("database password is hunter2")
+
+
+@pytest.mark.parametrize("function", ["sync_tool", "async_tool"])
+async def test_python_tools_get_the_tenant_from_the_context(function):
+    tool = PythonAdapter("t", PythonTool(callable=f"tests.unit.test_tools_adapters:{function}"))
+    result = await tool.call(CTX, {"q": 1})
+    assert result["tenant"] == "acme" and result["arguments"] == {"q": 1}
+
+
+async def test_a_failing_python_tool_is_a_tool_failure_without_its_message():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:broken_tool"))
+    with pytest.raises(ToolFailed) as caught:
+        await tool.call(CTX, {})
+    assert "hunter2" not in caught.value.message and "RuntimeError" in caught.value.message
+
+
+async def test_a_hanging_python_tool_times_out():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:slow_tool"))
+    with pytest.raises(DeadlineExceeded):
+        await tool.call(ToolContext("acme", None, None, timeout_s=0.05), {})
+
+
+async def test_unexpected_arguments_are_a_tool_failure():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:slow_tool"))
+    with pytest.raises(ToolFailed, match="rejected its arguments"):
+        await tool.call(CTX, {"nope": 1})
+
+
+def test_an_unimportable_callable_fails_at_load():
+    with pytest.raises(ToolFailed, match="cannot import"):
+        PythonAdapter("t", PythonTool(callable="tests.nowhere:fn"))
+
+
+# ---- arguments and the registry ------------------------------------------------------------
+
+
+def test_tenant_ids_smuggled_into_arguments_are_removed_at_any_depth():
+    cleaned, removed = strip_tenant(
+        {"q": "x", "tenant_id": "globex", "filter": {"tenantId": "globex", "items": [{"tenant": "globex", "a": 1}]}}
+    )
+    assert cleaned == {"q": "x", "filter": {"items": [{"a": 1}]}}
+    assert removed == ["tenant_id", "filter.tenantId", "filter.items[0].tenant"]
+
+
+def test_arguments_are_checked_against_the_schema():
+    validator = compile_schema({"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}, "t")
+    check_arguments({"q": "x"}, validator, "t")
+    with pytest.raises(InvalidRequest, match="'q' is a required property"):
+        check_arguments({}, validator, "t")
+    with pytest.raises(InvalidRequest, match="at q"):
+        check_arguments({"q": 3}, validator, "t")
+
+
+def catalog(tools, tenants):
+    return Catalog.merge([DefinitionsFile.model_validate({"tools": tools, "tenants": tenants})])
+
+
+PY_TOOL = {"name": "echo", "python": {"callable": "tests.unit.test_tools_adapters:sync_tool"}}
+
+
+def test_a_tool_schema_may_not_offer_the_tenant_as_a_parameter():
+    tool = {**PY_TOOL, "parameters": {"type": "object", "properties": {"tenant_id": {"type": "string"}}}}
+    with pytest.raises(DefinitionError, match="the runtime injects the tenant"):
+        ToolRegistry(catalog([tool], []))
+
+
+def test_the_registry_refuses_tools_a_tenant_is_not_allowed():
+    registry = ToolRegistry(catalog([PY_TOOL], [{"tenant": "acme", "tools": ["echo"]}, {"tenant": "globex"}]))
+    assert registry.resolve("acme", "echo") is registry.adapters["echo"]
+    with pytest.raises(Forbidden):
+        registry.resolve("globex", "echo")
+    with pytest.raises(Forbidden):
+        registry.resolve("initech", "echo")
+    with pytest.raises(NotFound):
+        registry.resolve("acme", "nope")
+    assert [tool["name"] for tool in registry.schemas_for("acme")] == ["echo"]
+    assert registry.schemas_for("globex") == []
