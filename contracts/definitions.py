@@ -44,18 +44,55 @@ class HttpTool(_Definition):
     retries: int = Field(default=2, ge=0, le=10)
 
 
+class McpTool(_Definition):
+    """A tool of an MCP server declared under ``mcp_servers``."""
+
+    server: Name
+    tool: str = Field(min_length=1, max_length=128)  # the tool's name on that server
+
+
+class McpStdio(_Definition):
+    command: str
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class McpHttp(_Definition):
+    url: str  # the streamable HTTP endpoint, e.g. http://localhost:8000/mcp
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class McpServer(_Definition):
+    """An MCP server the tools service connects to (stdio subprocess or streamable HTTP)."""
+
+    name: Name
+    stdio: McpStdio | None = None
+    http: McpHttp | None = None
+    # The tool argument that carries the tenant, filled by the runtime (also sent in _meta).
+    tenant_argument: str | None = "tenant_id"
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServer:
+        if (self.stdio is None) == (self.http is None):
+            raise ValueError(f"MCP server {self.name!r} needs exactly one of 'stdio' or 'http'")
+        return self
+
+
 class ToolDefinition(_Definition):
     name: Name
     description: str = ""
     # JSON schema of the arguments a caller (or a model) may pass; never contains the tenant.
+    # For an MCP tool left at the default, the server's own schema is used once listed.
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     python: PythonTool | None = None
     http: HttpTool | None = None
+    mcp: McpTool | None = None
 
     @model_validator(mode="after")
     def _exactly_one_adapter(self) -> ToolDefinition:
-        if (self.python is None) == (self.http is None):
-            raise ValueError(f"tool {self.name!r} needs exactly one of 'python' or 'http'")
+        if sum(adapter is not None for adapter in (self.python, self.http, self.mcp)) != 1:
+            raise ValueError(f"tool {self.name!r} needs exactly one of 'python', 'http' or 'mcp'")
         return self
 
 
@@ -98,6 +135,7 @@ class TenantPolicy(_Definition):
 
 class DefinitionsFile(_Definition):
     tools: list[ToolDefinition] = Field(default_factory=list)
+    mcp_servers: list[McpServer] = Field(default_factory=list)
     graphs: list[GraphDefinition] = Field(default_factory=list)
     models: list[ModelDefinition] = Field(default_factory=list)
     tenants: list[TenantPolicy] = Field(default_factory=list)
@@ -109,6 +147,7 @@ class Catalog(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     tools: dict[str, ToolDefinition]
+    mcp_servers: dict[str, McpServer]
     graphs: dict[str, GraphDefinition]
     models: dict[str, ModelDefinition]
     tenants: dict[str, TenantPolicy]
@@ -118,12 +157,16 @@ class Catalog(BaseModel):
         tools = _unique("tool", [t for f in files for t in f.tools], lambda t: t.name)
         graphs = _unique("graph", [g for f in files for g in f.graphs], lambda g: g.name)
         models = _unique("model", [m for f in files for m in f.models], lambda m: m.name)
+        servers = _unique("MCP server", [m for f in files for m in f.mcp_servers], lambda m: m.name)
         tenants = _unique("tenant", [p for f in files for p in f.tenants], lambda p: p.tenant)
-        catalog = cls(tools=tools, graphs=graphs, models=models, tenants=tenants)
+        catalog = cls(tools=tools, mcp_servers=servers, graphs=graphs, models=models, tenants=tenants)
         catalog._check_references()
         return catalog
 
     def _check_references(self) -> None:
+        for tool in self.tools.values():
+            if tool.mcp is not None and tool.mcp.server not in self.mcp_servers:
+                raise DefinitionError(f"tool {tool.name!r} uses unknown MCP server {tool.mcp.server!r}")
         for graph in self.graphs.values():
             for what, used, known in (
                 ("tool", graph.tools(), self.tools),

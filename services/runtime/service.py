@@ -137,6 +137,7 @@ class Service:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._stopping = asyncio.Event()
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # ---- declaration -----------------------------------------------------------------
@@ -158,6 +159,10 @@ class Service:
             return handler
 
         return register
+
+    def on_start(self, setup: Callable[[], Awaitable[None]]) -> None:
+        """Run ``setup`` (connect to MCP servers, ...) after connecting, before taking messages."""
+        self._on_start.append(setup)
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run ``cleanup`` (close HTTP clients, ...) once in-flight messages are done."""
@@ -189,6 +194,8 @@ class Service:
     async def start(self) -> None:
         """Connect and subscribe every operation in the queue group named after the service."""
         await self.connect()
+        for setup in self._on_start:
+            await setup()
         for op in self.operations:
             callback = self._callback(op)
             self._subscriptions.append(

@@ -17,6 +17,7 @@ from services.tools.registry import ToolRegistry
 def register(service: Service, catalog: Catalog, registry: ToolRegistry | None = None) -> ToolRegistry:
     """Declare the tools service's operation on ``service``."""
     tools = registry or ToolRegistry(catalog)
+    service.on_start(tools.discover)
     service.on_stop(tools.aclose)
 
     @service.operation(

@@ -5,13 +5,18 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import httpx
+import structlog
 
 from contracts.definitions import Catalog, DefinitionError, ToolDefinition
-from contracts.errors import Forbidden, NotFound
+from contracts.errors import CorralError, Forbidden, NotFound
 from services.tools.arguments import TENANT_KEYS, compile_schema
 from services.tools.context import ToolContext
 from services.tools.http_adapter import HttpAdapter
+from services.tools.mcp_adapter import McpAdapter, McpConnection, model_schema
 from services.tools.python_adapter import PythonAdapter
+
+log = structlog.get_logger()
+DEFAULT_PARAMETERS = {"type": "object"}
 
 
 class Adapter(Protocol):
@@ -22,14 +27,41 @@ class ToolRegistry:
     def __init__(self, catalog: Catalog, http: httpx.AsyncClient | None = None) -> None:
         self.catalog = catalog
         self.http = http or httpx.AsyncClient(follow_redirects=False)
+        self.connections = {name: McpConnection(server) for name, server in catalog.mcp_servers.items()}
         self.adapters: dict[str, Adapter] = {}
-        self.validators = {}
+        self.parameters: dict[str, dict[str, Any]] = {}
+        self.validators: dict[str, Any] = {}
         for tool in catalog.tools.values():
             _refuse_tenant_parameters(tool)
-            self.validators[tool.name] = compile_schema(tool.parameters, f"tool {tool.name!r}")
-            self.adapters[tool.name] = (
-                PythonAdapter(tool.name, tool.python) if tool.python else HttpAdapter(tool.name, tool.http, self.http)  # type: ignore[arg-type]
-            )
+            self._set_parameters(tool.name, tool.parameters)
+            if tool.python is not None:
+                self.adapters[tool.name] = PythonAdapter(tool.name, tool.python)
+            elif tool.http is not None:
+                self.adapters[tool.name] = HttpAdapter(tool.name, tool.http, self.http)
+            else:
+                assert tool.mcp is not None
+                self.adapters[tool.name] = McpAdapter(tool.name, tool.mcp, self.connections[tool.mcp.server])
+
+    def _set_parameters(self, tool: str, schema: dict[str, Any]) -> None:
+        self.parameters[tool] = schema
+        self.validators[tool] = compile_schema(schema, f"tool {tool!r}")
+
+    async def discover(self) -> None:
+        """Connect to the MCP servers and take each MCP tool's schema from its server's listing
+        (unless the definition gives one). A server that is down is retried on first use."""
+        for name, tool in self.catalog.tools.items():
+            adapter = self.adapters[name]
+            if not isinstance(adapter, McpAdapter):
+                continue
+            try:
+                listed = await adapter.describe()
+            except CorralError as error:
+                log.warning("mcp_tool_unavailable", tool=name, reason=error.message)
+                continue
+            if tool.parameters == DEFAULT_PARAMETERS:
+                self._set_parameters(
+                    name, model_schema(listed, self.connections[tool.mcp.server].server.tenant_argument)
+                )  # type: ignore[union-attr]
 
     def resolve(self, tenant: str, tool: str) -> Adapter:
         """The tool's adapter, if ``tenant`` may use it."""
@@ -48,12 +80,14 @@ class ToolRegistry:
             {
                 "name": name,
                 "description": self.catalog.tools[name].description,
-                "parameters": self.catalog.tools[name].parameters,
+                "parameters": self.parameters[name],
             }
             for name in names
         ]
 
     async def aclose(self) -> None:
+        for connection in self.connections.values():
+            await connection.close()
         await self.http.aclose()
 
 
