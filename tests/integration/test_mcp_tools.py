@@ -54,7 +54,7 @@ def http_mcp():
 @pytest.fixture(params=["stdio", "http"])
 async def registry(request):
     if request.param == "stdio":
-        transport = {"stdio": {"command": SERVER[0], "args": SERVER[1:] + ["stdio"]}}
+        transport = {"stdio": {"command": SERVER[0], "args": [*SERVER[1:], "stdio"]}}
     else:
         transport = {"http": {"url": request.getfixturevalue("http_mcp")}}
     tools = ToolRegistry(catalog_for(transport))
@@ -95,7 +95,7 @@ async def test_an_unreachable_mcp_server_is_a_tool_failure_not_a_hang():
     tools = ToolRegistry(catalog_for({"http": {"url": f"http://127.0.0.1:{free_port()}/mcp"}, "timeout_s": 3}))
     try:
         await tools.discover()  # logs and carries on
-        with pytest.raises(ToolFailed, match="unavailable|did not start"):
+        with pytest.raises(ToolFailed, match=r"unavailable|did not start"):
             await tools.adapters["crm_whoami"].call(ctx("acme"), {})
     finally:
         await tools.aclose()
