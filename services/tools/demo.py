@@ -20,10 +20,10 @@ ORDER_ID = re.compile(r"\b[A-Z]-\d{3,6}\b")
 
 
 @lru_cache(maxsize=1024)
-def _orders(tenant: str) -> tuple[dict[str, Any], ...]:
-    """A tenant's orders, read once (demo data does not change while the service runs)."""
+def _records(tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
+    """A tenant's records of one kind, read once (demo data does not change while it runs)."""
     folder = Path(os.environ.get("CORRAL_DEMO_DATA", REPO_ROOT / "deploy" / "demo" / "data"))
-    path = folder / validate_tenant_id(tenant) / "orders.json"
+    path = folder / validate_tenant_id(tenant) / f"{kind}.json"
     if not path.exists():
         return ()
     return tuple(json.loads(path.read_text()))
@@ -31,10 +31,21 @@ def _orders(tenant: str) -> tuple[dict[str, Any], ...]:
 
 async def lookup_orders(ctx: ToolContext, query: str) -> dict[str, Any]:
     """The order the query names (``A-1001``), else the most recent one, of the calling tenant."""
-    orders = _orders(ctx.tenant_id)
+    orders = _records(ctx.tenant_id, "orders")
     mentioned = set(ORDER_ID.findall(query.upper()))
     named = [order for order in orders if order["id"] in mentioned]
     if not orders or (mentioned and not named):
         return {"found": False, "order": None, "order_count": len(orders)}
     chosen = named[0] if named else max(orders, key=lambda order: order["placed_at"])
     return {"found": True, "order": chosen, "order_count": len(orders)}
+
+
+async def lookup_incidents(ctx: ToolContext, category: str | None = None) -> dict[str, Any]:
+    """The calling tenant's open incidents, optionally of one category."""
+    incidents = [
+        incident
+        for incident in _records(ctx.tenant_id, "incidents")
+        if incident["status"] == "open" and (category is None or incident["category"] == category)
+    ]
+    titles = "; ".join(incident["title"] for incident in incidents) or "none"
+    return {"open": len(incidents), "incidents": incidents, "summary": titles}

@@ -172,3 +172,26 @@ async def test_a_tenant_without_routing_rules_is_forbidden(system):
             await stranger.request("hello")
     finally:
         await stranger.close()
+
+
+async def test_support_triage_fans_out_joins_and_decides_per_tenant(system):
+    broker, _ = system
+    acme, globex = await client_for(broker, "acme"), await client_for(broker, "globex")
+    ticket = "My parcel has not arrived, where is it?"
+    try:
+        a = await acme.request(ticket, target="support_triage")
+        g = await globex.request(ticket, target="support_triage")
+    finally:
+        await acme.close()
+        await globex.close()
+    # acme has an open delivery incident: the rule escalates; globex has none: a reply is drafted.
+    assert a.output.startswith("Escalated to on-call: delivery issue (Depot in Phoenix closed by sandstorm)")
+    assert "A-1004" in a.output
+    assert g.output.startswith("Thank you for writing to us")
+    completed = [e.node for e in a.events if e.type.value == "node_completed"]
+    # The two lookups run in parallel and report as they finish; the path is in declaration order.
+    assert completed[0] == "classify" and set(completed[1:3]) == {"orders", "incidents"}
+    assert completed[3:] == ["gather", "escalate"]
+    assert a.events[-1].data["path"] == ["classify", "orders", "incidents", "gather", "escalate"]
+    assert a.events[-1].data["tokens"]["triage"] > 0  # model usage is metered per run
+
