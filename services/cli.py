@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument("--nats-url")
     request.add_argument("--timeout", type=float, default=30.0)
     request.add_argument("--json", action="store_true", help="machine-readable output")
+    request.add_argument(
+        "--follow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show the run's progress events live (default; --no-follow: only the result)",
+    )
 
     bench = command("bench", _bench, "measure router -> graph -> tool round trips against a raw nats-py chain")
     bench.add_argument("--nats-url", help="benchmark a running system (its state directory gives credentials)")
@@ -188,7 +194,9 @@ def _request(args: argparse.Namespace) -> int:
             _fail(f"unauthorized: could not connect as tenant {tenant!r} ({exc or type(exc).__name__})", args)
             return EXIT_ERROR
         try:
-            result = await client.request(args.text, target=args.target, timeout=args.timeout, on_event=show)
+            result = await client.request(
+                args.text, target=args.target, timeout=args.timeout, on_event=show, watch=args.follow
+            )
         finally:
             await client.close()
         if args.json:

@@ -31,7 +31,12 @@ def _records(tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
 
 async def lookup_orders(ctx: ToolContext, query: str) -> dict[str, Any]:
     """The order the query names (``A-1001``), else the most recent one, of the calling tenant."""
-    orders = _records(ctx.tenant_id, "orders")
+    return find_order(ctx.tenant_id, query)
+
+
+def find_order(tenant: str, query: str) -> dict[str, Any]:
+    """The lookup itself, also called in process by the LangGraph side of ``corral bench``."""
+    orders = _records(tenant, "orders")
     mentioned = set(ORDER_ID.findall(query.upper()))
     named = [order for order in orders if order["id"] in mentioned]
     if not orders or (mentioned and not named):

@@ -154,3 +154,30 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path):
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.log") if p.name != "nats.log"}
     assert set(logs) == {"auth-0.log", "router-0.log", "graph-0.log", "tools-0.log"}
     assert all("service_stopped" in text for text in logs.values()), logs
+
+
+def test_no_follow_prints_only_the_result(corral_up):
+    _, env, _ = corral_up
+    result = corral(env, "request", "--tenant", "acme", "--no-follow", "where is my order?")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == ["Order A-1004 (Anvil, 50 kg) is shipped, expected 2026-11-27."]
+
+
+def test_bench_reports_every_figure_as_json(tmp_path):
+    env = {**os.environ, "CORRAL_STATE_DIR": str(tmp_path)}
+    result = corral(env, "bench", "--requests", "60", "--concurrency", "8", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in (
+        "corral_rps",
+        "raw_rps",
+        "ratio",
+        "corral_p50_ms",
+        "corral_p99_ms",
+        "graph_p50_ms",
+        "langgraph_p50_ms",
+        "corral_stream_rps",
+    ):
+        assert key in report
+    assert report["corral_rps"] > 0 and report["raw_rps"] > 0
+    assert report["ratio"] == round(report["corral_rps"] / report["raw_rps"], 3)

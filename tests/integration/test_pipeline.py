@@ -194,4 +194,3 @@ async def test_support_triage_fans_out_joins_and_decides_per_tenant(system):
     assert completed[3:] == ["gather", "escalate"]
     assert a.events[-1].data["path"] == ["classify", "orders", "incidents", "gather", "escalate"]
     assert a.events[-1].data["tokens"]["triage"] > 0  # model usage is metered per run
-

@@ -1,0 +1,179 @@
+"""``corral bench``: Corral's request path against a raw nats-py chain, and its graph runs
+against LangGraph in process, all measured in the same run on the same machine.
+
+- Throughput and latency: client -> router -> graph -> tool and back (the ``order_status``
+  graph), against a raw chain of three forwarding processes with the same shape. Latency is
+  measured one request at a time, throughput with ``concurrency`` requests in flight, without
+  progress events (the raw chain has none); ``corral_stream_rps`` is the same with events on.
+- Graph runs: the five-node ``bench_five`` graph per run over the bus, against the same graph
+  compiled with LangGraph and called with ``invoke``.
+
+Rounds alternate between the contenders so they share the machine's noise; medians are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from services.bench.langgraph_side import build_invoke
+from services.bench.raw import start_chain
+from services.runtime.nats_server import free_port
+from services.runtime.state import load_secrets
+
+TENANT = "bench"
+ROUNDS = 3
+Call = Callable[[], Awaitable[Any]]
+
+
+async def _latency(call: Call, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def _latency_in_process(call: Callable[[], Any], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def _throughput(call: Call, count: int, concurrency: int) -> float:
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return count / (time.perf_counter() - started)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_bench(
+    *, state_dir: Path | None, nats_url: str | None, requests: int = 2000, concurrency: int = 64, quiet: bool = False
+) -> dict[str, Any]:
+    """Run the benchmark; starts its own system on free ports unless ``nats_url`` is given."""
+    from services.auth.tokens import mint_dev_token
+    from services.client import CorralClient
+    from services.runtime.system import System
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, flush=True)
+
+    samples: dict[str, list[float]] = {}
+
+    def record(name: str, values: list[float] | float) -> None:
+        samples.setdefault(name, []).extend(values if isinstance(values, list) else [values])
+
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as scratch:
+        system = None
+        if nats_url is None:
+            state_dir = Path(scratch) / "state"
+            say("starting a system on free ports...")
+            system = await System(
+                state_dir, port=free_port(), log_dir=Path(scratch) / "logs", env={"CORRAL_LOG_LEVEL": "warning"}
+            ).start()
+            nats_url = system.url
+        assert state_dir is not None
+        secrets = load_secrets(state_dir)
+        processes, raw_call, raw_nc = await start_chain(nats_url, secrets.passwords["admin"])
+        client = await CorralClient.connect(
+            nats_url, tenant=TENANT, token=mint_dev_token(TENANT, key=secrets.dev_key, ttl_s=3600)
+        )
+        langgraph_invoke = build_invoke()
+        try:
+
+            async def corral_call() -> Any:
+                return await client.request("where is my order?", target="order_status", watch=False, timeout=10)
+
+            async def corral_stream_call() -> Any:
+                return await client.request("where is my order?", target="order_status", watch=True, timeout=10)
+
+            async def graph_call() -> Any:
+                return await client.request("where is my order?", target="bench_five", watch=False, timeout=10)
+
+            say(f"corral answers: {(await corral_call()).output}")
+            count = max(50, requests // 4)
+            for round_number in range(ROUNDS):
+                for name, call in (("raw", raw_call), ("corral", corral_call)):
+                    await _latency(call, 20)  # warm-up
+                    record(f"{name}_latency", await _latency(call, count))
+                    record(f"{name}_rps", await _throughput(call, requests, concurrency))
+                record("corral_stream_rps", await _throughput(corral_stream_call, requests // 2, concurrency))
+                record("graph_latency", await _latency(graph_call, count))
+                if langgraph_invoke is not None:
+                    _latency_in_process(langgraph_invoke, 20)
+                    record("langgraph_latency", _latency_in_process(langgraph_invoke, count))
+                say(
+                    f"round {round_number + 1}: raw {samples['raw_rps'][-1]:.0f} req/s, "
+                    f"corral {samples['corral_rps'][-1]:.0f} req/s"
+                )
+        finally:
+            await client.close()
+            await raw_nc.close()
+            for process in processes:
+                process.kill()
+                await process.wait()
+            if system is not None:
+                system.stop()
+
+    report: dict[str, Any] = {
+        "corral_rps": round(statistics.median(samples["corral_rps"]), 1),
+        "raw_rps": round(statistics.median(samples["raw_rps"]), 1),
+        "corral_stream_rps": round(statistics.median(samples["corral_stream_rps"]), 1),
+        "corral_p50_ms": round(percentile(samples["corral_latency"], 0.5), 3),
+        "corral_p99_ms": round(percentile(samples["corral_latency"], 0.99), 3),
+        "raw_p50_ms": round(percentile(samples["raw_latency"], 0.5), 3),
+        "raw_p99_ms": round(percentile(samples["raw_latency"], 0.99), 3),
+        "graph_p50_ms": round(percentile(samples["graph_latency"], 0.5), 3),
+        "graph_p99_ms": round(percentile(samples["graph_latency"], 0.99), 3),
+        "langgraph_p50_ms": None,
+        "langgraph_p99_ms": None,
+        "requests": requests,
+        "concurrency": concurrency,
+        "rounds": ROUNDS,
+    }
+    report["ratio"] = round(report["corral_rps"] / report["raw_rps"], 3)
+    if "langgraph_latency" in samples:
+        report["langgraph_p50_ms"] = round(percentile(samples["langgraph_latency"], 0.5), 3)
+        report["langgraph_p99_ms"] = round(percentile(samples["langgraph_latency"], 0.99), 3)
+    say(f"\nrequest path (client -> router -> graph -> tool -> client), {concurrency} in flight:")
+    for name in ("corral", "raw"):
+        say(
+            f"  {name:>6}: {report[name + '_rps']:8.0f} req/s   p50 {report[name + '_p50_ms']:.2f} ms   "
+            f"p99 {report[name + '_p99_ms']:.2f} ms"
+        )
+    say(
+        f"  ratio (corral/raw throughput): {report['ratio']}; with progress events: "
+        f"{report['corral_stream_rps']:.0f} req/s"
+    )
+    say("five-node graph, one run at a time:")
+    say(f"  corral over the bus: p50 {report['graph_p50_ms']:.2f} ms   p99 {report['graph_p99_ms']:.2f} ms")
+    if report["langgraph_p50_ms"] is None:
+        say("  langgraph: not installed (pip install -e '.[bench]')")
+    else:
+        say(
+            f"  langgraph invoke in process: p50 {report['langgraph_p50_ms']:.2f} ms   "
+            f"p99 {report['langgraph_p99_ms']:.2f} ms"
+        )
+    return report
