@@ -33,6 +33,8 @@ class CorralError(Exception):
         self.message = message
         # True when the error was decoded from another service's reply rather than raised here.
         self.remote = False
+        # True once a handler has written its own audit record for it (no second, generic one).
+        self.audited = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code.value}: {self.message})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from contracts import subjects
+from contracts.audit import STREAM as AUDIT_STREAM
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,18 @@ def tenant_permissions(tenant: str) -> Permissions:
     )
 
 
+# What a service needs of JetStream to keep the audit chain: create or look up the stream, read a
+# tenant's last entry. Appends are plain publishes to its own audit subject.
+AUDIT_STREAM_API = (
+    f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",
+    f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
+    f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}",
+)
+
+
 def _service(name: str, *, publish: tuple[str, ...] = (), subscribe: tuple[str, ...] = ()) -> Permissions:
     return Permissions(
-        publish=publish,
+        publish=(*publish, subjects.service_audit(name), *AUDIT_STREAM_API),
         subscribe=(*subscribe, f"{subjects.service_inbox_prefix(name)}.>", subjects.ping(name)),
         allow_responses=True,
     )
@@ -41,22 +51,27 @@ def _service(name: str, *, publish: tuple[str, ...] = (), subscribe: tuple[str, 
 SERVICE_PERMISSIONS: dict[str, Permissions] = {
     "router": _service(
         "router",
-        publish=(subjects.GRAPH_RUNS, subjects.ALL_EVENTS, subjects.ALL_AUDIT),
+        publish=(subjects.GRAPH_RUNS, subjects.ALL_EVENTS),
         subscribe=(subjects.ROUTER_REQUESTS,),
     ),
     "graph": _service(
         "graph",
-        publish=(subjects.TOOL_CALLS, subjects.ALL_EVENTS, subjects.ALL_AUDIT),
+        publish=(subjects.TOOL_CALLS, subjects.ALL_EVENTS),
         subscribe=(subjects.GRAPH_RUNS,),
     ),
     "tools": _service(
         "tools",
-        publish=(subjects.ALL_EVENTS, subjects.ALL_AUDIT),
+        publish=(subjects.ALL_EVENTS,),
         subscribe=(subjects.TOOL_CALLS,),
     ),
-    # The operator's console (corral up readiness checks, bench's raw baseline): no tenant data.
+    # The operator's console (readiness checks, bench's raw baseline, reading the audit trail).
     "admin": Permissions(
-        publish=(subjects.ALL_PINGS, "bench.>"),
+        publish=(
+            subjects.ALL_PINGS,
+            "bench.>",
+            f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
+            f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}",
+        ),
         subscribe=("_INBOX._admin.>", "bench.>"),
         allow_responses=True,
     ),

@@ -66,6 +66,16 @@ def audit(tenant: str, service: str) -> str:
     return f"t.{validate_tenant_id(tenant)}.audit.{validate_name(service)}"
 
 
+def tenant_audit(tenant: str) -> str:
+    """Every audit subject of one tenant (the filter of its hash chain)."""
+    return f"t.{validate_tenant_id(tenant)}.audit.>"
+
+
+def service_audit(service: str) -> str:
+    """The audit subjects one service may write, across tenants."""
+    return f"t.*.audit.{validate_name(service)}"
+
+
 def inbox_prefix(tenant: str) -> str:
     """The inbox prefix a tenant connection must use (nats-py ``inbox_prefix``)."""
     return f"{INBOX}.{validate_tenant_id(tenant)}"

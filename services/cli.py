@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=64)
     bench.add_argument("--json", action="store_true")
 
+    audit = command("audit", _audit, "list a tenant's audit records and verify their hash chain")
+    audit.add_argument("--tenant", required=True)
+    audit.add_argument("--verify", action="store_true", help="check the chain; exit non-zero if it is broken")
+    audit.add_argument("--nats-url")
+    audit.add_argument("--json", action="store_true")
+
     asyncapi = command("asyncapi", _asyncapi, "print the AsyncAPI document of the bus API")
     asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
     return parser
@@ -232,6 +238,40 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from contracts.tenants import validate_tenant_id
+    from services.audit_reader import read_trail
+
+    validate_tenant_id(args.tenant)
+    state_dir = resolve_state_dir(args.state_dir)
+    url = args.nats_url or (read_runtime_info(state_dir) or {}).get("nats_url")
+    if url is None:
+        raise SystemExit(f"error: no running system found in {state_dir}; pass --nats-url")
+    report = asyncio.run(read_trail(url, "admin", load_secrets(state_dir).passwords["admin"], args.tenant))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "tenant": args.tenant,
+                    "records": [record.model_dump(mode="json") for record in report.records],
+                    "entries": len(report.entries),
+                    "intact": not report.problems,
+                    "problems": [{"sequence": p.sequence, "problem": p.problem} for p in report.problems],
+                }
+            )
+        )
+    else:
+        for record in report.records:
+            detail = " ".join(f"{key}={value}" for key, value in record.detail.items())
+            print(f"{record.at} {record.service:<7} {record.action:<24} {record.outcome:<8} {detail}")
+        if args.verify:
+            for problem in report.problems:
+                print(f"BROKEN at stream sequence {problem.sequence}: {problem.problem}")
+            if not report.problems:
+                print(f"chain intact: {len(report.entries)} entries, {len(report.records)} records")
+    return EXIT_ERROR if args.verify and report.problems else 0
 
 
 def _asyncapi(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ def build(base: Settings) -> Service:
         required_scope=settings.auth_required_scope,
         leeway_s=settings.auth_leeway_s,
     )
-    service = Service("auth", settings, ping=False)
+    service = Service("auth", settings, ping=False, audit=False)  # AUTH account: no tenant subjects
     register(service, verifier, CalloutSigner(settings.auth_issuer_seed))
     return service
 

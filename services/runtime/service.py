@@ -37,13 +37,16 @@ from contracts.envelope import (
     RunEvent,
     envelope_of,
 )
-from contracts.errors import CorralError, DeadlineExceeded, Internal, InvalidRequest, error_for
+from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest, error_for
+from services.runtime.audit import AuditTrail
 from services.runtime.guard import check_reply, check_tenant
 from services.runtime.logging import configure_logging
 from services.runtime.settings import Settings
 from services.runtime.state import service_credentials
 
 P = TypeVar("P", bound=BaseModel)
+# Refusals that are attempts on the isolation layers, not just malformed input.
+AUDITED_REFUSALS = frozenset({ErrorCode.TENANT_MISMATCH, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHORIZED})
 Handler = Callable[["Request[Any]"], Awaitable[Any]]
 
 
@@ -124,9 +127,10 @@ class Request(Generic[P]):
 class Service:
     """A Corral service process: one NATS connection, a few operations, graceful shutdown."""
 
-    def __init__(self, name: str, settings: Settings | None = None, *, ping: bool = True) -> None:
+    def __init__(self, name: str, settings: Settings | None = None, *, ping: bool = True, audit: bool = True) -> None:
         self.name = name
         self.ping = ping
+        self.audit_enabled = audit
         # Subscriptions that carry no envelope (the auth callout): (subject, callback).
         self.raw_subscriptions: list[tuple[str, Callable[[Msg], Awaitable[None]]]] = []
         self.settings = settings or Settings()
@@ -138,6 +142,7 @@ class Service:
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self.audit = AuditTrail(self.nc, name, self.log)  # replaced on start, with the live connection
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # ---- declaration -----------------------------------------------------------------
@@ -194,6 +199,9 @@ class Service:
     async def start(self) -> None:
         """Connect and subscribe every operation in the queue group named after the service."""
         await self.connect()
+        self.audit = AuditTrail(self.nc, self.name, self.log)
+        if self.audit_enabled:
+            await self.audit.start()
         for setup in self._on_start:
             await setup()
         for op in self.operations:
@@ -224,6 +232,7 @@ class Service:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=self.settings.drain_timeout_s)
             for task in pending:
                 task.cancel()
+        await self.audit.stop()
         for cleanup in self._on_stop:
             with contextlib.suppress(Exception):
                 await cleanup()
@@ -305,6 +314,23 @@ class Service:
         self.log.warning(
             "refused", subject=msg.subject[:200], tenant_id=tenant, code=error.code.value, reason=error.message
         )
+        if (
+            tenant is not None
+            and error.code in AUDITED_REFUSALS
+            and self.audit_enabled
+            and not error.remote
+            and not error.audited
+        ):
+            self.audit.record(
+                tenant,
+                "guard_refused",
+                "refused",
+                principal=envelope.principal if envelope else None,
+                run_id=envelope.run_id if envelope else None,
+                code=error.code.value,
+                reason=error.message,
+                subject=msg.subject[:200],
+            )
         if not msg.reply or tenant is None:
             return
         try:

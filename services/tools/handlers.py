@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from contracts import subjects
 from contracts.definitions import Catalog
 from contracts.envelope import Kind, ToolCall
-from contracts.errors import InvalidRequest
+from contracts.errors import CorralError, ErrorCode, InvalidRequest
 from services.runtime.service import Request, Service
 from services.tools.arguments import check_arguments, strip_tenant
 from services.tools.context import ToolContext
 from services.tools.registry import ToolRegistry
+
+REFUSED = frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID_REQUEST})
 
 
 def register(service: Service, catalog: Catalog, registry: ToolRegistry | None = None) -> ToolRegistry:
@@ -30,15 +33,53 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
         name = req.subject.tool
         if name != req.payload.tool:
             raise InvalidRequest(f"the subject names tool {name!r} but the payload names {req.payload.tool!r}")
-        adapter = tools.resolve(req.tenant, name)
+        envelope = req.envelope
+        audit = service.audit
         arguments, removed = strip_tenant(dict(req.payload.arguments))
         if removed:
             req.log.warning("tenant_override_attempt", tool=name, removed=removed)
-        check_arguments(arguments, tools.validators[name], name)
-        timeout = req.envelope.remaining(service.settings.default_timeout_s)
-        ctx = ToolContext(
-            tenant_id=req.tenant, run_id=req.envelope.run_id, principal=req.envelope.principal, timeout_s=timeout
+            audit.record(
+                req.tenant,
+                "tenant_override_attempt",
+                "refused",
+                principal=envelope.principal,
+                run_id=envelope.run_id,
+                tool=name,
+                removed=removed,
+            )
+        started = time.perf_counter()
+        try:
+            adapter = tools.resolve(req.tenant, name)
+            check_arguments(arguments, tools.validators[name], name)
+            timeout = envelope.remaining(service.settings.default_timeout_s)
+            ctx = ToolContext(
+                tenant_id=req.tenant, run_id=envelope.run_id, principal=envelope.principal, timeout_s=timeout
+            )
+            output = await adapter.call(ctx, arguments)
+        except CorralError as error:
+            audit.record(
+                req.tenant,
+                "tool_call",
+                "refused" if error.code in REFUSED else "failed",
+                principal=envelope.principal,
+                run_id=envelope.run_id,
+                tool=name,
+                code=error.code.value,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+            error.audited = True
+            raise
+        # Who called what and how it went: argument names only, never their values.
+        audit.record(
+            req.tenant,
+            "tool_call",
+            "ok",
+            principal=envelope.principal,
+            run_id=envelope.run_id,
+            tool=name,
+            arguments=sorted(arguments),
+            ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        return await adapter.call(ctx, arguments)
+        return output
 
     return tools

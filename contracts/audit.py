@@ -1,0 +1,86 @@
+"""Audit records and the per-tenant hash chain that makes deletions and alterations visible.
+
+Records are appended in entries (one stream message each, a batch of records). Every entry
+carries the hash of its tenant's previous entry, and its own hash over tenant, previous hash and
+records, so removing or changing any entry breaks the chain at that point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from contracts.tenants import TenantId
+
+STREAM = "AUDIT"
+
+
+class AuditRecord(BaseModel):
+    """Who did what, when, with what outcome. Never secrets, never payload contents."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: str  # ISO 8601, UTC; a string so the hash does not depend on datetime formatting
+    service: str
+    action: str  # tool_call, guard_refused, tenant_override_attempt, ...
+    outcome: str  # ok, refused, failed
+    principal: str | None = None
+    run_id: str | None = None
+    detail: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class AuditEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant_id: TenantId
+    prev: str  # hash of the tenant's previous entry; "" for its first
+    records: list[AuditRecord]
+    hash: str
+
+
+def entry_hash(tenant: str, prev: str, records: list[AuditRecord]) -> str:
+    canonical = json.dumps(
+        {"tenant_id": tenant, "prev": prev, "records": [record.model_dump(mode="json") for record in records]},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal(tenant: str, prev: str, records: list[AuditRecord]) -> AuditEntry:
+    return AuditEntry(tenant_id=tenant, prev=prev, records=records, hash=entry_hash(tenant, prev, records))
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    sequence: int
+    problem: str
+
+
+def verify_chain(tenant: str, entries: list[tuple[int, Any]], *, starts_at_first: bool = True) -> list[ChainProblem]:
+    """Problems in a tenant's chain of ``(stream sequence, raw entry)``, in order; empty if intact.
+
+    ``starts_at_first`` says the first entry must open the chain (nothing expired before it).
+    """
+    problems: list[ChainProblem] = []
+    previous: str | None = "" if starts_at_first else None
+    for sequence, raw in entries:
+        try:
+            entry = raw if isinstance(raw, AuditEntry) else AuditEntry.model_validate_json(raw)
+        except ValueError:
+            problems.append(ChainProblem(sequence, "unreadable entry"))
+            previous = None
+            continue
+        if entry.tenant_id != tenant:
+            problems.append(ChainProblem(sequence, f"entry belongs to tenant {entry.tenant_id!r}"))
+        if entry.hash != entry_hash(entry.tenant_id, entry.prev, entry.records):
+            problems.append(ChainProblem(sequence, "entry was altered (its hash does not match its content)"))
+        if previous is not None and entry.prev != previous:
+            problems.append(ChainProblem(sequence, "chain broken: an entry before this one was removed or altered"))
+        previous = entry.hash
+    return problems

@@ -1,0 +1,151 @@
+"""Appending to the tamper-evident audit trail (the ``AUDIT`` JetStream stream).
+
+Recording is a non-blocking call on the hot path; a background task appends what accumulated
+for each tenant as one entry. Several services and replicas append to the same tenant's chain,
+so each append states the sequence it extends (``Nats-Expected-Last-Subject-Sequence`` over the
+tenant's audit subjects): when another writer got there first the server refuses, and the entry
+is re-chained on the new head and sent again. Nothing is dropped; on shutdown what is pending is
+written before the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
+from contracts import subjects
+from contracts.audit import STREAM, AuditEntry, AuditRecord, seal
+
+WRONG_LAST_SEQUENCE = 10071
+MAX_RECORDS_PER_ENTRY = 500
+STREAM_CONFIG = StreamConfig(
+    name=STREAM,
+    subjects=[subjects.ALL_AUDIT],
+    storage=StorageType.FILE,
+    deny_delete=True,  # records cannot be removed through the API
+    deny_purge=True,
+    max_age=90 * 24 * 3600,
+)
+
+
+class AuditTrail:
+    def __init__(self, nc: Any, service: str, log: Any) -> None:
+        self.nc = nc
+        self.service = service
+        self.log = log
+        self._pending: dict[str, list[AuditRecord]] = {}
+        self._heads: dict[str, tuple[int, str]] = {}  # tenant -> (stream sequence, hash) of its last entry
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._js: Any = None
+
+    async def start(self) -> None:
+        self._js = self.nc.jetstream()
+        try:
+            await self._js.add_stream(STREAM_CONFIG)
+        except APIError as error:  # exists with another configuration: an operator's choice
+            self.log.warning("audit_stream_not_created", reason=str(error))
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    def record(
+        self,
+        tenant: str,
+        action: str,
+        outcome: str,
+        *,
+        principal: str | None = None,
+        run_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Queue one record for ``tenant`` (already validated: it came from a subject)."""
+        at = datetime.now(UTC).isoformat(timespec="microseconds")
+        record = AuditRecord(
+            at=at,
+            service=self.service,
+            action=action,
+            outcome=outcome,
+            principal=principal,
+            run_id=run_id,
+            detail=detail,
+        )
+        self._pending.setdefault(tenant, []).append(record)
+        self._idle.clear()
+        self._wake.set()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Write what is pending, then stop the writer."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._pending:
+            self.log.error("audit_records_unwritten", tenants=sorted(self._pending))
+
+    async def flushed(self, timeout: float = 10.0) -> None:
+        """Wait until everything recorded so far is written."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._drain()
+            if self._pending:
+                self._wake.set()  # a failed append: try again (after _drain's back-off)
+            else:
+                self._idle.set()
+
+    async def _drain(self) -> None:
+        while self._pending:
+            tenant = next(iter(self._pending))
+            records = self._pending.pop(tenant)
+            for start in range(0, len(records), MAX_RECORDS_PER_ENTRY):
+                batch = records[start : start + MAX_RECORDS_PER_ENTRY]
+                try:
+                    await self._append(tenant, batch)
+                except Exception as error:
+                    # Put the records back (in order) and retry after a pause: never drop them.
+                    self._pending[tenant] = (
+                        batch + records[start + MAX_RECORDS_PER_ENTRY :] + self._pending.get(tenant, [])
+                    )
+                    self.log.warning("audit_append_failed", tenant_id=tenant, error=str(error))
+                    await asyncio.sleep(0.5)  # back off before retrying
+                    return
+
+    async def _append(self, tenant: str, records: list[AuditRecord]) -> None:
+        subject = subjects.audit(tenant, self.service)
+        chain = subjects.tenant_audit(tenant)
+        for _ in range(50):
+            sequence, previous = self._heads.get(tenant) or await self._head(tenant)
+            entry = seal(tenant, previous, records)
+            headers = {
+                "Nats-Expected-Last-Subject-Sequence": str(sequence),
+                "Nats-Expected-Last-Subject-Sequence-Subject": chain,
+            }
+            try:
+                ack = await self._js.publish(subject, entry.model_dump_json().encode(), headers=headers, timeout=5)
+            except BadRequestError as error:
+                if error.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                self._heads.pop(tenant, None)  # another writer extended the chain: re-read its head
+                continue
+            self._heads[tenant] = (ack.seq, entry.hash)
+            return
+        raise RuntimeError("audit chain contended too long")
+
+    async def _head(self, tenant: str) -> tuple[int, str]:
+        try:
+            message = await self._js.get_last_msg(STREAM, subjects.tenant_audit(tenant))
+        except NotFoundError:
+            return 0, ""
+        return message.seq, AuditEntry.model_validate_json(message.data).hash

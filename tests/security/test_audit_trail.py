@@ -1,0 +1,133 @@
+"""The audit trail: tool calls, guard refusals and tenant-override attempts are recorded in a
+per-tenant hash chain that stays intact under concurrent writers and exposes tampering."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+
+from contracts import subjects
+from contracts.audit import STREAM, seal
+from contracts.envelope import Envelope, Kind, RouterRequest, ToolCall, deadline_in
+from services.audit_reader import read_trail
+from services.runtime.service import decode_reply
+from tests.security.conftest import still_serving, tenant_connection, watched_connection
+
+
+async def trail(broker, tenant):
+    return await read_trail(broker.url, "admin", broker.secrets.passwords["admin"], tenant)
+
+
+async def flushed(services):
+    for service in services.values():
+        await service.audit.flushed()
+
+
+async def test_tool_calls_and_refusals_are_recorded_per_tenant(system):
+    broker, services = system
+    await still_serving(broker, "acme")
+    await still_serving(broker, "globex")
+    acme = await tenant_connection(broker, "acme")
+    forged = Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id="globex", payload=RouterRequest())
+    try:
+        await acme.nc.request(subjects.router_request("acme"), forged.model_dump_json().encode(), timeout=5)
+    finally:
+        await acme.nc.close()
+    await flushed(services)
+    acme_trail, globex_trail = await trail(broker, "acme"), await trail(broker, "globex")
+    actions = [(r.service, r.action, r.outcome) for r in acme_trail.records]
+    assert ("tools", "tool_call", "ok") in actions
+    assert ("router", "guard_refused", "refused") in actions
+    refusal = next(r for r in acme_trail.records if r.action == "guard_refused")
+    assert refusal.detail["code"] == "tenant_mismatch"
+    call = next(r for r in acme_trail.records if r.action == "tool_call")
+    assert call.detail["tool"] == "orders_lookup" and call.detail["arguments"] == ["query"]
+    assert "where is my order" not in str(acme_trail.records)  # argument values are never recorded
+    assert [r.action for r in globex_trail.records] == ["tool_call"]
+    assert acme_trail.problems == [] and globex_trail.problems == []
+
+
+async def test_a_tenant_id_smuggled_into_tool_arguments_is_removed_and_recorded(system):
+    broker, services = system
+    # A compromised or confused executor calls a tool with another tenant's id in the arguments.
+    graph = await nats.connect(
+        broker.url, user="graph", password=broker.secrets.passwords["graph"], inbox_prefix=b"_INBOX._graph"
+    )
+    call = Envelope[ToolCall](
+        kind=Kind.TOOL_CALL,
+        tenant_id="acme",
+        deadline=deadline_in(10),
+        payload=ToolCall(tool="orders_lookup", arguments={"query": "G-2201", "tenant_id": "globex"}),
+    )
+    try:
+        reply = await graph.request(
+            subjects.tool_call("acme", "orders_lookup"), call.model_dump_json().encode(), timeout=5
+        )
+    finally:
+        await graph.close()
+    output = decode_reply(reply.data)
+    assert output["found"] is False  # globex's order G-2201 is not visible to acme
+    await flushed(services)
+    attempts = [r for r in (await trail(broker, "acme")).records if r.action == "tenant_override_attempt"]
+    assert attempts and attempts[0].detail["removed"] == ["tenant_id"]
+
+
+async def test_the_chain_stays_intact_under_concurrent_writers(system):
+    broker, services = system
+    from services.auth.tokens import mint_dev_token
+    from services.client import CorralClient
+
+    client = await CorralClient.connect(
+        broker.url, tenant="acme", token=mint_dev_token("acme", key=broker.secrets.dev_key)
+    )
+    acme = await tenant_connection(broker, "acme")
+    forged = Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id="globex", payload=RouterRequest())
+    try:
+        # Router (refusals) and tools (calls) append to acme's chain at the same time.
+        await asyncio.gather(
+            *[client.request("where is my order?", watch=False) for _ in range(40)],
+            *[
+                acme.nc.request(subjects.router_request("acme"), forged.model_dump_json().encode(), timeout=5)
+                for _ in range(40)
+            ],
+        )
+    finally:
+        await client.close()
+        await acme.nc.close()
+    await flushed(services)
+    report = await trail(broker, "acme")
+    assert report.problems == []
+    assert sum(r.action == "tool_call" for r in report.records) == 40
+    assert sum(r.action == "guard_refused" for r in report.records) == 40
+
+
+async def test_audit_records_cannot_be_deleted_and_forged_entries_are_detected(system):
+    broker, services = system
+    await still_serving(broker)
+    await flushed(services)
+    tools = await watched_connection(
+        broker.url, user="tools", password=broker.secrets.passwords["tools"], inbox_prefix=b"_INBOX._tools"
+    )
+    nc = tools.nc
+    js = nc.jetstream()
+    try:
+        first = (await trail(broker, "acme")).entries[0][0]
+        # A service may not even ask to delete (and the stream itself refuses anyone, below).
+        await nc.publish(f"$JS.API.STREAM.MSG.DELETE.{STREAM}", f'{{"seq": {first}}}'.encode(), reply=nc.new_inbox())
+        assert "permissions violation for publish" in await tools.violation()
+        # A compromised writer appends an entry that does not extend the chain.
+        fake = seal("acme", "0" * 64, [])
+        await js.publish(subjects.audit("acme", "tools"), fake.model_dump_json().encode())
+    finally:
+        await nc.close()
+    report = await trail(broker, "acme")
+    assert report.problems and "chain broken" in report.problems[-1].problem
+    admin = await nats.connect(
+        broker.url, user="admin", password=broker.secrets.passwords["admin"], inbox_prefix=b"_INBOX._admin"
+    )
+    try:
+        config = (await admin.jetstream().stream_info(STREAM)).config
+    finally:
+        await admin.close()
+    assert config.deny_delete and config.deny_purge
