@@ -26,6 +26,7 @@ CALLABLE_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 class NodeKind(StrEnum):
     TOOL = "tool"
     MODEL = "model"
+    AGENT = "agent"
     FUNCTION = "function"
     SUBGRAPH = "subgraph"
     RESPOND = "respond"
@@ -60,6 +61,22 @@ class ModelNode(_Node):
     system: str | None = None
     prompt: str
     output_schema: dict[str, Any] | None = None
+
+
+class AgentNode(_Node):
+    """A model that may call ``tools`` (through the bus, tenant injected) until it answers.
+
+    The single-agent orchestrator as a node: each turn the model sees the tools' schemas and
+    either asks for tool calls, whose results it gets back, or gives its answer (the output).
+    """
+
+    kind: Literal[NodeKind.AGENT] = NodeKind.AGENT
+    model: Name | None = None
+    system: str | None = None
+    prompt: str
+    tools: list[Name] = Field(min_length=1)
+    max_turns: int = Field(default=5, ge=1, le=50)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
 
 class FunctionNode(_Node):
@@ -98,7 +115,8 @@ class JoinNode(_Node):
 
 
 Node = Annotated[
-    ToolNode | ModelNode | FunctionNode | SubgraphNode | RespondNode | JoinNode, Field(discriminator="kind")
+    ToolNode | ModelNode | AgentNode | FunctionNode | SubgraphNode | RespondNode | JoinNode,
+    Field(discriminator="kind"),
 ]
 
 
@@ -175,13 +193,16 @@ class GraphDefinition(Definition):
         return [node for node in self.nodes.values() if isinstance(node, kind)]
 
     def tools(self) -> set[str]:
-        return {node.tool for node in self.of_kind(ToolNode)}
+        return {node.tool for node in self.of_kind(ToolNode)} | {
+            t for node in self.of_kind(AgentNode) for t in node.tools
+        }
 
     def subgraphs(self) -> set[str]:
         return {node.graph for node in self.of_kind(SubgraphNode)}
 
     def models(self) -> set[str]:
-        return {name for node in self.of_kind(ModelNode) if (name := node.model or self.model) is not None}
+        nodes = [*self.of_kind(ModelNode), *self.of_kind(AgentNode)]
+        return {name for node in nodes if (name := node.model or self.model) is not None}
 
 
 def _problems(graph: GraphDefinition) -> list[str]:
@@ -189,7 +210,7 @@ def _problems(graph: GraphDefinition) -> list[str]:
     for name, node in graph.nodes.items():
         if name in RESERVED_KEYS or node.output in RESERVED_KEYS:
             problems.append(f"node {name!r}: 'end' and 'input' are reserved")
-        if isinstance(node, ModelNode) and node.model is None and graph.model is None:
+        if isinstance(node, ModelNode | AgentNode) and node.model is None and graph.model is None:
             problems.append(f"model node {name!r} names no model and the graph has no default model")
     if graph.entry not in graph.nodes:
         problems.append(f"entry {graph.entry!r} is not a node")

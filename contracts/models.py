@@ -12,7 +12,8 @@ from contracts.tenants import Name
 
 
 class ScriptedRule(Definition):
-    """Answer ``reply`` when the last user message contains ``contains`` (case-insensitive)."""
+    """Answer ``reply`` when the latest user message or tool result contains ``contains``
+    (case-insensitive)."""
 
     contains: str | list[str] = Field(min_length=1)
     reply: JsonValue

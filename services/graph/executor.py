@@ -23,11 +23,13 @@ from typing import Any
 
 import jsonschema
 
+from contracts.definitions import ToolDefinition
 from contracts.definitions_base import DefinitionError
 from contracts.errors import CorralError, DeadlineExceeded
 from contracts.expressions import Compiled, compile_expression, evaluate, lookup, render, resolve
 from contracts.graphs import (
     END,
+    AgentNode,
     FunctionNode,
     GraphDefinition,
     JoinNode,
@@ -46,6 +48,7 @@ from services.graph.errors import (
     StepLimitExceeded,
     VisitLimitExceeded,
 )
+from services.runtime.models import Completion
 
 MAX_SUBGRAPH_DEPTH = 8
 
@@ -55,8 +58,10 @@ class NodeRuntime:
     """What the executor needs from the outside world."""
 
     call_tool: Callable[[str, dict[str, Any], float], Awaitable[Any]]
-    # (model, messages, output_schema, timeout) -> the answer's text
-    call_model: Callable[[str, list[dict[str, str]], dict[str, Any] | None, float], Awaitable[str]]
+    # (model, messages, output_schema, timeout, tool schemas) -> the model's answer
+    call_model: Callable[
+        [str, list[dict[str, Any]], dict[str, Any] | None, float, list[dict[str, Any]] | None], Awaitable[Completion]
+    ]
     # (kind, node, elapsed_ms, data): node_started / node_completed / node_failed; None: nobody listens
     node_event: Callable[[str, str, float | None, dict[str, Any]], Awaitable[None]] | None = None
 
@@ -108,9 +113,20 @@ def _apply(reducer: Reducer, current: Any, value: Any) -> Any:
 class CompiledGraph:
     """A validated graph with conditions parsed and functions imported once; reusable across runs."""
 
-    def __init__(self, definition: GraphDefinition, library: dict[str, CompiledGraph] | None = None) -> None:
+    def __init__(
+        self,
+        definition: GraphDefinition,
+        library: dict[str, CompiledGraph] | None = None,
+        tools: dict[str, ToolDefinition] | None = None,
+    ) -> None:
         self.definition = definition
         self.library = library if library is not None else {}
+        # What an agent node's model is shown of each tool: never the tenant (the runtime's).
+        self._tool_schemas = {
+            name: [_tool_schema(tools, tool) for tool in node.tools]
+            for name, node in definition.nodes.items()
+            if isinstance(node, AgentNode)
+        }
         self.order = {name: index for index, name in enumerate(definition.nodes)}
         conditional: dict[str, list[_Transition]] = {name: [] for name in definition.nodes}
         default: dict[str, list[_Transition]] = {name: [] for name in definition.nodes}
@@ -274,6 +290,8 @@ class CompiledGraph:
                 return await result if inspect.isawaitable(result) else result
             case ModelNode():
                 return await self._ask_model(name, node, state, runtime)
+            case AgentNode():
+                return await self._run_agent(name, node, state, runtime)
             case SubgraphNode():
                 return await self._subgraph(node, state, runtime, depth)
         raise AssertionError(f"unhandled node {node!r}")  # the schema admits no other kind
@@ -292,7 +310,7 @@ class CompiledGraph:
         assert model is not None  # checked when the graph was defined
         messages = [{"role": "system", "content": render(node.system, state)}] if node.system else []
         messages.append({"role": "user", "content": render(node.prompt, state)})
-        answer = await runtime.call_model(model, messages, node.output_schema, node.timeout_s)
+        answer = (await runtime.call_model(model, messages, node.output_schema, node.timeout_s, None)).content
         if node.output_schema is None:
             return answer
         try:
@@ -302,6 +320,50 @@ class CompiledGraph:
             message = exc.message if isinstance(exc, jsonschema.ValidationError) else "not JSON"
             raise InvalidModelOutput(f"model {model!r} answered outside the output schema: {message}") from None
         return parsed
+
+    async def _run_agent(self, name: str, node: AgentNode, state: dict[str, Any], runtime: NodeRuntime) -> Any:
+        """Model turns with tool calls until the model answers; tools outside the node's list are
+        refused to the model (and the tools service checks the tenant's policy on every call)."""
+        model = node.model or self.definition.model
+        assert model is not None  # checked when the graph was defined
+        messages: list[dict[str, Any]] = (
+            [{"role": "system", "content": render(node.system, state)}] if node.system else []
+        )
+        messages.append({"role": "user", "content": render(node.prompt, state)})
+        schemas = self._tool_schemas[name]
+        calls = 0
+        for _ in range(node.max_turns):
+            answer = await runtime.call_model(model, messages, None, node.timeout_s, schemas)
+            if not answer.tool_calls:
+                return {"answer": answer.content, "tool_calls": calls}
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": answer.content or None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+                        }
+                        for call in answer.tool_calls
+                    ],
+                }
+            )
+            for call in answer.tool_calls:
+                calls += 1
+                result = await self._agent_tool(node, call.name, call.arguments, runtime)
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+        raise StepLimitExceeded(f"agent node {name!r} did not answer within {node.max_turns} turns")
+
+    async def _agent_tool(self, node: AgentNode, tool: str, arguments: dict[str, Any], runtime: NodeRuntime) -> Any:
+        """One tool call asked for by a model; failures go back to the model as data, typed."""
+        if tool not in node.tools:
+            return {"error": "forbidden", "message": f"tool {tool!r} is not available here"}
+        try:
+            return await runtime.call_tool(tool, arguments, node.timeout_s)
+        except CorralError as error:
+            return {"error": error.code.value, "message": error.message}
 
     async def _subgraph(self, node: SubgraphNode, state: dict[str, Any], runtime: NodeRuntime, depth: int) -> Any:
         if depth >= MAX_SUBGRAPH_DEPTH:
@@ -323,9 +385,18 @@ def _import(target: str) -> Callable[..., Any]:
         raise DefinitionError(f"cannot import function {target!r}: {exc}") from None
 
 
-def compile_library(graphs: dict[str, GraphDefinition]) -> dict[str, CompiledGraph]:
+def _tool_schema(tools: dict[str, ToolDefinition] | None, name: str) -> dict[str, Any]:
+    definition = (tools or {}).get(name)
+    if definition is None:
+        return {"name": name, "description": "", "parameters": {"type": "object"}}
+    return {"name": name, "description": definition.description, "parameters": definition.parameters}
+
+
+def compile_library(
+    graphs: dict[str, GraphDefinition], tools: dict[str, ToolDefinition] | None = None
+) -> dict[str, CompiledGraph]:
     """Compile every graph, sharing one library so subgraph nodes find their graphs."""
     library: dict[str, CompiledGraph] = {}
     for name, definition in graphs.items():
-        library[name] = CompiledGraph(definition, library)
+        library[name] = CompiledGraph(definition, library, tools)
     return library

@@ -11,7 +11,7 @@ from contracts.envelope import EventType, GraphRun, Kind, RunEvent, ToolCall
 from contracts.errors import CorralError, Internal
 from services.graph.errors import GraphNotFound
 from services.graph.executor import NodeRuntime, compile_library
-from services.runtime.models import ModelRegistry
+from services.runtime.models import Completion, ModelRegistry
 from services.runtime.service import Request, Service
 
 NODE_EVENTS = {
@@ -23,7 +23,7 @@ NODE_EVENTS = {
 
 def register(service: Service, catalog: Catalog, models: ModelRegistry | None = None) -> None:
     """Declare the graph service's operation on ``service``."""
-    graphs = compile_library(catalog.graphs)
+    graphs = compile_library(catalog.graphs, catalog.tools)
     registry = models or ModelRegistry(catalog.models)
     service.on_stop(registry.aclose)
 
@@ -41,14 +41,18 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             return await req.call(subjects.tool_call(req.tenant, tool), Kind.TOOL_CALL, call, timeout=timeout)
 
         async def call_model(
-            model: str, messages: list[dict[str, str]], schema: dict[str, Any] | None, timeout: float
-        ) -> str:
+            model: str,
+            messages: list[dict[str, Any]],
+            schema: dict[str, Any] | None,
+            timeout: float,
+            tool_schemas: list[dict[str, Any]] | None,
+        ) -> Completion:
             completion = await registry.get(model).complete(
-                messages, json_schema=schema, timeout=min(timeout, req.envelope.remaining(timeout))
+                messages, json_schema=schema, tools=tool_schemas, timeout=min(timeout, req.envelope.remaining(timeout))
             )
             registry.meter.record(req.tenant, model, completion.usage)
             tokens[model] = tokens.get(model, 0) + completion.usage.total_tokens
-            return completion.content
+            return completion
 
         async def node_event(kind: str, node: str, elapsed_ms: float | None, data: dict[str, Any]) -> None:
             await req.emit(

@@ -65,6 +65,8 @@ def _approximate_tokens(text: str) -> int:
 class ScriptedModelClient:
     """Answers by rules from the definition: same messages, same answer, no network.
 
+    Rules match the latest user message or tool result (case-insensitive substrings).
+
     A rule's ``reply`` is text, an object (returned as JSON text, for output schemas), or
     ``{"tool_call": {"name": ..., "arguments": {...}}}`` to ask for a tool.
     """
@@ -80,8 +82,9 @@ class ScriptedModelClient:
         json_schema: dict[str, Any] | None = None,
         timeout: float,
     ) -> Completion:
-        last_user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
-        reply = next((rule.reply for rule in self.script.rules if rule.matches(last_user)), self.script.default)
+        # Rules read the latest input: the user's message, or a tool's result in an agent loop.
+        latest = next((m.get("content") or "" for m in reversed(messages) if m.get("role") in ("user", "tool")), "")
+        reply = next((rule.reply for rule in self.script.rules if rule.matches(latest)), self.script.default)
         prompt_tokens = sum(_approximate_tokens(str(m.get("content") or "")) for m in messages)
         if isinstance(reply, dict) and isinstance(reply.get("tool_call"), dict):
             call = reply["tool_call"]

@@ -19,6 +19,7 @@ from services.graph.errors import (
     VisitLimitExceeded,
 )
 from services.graph.executor import CompiledGraph, NodeRuntime, compile_library
+from services.runtime.models import Completion, ToolCallRequest
 
 ORDER_GRAPH = GraphDefinition.model_validate(
     {
@@ -90,9 +91,9 @@ class Recorder:
         finally:
             self.in_flight -= 1
 
-    async def call_model(self, model, messages, schema, timeout):
+    async def call_model(self, model, messages, schema, timeout, tools):
         self.calls.append((f"model:{model}", {"messages": messages}))
-        return self.model_answer
+        return Completion(content=self.model_answer)
 
     async def node_event(self, kind, node, elapsed_ms, data):
         self.events.append((kind, node))
@@ -362,3 +363,56 @@ async def test_the_graph_output_can_name_a_state_path():
     definition = FAN_OUT.model_copy(update={"output": "merge.orders"})
     outcome, _ = await run(definition, {"ticket": "t"})
     assert outcome.output == "orders"
+
+
+class ScriptedAgent(Recorder):
+    """A model that asks for the tools in ``plan`` one turn at a time, then answers."""
+
+    def __init__(self, plan, results=None):
+        super().__init__(results)
+        self.plan = list(plan)
+        self.seen_tools = None
+        self.transcripts = []
+
+    async def call_model(self, model, messages, schema, timeout, tools):
+        self.seen_tools = tools
+        self.transcripts.append(list(messages))
+        if self.plan:
+            name, arguments = self.plan.pop(0)
+            return Completion(
+                content="", tool_calls=(ToolCallRequest(id=f"c{len(self.plan)}", name=name, arguments=arguments),)
+            )
+        return Completion(content="done")
+
+
+AGENT = GraphDefinition.model_validate(
+    {
+        "name": "assistant",
+        "entry": "agent",
+        "model": "m",
+        "nodes": {"agent": {"kind": "agent", "prompt": "{input.text}", "tools": ["orders_lookup"], "max_turns": 4}},
+    }
+)
+
+
+async def test_an_agent_node_calls_tools_until_the_model_answers():
+    agent = ScriptedAgent([("orders_lookup", {"query": "A-1"})], results={"orders_lookup": {"found": True}})
+    outcome, _ = await run(AGENT, {"text": "where?"}, agent)
+    assert outcome.output == {"answer": "done", "tool_calls": 1}
+    assert agent.calls[0] == ("orders_lookup", {"query": "A-1"})
+    assert [tool["name"] for tool in agent.seen_tools] == ["orders_lookup"]
+    assert agent.transcripts[-1][-1] == {"role": "tool", "tool_call_id": "c0", "content": '{"found": true}'}
+
+
+async def test_an_agent_asking_for_a_tool_it_was_not_given_gets_a_refusal_not_the_tool():
+    agent = ScriptedAgent([("delete_everything", {})])
+    outcome, _ = await run(AGENT, {"text": "x"}, agent)
+    assert all(call[0] != "delete_everything" for call in agent.calls)
+    assert '"error": "forbidden"' in agent.transcripts[-1][-1]["content"]
+    assert outcome.output["answer"] == "done"
+
+
+async def test_an_agent_that_never_answers_stops_at_its_turn_limit():
+    agent = ScriptedAgent([("orders_lookup", {})] * 10)
+    with pytest.raises(StepLimitExceeded, match="4 turns"):
+        await run(AGENT, {"text": "x"}, agent)
