@@ -3,6 +3,7 @@ exception, never a subject outside ``t.<tenant>.``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from hypothesis import given, settings
@@ -43,10 +44,8 @@ FIELDS = [
 @settings(max_examples=300)
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_decode_to_a_typed_error_or_an_envelope(body):
-    try:
+    with contextlib.suppress(InvalidRequest):
         decode_request(body, Envelope[RouterRequest])
-    except InvalidRequest:
-        pass
 
 
 @settings(max_examples=300)
@@ -92,10 +91,8 @@ def test_built_subjects_always_parse_back_to_their_tenant(tenant, tool):
 def test_replies_decode_to_a_typed_error_or_an_output(body):
     from contracts.errors import CorralError
 
-    try:
+    with contextlib.suppress(CorralError):
         decode_reply(body)
-    except CorralError:
-        pass
 
 
 @settings(max_examples=300)

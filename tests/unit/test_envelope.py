@@ -1,6 +1,5 @@
 """The envelope: validated on arrival, unknown fields refused, errors typed."""
 
-
 import pytest
 
 from contracts.envelope import Envelope, ErrorInfo, Kind, Result, RouterRequest, ToolCall, deadline_in
