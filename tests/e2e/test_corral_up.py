@@ -181,3 +181,18 @@ def test_bench_reports_every_figure_as_json(tmp_path):
         assert key in report
     assert report["corral_rps"] > 0 and report["raw_rps"] > 0
     assert report["ratio"] == round(report["corral_rps"] / report["raw_rps"], 3)
+
+
+def test_corral_audit_lists_the_tenants_tool_calls_and_verifies_the_chain(corral_up):
+    _, env, _ = corral_up
+    assert corral(env, "request", "--tenant", "globex", "--no-follow", "where is my order?").returncode == 0
+    deadline = time.monotonic() + 20
+    while True:  # the audit trail is written asynchronously: poll it with a deadline
+        result = corral(env, "audit", "--tenant", "globex", "--verify", "--json")
+        report = json.loads(result.stdout)
+        if any(r["action"] == "tool_call" for r in report["records"]) or time.monotonic() > deadline:
+            break
+    assert result.returncode == 0 and report["intact"] is True
+    assert all(r["service"] in ("router", "graph", "tools") for r in report["records"])
+    text = corral(env, "audit", "--tenant", "globex", "--verify")
+    assert text.returncode == 0 and "chain intact" in text.stdout
