@@ -196,3 +196,22 @@ def test_corral_audit_lists_the_tenants_tool_calls_and_verifies_the_chain(corral
     assert all(r["service"] in ("router", "graph", "tools") for r in report["records"])
     text = corral(env, "audit", "--tenant", "globex", "--verify")
     assert text.returncode == 0 and "chain intact" in text.stdout
+
+
+def test_scaled_services_each_answer_and_requests_still_flow(tmp_path):
+    env = {**os.environ, "CORRAL_STATE_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [*CORRAL, "up", "--port", str(free_port()), "--log-dir", str(tmp_path / "logs"), "--scale", "graph=2",
+         "--scale", "tools=3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_for_file(tmp_path / "corral.json", process)  # ready means every replica answered its ping
+        logs = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
+        assert {"graph-0.log", "graph-1.log", "tools-0.log", "tools-1.log", "tools-2.log"} <= set(logs)
+        for _ in range(5):
+            result = corral(env, "request", "--tenant", "acme", "--no-follow", "where is my order?")
+            assert result.returncode == 0 and result.stdout.startswith("Order A-")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0

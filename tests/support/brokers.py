@@ -17,7 +17,7 @@ from services.runtime.nats_server import NatsServer, free_port
 from services.runtime.state import Secrets, init_state
 
 NATS_IMAGE = "nats:2.11"
-CONTAINER_PORT = 4222  # the port inside the container; the host side is random
+CONTAINER_PORT = 14222  # the port inside the container; the host side is random
 
 
 @functools.cache
