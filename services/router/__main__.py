@@ -1,16 +1,9 @@
-"""Wiring of the router: ``python -m services.router``."""
+"""Wiring of the router service: ``python -m services.router``."""
 
 from services.router.handlers import register
-from services.runtime.catalog import load_catalog
-from services.runtime.service import Service, run_service
-from services.runtime.settings import Settings
+from services.runtime.service import catalog_service, run_service
 
-
-def build(settings: Settings) -> Service:
-    service = Service("router", settings)
-    register(service, load_catalog(settings.definitions))
-    return service
-
+build = catalog_service("router", register)
 
 if __name__ == "__main__":
     run_service(build)

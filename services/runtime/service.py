@@ -100,6 +100,12 @@ class Request(Generic[P]):
             self._encoder = FollowEncoder(self.envelope)
         return self._encoder.encode(kind, payload)
 
+    def audit(self, action: str, outcome: str, **detail: Any) -> None:
+        """Append a record about this request to the tenant's audit trail (written in the background)."""
+        self.service.audit.record(
+            self.tenant, action, outcome, principal=self.envelope.principal, run_id=self.envelope.run_id, **detail
+        )
+
     def with_run_id(self, run_id: str) -> Request[P]:
         """The same request with a run id assigned (when the client did not choose one)."""
         envelope = self.envelope.model_copy(update={"run_id": run_id})
@@ -401,6 +407,18 @@ def _describe(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"]) or "body"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
+
+
+def catalog_service(name: str, register: Callable[[Service, Any], Any]) -> Callable[[Settings], Service]:
+    """The ``build`` of a service whose operations come from the definitions (router, graph, tools)."""
+    from services.runtime.catalog import load_catalog
+
+    def build(settings: Settings) -> Service:
+        service = Service(name, settings)
+        register(service, load_catalog(settings.definitions))
+        return service
+
+    return build
 
 
 def run_service(build: Callable[[Settings], Service]) -> None:

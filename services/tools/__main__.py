@@ -1,16 +1,9 @@
 """Wiring of the tools service: ``python -m services.tools``."""
 
-from services.runtime.catalog import load_catalog
-from services.runtime.service import Service, run_service
-from services.runtime.settings import Settings
+from services.runtime.service import catalog_service, run_service
 from services.tools.handlers import register
 
-
-def build(settings: Settings) -> Service:
-    service = Service("tools", settings)
-    register(service, load_catalog(settings.definitions))
-    return service
-
+build = catalog_service("tools", register)
 
 if __name__ == "__main__":
     run_service(build)

@@ -33,53 +33,33 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
         name = req.subject.tool
         if name != req.payload.tool:
             raise InvalidRequest(f"the subject names tool {name!r} but the payload names {req.payload.tool!r}")
-        envelope = req.envelope
-        audit = service.audit
         arguments, removed = strip_tenant(dict(req.payload.arguments))
         if removed:
             req.log.warning("tenant_override_attempt", tool=name, removed=removed)
-            audit.record(
-                req.tenant,
-                "tenant_override_attempt",
-                "refused",
-                principal=envelope.principal,
-                run_id=envelope.run_id,
-                tool=name,
-                removed=removed,
-            )
+            req.audit("tenant_override_attempt", "refused", tool=name, removed=removed)
         started = time.perf_counter()
         try:
             adapter = tools.resolve(req.tenant, name)
             check_arguments(arguments, tools.validators[name], name)
-            timeout = envelope.remaining(service.settings.default_timeout_s)
+            envelope = req.envelope
             ctx = ToolContext(
-                tenant_id=req.tenant, run_id=envelope.run_id, principal=envelope.principal, timeout_s=timeout
+                tenant_id=req.tenant,
+                run_id=envelope.run_id,
+                principal=envelope.principal,
+                timeout_s=envelope.remaining(service.settings.default_timeout_s),
             )
             output = await adapter.call(ctx, arguments)
         except CorralError as error:
-            audit.record(
-                req.tenant,
-                "tool_call",
-                "refused" if error.code in REFUSED else "failed",
-                principal=envelope.principal,
-                run_id=envelope.run_id,
-                tool=name,
-                code=error.code.value,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+            outcome = "refused" if error.code in REFUSED else "failed"
+            req.audit("tool_call", outcome, tool=name, code=error.code.value, ms=_ms_since(started))
             error.audited = True
             raise
         # Who called what and how it went: argument names only, never their values.
-        audit.record(
-            req.tenant,
-            "tool_call",
-            "ok",
-            principal=envelope.principal,
-            run_id=envelope.run_id,
-            tool=name,
-            arguments=sorted(arguments),
-            ms=round((time.perf_counter() - started) * 1000, 2),
-        )
+        req.audit("tool_call", "ok", tool=name, arguments=sorted(arguments), ms=_ms_since(started))
         return output
 
     return tools
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

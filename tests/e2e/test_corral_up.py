@@ -22,6 +22,18 @@ from services.runtime.state import load_secrets
 CORRAL = [sys.executable, "-m", "services.cli"]
 
 
+def start_corral_up(state_dir: Path, *extra: str) -> tuple[dict[str, str], subprocess.Popen]:
+    env = {**os.environ, "CORRAL_STATE_DIR": str(state_dir)}
+    process = subprocess.Popen(
+        [*CORRAL, "up", "--port", str(free_port()), "--log-dir", str(state_dir / "logs"), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return env, process
+
+
 def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -35,14 +47,7 @@ def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 60) ->
 @pytest.fixture(scope="module")
 def corral_up(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("state")
-    env = {**os.environ, "CORRAL_STATE_DIR": str(state_dir)}
-    process = subprocess.Popen(
-        [*CORRAL, "up", "--port", str(free_port()), "--log-dir", str(state_dir / "logs")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    env, process = start_corral_up(state_dir)
     try:
         wait_for_file(state_dir / "corral.json", process)
         yield state_dir, env, process
@@ -134,15 +139,7 @@ async def test_a_tenant_connection_cannot_reach_another_tenants_subjects(corral_
 
 
 def test_ctrl_c_stops_every_process_cleanly(tmp_path):
-    env = {**os.environ, "CORRAL_STATE_DIR": str(tmp_path)}
-    port = free_port()
-    process = subprocess.Popen(
-        [*CORRAL, "up", "--port", str(port), "--log-dir", str(tmp_path / "logs")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    _, process = start_corral_up(tmp_path)
     try:
         wait_for_file(tmp_path / "corral.json", process)
         process.send_signal(signal.SIGINT)
@@ -199,12 +196,7 @@ def test_corral_audit_lists_the_tenants_tool_calls_and_verifies_the_chain(corral
 
 
 def test_scaled_services_each_answer_and_requests_still_flow(tmp_path):
-    env = {**os.environ, "CORRAL_STATE_DIR": str(tmp_path)}
-    process = subprocess.Popen(
-        [*CORRAL, "up", "--port", str(free_port()), "--log-dir", str(tmp_path / "logs"), "--scale", "graph=2",
-         "--scale", "tools=3"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    env, process = start_corral_up(tmp_path, "--scale", "graph=2", "--scale", "tools=3")
     try:
         wait_for_file(tmp_path / "corral.json", process)  # ready means every replica answered its ping
         logs = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
