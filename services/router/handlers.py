@@ -37,7 +37,8 @@ def register(service: Service, catalog: Catalog) -> Router:
                 )
             )
             if decision.route.pattern is Pattern.GRAPH:
-                run = GraphRun(graph=decision.route.graph, input=req.payload.input, stream=req.stream)
+                # The input was validated with the request; only the route's graph name is new (and valid).
+                run = GraphRun.model_construct(graph=decision.route.graph, input=req.payload.input, stream=req.stream)
                 return await req.call(subjects.graph_run(req.tenant), Kind.GRAPH_RUN, run)
             raise Internal(f"pattern {decision.route.pattern.value!r} is not served yet")
         except CorralError as error:

@@ -70,7 +70,8 @@ class AuditTrail:
     ) -> None:
         """Queue one record for ``tenant`` (already validated: it came from a subject)."""
         at = datetime.now(UTC).isoformat(timespec="microseconds")
-        record = AuditRecord(
+        # Constructed without validation: every value comes from validated requests or this code.
+        record = AuditRecord.model_construct(
             at=at,
             service=self.service,
             action=action,
