@@ -16,7 +16,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError, StaleConnectionError
 from nats.errors import TimeoutError as NatsTimeout
 
 from contracts import subjects
@@ -26,6 +26,7 @@ from services.runtime.service import decode_reply
 
 OnEvent = Callable[[RunEvent], Awaitable[None] | None]
 TERMINAL = (EventType.COMPLETED, EventType.FAILED)
+NOT_CONNECTED = "not connected to Corral (was the token refused or has it expired?)"
 
 
 @dataclass
@@ -36,33 +37,56 @@ class RunResult:
 
 
 class CorralClient:
-    """One tenant's connection to Corral."""
+    """One tenant's connection to Corral.
 
-    def __init__(self, nc: Client, tenant: str) -> None:
-        self.nc = nc
+    The server closes a tenant's connection when its token expires. With a token *provider*
+    (a callable returning a fresh token) the client then opens a new connection with a new token
+    by itself; ``renewed`` is set each time it did. With a fixed token it stays closed.
+    """
+
+    def __init__(self, url: str, tenant: str, token: str | Callable[[], str], options: dict[str, Any]) -> None:
+        self.url = url
         self.tenant = tenant
+        self.token = token
+        self.options = options
         self.errors: list[Exception] = []
+        self.renewed = asyncio.Event()
+        self.nc: Client = Client()
+        self._closing = False
 
     @classmethod
-    async def connect(cls, url: str, *, tenant: str, token: str, **options: Any) -> CorralClient:
-        client = cls.__new__(cls)
-        client.tenant = tenant
-        client.errors = []
-
-        async def on_error(error: Exception) -> None:
-            client.errors.append(error)
-
-        client.nc = await nats.connect(
-            url,
-            token=token,
-            inbox_prefix=subjects.inbox_prefix(tenant).encode(),
-            error_cb=on_error,
-            name=f"corral-client-{tenant}",
-            **options,
-        )
+    async def connect(cls, url: str, *, tenant: str, token: str | Callable[[], str], **options: Any) -> CorralClient:
+        """Connect as ``tenant`` with a token or a token provider (extra options go to nats-py)."""
+        client = cls(url, tenant, token, options)
+        client.nc = await client._open()
         return client
 
+    async def _open(self) -> Client:
+        async def on_error(error: Exception) -> None:
+            self.errors.append(error)
+
+        return await nats.connect(
+            self.url,
+            token=self.token,  # nats-py calls a callable token on every CONNECT
+            inbox_prefix=subjects.inbox_prefix(self.tenant).encode(),
+            error_cb=on_error,
+            closed_cb=self._on_closed,
+            name=f"corral-client-{self.tenant}",
+            **self.options,
+        )
+
+    async def _on_closed(self) -> None:
+        if self._closing or not callable(self.token):
+            return
+        try:
+            self.nc = await self._open()
+        except Exception as error:  # the provider's token was refused too: stay closed
+            self.errors.append(error)
+            return
+        self.renewed.set()
+
     async def close(self) -> None:
+        self._closing = True
         with contextlib.suppress(Exception):
             await self.nc.drain()
 
@@ -102,7 +126,10 @@ class CorralClient:
                 if event.type in TERMINAL:
                     finished.set()
 
-            subscription = await self.nc.subscribe(subjects.events(self.tenant, run_id), cb=on_message)
+            try:
+                subscription = await self.nc.subscribe(subjects.events(self.tenant, run_id), cb=on_message)
+            except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
+                raise Internal(NOT_CONNECTED) from None
         try:
             try:
                 msg = await self.nc.request(
@@ -112,6 +139,8 @@ class CorralClient:
                 raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
             except NoRespondersError:
                 raise Internal("no router is running") from None
+            except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
+                raise Internal(NOT_CONNECTED) from None
             try:
                 output = decode_reply(msg.data)
             finally:

@@ -2,6 +2,7 @@
 
 from services.auth.callout import CalloutSigner
 from services.auth.handlers import register
+from services.auth.jwks import JwksKeys
 from services.auth.settings import AuthSettings
 from services.auth.tokens import TokenVerifier, load_keys
 from services.runtime.service import Service, run_service
@@ -12,6 +13,8 @@ def build(base: Settings) -> Service:
     settings = AuthSettings(**base.model_dump()).resolved()
     if not settings.auth_issuer_seed:
         raise SystemExit("auth: set CORRAL_AUTH_ISSUER_SEED or CORRAL_STATE_DIR")
+    if (settings.auth_keys_file or settings.auth_jwks_url) and not (settings.auth_issuer and settings.auth_audience):
+        raise SystemExit("auth: identity-provider keys need CORRAL_AUTH_ISSUER and CORRAL_AUTH_AUDIENCE (RFC 8725)")
     verifier = TokenVerifier(
         dev_key=settings.auth_dev_key if settings.auth_dev_mode else None,
         keys=load_keys(settings.auth_keys_file) if settings.auth_keys_file else None,
@@ -22,7 +25,10 @@ def build(base: Settings) -> Service:
         leeway_s=settings.auth_leeway_s,
     )
     service = Service("auth", settings, ping=False, audit=False)  # AUTH account: no tenant subjects
-    register(service, verifier, CalloutSigner(settings.auth_issuer_seed))
+    jwks = None
+    if settings.auth_jwks_url:
+        jwks = JwksKeys(settings.auth_jwks_url, verifier, min_refresh_s=settings.auth_jwks_min_refresh_s)
+    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks)
     return service
 
 

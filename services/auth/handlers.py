@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import jwt
 from nats.aio.msg import Msg
 
 from contracts.errors import CorralError
 from services.auth.callout import CalloutSigner, decode_request
+from services.auth.jwks import JwksKeys
 from services.auth.tokens import TokenVerifier
 from services.runtime.service import Service
 
 CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
 
 
-def register(service: Service, verifier: TokenVerifier, signer: CalloutSigner) -> None:
+def register(service: Service, verifier: TokenVerifier, signer: CalloutSigner, jwks: JwksKeys | None = None) -> None:
     """Subscribe the callout responder on ``service``."""
+    if jwks is not None:
+        service.on_start(jwks.refresh)
+        service.on_stop(jwks.aclose)
 
     async def authorize(msg: Msg) -> None:
         if not msg.reply:
@@ -25,6 +30,10 @@ def register(service: Service, verifier: TokenVerifier, signer: CalloutSigner) -
             service.log.warning("auth_request_refused", reason=error.message)
             return
         try:
+            if jwks is not None:
+                kid = _kid(request.token)
+                if kid is not None:
+                    await jwks.refresh_if_unknown(kid)
             identity = verifier.verify(request.token)
         except CorralError as error:
             service.log.warning("auth_denied", reason=error.message, client=request.client_name[:64])
@@ -38,3 +47,11 @@ def register(service: Service, verifier: TokenVerifier, signer: CalloutSigner) -
         await service.nc.publish(msg.reply, signer.response(request, identity=identity))
 
     service.raw_subscriptions.append((CALLOUT_SUBJECT, authorize))
+
+
+def _kid(token: str) -> str | None:
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError:
+        return None  # the verifier reports the malformed token
+    return kid if isinstance(kid, str) else None

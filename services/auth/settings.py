@@ -18,6 +18,8 @@ class AuthSettings(Settings):
     auth_issuer: str | None = None  # required `iss` of identity-provider tokens
     auth_audience: str | None = None  # required `aud` of identity-provider tokens
     auth_keys_file: Path | None = None  # JSON or YAML list of {kid, alg, public_key_pem}
+    auth_jwks_url: str | None = None  # the identity provider's JWKS (keys need kid and alg)
+    auth_jwks_min_refresh_s: float = Field(default=30.0, ge=0, le=86_400)
     auth_required_scope: str | None = None  # a scope (or role) every token must carry
     auth_leeway_s: float = Field(default=30.0, ge=0, le=300)
 
