@@ -64,6 +64,12 @@ SERVICE_PERMISSIONS: dict[str, Permissions] = {
         publish=(subjects.ALL_EVENTS,),
         subscribe=(subjects.TOOL_CALLS,),
     ),
+    # The auth service's second connection (it lives in the AUTH account): only its audit records,
+    # for refusals of tokens a trusted key signed.
+    "auth-audit": Permissions(
+        publish=(subjects.service_audit("auth"), *AUDIT_STREAM_API),
+        subscribe=(f"{subjects.service_inbox_prefix('auth-audit')}.>",),
+    ),
     # The operator's console (readiness checks, bench's raw baseline, reading the audit trail).
     "admin": Permissions(
         publish=(

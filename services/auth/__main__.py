@@ -1,6 +1,7 @@
 """Wiring of the auth service: ``python -m services.auth``."""
 
 from services.auth.callout import CalloutSigner
+from services.auth.denials import DenialAudit
 from services.auth.handlers import register
 from services.auth.jwks import JwksKeys
 from services.auth.settings import AuthSettings
@@ -28,7 +29,12 @@ def build(base: Settings) -> Service:
     jwks = None
     if settings.auth_jwks_url:
         jwks = JwksKeys(settings.auth_jwks_url, verifier, min_refresh_s=settings.auth_jwks_min_refresh_s)
-    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks)
+    denials = None
+    if settings.auth_audit_password:
+        denials = DenialAudit(settings.nats_url, settings.auth_audit_user, settings.auth_audit_password, service.log)
+    else:
+        service.log.warning("auth_denials_not_audited", reason="no CORRAL_AUTH_AUDIT_PASSWORD or state directory")
+    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks, denials)
     return service
 
 

@@ -7,6 +7,8 @@ from nats.aio.msg import Msg
 
 from contracts.errors import CorralError
 from services.auth.callout import CalloutSigner, decode_request
+from services.auth.denials import DenialAudit
+from services.auth.errors import InvalidToken
 from services.auth.jwks import JwksKeys
 from services.auth.tokens import TokenVerifier
 from services.runtime.service import Service
@@ -14,11 +16,20 @@ from services.runtime.service import Service
 CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
 
 
-def register(service: Service, verifier: TokenVerifier, signer: CalloutSigner, jwks: JwksKeys | None = None) -> None:
+def register(
+    service: Service,
+    verifier: TokenVerifier,
+    signer: CalloutSigner,
+    jwks: JwksKeys | None = None,
+    denials: DenialAudit | None = None,
+) -> None:
     """Subscribe the callout responder on ``service``."""
     if jwks is not None:
         service.on_start(jwks.refresh)
         service.on_stop(jwks.aclose)
+    if denials is not None:
+        service.on_start(denials.start)
+        service.on_stop(denials.stop)
 
     async def authorize(msg: Msg) -> None:
         if not msg.reply:
@@ -36,8 +47,12 @@ def register(service: Service, verifier: TokenVerifier, signer: CalloutSigner, j
                     await jwks.refresh_if_unknown(kid)
             identity = verifier.verify(request.token)
         except CorralError as error:
-            service.log.warning("auth_denied", reason=error.message, client=request.client_name[:64])
+            client = request.client_name[:64]
+            tenant = error.tenant if isinstance(error, InvalidToken) else None
+            service.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
             await service.nc.publish(msg.reply, signer.response(request, error=error.message))
+            if denials is not None and isinstance(error, InvalidToken):
+                denials.record(error, client)
             return
         except Exception:
             service.log.exception("auth_failed")

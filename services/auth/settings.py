@@ -22,15 +22,19 @@ class AuthSettings(Settings):
     auth_jwks_min_refresh_s: float = Field(default=30.0, ge=0, le=86_400)
     auth_required_scope: str | None = None  # a scope (or role) every token must carry
     auth_leeway_s: float = Field(default=30.0, ge=0, le=300)
+    # The APP-account user that writes refusals to tenants' audit trails (else from the state dir).
+    auth_audit_user: str = "auth-audit"
+    auth_audit_password: str | None = None
 
     def resolved(self) -> AuthSettings:
         """These settings with the issuer seed and dev key taken from the state directory if unset."""
-        if (self.auth_issuer_seed and self.auth_dev_key) or self.state_dir is None:
+        if (self.auth_issuer_seed and self.auth_dev_key and self.auth_audit_password) or self.state_dir is None:
             return self
         secrets = load_secrets(self.state_dir)
         return self.model_copy(
             update={
                 "auth_issuer_seed": self.auth_issuer_seed or secrets.issuer_seed,
                 "auth_dev_key": self.auth_dev_key or secrets.dev_key,
+                "auth_audit_password": self.auth_audit_password or secrets.passwords.get(self.auth_audit_user),
             }
         )

@@ -18,7 +18,7 @@ import jwt
 import yaml
 
 from contracts.errors import InvalidRequest
-from contracts.tenants import validate_tenant_id
+from contracts.tenants import is_tenant_id, validate_tenant_id
 from services.auth.errors import InvalidToken
 
 DEV_ALGORITHM = "HS256"
@@ -113,17 +113,33 @@ class TokenVerifier:
                 leeway=self.leeway_s,
                 options={"require": ["exp", "sub"] + (["iss"] if issuer else []) + (["aud"] if audience else [])},
             )
-        except jwt.ExpiredSignatureError:
-            raise InvalidToken("token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise InvalidToken("token not yet valid") from None
         except jwt.InvalidAlgorithmError:
             raise InvalidToken(f"algorithm not allowed for this key (expected {algorithm})") from None
         except jwt.InvalidSignatureError:
             raise InvalidToken("bad signature") from None
+        except (
+            jwt.ExpiredSignatureError,
+            jwt.ImmatureSignatureError,
+            jwt.InvalidIssuerError,
+            jwt.InvalidAudienceError,
+            jwt.MissingRequiredClaimError,
+        ) as exc:
+            # PyJWT checks claims only after the signature: this token was signed by a trusted key,
+            # so its tenant (if well-formed) may be told about the refusal.
+            reason = {
+                jwt.ExpiredSignatureError: "token expired",
+                jwt.ImmatureSignatureError: "token not yet valid",
+            }.get(type(exc), f"invalid token: {exc}")
+            raise InvalidToken(
+                reason, tenant=self._claimed_tenant(jwt.decode(token, options={"verify_signature": False}))
+            ) from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"invalid token: {exc}") from None
         return self._identity(claims)
+
+    def _claimed_tenant(self, claims: dict[str, Any]) -> str | None:
+        tenant = claim_at(claims, self.tenant_claim)
+        return tenant if is_tenant_id(tenant) else None
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
         tenant = claim_at(claims, self.tenant_claim)
@@ -134,7 +150,7 @@ class TokenVerifier:
         except InvalidRequest:
             raise InvalidToken(f"token's tenant claim is not a valid tenant id: {str(tenant)[:80]!r}") from None
         if self.required_scope is not None and self.required_scope not in _scopes(claims):
-            raise InvalidToken(f"token lacks the required scope {self.required_scope!r}")
+            raise InvalidToken(f"token lacks the required scope {self.required_scope!r}", tenant=tenant)
         return Identity(tenant=tenant, subject=str(claims["sub"]), expires_at=int(claims["exp"]))
 
 

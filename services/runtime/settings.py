@@ -29,5 +29,7 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=512, ge=1)
     # Used when a request carries no deadline.
     default_timeout_s: float = Field(default=30.0, gt=0)
+    # Argument names that would carry a tenant: removed from every tool call (JSON list in the env).
+    tenant_argument_aliases: tuple[str, ...] = ("tenant_id", "tenant", "tenantId")
     # How long a stopping service waits for in-flight messages.
     drain_timeout_s: float = Field(default=10.0, gt=0)

@@ -78,6 +78,12 @@ def init_state(
     (state_dir / "jetstream").mkdir(exist_ok=True)
     if (state_dir / "secrets.json").exists():
         found = load_secrets(state_dir)
+        missing = {
+            user: password for user, password in Secrets.generate().passwords.items() if user not in found.passwords
+        }
+        if missing:  # a state directory from before a user was added: keep its keys, add the user
+            found = Secrets({**found.passwords, **missing}, found.issuer_seed, found.dev_key)
+            _write_private(state_dir / "secrets.json", json.dumps(found.to_json(), indent=2))
     else:
         found = Secrets.generate()
         _write_private(state_dir / "secrets.json", json.dumps(found.to_json(), indent=2))

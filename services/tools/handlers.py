@@ -19,7 +19,8 @@ REFUSED = frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID
 
 def register(service: Service, catalog: Catalog, registry: ToolRegistry | None = None) -> ToolRegistry:
     """Declare the tools service's operation on ``service``."""
-    tools = registry or ToolRegistry(catalog)
+    aliases = frozenset(service.settings.tenant_argument_aliases)
+    tools = registry or ToolRegistry(catalog, tenant_keys=aliases)
     service.on_start(tools.discover)
     service.on_stop(tools.aclose)
 
@@ -33,7 +34,7 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
         name = req.subject.tool
         if name != req.payload.tool:
             raise InvalidRequest(f"the subject names tool {name!r} but the payload names {req.payload.tool!r}")
-        arguments, removed = strip_tenant(dict(req.payload.arguments))
+        arguments, removed = strip_tenant(dict(req.payload.arguments), aliases)
         if removed:
             req.log.warning("tenant_override_attempt", tool=name, removed=removed)
             req.audit("tenant_override_attempt", "refused", tool=name, removed=removed)

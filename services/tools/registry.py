@@ -24,7 +24,9 @@ class Adapter(Protocol):
 
 
 class ToolRegistry:
-    def __init__(self, catalog: Catalog, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, catalog: Catalog, http: httpx.AsyncClient | None = None, tenant_keys: frozenset[str] = TENANT_KEYS
+    ) -> None:
         self.catalog = catalog
         self.http = http or httpx.AsyncClient(follow_redirects=False)
         self.connections = {name: McpConnection(server) for name, server in catalog.mcp_servers.items()}
@@ -32,7 +34,7 @@ class ToolRegistry:
         self.parameters: dict[str, dict[str, Any]] = {}
         self.validators: dict[str, Any] = {}
         for tool in catalog.tools.values():
-            _refuse_tenant_parameters(tool)
+            _refuse_tenant_parameters(tool, tenant_keys)
             self._set_parameters(tool.name, tool.parameters)
             if tool.python is not None:
                 self.adapters[tool.name] = PythonAdapter(tool.name, tool.python)
@@ -91,8 +93,8 @@ class ToolRegistry:
         await self.http.aclose()
 
 
-def _refuse_tenant_parameters(tool: ToolDefinition) -> None:
+def _refuse_tenant_parameters(tool: ToolDefinition, tenant_keys: frozenset[str]) -> None:
     """A tool's schema must never offer the tenant as a parameter: the runtime injects it."""
-    offered = set(tool.parameters.get("properties", {})) & TENANT_KEYS
+    offered = set(tool.parameters.get("properties", {})) & tenant_keys
     if offered:
         raise DefinitionError(f"tool {tool.name!r} must not declare {sorted(offered)}: the runtime injects the tenant")

@@ -4,8 +4,11 @@ per-tenant hash chain that stays intact under concurrent writers and exposes tam
 from __future__ import annotations
 
 import asyncio
+import time
 
+import jwt
 import nats
+import pytest
 
 from contracts import subjects
 from contracts.audit import STREAM, seal
@@ -131,3 +134,30 @@ async def test_audit_records_cannot_be_deleted_and_forged_entries_are_detected(s
     finally:
         await admin.close()
     assert config.deny_delete and config.deny_purge
+
+
+async def test_refused_tokens_signed_by_a_trusted_key_reach_their_tenants_trail(system):
+    broker, _ = system
+    now = int(time.time())
+    expired = jwt.encode(
+        {"iss": "corral-dev", "aud": "corral", "sub": "bob", "tenant_id": "globex", "iat": now - 600, "exp": now - 300},
+        broker.secrets.dev_key,
+        algorithm="HS256",
+    )
+    forged = jwt.encode(
+        {"iss": "corral-dev", "aud": "corral", "sub": "eve", "tenant_id": "globex", "iat": now, "exp": now + 300},
+        "a-key-nobody-trusts-0123456789abcdef",
+        algorithm="HS256",
+    )
+    for token in (expired, forged):
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(broker.url, token=token, allow_reconnect=False, connect_timeout=3)
+    records = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # written in the background: poll with a deadline
+        records = [r for r in (await trail(broker, "globex")).records if r.action == "auth_denied"]
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    # Only the expired token was signed by a trusted key: the forged one's claim is not believed.
+    assert [(r.service, r.detail["reason"]) for r in records] == [("auth", "token expired")]

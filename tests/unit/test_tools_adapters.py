@@ -209,3 +209,8 @@ def test_the_registry_refuses_tools_a_tenant_is_not_allowed():
         registry.resolve("acme", "nope")
     assert [tool["name"] for tool in registry.schemas_for("acme")] == ["echo"]
     assert registry.schemas_for("globex") == []
+
+
+def test_configured_tenant_aliases_are_removed_too():
+    cleaned, removed = strip_tenant({"q": 1, "org": "globex", "tenant_id": "globex"}, frozenset({"org", "tenant_id"}))
+    assert cleaned == {"q": 1} and removed == ["org", "tenant_id"]
