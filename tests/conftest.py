@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.support.brokers import SecuredBroker, plain_broker, secured_broker
+
 # Two shared cores run the suite: timing-based health checks and deadlines would only add flakes.
 settings.register_profile("corral", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("corral")
-
-from tests.support.brokers import SecuredBroker, plain_broker, secured_broker
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,42 @@
+"""Graceful shutdown: a stopping service takes no new messages but finishes those in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+import yaml
+
+from services.auth.tokens import mint_dev_token
+from services.client import CorralClient
+from tests.support import slow_tool
+from tests.support.services import running_services
+
+DEFINITIONS = {
+    "tools": [{"name": "slow", "python": {"callable": "tests.support.slow_tool:wait_for_release"}}],
+    "graphs": [{"name": "hold", "entry": "call", "nodes": {"call": {"kind": "tool", "tool": "slow", "timeout_s": 30}}}],
+    "tenants": [{"tenant": "acme", "default_route": "hold", "routes": {"hold": {"graph": "hold"}}, "tools": ["slow"]}],
+}
+
+
+async def test_a_stopping_tools_service_finishes_the_call_in_flight(secured, tmp_path):
+    (tmp_path / "defs.yaml").write_text(yaml.safe_dump(DEFINITIONS))
+    slow_tool.started.clear()
+    slow_tool.release.clear()
+    async with running_services(
+        secured.url, secured.state_dir, ("auth", "router", "graph", "tools"), definitions=tmp_path / "defs.yaml"
+    ) as services:
+        client = await CorralClient.connect(
+            secured.url, tenant="acme", token=mint_dev_token("acme", key=secured.secrets.dev_key)
+        )
+        try:
+            request = asyncio.create_task(client.request("hold on", timeout=20))
+            await asyncio.wait_for(slow_tool.started.wait(), 10)
+            stopping = asyncio.create_task(services["tools"].stop())
+            await asyncio.sleep(0)  # let stop() unsubscribe before the tool is released
+            assert not stopping.done()  # it waits for the call in flight
+            slow_tool.release.set()
+            result = await asyncio.wait_for(request, 20)
+            await asyncio.wait_for(stopping, 20)
+        finally:
+            await client.close()
+    assert result.output == {"tenant": "acme", "released": True}
