@@ -222,17 +222,15 @@ class Service:
         if self.ping:
             self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
         await self.nc.flush()
-        if os.environ.get("CORRAL_GC_FREEZE"):
-            import gc
-
-            gc.freeze()
         self.log.info("service_ready", subjects=[op.subject for op in self.operations], pid=os.getpid())
 
     async def stop(self) -> None:
         """Stop taking messages, finish those in flight, then close the connection."""
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                # drain, not unsubscribe: messages the server already handed to this replica (its
+                # queue-group share) are still dispatched instead of being dropped.
+                await sub.drain()
         self._subscriptions.clear()
         if self._in_flight:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=self.settings.drain_timeout_s)
@@ -254,9 +252,6 @@ class Service:
         await self.start()
         await self._stopping.wait()
         await self.stop()
-
-    def request_stop(self) -> None:
-        self._stopping.set()
 
     # ---- bus helpers -----------------------------------------------------------------
 
