@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from services.runtime.service import decode_reply
 OnEvent = Callable[[RunEvent], Awaitable[None] | None]
 TERMINAL = (EventType.COMPLETED, EventType.FAILED)
 NOT_CONNECTED = "not connected to Corral (was the token refused or has it expired?)"
+TokenProvider = Callable[[], str | Awaitable[str]]
+TOKEN_PROVIDER_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -39,51 +42,125 @@ class RunResult:
 class CorralClient:
     """One tenant's connection to Corral.
 
-    The server closes a tenant's connection when its token expires. With a token *provider*
-    (a callable returning a fresh token) the client then opens a new connection with a new token
-    by itself; ``renewed`` is set each time it did. With a fixed token it stays closed.
+    The server cuts a tenant's connection when its token expires (the auth service gives the
+    connection's user the token's expiry). With a ``token_provider`` (a callable returning a fresh
+    token, sync or async) the client comes back by itself:
+
+    - when the connection drops and nats-py reconnects, the ``disconnected_cb`` puts a fresh token
+      into the connection's options first (nats-py reads ``options["token"]`` on every CONNECT);
+    - when the server closes it for good (an expired user is answered ``-ERR 'User Authentication
+      Expired'``, which nats-py treats as final), a new connection is opened with a fresh token.
+
+    ``renewed`` is set, and any ``reconnected_cb`` given in the options called, each time the
+    client came back. Without a provider an expired connection stays closed.
     """
 
-    def __init__(self, url: str, tenant: str, token: str | Callable[[], str], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        url: str,
+        tenant: str,
+        token: str | Callable[[], str],
+        options: dict[str, Any],
+        token_provider: TokenProvider | None = None,
+    ) -> None:
         self.url = url
         self.tenant = tenant
-        self.token = token
-        self.options = options
+        if callable(token):  # the older form of a provider: a callable as the token itself
+            token_provider = token_provider or token
+            token = token()
+        self.token: str = token
+        self.token_provider = token_provider
+        self.options = dict(options)
+        # The caller's own callbacks are chained with the client's, not replaced by them.
+        self._user_error_cb = self.options.pop("error_cb", None)
+        self._user_disconnected_cb = self.options.pop("disconnected_cb", None)
+        self._user_reconnected_cb = self.options.pop("reconnected_cb", None)
+        self._user_closed_cb = self.options.pop("closed_cb", None)
         self.errors: list[Exception] = []
         self.renewed = asyncio.Event()
         self.nc: Client = Client()
         self._closing = False
+        self._fresh = False  # self.token came from the provider and no connection has used it yet
 
     @classmethod
-    async def connect(cls, url: str, *, tenant: str, token: str | Callable[[], str], **options: Any) -> CorralClient:
-        """Connect as ``tenant`` with a token or a token provider (extra options go to nats-py)."""
-        client = cls(url, tenant, token, options)
+    async def connect(
+        cls,
+        url: str,
+        *,
+        tenant: str,
+        token: str | Callable[[], str],
+        token_provider: TokenProvider | None = None,
+        **options: Any,
+    ) -> CorralClient:
+        """Connect as ``tenant`` with ``token``; ``token_provider`` renews it (extra options go to nats-py)."""
+        client = cls(url, tenant, token, options, token_provider)
         client.nc = await client._open()
         return client
 
     async def _open(self) -> Client:
-        async def on_error(error: Exception) -> None:
-            self.errors.append(error)
-
         return await nats.connect(
             self.url,
-            token=self.token,  # nats-py calls a callable token on every CONNECT
+            token=self.token,
             inbox_prefix=subjects.inbox_prefix(self.tenant).encode(),
-            error_cb=on_error,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
             closed_cb=self._on_closed,
             name=f"corral-client-{self.tenant}",
             **self.options,
         )
 
+    async def _fresh_token(self) -> bool:
+        """Ask the provider for a new token; False (and the error recorded) if it gave none."""
+        if self.token_provider is None:
+            return False
+        try:
+            token = self.token_provider()
+            if inspect.isawaitable(token):
+                token = await asyncio.wait_for(token, timeout=TOKEN_PROVIDER_TIMEOUT_S)
+            if not isinstance(token, str) or not token:
+                raise TypeError(f"the token provider returned {type(token).__name__}, not a token")
+        except Exception as error:  # a failing provider must not break nats-py's reconnection
+            self.errors.append(error)
+            return False
+        self.token = token
+        self._fresh = True
+        return True
+
+    async def _on_error(self, error: Exception) -> None:
+        self.errors.append(error)
+        await _call(self._user_error_cb, error)
+
+    async def _on_disconnected(self) -> None:
+        # nats-py awaits this before it reconnects, and before the closed callback when it closes.
+        if not self._closing and await self._fresh_token():
+            self.nc.options["token"] = self.token
+        await _call(self._user_disconnected_cb)
+
+    async def _on_reconnected(self) -> None:
+        self._fresh = False
+        if self.token_provider is not None:
+            self.renewed.set()
+        await _call(self._user_reconnected_cb)
+
     async def _on_closed(self) -> None:
-        if self._closing or not callable(self.token):
+        if self._closing or self.token_provider is None:
+            await _call(self._user_closed_cb)
             return
+        # The disconnected callback has normally fetched a fresh token just now; never reuse the
+        # token the server has just refused.
+        if not self._fresh and not await self._fresh_token():
+            await _call(self._user_closed_cb)
+            return
+        self._fresh = False
         try:
             self.nc = await self._open()
-        except Exception as error:  # the provider's token was refused too: stay closed
+        except Exception as error:  # the fresh token was refused too (or no server): stay closed
             self.errors.append(error)
+            await _call(self._user_closed_cb)
             return
         self.renewed.set()
+        await _call(self._user_reconnected_cb)
 
     async def close(self) -> None:
         self._closing = True
@@ -151,3 +228,10 @@ class CorralClient:
         finally:
             if subscription is not None:
                 await subscription.unsubscribe()
+
+
+async def _call(callback: Callable[..., Any] | None, *args: Any) -> None:
+    if callback is not None:
+        result = callback(*args)
+        if inspect.isawaitable(result):
+            await result

@@ -16,6 +16,8 @@ def build(base: Settings) -> Service:
         raise SystemExit("auth: set CORRAL_AUTH_ISSUER_SEED or CORRAL_STATE_DIR")
     if (settings.auth_keys_file or settings.auth_jwks_url) and not (settings.auth_issuer and settings.auth_audience):
         raise SystemExit("auth: identity-provider keys need CORRAL_AUTH_ISSUER and CORRAL_AUTH_AUDIENCE (RFC 8725)")
+    if settings.auth_jwks_url and not settings.auth_jwks_url.startswith(("https://", "http://")):
+        raise SystemExit("auth: CORRAL_AUTH_JWKS_URL must be an https:// (or http://) URL")
     verifier = TokenVerifier(
         dev_key=settings.auth_dev_key if settings.auth_dev_mode else None,
         keys=load_keys(settings.auth_keys_file) if settings.auth_keys_file else None,
@@ -28,6 +30,8 @@ def build(base: Settings) -> Service:
     service = Service("auth", settings, ping=False, audit=False)  # AUTH account: no tenant subjects
     jwks = None
     if settings.auth_jwks_url:
+        if not settings.auth_jwks_url.startswith("https://"):
+            service.log.warning("auth_jwks_not_https", url=settings.auth_jwks_url)
         jwks = JwksKeys(settings.auth_jwks_url, verifier, min_refresh_s=settings.auth_jwks_min_refresh_s)
     denials = None
     if settings.auth_audit_password:

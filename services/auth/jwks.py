@@ -21,18 +21,42 @@ log = structlog.get_logger()
 
 
 def parse_jwks(document: Any) -> dict[str, VerificationKey]:
-    """The usable keys of a JWKS document, by kid."""
-    keys: dict[str, VerificationKey] = {}
+    """The usable keys of a JWKS document, by kid (:class:`ValueError` if it is not one).
+
+    A key is usable when it has a ``kid``, pins an asymmetric ``alg`` and, if it says what it is
+    for, is a signature key (``use: sig``). PyJWT's :class:`jwt.PyJWKSet` builds the key objects
+    (and checks the key type fits the algorithm); the filter comes first because PyJWK would
+    otherwise guess an algorithm from the key type (``oct`` -> HS256, ``RSA`` -> RS256).
+    """
     entries = document.get("keys") if isinstance(document, dict) else None
-    for entry in entries if isinstance(entries, list) else []:
+    if not isinstance(entries, list):
+        raise ValueError("not a JWKS document (no 'keys' list)")
+    pinned = []
+    for entry in entries:
         kid, algorithm = (entry.get("kid"), entry.get("alg")) if isinstance(entry, dict) else (None, None)
-        if not kid or algorithm not in ASYMMETRIC:
-            log.warning("jwks_key_ignored", kid=kid, alg=algorithm, reason="needs a kid and an asymmetric alg")
+        if not isinstance(kid, str) or not kid or algorithm not in ASYMMETRIC:
+            log.warning(
+                "jwks_key_ignored",
+                kid=str(kid)[:64],
+                alg=str(algorithm)[:16],
+                reason="needs a kid and an asymmetric alg",
+            )
             continue
-        try:
-            keys[kid] = VerificationKey(kid, algorithm, jwt.PyJWK(entry, algorithm=algorithm).key)
-        except jwt.PyJWTError as error:
-            log.warning("jwks_key_ignored", kid=kid, reason=str(error))
+        if entry.get("use", "sig") != "sig":
+            log.warning("jwks_key_ignored", kid=kid[:64], reason=f"not a signature key (use={entry.get('use')!r})")
+            continue
+        pinned.append(entry)
+    if not pinned:
+        return {}
+    try:
+        found = jwt.PyJWKSet.from_dict({"keys": pinned})
+    except jwt.PyJWTError as error:  # PyJWKSetError: none of them could be built
+        log.warning("jwks_keys_unusable", reason=str(error)[:200])
+        return {}
+    keys = {jwk.key_id: VerificationKey(jwk.key_id, jwk.algorithm_name, jwk.key) for jwk in found.keys if jwk.key_id}
+    for entry in pinned:
+        if entry["kid"] not in keys:  # PyJWKSet skips a key it cannot build (say an RSA key marked ES256)
+            log.warning("jwks_key_ignored", kid=entry["kid"][:64], reason="not a valid key for its alg")
     return keys
 
 
@@ -59,14 +83,15 @@ class JwksKeys:
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
-        """Fetch the JWKS now; on failure keep the keys already known."""
+        """Fetch the JWKS now; on failure (unreachable, slow, not a JWKS) keep the keys already known."""
         self.fetched_at = time.monotonic()
         self.fetches += 1
         try:
-            response = await self.http.get(self.url, timeout=self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # in all: httpx's timeout is per phase
+                response = await self.http.get(self.url, timeout=self.timeout_s)
             response.raise_for_status()
             keys = parse_jwks(response.json())
-        except (httpx.HTTPError, ValueError) as error:
+        except (TimeoutError, httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
             log.warning("jwks_fetch_failed", url=self.url, error=f"{type(error).__name__}: {error}")
             return
         self.verifier.keys = {**keys, **self.static}  # keys from the operator's file win

@@ -94,6 +94,8 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise InvalidToken("malformed token") from None
         kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("malformed token: its key id is not a string")
         if kid is not None:
             entry = self.keys.get(kid)
             if entry is None:
@@ -130,6 +132,8 @@ class TokenVerifier:
                 jwt.ExpiredSignatureError: "token expired",
                 jwt.ImmatureSignatureError: "token not yet valid",
             }.get(type(exc), f"invalid token: {exc}")
+            if isinstance(exc, jwt.ImmatureSignatureError) and "(iat)" in str(exc):
+                reason = "token not yet valid: issued in the future"  # PyJWT checks iat against the leeway
             raise InvalidToken(
                 reason, tenant=self._claimed_tenant(jwt.decode(token, options={"verify_signature": False}))
             ) from None

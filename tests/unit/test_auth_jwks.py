@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import jwt
@@ -131,3 +133,160 @@ def test_a_token_issued_in_the_future_is_refused():
     }
     with pytest.raises(InvalidToken, match="not yet valid"):
         TokenVerifier(dev_key="k" * 32).verify(jwt.encode(claims, "k" * 32, algorithm="HS256"))
+
+
+def test_a_kid_that_is_not_a_string_is_a_malformed_token_not_a_crash(rsa_key):
+    # PyJWT will not encode such a header: forge it by hand, as an attacker would.
+    header = jwt.utils.base64url_encode(json.dumps({"alg": "RS256", "kid": ["a", "list"]}).encode())
+    body = jwt.utils.base64url_encode(json.dumps({"sub": "a"}).encode())
+    forged = (header + b"." + body + b".c2ln").decode()
+    with pytest.raises(InvalidToken, match="malformed"):
+        verifier().verify(forged)
+
+
+def test_a_token_issued_in_the_future_says_so():
+    now = int(time.time())
+    claims = {
+        "iss": "corral-dev",
+        "aud": "corral",
+        "sub": "a",
+        "tenant_id": "acme",
+        "iat": now + 3600,
+        "exp": now + 7200,
+    }
+    with pytest.raises(InvalidToken, match="issued in the future"):
+        TokenVerifier(dev_key="k" * 32).verify(jwt.encode(claims, "k" * 32, algorithm="HS256"))
+
+
+async def test_encryption_keys_and_keys_that_do_not_fit_their_alg_are_ignored(rsa_key, ec_key):
+    document = {
+        "keys": [
+            {**jwk(rsa_key, "enc", "RS256"), "use": "enc"},
+            {**jwk(rsa_key, "misfit", "RS256"), "alg": "ES256"},  # an RSA key claiming ES256
+            {**jwk(ec_key, "good", "ES256"), "use": "sig"},
+        ]
+    }
+    with serving([document]) as server:
+        check = verifier()
+        keys = JwksKeys(server.url, check)
+        await keys.refresh()
+        assert set(check.keys) == {"good"} and check.keys["good"].algorithm == "ES256"
+        await keys.aclose()
+
+
+async def test_a_failed_refresh_keeps_the_keys_already_known(rsa_key):
+    documents = [{"keys": [jwk(rsa_key, "r1", "RS256")]}]
+    with serving(documents) as server:
+        check = verifier()
+        keys = JwksKeys(server.url, check, min_refresh_s=0)
+        await keys.refresh()
+        documents[0] = {"not": "a jwks"}
+        await keys.refresh_if_unknown("other")
+        assert keys.fetches == 2 and set(check.keys) == {"r1"}
+        assert check.verify(token(rsa_key, "r1")).tenant == "acme"
+        await keys.aclose()
+
+
+async def test_keys_from_the_keys_file_are_kept_and_win_over_the_jwks(rsa_key, ec_key):
+    from services.auth.tokens import VerificationKey
+
+    check = verifier()
+    check.keys = {"file": VerificationKey("file", "ES256", ec_key.public_key())}
+    with serving([{"keys": [jwk(rsa_key, "r1", "RS256"), jwk(rsa_key, "file", "RS256")]}]) as server:
+        keys = JwksKeys(server.url, check)
+        await keys.refresh()
+        assert set(check.keys) == {"r1", "file"} and check.keys["file"].algorithm == "ES256"
+        assert check.verify(token(ec_key, "file", alg="ES256")).tenant == "acme"
+        await keys.aclose()
+
+
+async def test_a_stuck_jwks_server_is_given_up_on_after_the_timeout(rsa_key):
+    stuck = threading.Event()
+    with http_server(lambda request: Reply(body={"keys": []}, wait=stuck)) as server:
+        check = verifier()
+        keys = JwksKeys(server.url, check, timeout_s=0.5)
+        started = time.monotonic()
+        await keys.refresh_if_unknown("r1")
+        assert time.monotonic() - started < 3
+        with pytest.raises(InvalidToken, match="unknown key id"):
+            check.verify(token(rsa_key, "r1"))
+        stuck.set()
+        await keys.aclose()
+
+
+# The auth handler: it refreshes the JWKS for an unknown kid before verifying, and answers every request.
+
+
+class Published:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        self.messages.append((subject, data))
+
+
+def callout_handler(check, jwks):
+    from services.auth.callout import CalloutSigner
+    from services.auth.handlers import register
+    from services.runtime.service import Service
+    from services.runtime.settings import Settings
+    from tests.unit.test_auth_callout import ISSUER
+
+    service = Service("auth", Settings(log_level="warning"), ping=False, audit=False)
+    register(service, check, CalloutSigner(ISSUER.seed.decode()), jwks)
+    service.nc = Published()
+    return service, service.raw_subscriptions[0][1]
+
+
+def response_of(service):
+    from tests.unit.test_auth_callout import unpack
+
+    ((_subject, data),) = service.nc.messages
+    return unpack(data.decode())[1]["nats"]
+
+
+@pytest.mark.parametrize("reachable", [True, False], ids=["jwks-up", "jwks-down"])
+async def test_the_handler_fetches_a_new_kid_before_verifying(rsa_key, reachable):
+    from types import SimpleNamespace
+
+    from tests.unit.test_auth_callout import server_request
+
+    with serving([{"keys": [jwk(rsa_key, "r1", "RS256")]}]) as server:
+        url = server.url if reachable else f"http://127.0.0.1:{free_port()}/jwks"
+        check = verifier()
+        jwks = JwksKeys(url, check, timeout_s=2)
+        service, authorize = callout_handler(check, jwks)
+        await authorize(SimpleNamespace(data=server_request(token=token(rsa_key, "r1")), reply="_INBOX.r"))
+        response = response_of(service)
+        await jwks.aclose()
+    if reachable:
+        assert "jwt" in response and "error" not in response
+    else:
+        assert response["error"].startswith("unknown key id")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CORRAL_AUTH_JWKS_URL": "https://idp.example/jwks"}, "CORRAL_AUTH_ISSUER and CORRAL_AUTH_AUDIENCE"),
+        ({"CORRAL_AUTH_JWKS_URL": "https://idp.example/jwks", "CORRAL_AUTH_ISSUER": ISSUER}, "AUDIENCE"),
+        (
+            {
+                "CORRAL_AUTH_JWKS_URL": "file:///etc/jwks",
+                "CORRAL_AUTH_ISSUER": ISSUER,
+                "CORRAL_AUTH_AUDIENCE": AUDIENCE,
+            },
+            "https://",
+        ),
+    ],
+)
+def test_the_auth_service_refuses_to_start_with_provider_keys_but_no_issuer_or_audience(monkeypatch, env, message):
+    from services.auth.__main__ import build
+    from services.runtime.settings import Settings
+    from tests.unit.test_auth_callout import ISSUER as ISSUER_KEY
+
+    monkeypatch.setenv("CORRAL_AUTH_ISSUER_SEED", ISSUER_KEY.seed.decode())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=message):
+        build(Settings(log_level="warning"))
