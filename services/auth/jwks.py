@@ -70,7 +70,7 @@ class JwksKeys:
         *,
         min_refresh_s: float = 30.0,
         http: httpx.AsyncClient | None = None,
-        timeout_s: float = 5.0,
+        timeout_s: float = 1.5,  # under the broker's 2 s callout timeout: a slow IdP must not time out the connect
     ) -> None:
         self.url = url
         self.verifier = verifier
