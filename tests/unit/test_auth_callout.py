@@ -12,7 +12,7 @@ import nkeys
 import pytest
 
 from contracts.permissions import tenant_permissions
-from services.auth.callout import CalloutSigner, decode_request, encode_jwt
+from services.auth.callout import MAX_USER_TTL_S, CalloutSigner, decode_request, encode_jwt
 from services.auth.errors import InvalidCalloutRequest
 from services.auth.tokens import Identity
 
@@ -82,6 +82,11 @@ def test_malformed_requests_are_refused(body):
         decode_request(body)
 
 
+def test_a_request_for_another_audience_is_refused():
+    with pytest.raises(InvalidCalloutRequest, match="not an authorization request"):
+        decode_request(server_request(aud="someone-else"))
+
+
 def test_a_request_of_the_wrong_type_is_refused():
     with pytest.raises(InvalidCalloutRequest, match="not an authorization request"):
         decode_request(server_request(kind="something_else"))
@@ -112,3 +117,18 @@ def test_a_denial_carries_the_reason_and_no_user():
     _, claims, _, _ = unpack(response.decode())
     assert claims["nats"]["error"] == "token expired"
     assert "jwt" not in claims["nats"]
+
+
+def test_a_user_never_outlives_the_maximum_lifetime_whatever_its_token_says():
+    signer = CalloutSigner(ISSUER.seed.decode())
+    far = int(time.time()) + 365 * 24 * 3600
+    response = signer.response(decode_request(server_request()), identity=Identity("acme", "alice", far))
+    _, claims, _, _ = unpack(response.decode())
+    _, user, _, _ = unpack(claims["nats"]["jwt"])
+    assert user["exp"] <= user["iat"] + MAX_USER_TTL_S
+
+
+def test_every_response_carries_a_jti_and_an_issue_time():
+    signer = CalloutSigner(ISSUER.seed.decode())
+    _, claims, _, _ = unpack(signer.response(decode_request(server_request()), error="no").decode())
+    assert claims["jti"] and abs(claims["iat"] - time.time()) < 60

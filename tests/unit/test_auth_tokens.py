@@ -121,6 +121,37 @@ def test_identity_provider_tokens_are_verified_with_the_key_their_kid_names(tmp_
         verifier.verify(wrong)
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"iss": "https://impostor"}, "(?i)issuer"),
+        ({"aud": "another-service"}, "(?i)audience"),
+        ({"aud": None}, "aud"),
+        ({"iss": None}, "iss"),
+    ],
+)
+def test_the_configured_issuer_and_audience_are_required_of_provider_tokens(rsa_key, tmp_path, changes, reason):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"kid": "idp-1", "alg": "RS256", "public_key_pem": pem(rsa_key)}]))
+    verifier = TokenVerifier(dev_key=None, keys=load_keys(keys), issuer="https://idp", audience="corral")
+    claims = dev_claims(**{"iss": "https://idp", "aud": "corral", **changes})
+    token = jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": "idp-1"})
+    with pytest.raises(InvalidToken, match=reason):
+        verifier.verify(token)
+
+
+@pytest.mark.parametrize(("leeway_s", "accepted"), [(30.0, True), (0.0, False)])
+def test_expiry_is_judged_with_the_configured_leeway(leeway_s, accepted):
+    """A token that expired 10 s ago passes with the default 30 s leeway (clock skew), not with none."""
+    verifier = TokenVerifier(dev_key=DEV_KEY, leeway_s=leeway_s)
+    token = dev_token(exp=int(time.time()) - 10)
+    if accepted:
+        assert verifier.verify(token).tenant == "acme"
+    else:
+        with pytest.raises(InvalidToken, match="expired"):
+            verifier.verify(token)
+
+
 def test_an_unknown_kid_is_refused(verifier, rsa_key):
     token = jwt.encode(dev_claims(), rsa_key, algorithm="RS256", headers={"kid": "nope"})
     with pytest.raises(InvalidToken, match="unknown key id"):
