@@ -5,6 +5,7 @@ from __future__ import annotations
 import jwt
 from nats.aio.msg import Msg
 
+from contracts import subjects
 from contracts.errors import CorralError
 from services.auth.callout import CalloutSigner, decode_request
 from services.auth.denials import DenialAudit
@@ -12,8 +13,6 @@ from services.auth.errors import InvalidToken
 from services.auth.jwks import JwksKeys
 from services.auth.tokens import TokenVerifier
 from services.runtime.service import Service
-
-CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
 
 
 def register(
@@ -49,8 +48,9 @@ def register(
         except CorralError as error:
             client = request.client_name[:64]
             tenant = error.tenant if isinstance(error, InvalidToken) else None
-            service.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
+            # Answer first: the server holds the client until it hears back.
             await service.nc.publish(msg.reply, signer.response(request, error=error.message))
+            service.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
             if denials is not None and isinstance(error, InvalidToken):
                 denials.record(error, client)
             return
@@ -61,7 +61,7 @@ def register(
         service.log.debug("auth_granted", tenant_id=identity.tenant, principal=identity.subject)
         await service.nc.publish(msg.reply, signer.response(request, identity=identity))
 
-    service.raw_subscriptions.append((CALLOUT_SUBJECT, authorize))
+    service.raw_subscriptions.append((subjects.AUTH_CALLOUT, authorize))
 
 
 def _kid(token: str) -> str | None:

@@ -221,6 +221,9 @@ class Service:
             )
         if self.ping:
             self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
+        # nats-py 2.16 writes a flush's PING ahead of SUBs still queued: the second round trip
+        # follows them, so the subscriptions exist before the service says it is ready.
+        await self.nc.flush()
         await self.nc.flush()
         self.log.info("service_ready", subjects=[op.subject for op in self.operations], pid=os.getpid())
 
