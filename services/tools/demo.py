@@ -1,6 +1,8 @@
 """The demo data tool: each tenant's orders, chosen by the tenant the runtime injects.
 
-The query can never pick the tenant: the data folder comes from ``ctx.tenant_id`` only.
+The query can never pick the tenant: the data folder comes from ``ctx.tenant_id`` only (checked
+against the tenant id grammar again here, so no id can walk out of the data folder). The folder is
+``deploy/demo/data`` unless ``CORRAL_DEMO_DATA`` names another.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from services.tools.context import ToolContext
 ORDER_ID = re.compile(r"\b[A-Z]-\d{3,6}\b")
 
 
-@lru_cache(maxsize=1024)
+def data_folder() -> Path:
+    """Where the demo data lives: ``CORRAL_DEMO_DATA``, else ``deploy/demo/data`` in the repository."""
+    return Path(os.environ.get("CORRAL_DEMO_DATA") or REPO_ROOT / "deploy" / "demo" / "data")
+
+
 def _records(tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
-    """A tenant's records of one kind, read once (demo data does not change while it runs)."""
-    folder = Path(os.environ.get("CORRAL_DEMO_DATA", REPO_ROOT / "deploy" / "demo" / "data"))
-    path = folder / validate_tenant_id(tenant) / f"{kind}.json"
-    if not path.exists():
+    return _read(data_folder(), validate_tenant_id(tenant), kind)
+
+
+@lru_cache(maxsize=1024)
+def _read(folder: Path, tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
+    """A tenant's records of one kind, read once per folder (demo data does not change while it runs)."""
+    path = folder / tenant / f"{kind}.json"
+    if not path.is_file():
         return ()
     return tuple(json.loads(path.read_text()))
 
@@ -35,14 +45,18 @@ async def lookup_orders(ctx: ToolContext, query: str) -> dict[str, Any]:
 
 
 def find_order(tenant: str, query: str) -> dict[str, Any]:
-    """The lookup itself, also called in process by the LangGraph side of ``corral bench``."""
-    orders = _records(tenant, "orders")
+    """The lookup itself, also called in process by the LangGraph side of ``corral bench``.
+
+    ``orders`` is every order of the tenant, most recent first. A query that names only order ids
+    the tenant does not have (another tenant's, say) finds nothing rather than some other order.
+    """
+    orders = sorted(_records(tenant, "orders"), key=lambda order: order["placed_at"], reverse=True)
     mentioned = set(ORDER_ID.findall(query.upper()))
     named = [order for order in orders if order["id"] in mentioned]
     if not orders or (mentioned and not named):
-        return {"found": False, "order": None, "order_count": len(orders)}
-    chosen = named[0] if named else max(orders, key=lambda order: order["placed_at"])
-    return {"found": True, "order": chosen, "order_count": len(orders)}
+        return {"found": False, "order": None, "orders": orders, "order_count": len(orders)}
+    chosen = named[0] if named else orders[0]
+    return {"found": True, "order": chosen, "orders": orders, "order_count": len(orders)}
 
 
 async def lookup_incidents(ctx: ToolContext, category: str | None = None) -> dict[str, Any]:

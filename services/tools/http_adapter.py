@@ -2,7 +2,9 @@
 
 The tenant is injected by the runtime: into the configured header and the ``{tenant_id}`` path
 parameter. Other ``{name}`` placeholders in the URL are filled (URL-encoded) from the arguments;
-the remaining arguments go in the query string (GET, DELETE) or the JSON body.
+the remaining arguments go in the query string (GET, DELETE) or the JSON body. Structured values
+(objects, lists of objects) in a path or query are sent as JSON text, never as Python reprs.
+Redirects are not followed (they could carry the tenant header to another host) and are failures.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class HttpAdapter:
+    """One HTTP tool: builds each request from the runtime's context and the caller's arguments."""
+
     def __init__(self, name: str, config: HttpTool, client: httpx.AsyncClient) -> None:
         self.name = name
         self.config = config
@@ -40,11 +44,14 @@ class HttpAdapter:
                 return quote(ctx.tenant_id, safe="")
             if key not in remaining:
                 raise InvalidRequest(f"tool {self.name!r} needs the argument {key!r}")
-            return quote(str(remaining.pop(key)), safe="")
+            return quote(as_text(remaining.pop(key)), safe="")
 
         url = _PLACEHOLDER.sub(fill, self.config.url)
         headers = dict(self.config.headers)
         if self.config.tenant_header:
+            # Header names are case-insensitive: a configured variant must not travel alongside.
+            wanted = self.config.tenant_header.lower()
+            headers = {key: value for key, value in headers.items() if key.lower() != wanted}
             headers[self.config.tenant_header] = ctx.tenant_id
         if ctx.run_id:
             headers["X-Corral-Run"] = ctx.run_id
@@ -53,7 +60,7 @@ class HttpAdapter:
     async def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
         url, remaining, headers = self.build(ctx, arguments)
         method = self.config.method
-        body = {"params": remaining} if method in ("GET", "DELETE") else {"json": remaining}
+        body = {"params": query_params(remaining)} if method in ("GET", "DELETE") else {"json": remaining}
         timeout = min(self.config.timeout_s, ctx.timeout_s)
         attempts = 1 + (self.config.retries if method in IDEMPOTENT else 0)
         loop = asyncio.get_running_loop()
@@ -82,6 +89,9 @@ class HttpAdapter:
     ) -> tuple[int, bytes, str]:
         limit = self.config.max_response_bytes
         async with self.client.stream(method, url, headers=headers, timeout=timeout, **body) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:  # refused before reading any of it
+                raise ToolFailed(f"tool {self.name!r} answered more than {limit} bytes")
             chunks, size = [], 0
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
@@ -92,8 +102,10 @@ class HttpAdapter:
 
     def _result(self, status: int, content: bytes, content_type: str) -> Any:
         if status >= 400:
-            reason = content[:200].decode(errors="replace").strip()
+            reason = " ".join(content[:200].decode(errors="replace").split())
             raise ToolFailed(f"tool {self.name!r} answered HTTP {status}" + (f": {reason}" if reason else ""))
+        if status >= 300:
+            raise ToolFailed(f"tool {self.name!r} answered HTTP {status} (redirects are not followed)")
         text = content.decode(errors="replace")
         if "json" in content_type:
             try:
@@ -101,3 +113,26 @@ class HttpAdapter:
             except json.JSONDecodeError:
                 raise ToolFailed(f"tool {self.name!r} answered invalid JSON") from None
         return text
+
+
+def as_text(value: Any) -> str:
+    """A scalar as it reads in a URL (``true``, ``3``, ``abc``); anything structured as JSON."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def query_params(arguments: dict[str, Any]) -> dict[str, str | list[str]]:
+    """Arguments as query parameters; a list of scalars repeats the parameter (``?tag=a&tag=b``)
+    and a null is left out (an optional argument not given)."""
+    params: dict[str, str | list[str]] = {}
+    for key, value in arguments.items():
+        if value is None:
+            continue
+        if isinstance(value, list) and all(not isinstance(item, dict | list) for item in value):
+            params[key] = [as_text(item) for item in value]
+        else:
+            params[key] = as_text(value)
+    return params

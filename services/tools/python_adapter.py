@@ -8,6 +8,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from contracts.definitions import PythonTool
 from contracts.errors import CorralError, DeadlineExceeded, ToolFailed
 from services.tools.context import ToolContext
@@ -23,19 +25,39 @@ class PythonAdapter:
             self.function: Callable[..., Any] = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as exc:
             raise ToolFailed(f"tool {name!r}: cannot import {config.callable!r}: {exc}") from None
-        self.is_async = inspect.iscoroutinefunction(self.function)
+        # An object whose __call__ is async counts as async too.
+        self.is_async = inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
+            type(self.function).__call__
+        )
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(self.function)
+        except (TypeError, ValueError):  # some builtins have no signature: let the call decide
+            self.signature = None
 
     async def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
+        """Call the function with the runtime's context; its failures become typed errors."""
+        if self.signature is not None:
+            try:
+                # Checked before the call, so a TypeError raised inside the tool is not mistaken
+                # for (and reported as) a bad argument.
+                self.signature.bind(ctx, **arguments)
+            except TypeError as exc:
+                raise ToolFailed(f"tool {self.name!r} rejected its arguments: {exc}") from None
+        timer = asyncio.timeout(ctx.timeout_s)
         try:
-            async with asyncio.timeout(ctx.timeout_s):
+            async with timer:
                 if self.is_async:
                     return await self.function(ctx, **arguments)
+                # A sync tool that overruns keeps its worker thread until it returns: Python cannot
+                # stop a thread. The caller still gets its answer at the deadline.
                 return await asyncio.to_thread(self.function, ctx, **arguments)
-        except TimeoutError:
-            raise DeadlineExceeded(f"tool {self.name!r} did not finish within {ctx.timeout_s:.1f}s") from None
         except CorralError:
             raise
-        except TypeError as exc:
-            raise ToolFailed(f"tool {self.name!r} rejected its arguments: {exc}") from None
         except Exception as exc:
-            raise ToolFailed(f"tool {self.name!r} failed: {type(exc).__name__}") from exc
+            # A TimeoutError of the tool's own (a socket, say) is a failure, not our deadline.
+            if isinstance(exc, TimeoutError) and timer.expired():
+                raise DeadlineExceeded(f"tool {self.name!r} did not finish within {ctx.timeout_s:.1f}s") from None
+            # The detail (message, traceback) stays in the log; the wire gets the exception's type only.
+            # A fresh logger picks up the process's configuration (a rare path: its cost is irrelevant).
+            structlog.get_logger().exception("tool_raised", tool=self.name, tenant_id=ctx.tenant_id, run_id=ctx.run_id)
+            raise ToolFailed(f"tool {self.name!r} failed: {type(exc).__name__}") from None

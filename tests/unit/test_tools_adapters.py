@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 
 import httpx
 import pytest
+import structlog
+import structlog.testing
 
 from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, HttpTool, PythonTool
 from contracts.errors import DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
@@ -214,3 +217,147 @@ def test_the_registry_refuses_tools_a_tenant_is_not_allowed():
 def test_configured_tenant_aliases_are_removed_too():
     cleaned, removed = strip_tenant({"q": 1, "org": "globex", "tenant_id": "globex"}, frozenset({"org", "tenant_id"}))
     assert cleaned == {"q": 1} and removed == ["org", "tenant_id"]
+
+
+# ---- more of the HTTP adapter: what reaches the wire -------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def raw_server(response_head: bytes, body_chunks: int = 0):
+    """An HTTP server on a free loopback port that records raw request heads and answers with
+    ``response_head`` then ``body_chunks`` kilobytes, closing the connection to end the body
+    (no content-length: the client cannot know the size before reading)."""
+    heads: list[bytes] = []
+
+    async def handle(reader, writer):
+        try:
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(response_head)
+            for _ in range(body_chunks):
+                writer.write(b"x" * 1024)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client stopped reading: that is the point of the size limit
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", heads
+
+
+async def test_a_streamed_response_over_the_size_limit_is_cut_off(client):
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n"
+    async with raw_server(head, body_chunks=64) as (url, _):
+        with pytest.raises(ToolFailed, match="more than 4096 bytes"):
+            await adapter(client, url + "/x", max_response_bytes=4096, retries=0).call(CTX, {})
+
+
+async def test_a_configured_header_cannot_duplicate_the_tenant_header_in_another_case(client):
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+    async with raw_server(head) as (url, heads):
+        await adapter(client, url + "/x", headers={"x-corral-tenant": "globex"}).call(CTX, {})
+    lines = [line for line in heads[0].decode().split("\r\n") if line.lower().startswith("x-corral-tenant:")]
+    assert [line.split(":", 1)[1].strip() for line in lines] == ["acme"]
+
+
+async def test_structured_query_values_are_sent_as_json_and_lists_repeat(client):
+    with http_server() as server:
+        await adapter(client, server.url + "/search").call(
+            CTX, {"filter": {"status": "open"}, "tag": ["a", "b"], "exact": True, "page": None}
+        )
+    assert server.received[0].path == "/search?filter=%7B%22status%22%3A%22open%22%7D&tag=a&tag=b&exact=true"
+
+
+async def test_delete_sends_arguments_in_the_query_and_put_in_the_body(client):
+    with http_server() as server:
+        await adapter(client, server.url + "/items/{item}", method="DELETE").call(CTX, {"item": 7, "hard": False})
+        await adapter(client, server.url + "/items/{item}", method="PUT").call(CTX, {"item": 7, "qty": 3})
+    deleted, put = server.received
+    assert (deleted.method, deleted.path, deleted.body) == ("DELETE", "/items/7?hard=false", b"")
+    assert (put.method, put.path, json.loads(put.body)) == ("PUT", "/items/7", {"qty": 3})
+
+
+async def test_a_path_argument_cannot_add_path_segments(client):
+    with http_server() as server:
+        await adapter(client, server.url + "/tenants/{tenant_id}/files/{name}").call(CTX, {"name": "../../globex/x"})
+    assert server.received[0].path == "/tenants/acme/files/..%2F..%2Fglobex%2Fx"
+
+
+async def test_redirects_are_not_followed(client):
+    with http_server() as server:
+        server.replies.append(Reply(status=302, body="", headers={"location": server.url + "/elsewhere"}))
+        with pytest.raises(ToolFailed, match="HTTP 302"):
+            await adapter(client, server.url + "/x").call(CTX, {})
+    assert [request.path for request in server.received] == ["/x"]
+
+
+async def test_the_http_timeout_is_bounded_by_the_deadline(client):
+    stuck = threading.Event()
+    with http_server() as server:
+        server.replies.append(Reply(wait=stuck))
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await adapter(client, server.url + "/x", timeout_s=30, retries=0).call(
+                    ToolContext("acme", None, None, timeout_s=0.2), {}
+                )
+        finally:
+            stuck.set()
+
+
+# ---- more of the Python adapter ----------------------------------------------------------------
+
+
+def tool_with_a_bug(ctx, q):
+    return len(q) + None  # a TypeError inside the tool, not an argument problem
+
+
+async def tool_with_its_own_timeout(ctx):
+    raise TimeoutError("the upstream socket timed out")
+
+
+class AsyncCallable:
+    async def __call__(self, ctx, **arguments):
+        return {"tenant": ctx.tenant_id}
+
+
+async_callable = AsyncCallable()
+
+
+async def test_a_type_error_inside_a_tool_is_a_failure_not_an_argument_problem():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:tool_with_a_bug"))
+    with pytest.raises(ToolFailed, match="failed: TypeError") as caught:
+        await tool.call(CTX, {"q": "x"})
+    assert "rejected" not in caught.value.message
+
+
+async def test_a_tools_own_timeout_is_a_failure_not_the_deadline():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:tool_with_its_own_timeout"))
+    with pytest.raises(ToolFailed, match="failed: TimeoutError"):
+        await tool.call(CTX, {})
+
+
+async def test_a_hanging_sync_tool_times_out_at_the_deadline():
+    release = threading.Event()
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:sync_tool"))
+    tool.function = lambda ctx, **arguments: release.wait(10)  # blocks its worker thread
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await tool.call(ToolContext("acme", None, None, timeout_s=0.05), {})
+    finally:
+        release.set()
+
+
+async def test_an_object_with_an_async_call_is_awaited():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:async_callable"))
+    assert tool.is_async
+    assert await tool.call(CTX, {}) == {"tenant": "acme"}
+
+
+async def test_a_failing_tool_is_logged_with_its_detail_and_tenant():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:broken_tool"))
+    with structlog.testing.capture_logs() as logs, pytest.raises(ToolFailed):
+        await tool.call(CTX, {})
+    [entry] = [entry for entry in logs if entry["event"] == "tool_raised"]
+    assert entry["tenant_id"] == "acme" and entry["tool"] == "t" and entry["run_id"] == "run-1"
+    assert entry["exc_info"] is True
