@@ -42,9 +42,13 @@ class AuditEntry(BaseModel):
     hash: str
 
 
-def entry_hash(tenant: str, prev: str, records: list[AuditRecord]) -> str:
+def _as_dicts(records: list[AuditRecord] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [record.model_dump(mode="json") if isinstance(record, AuditRecord) else record for record in records]
+
+
+def entry_hash(tenant: str, prev: str, records: list[AuditRecord] | list[dict[str, Any]]) -> str:
     canonical = json.dumps(
-        {"tenant_id": tenant, "prev": prev, "records": [record.model_dump(mode="json") for record in records]},
+        {"tenant_id": tenant, "prev": prev, "records": _as_dicts(records)},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -52,8 +56,20 @@ def entry_hash(tenant: str, prev: str, records: list[AuditRecord]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def seal(tenant: str, prev: str, records: list[AuditRecord]) -> AuditEntry:
+def seal(tenant: str, prev: str, records: list[AuditRecord] | list[dict[str, Any]]) -> AuditEntry:
     return AuditEntry(tenant_id=tenant, prev=prev, records=records, hash=entry_hash(tenant, prev, records))
+
+
+def seal_json(tenant: str, prev: str, records: list[dict[str, Any]]) -> tuple[str, bytes]:
+    """(hash, message body) of an entry whose records are plain dicts with every record field:
+    the writer's path, one serialisation for the hash and one for the body, no models."""
+    digest = entry_hash(tenant, prev, records)
+    body = json.dumps(
+        {"tenant_id": tenant, "prev": prev, "records": records, "hash": digest},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return digest, body.encode()
 
 
 @dataclass(frozen=True)

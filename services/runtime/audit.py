@@ -19,7 +19,7 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from contracts import subjects
-from contracts.audit import STREAM, AuditEntry, AuditRecord, seal
+from contracts.audit import STREAM, AuditEntry, seal_json
 
 WRONG_LAST_SEQUENCE = 10071
 # How long records gather before an entry is written: one append per tenant per window instead
@@ -41,7 +41,7 @@ class AuditTrail:
         self.nc = nc
         self.service = service
         self.log = log
-        self._pending: dict[str, list[AuditRecord]] = {}
+        self._pending: dict[str, list[dict[str, Any]]] = {}
         self._heads: dict[str, tuple[int, str]] = {}  # tenant -> (stream sequence, hash) of its last entry
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -70,16 +70,16 @@ class AuditTrail:
     ) -> None:
         """Queue one record for ``tenant`` (already validated: it came from a subject)."""
         at = datetime.now(UTC).isoformat(timespec="microseconds")
-        # Constructed without validation: every value comes from validated requests or this code.
-        record = AuditRecord.model_construct(
-            at=at,
-            service=self.service,
-            action=action,
-            outcome=outcome,
-            principal=principal,
-            run_id=run_id,
-            detail=detail,
-        )
+        # A plain dict with every AuditRecord field: records are written, not read, on this path.
+        record = {
+            "at": at,
+            "service": self.service,
+            "action": action,
+            "outcome": outcome,
+            "principal": principal,
+            "run_id": run_id,
+            "detail": detail,
+        }
         self._pending.setdefault(tenant, []).append(record)
         self._idle.clear()
         self._wake.set()
@@ -132,24 +132,24 @@ class AuditTrail:
                     await asyncio.sleep(0.5)  # back off before retrying
                     return
 
-    async def _append(self, tenant: str, records: list[AuditRecord]) -> None:
+    async def _append(self, tenant: str, records: list[dict[str, Any]]) -> None:
         subject = subjects.audit(tenant, self.service)
         chain = subjects.tenant_audit(tenant)
         for _ in range(50):
             sequence, previous = self._heads.get(tenant) or await self._head(tenant)
-            entry = seal(tenant, previous, records)
+            digest, body = seal_json(tenant, previous, records)
             headers = {
                 "Nats-Expected-Last-Subject-Sequence": str(sequence),
                 "Nats-Expected-Last-Subject-Sequence-Subject": chain,
             }
             try:
-                ack = await self._js.publish(subject, entry.model_dump_json().encode(), headers=headers, timeout=5)
+                ack = await self._js.publish(subject, body, headers=headers, timeout=5)
             except BadRequestError as error:
                 if error.err_code != WRONG_LAST_SEQUENCE:
                     raise
                 self._heads.pop(tenant, None)  # another writer extended the chain: re-read its head
                 continue
-            self._heads[tenant] = (ack.seq, entry.hash)
+            self._heads[tenant] = (ack.seq, digest)
             return
         raise RuntimeError("audit chain contended too long")
 

@@ -27,16 +27,21 @@ def data_folder() -> Path:
 
 
 def _records(tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
-    return _read(data_folder(), validate_tenant_id(tenant), kind)
+    # Keyed by the variable's text, not a Path: building Paths per call was most of the lookup.
+    return _read(os.environ.get("CORRAL_DEMO_DATA") or "", validate_tenant_id(tenant), kind)
 
 
 @lru_cache(maxsize=1024)
-def _read(folder: Path, tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
+def _read(configured: str, tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
     """A tenant's records of one kind, read once per folder (demo data does not change while it runs)."""
+    folder = Path(configured) if configured else data_folder()
     path = folder / tenant / f"{kind}.json"
     if not path.is_file():
         return ()
-    return tuple(json.loads(path.read_text()))
+    records = json.loads(path.read_text())
+    if kind == "orders":  # most recent first, sorted once here rather than on every lookup
+        records.sort(key=lambda order: order["placed_at"], reverse=True)
+    return tuple(records)
 
 
 async def lookup_orders(ctx: ToolContext, query: str) -> dict[str, Any]:
@@ -50,7 +55,7 @@ def find_order(tenant: str, query: str) -> dict[str, Any]:
     ``orders`` is every order of the tenant, most recent first. A query that names only order ids
     the tenant does not have (another tenant's, say) finds nothing rather than some other order.
     """
-    orders = sorted(_records(tenant, "orders"), key=lambda order: order["placed_at"], reverse=True)
+    orders = list(_records(tenant, "orders"))
     mentioned = set(ORDER_ID.findall(query.upper()))
     named = [order for order in orders if order["id"] in mentioned]
     if not orders or (mentioned and not named):
