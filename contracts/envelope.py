@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
@@ -183,8 +184,14 @@ class FollowEncoder:
         ).encode()
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:+\-]*")
+
+
 def _json_string(value: str | None) -> str:
-    return "null" if value is None else json.dumps(value, ensure_ascii=False)
+    if value is None:
+        return "null"
+    # Ids, run ids and timestamps need no escaping: skip the encoder for them (the common case).
+    return f'"{value}"' if _PLAIN.fullmatch(value) else json.dumps(value, ensure_ascii=False)
 
 
 _ENVELOPE_TYPES: dict[Any, type[Envelope[Any]]] = {}

@@ -37,7 +37,9 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         tokens: dict[str, int] = {}
 
         async def call_tool(tool: str, arguments: dict[str, Any], timeout: float) -> Any:
-            call = ToolCall(tool=tool, arguments=arguments)
+            # The tool name comes from the validated definition and the arguments from the run's
+            # JSON state: no need to validate them again on every call.
+            call = ToolCall.model_construct(tool=tool, arguments=arguments)
             return await req.call(subjects.tool_call(req.tenant, tool), Kind.TOOL_CALL, call, timeout=timeout)
 
         async def call_model(

@@ -120,3 +120,28 @@ def test_expressions_either_compile_safely_or_are_refused(source):
     except ExpressionError:
         return
     evaluate(compiled, {"input": {"a": 1}})  # must not raise
+
+
+@settings(max_examples=300)
+@given(
+    principal=st.none() | st.text(max_size=40),
+    trace=st.none() | st.text(max_size=40),
+    correlation=st.none() | st.text(max_size=40),
+)
+def test_the_fast_envelope_encoder_writes_exactly_what_the_model_would(principal, trace, correlation):
+    from contracts.envelope import FollowEncoder, Kind, Result, deadline_in
+
+    cause = Envelope[RouterRequest](
+        kind=Kind.REQUEST,
+        tenant_id="acme",
+        run_id="r-1",
+        principal=principal,
+        trace=trace,
+        correlation_id=correlation,
+        deadline=deadline_in(5),
+        payload=RouterRequest(),
+    )
+    payload = Result(output={"text": principal or "x"})
+    fast = Envelope[Result].model_validate_json(FollowEncoder(cause).encode(Kind.RESULT, payload))
+    model = cause.follow(Kind.RESULT, payload)
+    assert fast.model_dump(exclude={"id", "created_at"}) == model.model_dump(exclude={"id", "created_at"})
