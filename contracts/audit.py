@@ -57,7 +57,8 @@ def entry_hash(tenant: str, prev: str, records: list[AuditRecord] | list[dict[st
 
 
 def seal(tenant: str, prev: str, records: list[AuditRecord] | list[dict[str, Any]]) -> AuditEntry:
-    return AuditEntry(tenant_id=tenant, prev=prev, records=records, hash=entry_hash(tenant, prev, records))
+    """An entry as a model (for readers and tests); written through :func:`seal_json`."""
+    return AuditEntry.model_validate_json(seal_json(tenant, prev, _as_dicts(records))[1])
 
 
 def seal_json(tenant: str, prev: str, records: list[dict[str, Any]]) -> tuple[str, bytes]:

@@ -3,8 +3,6 @@ OpenAI-compatible Chat Completions server."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, JsonValue, model_validator
 
 from contracts.definitions_base import Definition
@@ -54,7 +52,3 @@ class ModelDefinition(Definition):
         if (self.scripted is None) == (self.openai is None):
             raise ValueError(f"model {self.name!r} needs exactly one of 'scripted' or 'openai'")
         return self
-
-
-def describe(model: ModelDefinition) -> dict[str, Any]:
-    return {"name": model.name, "kind": "scripted" if model.scripted else "openai"}

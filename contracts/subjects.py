@@ -24,9 +24,7 @@ SWARM_TURNS = "t.*.swarm.turn"
 TOOL_CALLS = "t.*.tool.*.call"
 ALL_EVENTS = "t.*.events.>"
 ALL_AUDIT = "t.*.audit.>"
-ALL_TENANT_TRAFFIC = "t.>"
 AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
-ALL_INBOXES = "_INBOX.*.>"
 
 
 def router_request(tenant: str) -> str:
@@ -127,11 +125,6 @@ def parse(subject: str) -> TenantSubject:
     if any(not p or p in ("*", ">") for p in parts[2:]):
         raise InvalidRequest(f"malformed subject: {subject[:120]!r}")
     return TenantSubject(tenant=tenant, area=parts[2], rest=tuple(parts[3:]))
-
-
-def tenant_of(subject: str) -> str:
-    """The tenant token of a tenant subject."""
-    return parse(subject).tenant
 
 
 def reply_belongs_to(reply: str, tenant: str) -> bool:

@@ -21,7 +21,7 @@ from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRe
 from nats.errors import TimeoutError as NatsTimeout
 
 from contracts import subjects
-from contracts.envelope import AnyEnvelope, EventType, Kind, RouterRequest, RunEvent, deadline_in, envelope_of, new_id
+from contracts.envelope import EventType, Kind, RouterRequest, RunEvent, deadline_in, envelope_of, new_id
 from contracts.errors import DeadlineExceeded, Internal
 from services.runtime.service import decode_reply
 
@@ -194,7 +194,7 @@ class CorralClient:
         if watch:
 
             async def on_message(msg: Msg) -> None:
-                event = RunEvent.model_validate(AnyEnvelope.model_validate_json(msg.data).payload)
+                event = envelope_of(RunEvent).model_validate_json(msg.data).payload
                 events.append(event)
                 if on_event is not None:
                     result = on_event(event)

@@ -82,7 +82,7 @@ def test_built_subjects_always_parse_back_to_their_tenant(tenant, tool):
         subject = subjects.tool_call(tenant, tool)
     except InvalidRequest:
         return
-    assert subjects.tenant_of(subject) == tenant
+    assert subjects.parse(subject).tenant == tenant
     assert subjects.parse(subject).tool == tool
 
 
