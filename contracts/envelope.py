@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
@@ -130,7 +131,7 @@ class Envelope(BaseModel, Generic[P]):
         """Seconds left before the deadline (``default`` if there is none)."""
         if self.deadline is None:
             return default
-        return (self.deadline - utcnow()).total_seconds()
+        return self.deadline.timestamp() - time.time()  # half the cost of datetime arithmetic
 
     def follow(self, kind: Kind, payload: BaseModel) -> Envelope[Any]:
         """A new envelope caused by this one: same tenant, principal, run, deadline and trace.

@@ -51,7 +51,8 @@ def _service(name: str, *, publish: tuple[str, ...] = (), subscribe: tuple[str, 
 SERVICE_PERMISSIONS: dict[str, Permissions] = {
     "router": _service(
         "router",
-        publish=(subjects.GRAPH_RUNS, subjects.ALL_EVENTS),
+        # The ping: whether an executor is running at all (services/runtime/liveness.py).
+        publish=(subjects.GRAPH_RUNS, subjects.ALL_EVENTS, subjects.ping("graph")),
         subscribe=(subjects.ROUTER_REQUESTS,),
     ),
     "graph": _service(

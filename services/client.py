@@ -215,7 +215,11 @@ class CorralClient:
             except NatsTimeout:
                 raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
             except NoRespondersError:
-                raise Internal("no router is running") from None
+                # From the broker: nothing serves the router's subject, or the one it passed the
+                # request on to (the executor answers the client directly).
+                raise Internal(
+                    "no service is serving this request (is the router, and the executor its route needs, running?)"
+                ) from None
             except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
                 raise Internal(NOT_CONNECTED) from None
             try:

@@ -1,5 +1,11 @@
-"""The raw nats-py chain the benchmark compares Corral with: three forwarding processes, no
-envelope, no validation, no guard. It is the floor for the same number of hops."""
+"""The raw nats-py chain the benchmark compares Corral with: three processes, no envelope, no
+validation, no guard, with the same message pattern as Corral's request path. It is the floor
+for the same hops.
+
+- "router" passes each request on with the client's reply subject (as Corral's router does);
+- "graph" requests the next hop and answers the client with the reply (as the executor does);
+- "tools" answers.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 import nats
 
 HOPS = ("bench.router", "bench.graph", "bench.tools")
+MODES = ("pass", "call", "answer")
 BODY = b'{"text": "where is my order?"}' * 4
 
 
@@ -28,6 +35,7 @@ async def start_chain(url: str, password: str) -> tuple[list[Any], Callable[[], 
                 "services.bench",
                 "raw-hop",
                 subject,
+                MODES[index],
                 forward,
                 env=env,
                 stdin=asyncio.subprocess.PIPE,
@@ -45,8 +53,8 @@ async def start_chain(url: str, password: str) -> tuple[list[Any], Callable[[], 
     return processes, call, nc
 
 
-async def run_hop(subject: str, forward: str) -> None:
-    """One process of the chain: forward each request to the next hop, or answer it."""
+async def run_hop(subject: str, mode: str, forward: str) -> None:
+    """One process of the chain: pass each request on, call the next hop and answer, or answer."""
     nc = await nats.connect(
         os.environ["CORRAL_BENCH_URL"],
         user="admin",
@@ -56,8 +64,12 @@ async def run_hop(subject: str, forward: str) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(msg: Any) -> None:
-        data = (await nc.request(forward, msg.data, timeout=10)).data if forward else msg.data
-        await msg.respond(data)
+        if mode == "pass":
+            await nc.publish(forward, msg.data, reply=msg.reply)
+        elif mode == "call":
+            await msg.respond((await nc.request(forward, msg.data, timeout=10)).data)
+        else:
+            await msg.respond(msg.data)
 
     async def on_message(msg: Any) -> None:  # a task per message, as Corral's services do
         task = asyncio.create_task(handle(msg))

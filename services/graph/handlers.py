@@ -61,24 +61,31 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
                 RunEvent(type=NODE_EVENTS[kind], service=service.name, node=node, elapsed_ms=elapsed_ms, data=data)
             )
 
-        await req.emit(RunEvent(type=EventType.STARTED, service=service.name, data={"graph": graph.definition.name}))
+        # Events are built only when the client watches the run: nobody else listens to them.
+        stream = req.stream
+        if stream:
+            await req.emit(
+                RunEvent(type=EventType.STARTED, service=service.name, data={"graph": graph.definition.name})
+            )
         try:
             outcome = await graph.run(
                 dict(req.payload.input),
-                NodeRuntime(call_tool=call_tool, call_model=call_model, node_event=node_event if req.stream else None),
+                NodeRuntime(call_tool=call_tool, call_model=call_model, node_event=node_event if stream else None),
                 timeout=req.envelope.remaining(service.settings.default_timeout_s),
             )
         except Exception as error:
-            # Watchers always see how a run ended; the runtime turns the error into the reply.
-            known = error if isinstance(error, CorralError) else Internal("internal error")
-            data = {"code": known.code.value, "message": known.message}
-            await req.emit(_finished(service, EventType.FAILED, started, data))
+            if stream:  # watchers always see how a run ended; the runtime turns the error into the reply
+                known = error if isinstance(error, CorralError) else Internal("internal error")
+                data = {"code": known.code.value, "message": known.message}
+                await req.emit(_finished(service, EventType.FAILED, started, data))
             raise
-        data: dict[str, Any] = {"path": list(outcome.path)}
         if tokens:
-            data["tokens"] = tokens
             req.log.info("model_usage", tokens=tokens, graph=graph.definition.name)
-        await req.emit(_finished(service, EventType.COMPLETED, started, data))
+        if stream:
+            data: dict[str, Any] = {"path": list(outcome.path)}
+            if tokens:
+                data["tokens"] = tokens
+            await req.emit(_finished(service, EventType.COMPLETED, started, data))
         return outcome.output
 
 

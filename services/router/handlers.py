@@ -1,4 +1,9 @@
-"""The router's bus layer: admit, select the route, dispatch to the executor, relay the result."""
+"""The router's bus layer: admit, select the route, pass the request on to the executor.
+
+The executor answers the client directly (the request keeps the client's reply subject), so a
+result never travels back through the router: one hop less per run, and no router state held
+while a run is in flight.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ from services.runtime.service import Request, Service
 def register(service: Service, catalog: Catalog) -> Router:
     """Declare the router's operation on ``service``; returns the policy object (for tests)."""
     router = Router(catalog)
+    executor = service.watch("graph")
 
     @service.operation(
         subjects.ROUTER_REQUESTS,
         Kind.REQUEST,
         RouterRequest,
-        "A tenant's request: admitted, routed by the tenant's rules, answered with the result",
+        "A tenant's request: admitted, routed by the tenant's rules, answered by the executor with the result",
         tenant_facing=True,
     )
     async def route_request(req: Request[RouterRequest]) -> Any:
@@ -39,7 +45,14 @@ def register(service: Service, catalog: Catalog) -> Router:
             if decision.route.pattern is Pattern.GRAPH:
                 # The input was validated with the request; only the route's graph name is new (and valid).
                 run = GraphRun.model_construct(graph=decision.route.graph, input=req.payload.input, stream=req.stream)
-                return await req.call(subjects.graph_run(req.tenant), Kind.GRAPH_RUN, run)
+                subject = subjects.graph_run(req.tenant)
+                if executor.up:
+                    return await req.forward(subject, Kind.GRAPH_RUN, run)
+                # No executor was running at the last probe: relay, so the broker's no-responders
+                # (or the executor, if one has just started) answers now rather than at the deadline.
+                output = await req.call(subject, Kind.GRAPH_RUN, run)
+                executor.saw(True)
+                return output
             raise Internal(f"pattern {decision.route.pattern.value!r} is not served yet")
         except CorralError as error:
             if error.remote:

@@ -40,6 +40,7 @@ from contracts.envelope import (
 from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest, error_for
 from services.runtime.audit import AuditTrail
 from services.runtime.guard import check_reply, check_tenant
+from services.runtime.liveness import Liveness
 from services.runtime.logging import configure_logging
 from services.runtime.settings import Settings
 from services.runtime.state import service_credentials
@@ -48,6 +49,9 @@ P = TypeVar("P", bound=BaseModel)
 # Refusals that are attempts on the isolation layers, not just malformed input.
 AUDITED_REFUSALS = frozenset({ErrorCode.TENANT_MISMATCH, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHORIZED})
 Handler = Callable[["Request[Any]"], Awaitable[Any]]
+# A handler's return value when it passed the request on with its reply subject: the next hop
+# answers the requester directly, so this service sends no reply of its own.
+FORWARDED: Any = object()
 
 
 @dataclass(frozen=True)
@@ -67,16 +71,34 @@ class Operation:
 class Request(Generic[P]):
     """What a handler receives: the validated envelope, the tenant from the subject, the service."""
 
-    __slots__ = ("_encoder", "_events_subject", "_log", "envelope", "service", "size", "stream", "subject", "tenant")
+    __slots__ = (
+        "_encoder",
+        "_events_subject",
+        "_log",
+        "envelope",
+        "reply",
+        "service",
+        "size",
+        "stream",
+        "subject",
+        "tenant",
+    )
 
     def __init__(
-        self, envelope: Envelope[P], tenant: str, subject: subjects.TenantSubject, service: Service, size: int = 0
+        self,
+        envelope: Envelope[P],
+        tenant: str,
+        subject: subjects.TenantSubject,
+        service: Service,
+        size: int = 0,
+        reply: str = "",
     ) -> None:
         self.envelope = envelope
         self.tenant = tenant
         self.subject = subject
         self.service = service
         self.size = size  # bytes of the message body, for admission limits
+        self.reply = reply  # the requester's reply subject, already checked by the guard
         # Whether the client asked for progress events; without it nobody is listening.
         self.stream = True
         self._encoder: FollowEncoder | None = None
@@ -109,7 +131,7 @@ class Request(Generic[P]):
     def with_run_id(self, run_id: str) -> Request[P]:
         """The same request with a run id assigned (when the client did not choose one)."""
         envelope = self.envelope.model_copy(update={"run_id": run_id})
-        request = Request(envelope, self.tenant, self.subject, self.service, self.size)
+        request = Request(envelope, self.tenant, self.subject, self.service, self.size, self.reply)
         request.stream = self.stream
         return request
 
@@ -128,6 +150,18 @@ class Request(Generic[P]):
         if limit <= 0:
             raise DeadlineExceeded("deadline passed before the call")
         return await self.service.request(subject, self.encode(kind, payload), timeout=limit)
+
+    async def forward(self, subject: str, kind: Kind, payload: BaseModel) -> Any:
+        """Pass the request on to another service, which answers the requester directly.
+
+        The envelope follows this one (same tenant, run and deadline) and keeps the requester's
+        reply subject, so the answer skips this hop on its way back. If nothing serves
+        ``subject``, the broker tells the requester at once (a no-responders status).
+        """
+        if self.envelope.remaining(1.0) <= 0:
+            raise DeadlineExceeded("deadline passed before the request could be passed on")
+        await self.service.nc.publish(subject, self.encode(kind, payload), reply=self.reply)
+        return FORWARDED
 
 
 class Service:
@@ -150,6 +184,7 @@ class Service:
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self.audit = AuditTrail(self.nc, name, self.log)  # replaced on start, with the live connection
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self.watched: dict[str, Liveness] = {}
 
     # ---- declaration -----------------------------------------------------------------
 
@@ -178,6 +213,17 @@ class Service:
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run ``cleanup`` (close HTTP clients, ...) once in-flight messages are done."""
         self._on_stop.append(cleanup)
+
+    def watch(self, other: str) -> Liveness:
+        """Keep track of whether any replica of service ``other`` is running (probed while running)."""
+        liveness = self.watched[other] = Liveness(other, self.settings.probe_interval_s)
+
+        async def start() -> None:
+            liveness.start(self.nc)
+
+        self.on_start(start)
+        self.on_stop(liveness.stop)
+        return liveness
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -302,9 +348,9 @@ class Service:
                 raise InvalidRequest(f"expected a {op.kind.value} envelope, got {envelope.kind.value}")
             if envelope.remaining(1.0) <= 0:
                 raise DeadlineExceeded("the request's deadline has passed")
-            request = Request(envelope, tenant, parsed, self, len(msg.data))
+            request = Request(envelope, tenant, parsed, self, len(msg.data), msg.reply)
             output = await op.handler(request)
-            if msg.reply:
+            if msg.reply and output is not FORWARDED:
                 result = output if isinstance(output, Result) else Result.model_construct(output=output)
                 await self.nc.publish(msg.reply, _encode_result(request, result))
         except CorralError as error:

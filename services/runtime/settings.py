@@ -31,5 +31,7 @@ class Settings(BaseSettings):
     default_timeout_s: float = Field(default=30.0, gt=0)
     # Argument names that would carry a tenant: removed from every tool call (JSON list in the env).
     tenant_argument_aliases: tuple[str, ...] = ("tenant_id", "tenant", "tenantId")
+    # How often the router asks whether an executor is running (see services/runtime/liveness.py).
+    probe_interval_s: float = Field(default=1.0, gt=0)
     # How long a stopping service waits for in-flight messages.
     drain_timeout_s: float = Field(default=10.0, gt=0)

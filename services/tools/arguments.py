@@ -15,11 +15,14 @@ from contracts.definitions_base import DefinitionError
 from contracts.errors import InvalidRequest
 
 TENANT_KEYS = frozenset({"tenant_id", "tenant", "tenantId"})
+_NESTED = (dict, list)
 
 
 def strip_tenant(arguments: dict[str, Any], keys: frozenset[str] = TENANT_KEYS) -> tuple[dict[str, Any], list[str]]:
     """A copy of ``arguments`` without tenant keys at any depth, and the paths that were removed."""
     removed: list[str] = []
+    if not any(key in keys or isinstance(value, _NESTED) for key, value in arguments.items()):
+        return dict(arguments), removed  # flat and clean: the common case, without the walk
 
     def clean(value: Any, path: str) -> Any:
         if isinstance(value, dict):

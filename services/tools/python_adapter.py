@@ -33,10 +33,11 @@ class PythonAdapter:
             self.signature: inspect.Signature | None = inspect.signature(self.function)
         except (TypeError, ValueError):  # some builtins have no signature: let the call decide
             self.signature = None
+        self._fits = _quick_check(self.signature) if self.signature is not None else None
 
     async def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
         """Call the function with the runtime's context; its failures become typed errors."""
-        if self.signature is not None:
+        if self.signature is not None and (self._fits is None or not self._fits(arguments)):
             try:
                 # Checked before the call, so a TypeError raised inside the tool is not mistaken
                 # for (and reported as) a bad argument.
@@ -61,3 +62,31 @@ class PythonAdapter:
             # A fresh logger picks up the process's configuration (a rare path: its cost is irrelevant).
             structlog.get_logger().exception("tool_raised", tool=self.name, tenant_id=ctx.tenant_id, run_id=ctx.run_id)
             raise ToolFailed(f"tool {self.name!r} failed: {type(exc).__name__}") from None
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _quick_check(signature: inspect.Signature) -> Callable[[dict[str, Any]], bool] | None:
+    """A check that ``function(ctx, **arguments)`` binds, for the common signatures.
+
+    ``Signature.bind`` was a third of a Python tool call's own cost. The check is conservative:
+    True only where ``bind`` would succeed; anything else goes through ``bind``, which also words
+    the error. None where the signature is unusual enough to always use ``bind``.
+    """
+    parameters = list(signature.parameters.values())
+    if not parameters or parameters[0].kind not in _POSITIONAL:
+        return None
+    context, rest = parameters[0].name, parameters[1:]
+    if any(p.kind is inspect.Parameter.POSITIONAL_ONLY and p.default is p.empty for p in rest):
+        return None
+    named = frozenset(p.name for p in rest if p.kind in _BY_NAME)
+    required = frozenset(p.name for p in rest if p.kind in _BY_NAME and p.default is p.empty)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in rest)
+
+    def fits(arguments: dict[str, Any]) -> bool:
+        given = arguments.keys()
+        return context not in given and required <= given and (open_ended or given <= named)
+
+    return fits

@@ -109,6 +109,41 @@ async def test_without_a_graph_executor_the_router_answers_with_an_error_not_a_h
             await acme.close()
 
 
+async def until(liveness, up):
+    while liveness.up is not up:
+        liveness.changed.clear()
+        await liveness.changed.wait()
+
+
+async def test_the_executor_answers_the_client_directly_and_its_absence_is_noticed(secured):
+    """The router passes a run on with the client's reply subject; when the last executor goes,
+    the router's probe notices and requests fail at once again instead of at their deadline."""
+    fast = {"probe_interval_s": 0.05}
+    async with running_services(secured.url, secured.state_dir, ("auth", "router", "tools"), **fast) as services:
+        executor = services["router"].watched["graph"]
+        nc = await raw_tenant_connection(secured, "acme")
+        request = Envelope[RouterRequest](
+            kind=Kind.REQUEST, tenant_id="acme", payload=RouterRequest(input={"text": "where is my order?"})
+        )
+        try:
+            async with running_services(secured.url, secured.state_dir, ("graph",), **fast):
+                await asyncio.wait_for(until(executor, True), 10)
+                reply = await nc.request(subjects.router_request("acme"), request.model_dump_json().encode(), timeout=10)
+            # Caused by the run the router passed on, not by the client's request: no relay.
+            answer = Envelope.model_validate_json(reply.data)
+            assert answer.kind == Kind.RESULT and answer.correlation_id == request.id
+            assert answer.causation_id != request.id
+            await asyncio.wait_for(until(executor, False), 10)
+            acme = await client_for(secured, "acme")
+            try:
+                with pytest.raises(Internal, match="no service is serving"):
+                    await acme.request("where is my order?", timeout=10)
+            finally:
+                await acme.close()
+        finally:
+            await nc.close()
+
+
 async def test_a_tenant_without_routing_rules_is_forbidden(system):
     broker, _ = system
     from contracts.errors import Forbidden

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import threading
 
@@ -361,3 +362,35 @@ async def test_a_failing_tool_is_logged_with_its_detail_and_tenant():
     [entry] = [entry for entry in logs if entry["event"] == "tool_raised"]
     assert entry["tenant_id"] == "acme" and entry["tool"] == "t" and entry["run_id"] == "run-1"
     assert entry["exc_info"] is True
+
+
+def _kw_tool(ctx, a, b=1, *, c, d=2):
+    return None
+
+
+def _open_tool(ctx, a, **rest):
+    return None
+
+
+def _positional_tool(ctx, a, /, b=1):
+    return None
+
+
+@pytest.mark.parametrize("function", [_kw_tool, _open_tool, _positional_tool, sync_tool])
+@pytest.mark.parametrize(
+    "arguments",
+    [{}, {"a": 1}, {"a": 1, "c": 3}, {"a": 1, "b": 2, "c": 3, "d": 4}, {"c": 3}, {"a": 1, "c": 3, "z": 0}, {"ctx": 1}],
+)
+def test_the_quick_argument_check_never_accepts_what_bind_refuses(function, arguments):
+    from services.tools.python_adapter import _quick_check
+
+    signature = inspect.signature(function)
+    fits = _quick_check(signature)
+    try:
+        signature.bind(CTX, **arguments)
+        binds = True
+    except TypeError:
+        binds = False
+    assert fits is None or not fits(arguments) or binds
+    if fits is not None and function is _kw_tool:
+        assert fits(arguments) == binds  # exact for plain signatures
