@@ -179,10 +179,15 @@ class FollowEncoder:
         )
 
     def encode(self, kind: Kind, payload: BaseModel) -> bytes:
-        return (
+        return self.encode_json(kind, payload.model_dump_json().encode())
+
+    def encode_json(self, kind: Kind, payload: bytes) -> bytes:
+        """The same, with the payload already serialised (it must be the JSON of a valid payload)."""
+        head = (
             f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
-            f'"created_at":"{utcnow().isoformat()}",{self._shared},"payload":{payload.model_dump_json()}}}'
-        ).encode()
+            f'"created_at":"{utcnow().isoformat()}",{self._shared},"payload":'
+        )
+        return b"".join((head.encode(), payload, b"}"))
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:+\-]*")

@@ -7,6 +7,7 @@ they place into a subject, so no caller can produce a wildcard or an extra token
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from contracts.errors import InvalidRequest
@@ -118,6 +119,13 @@ class TenantSubject:
 
 def parse(subject: str) -> TenantSubject:
     """Parse a tenant subject; the tenant is validated, never trusted from anywhere else."""
+    return _parse(subject)
+
+
+# Services see the same few subjects over and over (one per tenant and operation). Only subjects
+# that parse are cached (an exception is never cached), and the result is immutable.
+@functools.lru_cache(maxsize=4096)
+def _parse(subject: str) -> TenantSubject:
     parts = subject.split(".")
     if len(parts) < 3 or parts[0] != PREFIX:
         raise InvalidRequest(f"not a tenant subject: {subject[:120]!r}")

@@ -50,7 +50,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             tool_schemas: list[dict[str, Any]] | None,
         ) -> Completion:
             completion = await registry.get(model).complete(
-                messages, json_schema=schema, tools=tool_schemas, timeout=min(timeout, req.envelope.remaining(timeout))
+                messages, json_schema=schema, tools=tool_schemas, timeout=min(timeout, req.remaining(timeout))
             )
             registry.meter.record(req.tenant, model, completion.usage)
             tokens[model] = tokens.get(model, 0) + completion.usage.total_tokens
@@ -71,7 +71,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             outcome = await graph.run(
                 dict(req.payload.input),
                 NodeRuntime(call_tool=call_tool, call_model=call_model, node_event=node_event if stream else None),
-                timeout=req.envelope.remaining(service.settings.default_timeout_s),
+                timeout=req.remaining(service.settings.default_timeout_s),
             )
         except Exception as error:
             if stream:  # watchers always see how a run ended; the runtime turns the error into the reply

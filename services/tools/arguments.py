@@ -7,6 +7,7 @@ attempt can be logged and audited.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jsonschema
@@ -41,7 +42,28 @@ def strip_tenant(arguments: dict[str, Any], keys: frozenset[str] = TENANT_KEYS) 
     return clean(arguments, ""), removed
 
 
-def compile_schema(schema: dict[str, Any], owner: str) -> jsonschema.protocols.Validator:
+class ArgumentsValidator:
+    """A tool's compiled JSON schema, with a quick check in front for the common shape.
+
+    Most tool schemas are a flat object of scalar properties. For those, a few ``isinstance``
+    checks decide what ``jsonschema`` would (a fifth of a tool call's own cost, measured); the
+    quick check only ever accepts, so anything it does not accept is decided by ``jsonschema``.
+    """
+
+    __slots__ = ("quick", "validator")
+
+    def __init__(self, validator: jsonschema.protocols.Validator, quick: Callable[[dict[str, Any]], bool] | None):
+        self.validator = validator
+        self.quick = quick
+
+    def is_valid(self, arguments: dict[str, Any]) -> bool:
+        return (self.quick is not None and self.quick(arguments)) or self.validator.is_valid(arguments)
+
+    def iter_errors(self, arguments: dict[str, Any]) -> Any:
+        return self.validator.iter_errors(arguments)
+
+
+def compile_schema(schema: dict[str, Any], owner: str) -> ArgumentsValidator:
     """Check a JSON schema once and return its validator (``jsonschema.validate`` re-checks the
     schema on every call: about 70x the cost of a compiled validator, measured here)."""
     cls = jsonschema.validators.validator_for(schema)
@@ -49,10 +71,69 @@ def compile_schema(schema: dict[str, Any], owner: str) -> jsonschema.protocols.V
         cls.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise DefinitionError(f"{owner} has an invalid JSON schema: {exc.message[:200]}") from None
-    return cls(schema)
+    return ArgumentsValidator(cls(schema), quick_check(schema))
 
 
-def check_arguments(arguments: dict[str, Any], validator: jsonschema.protocols.Validator, tool: str) -> None:
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_SCALARS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda value: isinstance(value, str),
+    "boolean": lambda value: isinstance(value, bool),
+    "integer": _is_integer,
+    "number": _is_number,
+    "null": lambda value: value is None,
+}
+# Keywords that do not change what is valid.
+_ANNOTATIONS = frozenset({"title", "description", "examples", "default", "$comment", "deprecated"})
+_OBJECT_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "$schema"}) | _ANNOTATIONS
+
+
+def quick_check(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bool] | None:
+    """For a flat object schema of scalar properties, a check that is True only for arguments the
+    schema accepts; None for any other schema (then ``jsonschema`` alone decides)."""
+    if schema.get("type") != "object" or not _OBJECT_KEYWORDS.issuperset(schema):
+        return None
+    properties = schema.get("properties", {})
+    required = schema.get("required", [])
+    closed = schema.get("additionalProperties", True) is False
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        return None
+    if schema.get("additionalProperties", True) not in (True, False):
+        return None
+    checks: dict[str, Callable[[Any], bool]] = {}
+    for name, property_schema in properties.items():
+        if not isinstance(property_schema, dict) or not ({"type"} | _ANNOTATIONS).issuperset(property_schema):
+            return None
+        kind = property_schema.get("type")
+        check = _SCALARS.get(kind) if isinstance(kind, str) else None
+        if check is None:
+            return None
+        checks[name] = check
+    needed = tuple(required)
+
+    def fits(arguments: dict[str, Any]) -> bool:
+        for name in needed:
+            if name not in arguments:
+                return False
+        for name, value in arguments.items():
+            check = checks.get(name)
+            if check is None:
+                if closed:
+                    return False
+            elif not check(value):
+                return False
+        return True
+
+    return fits
+
+
+def check_arguments(arguments: dict[str, Any], validator: ArgumentsValidator, tool: str) -> None:
     """Validate arguments against the tool's JSON schema before anything is called."""
     if validator.is_valid(arguments):  # the common case, and several times cheaper than iter_errors
         return

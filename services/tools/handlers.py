@@ -47,7 +47,7 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
                 tenant_id=req.tenant,
                 run_id=envelope.run_id,
                 principal=envelope.principal,
-                timeout_s=envelope.remaining(service.settings.default_timeout_s),
+                timeout_s=req.remaining(service.settings.default_timeout_s),
             )
             output = await adapter.call(ctx, arguments)
         except CorralError as error:

@@ -128,7 +128,9 @@ async def test_the_executor_answers_the_client_directly_and_its_absence_is_notic
         try:
             async with running_services(secured.url, secured.state_dir, ("graph",), **fast):
                 await asyncio.wait_for(until(executor, True), 10)
-                reply = await nc.request(subjects.router_request("acme"), request.model_dump_json().encode(), timeout=10)
+                reply = await nc.request(
+                    subjects.router_request("acme"), request.model_dump_json().encode(), timeout=10
+                )
             # Caused by the run the router passed on, not by the client's request: no relay.
             answer = Envelope.model_validate_json(reply.data)
             assert answer.kind == Kind.RESULT and answer.correlation_id == request.id

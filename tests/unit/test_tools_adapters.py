@@ -12,6 +12,8 @@ import httpx
 import pytest
 import structlog
 import structlog.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, HttpTool, PythonTool
 from contracts.errors import DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
@@ -394,3 +396,48 @@ def test_the_quick_argument_check_never_accepts_what_bind_refuses(function, argu
     assert fits is None or not fits(arguments) or binds
     if fits is not None and function is _kw_tool:
         assert fits(arguments) == binds  # exact for plain signatures
+
+
+SCALAR_TYPES = ["string", "boolean", "integer", "number", "null"]
+JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+PROPERTY_SCHEMAS = st.one_of(
+    st.sampled_from(SCALAR_TYPES).map(lambda kind: {"type": kind, "description": "d"}),
+    st.sampled_from(
+        [{"type": ["string", "null"]}, {"type": "array"}, {"enum": [1, "a"]}, {"type": "string", "minLength": 2}, {}]
+    ),
+)
+
+
+@given(
+    properties=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), PROPERTY_SCHEMAS, max_size=4),
+    required=st.lists(st.sampled_from(["a", "b", "c", "e"]), max_size=3, unique=True),
+    additional=st.sampled_from([True, False, None]),
+    arguments=st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), JSON_VALUES, max_size=5),
+)
+def test_the_quick_schema_check_never_accepts_what_jsonschema_refuses(properties, required, additional, arguments):
+    schema = {"type": "object", "properties": properties, "required": required}
+    if additional is not None:
+        schema["additionalProperties"] = additional
+    validator = compile_schema(schema, "t")
+    authority = validator.validator.is_valid(arguments)
+    assert validator.is_valid(arguments) == authority  # the quick check never changes the verdict
+    if validator.quick is not None and validator.quick(arguments):
+        assert authority
+
+
+def test_the_quick_schema_check_covers_flat_scalar_schemas_only():
+    flat = {"type": "object", "properties": {"q": {"type": "string", "title": "Q"}}, "required": ["q"]}
+    assert compile_schema(flat, "t").quick is not None
+    for other in (
+        {"type": "object", "properties": {"q": {"type": "object"}}},
+        {"type": "object", "properties": {"q": {"type": "string", "pattern": "x"}}},
+        {"type": "object", "additionalProperties": {"type": "string"}},
+        {"type": "object", "patternProperties": {"x": {}}},
+        {"type": "object", "properties": {"q": {"type": ["string", "null"]}}},
+    ):
+        assert compile_schema(other, "t").quick is None
