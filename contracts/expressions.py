@@ -143,8 +143,22 @@ def _path_of(node: ast.AST, source: str) -> list[str]:
 def _path_reader(path: list[str]) -> Compiled:
     if any(step.startswith("_") for step in path):
         raise ExpressionError("paths may not use names starting with '_'")
-    dotted = ".".join(path)
-    return lambda state: lookup(state, dotted)
+    return compile_path(".".join(path))
+
+
+def compile_path(path: str) -> Compiled:
+    """``lookup`` of one path, split once instead of on every call."""
+    steps = tuple(path.split("."))
+
+    def read(state: State) -> Any:
+        value: Any = state
+        for step in steps:
+            value = value.get(step, _MISSING) if type(value) is dict else _step(value, step)
+            if value is _MISSING:
+                return None
+        return value
+
+    return read
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
@@ -158,6 +172,47 @@ def render(template: str, state: State) -> str:
         return "" if value is None else str(value)
 
     return _PLACEHOLDER.sub(fill, template)
+
+
+def compile_template(template: str) -> Callable[[State], str]:
+    """``render`` of one template, parsed once: literal text and compiled paths."""
+    parts: list[str | Compiled] = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(template):
+        if match.start() > position:
+            parts.append(template[position : match.start()])
+        parts.append(compile_path(match.group(1)))
+        position = match.end()
+    if position < len(template):
+        parts.append(template[position:])
+    if all(isinstance(part, str) for part in parts):
+        return lambda state: template
+
+    def fill(state: State) -> str:
+        pieces = []
+        for part in parts:
+            if type(part) is str:
+                pieces.append(part)
+            else:
+                value = part(state)  # type: ignore[operator]
+                if value is not None:
+                    pieces.append(str(value))
+        return "".join(pieces)
+
+    return fill
+
+
+def compile_arguments(value: Any) -> Callable[[State], Any]:
+    """``resolve`` of one argument template, parsed once."""
+    if isinstance(value, str) and value.startswith("$") and len(value) > 1:
+        return compile_path(value[1:])
+    if isinstance(value, Mapping):
+        items = [(key, compile_arguments(item)) for key, item in value.items()]
+        return lambda state: {key: read(state) for key, read in items}
+    if isinstance(value, list):
+        readers = [compile_arguments(item) for item in value]
+        return lambda state: [read(state) for read in readers]
+    return lambda state: value
 
 
 def resolve(value: Any, state: State) -> Any:

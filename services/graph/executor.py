@@ -26,7 +26,15 @@ import jsonschema
 from contracts.definitions import ToolDefinition
 from contracts.definitions_base import DefinitionError
 from contracts.errors import CorralError, DeadlineExceeded
-from contracts.expressions import Compiled, compile_expression, evaluate, lookup, render, resolve
+from contracts.expressions import (
+    Compiled,
+    compile_arguments,
+    compile_expression,
+    compile_path,
+    compile_template,
+    evaluate,
+    render,
+)
 from contracts.graphs import (
     END,
     AgentNode,
@@ -79,7 +87,7 @@ class _Transition:
     condition: Compiled | None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
     state: dict[str, Any]
     path: list[str] = field(default_factory=list)
@@ -147,6 +155,26 @@ class CompiledGraph:
         self._functions = {
             name: _import(node.callable) for name, node in definition.nodes.items() if isinstance(node, FunctionNode)
         }
+        # Argument templates, response templates and paths parsed once, not on every run.
+        nodes = definition.nodes.items()
+        self._arguments = {
+            name: compile_arguments(node.args) for name, node in nodes if isinstance(node, ToolNode | FunctionNode)
+        }
+        self._arguments.update(
+            {name: compile_arguments(node.input) for name, node in nodes if isinstance(node, SubgraphNode)}
+        )
+        self._templates = {
+            name: compile_template(node.template) for name, node in nodes if isinstance(node, RespondNode)
+        }
+        self._keys = {name: definition.output_key(name) for name in definition.nodes}
+        # None: the output replaces what is there (the default reducer, without the call).
+        self._reducers = {
+            name: None if (reducer := definition.reducers.get(key, Reducer.REPLACE)) is Reducer.REPLACE else reducer
+            for name, key in self._keys.items()
+        }
+        self._visit_limits = {name: node.max_visits for name, node in nodes}
+        self._timed = frozenset(name for name, node in nodes if isinstance(node, FunctionNode | SubgraphNode))
+        self._output = compile_path(definition.output) if definition.output else None
 
     def next_nodes(self, node: str, state: dict[str, Any]) -> tuple[str, ...]:
         for transition in self._transitions[node]:
@@ -171,6 +199,12 @@ class CompiledGraph:
                 raise StepLimitExceeded(
                     f"graph {self.definition.name!r} exceeded its limit of {self.definition.max_steps} steps"
                 )
+            if len(active) == 1:  # a step of one node (most steps): no task, no dict of outputs
+                name = active[0]
+                self._visit(run, name)
+                self._write(run, name, await self._node(name, run, runtime, depth))
+                active = self._advance(run, active)
+                continue
             for name in active:
                 self._visit(run, name)
             outputs = await self._step(active, run, runtime, depth)
@@ -182,22 +216,27 @@ class CompiledGraph:
             join, arrived = next(iter(waiting.items()))
             missing = [b for b in self._branches[join] if b not in arrived]
             raise JoinIncomplete(f"join {join!r} is still waiting for {missing} after the run ended")
-        output = lookup(run.state, self.definition.output) if self.definition.output else run.last_output
+        output = self._output(run.state) if self._output is not None else run.last_output
         return RunOutcome(output=output, path=tuple(run.path), state=run.state)
 
     def _visit(self, run: _Run, name: str) -> None:
+        limit = self._visit_limits[name]
+        if limit is None:  # visits are only counted against a limit
+            return
         count = run.visits[name] = run.visits.get(name, 0) + 1
-        limit = self.definition.nodes[name].max_visits
-        if limit is not None and count > limit:
+        if count > limit:
             raise VisitLimitExceeded(f"node {name!r} exceeded its limit of {limit} visits")
 
     def _write(self, run: _Run, name: str, output: Any) -> None:
-        key = self.definition.output_key(name)
-        reducer = self.definition.reducers.get(key, Reducer.REPLACE)
-        try:
-            run.state[key] = _apply(reducer, run.state.get(key), output)
-        except TypeError:
-            raise CorralError(f"reducer {reducer.value!r} cannot combine the outputs written to {key!r}") from None
+        key = self._keys[name]
+        reducer = self._reducers[name]
+        if reducer is None:
+            run.state[key] = output
+        else:
+            try:
+                run.state[key] = _apply(reducer, run.state.get(key), output)
+            except TypeError:
+                raise CorralError(f"reducer {reducer.value!r} cannot combine the outputs written to {key!r}") from None
         run.path.append(name)
         run.outputs[name] = run.last_output = output
 
@@ -211,7 +250,7 @@ class CompiledGraph:
                     continue
                 if target not in following:
                     following.append(target)
-        return sorted(following, key=self.order.__getitem__)
+        return following if len(following) < 2 else sorted(following, key=self.order.__getitem__)
 
     def _arrive(self, run: _Run, join: str, branch: str) -> bool:
         """Record a branch arriving at a join; True when the join is ready to run."""
@@ -252,7 +291,7 @@ class CompiledGraph:
             await report("node_started", name, None, {})
         started = time.perf_counter()
         try:
-            if isinstance(node, FunctionNode | SubgraphNode):
+            if name in self._timed:
                 async with asyncio.timeout(node.timeout_s):
                     output = await self._execute(name, run, runtime, depth)
             else:
@@ -279,21 +318,21 @@ class CompiledGraph:
         state = run.state
         match node:
             case ToolNode():
-                return await runtime.call_tool(node.tool, resolve(node.args, state), node.timeout_s)
+                return await runtime.call_tool(node.tool, self._arguments[name](state), node.timeout_s)
             case RespondNode():
-                return render(node.template, state)
+                return self._templates[name](state)
             case JoinNode():
                 return self._join_output(name, run)
             case FunctionNode():
                 function = self._functions[name]
-                result = function(**resolve(node.args, state))
+                result = function(**self._arguments[name](state))
                 return await result if inspect.isawaitable(result) else result
             case ModelNode():
                 return await self._ask_model(name, node, state, runtime)
             case AgentNode():
                 return await self._run_agent(name, node, state, runtime)
             case SubgraphNode():
-                return await self._subgraph(node, state, runtime, depth)
+                return await self._subgraph(name, node, state, runtime, depth)
         raise AssertionError(f"unhandled node {node!r}")  # the schema admits no other kind
 
     def _join_output(self, name: str, run: _Run) -> dict[str, Any]:
@@ -365,11 +404,13 @@ class CompiledGraph:
         except CorralError as error:
             return {"error": error.code.value, "message": error.message}
 
-    async def _subgraph(self, node: SubgraphNode, state: dict[str, Any], runtime: NodeRuntime, depth: int) -> Any:
+    async def _subgraph(
+        self, name: str, node: SubgraphNode, state: dict[str, Any], runtime: NodeRuntime, depth: int
+    ) -> Any:
         if depth >= MAX_SUBGRAPH_DEPTH:
             raise StepLimitExceeded(f"subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH}")
         child = self.library[node.graph]
-        outcome = await child._run(resolve(node.input, state), runtime, depth + 1)
+        outcome = await child._run(self._arguments[name](state), runtime, depth + 1)
         return outcome.output
 
 
