@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--nats-url", help="benchmark a running system (its state directory gives credentials)")
     bench.add_argument("--requests", type=int, default=2000)
     bench.add_argument("--concurrency", type=int, default=64)
+    bench.add_argument("--rounds", type=int, default=5, help="rounds of both contenders, back to back")
     bench.add_argument("--json", action="store_true")
 
     audit = command("audit", _audit, "list a tenant's audit records and verify their hash chain")
@@ -232,6 +233,7 @@ def _bench(args: argparse.Namespace) -> int:
             nats_url=args.nats_url,
             requests=args.requests,
             concurrency=args.concurrency,
+            rounds=max(1, args.rounds),
             quiet=args.json,
         )
     )

@@ -35,13 +35,14 @@ def register(service: Service, catalog: Catalog) -> Router:
             req = req.with_run_id(new_id())
         try:
             decision = router.decide(req.tenant, req.payload.target, req.size)
-            await req.emit(
-                RunEvent(
-                    type=EventType.ACCEPTED,
-                    service=service.name,
-                    data={"target": decision.target, "pattern": decision.route.pattern.value},
+            if req.stream:  # built only when the client watches: nobody else listens to events
+                await req.emit(
+                    RunEvent(
+                        type=EventType.ACCEPTED,
+                        service=service.name,
+                        data={"target": decision.target, "pattern": decision.route.pattern.value},
+                    )
                 )
-            )
             if decision.route.pattern is Pattern.GRAPH:
                 # The input was validated with the request; only the route's graph name is new (and valid).
                 run = GraphRun.model_construct(graph=decision.route.graph, input=req.payload.input, stream=req.stream)
