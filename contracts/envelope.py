@@ -190,6 +190,25 @@ class FollowEncoder:
         return b"".join((head.encode(), payload, b"}"))
 
 
+def new_envelope_json(
+    kind: Kind, tenant_id: str, payload: BaseModel, *, run_id: str | None = None, deadline: datetime | None = None
+) -> bytes:
+    """A new envelope (caused by nothing) as JSON bytes, the same fields as building the model and
+    dumping it would write, without the model: what a client does for every request.
+
+    ``tenant_id`` must already be a valid tenant id and ``payload`` a validated payload; the
+    receiving service validates the whole envelope as it does any other.
+    """
+    text = _json_string
+    return (
+        f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
+        f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
+        f'"correlation_id":null,"causation_id":null,"created_at":"{utcnow().isoformat()}",'
+        f'"deadline":{text(deadline.isoformat()) if deadline else "null"},"trace":null,"idempotency_key":null,'
+        f'"payload":{payload.model_dump_json()}}}'
+    ).encode()
+
+
 _PLAIN = re.compile(r"[A-Za-z0-9_.:+\-]*")
 
 

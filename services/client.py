@@ -21,8 +21,18 @@ from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRe
 from nats.errors import TimeoutError as NatsTimeout
 
 from contracts import subjects
-from contracts.envelope import EventType, Kind, RouterRequest, RunEvent, deadline_in, envelope_of, new_id
+from contracts.envelope import (
+    EventType,
+    Kind,
+    RouterRequest,
+    RunEvent,
+    deadline_in,
+    envelope_of,
+    new_envelope_json,
+    new_id,
+)
 from contracts.errors import DeadlineExceeded, Internal
+from contracts.tenants import validate_tenant_id
 from services.runtime.service import decode_reply
 
 OnEvent = Callable[[RunEvent], Awaitable[None] | None]
@@ -64,7 +74,8 @@ class CorralClient:
         token_provider: TokenProvider | None = None,
     ) -> None:
         self.url = url
-        self.tenant = tenant
+        self.tenant = validate_tenant_id(tenant)
+        self._router_subject = subjects.router_request(tenant)
         if callable(token):  # the older form of a provider: a callable as the token itself
             token_provider = token_provider or token
             token = token()
@@ -185,13 +196,11 @@ class CorralClient:
         run_id = new_id()
         text_input = {"text": text} if text is not None else {}
         payload = RouterRequest(target=target, input={**(input or {}), **text_input}, stream=watch)
-        envelope = envelope_of(RouterRequest)(
-            kind=Kind.REQUEST, tenant_id=self.tenant, run_id=run_id, deadline=deadline_in(timeout), payload=payload
-        )
+        body = new_envelope_json(Kind.REQUEST, self.tenant, payload, run_id=run_id, deadline=deadline_in(timeout))
         events: list[RunEvent] = []
-        finished = asyncio.Event()
         subscription = None
         if watch:
+            finished = asyncio.Event()
 
             async def on_message(msg: Msg) -> None:
                 event = envelope_of(RunEvent).model_validate_json(msg.data).payload
@@ -209,9 +218,7 @@ class CorralClient:
                 raise Internal(NOT_CONNECTED) from None
         try:
             try:
-                msg = await self.nc.request(
-                    subjects.router_request(self.tenant), envelope.model_dump_json().encode(), timeout=timeout
-                )
+                msg = await self.nc.request(self._router_subject, body, timeout=timeout)
             except NatsTimeout:
                 raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
             except NoRespondersError:

@@ -145,3 +145,25 @@ def test_the_fast_envelope_encoder_writes_exactly_what_the_model_would(principal
     fast = Envelope[Result].model_validate_json(FollowEncoder(cause).encode(Kind.RESULT, payload))
     model = cause.follow(Kind.RESULT, payload)
     assert fast.model_dump(exclude={"id", "created_at"}) == model.model_dump(exclude={"id", "created_at"})
+
+
+@settings(max_examples=200)
+@given(
+    run_id=st.none() | st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+    target=st.none() | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}", fullmatch=True),
+    text=st.text(max_size=40),
+    stream=st.booleans(),
+    seconds=st.none() | st.floats(min_value=-5, max_value=3600),
+)
+def test_a_new_envelope_written_directly_is_what_the_model_would_write(run_id, target, text, stream, seconds):
+    from contracts.envelope import Kind, deadline_in, new_envelope_json
+
+    payload = RouterRequest(target=target, input={"text": text}, stream=stream)
+    deadline = None if seconds is None else deadline_in(seconds)
+    fast = Envelope[RouterRequest].model_validate_json(
+        new_envelope_json(Kind.REQUEST, "acme", payload, run_id=run_id, deadline=deadline)
+    )
+    model = Envelope[RouterRequest](
+        kind=Kind.REQUEST, tenant_id="acme", run_id=run_id, deadline=deadline, payload=payload
+    )
+    assert fast.model_dump(exclude={"id", "created_at"}) == model.model_dump(exclude={"id", "created_at"})
