@@ -96,6 +96,8 @@ class _Run:
     dropped_any: dict[str, int] = field(default_factory=dict)  # 'any' join -> late arrivals to drop
     outputs: dict[str, Any] = field(default_factory=dict)  # each node's latest own output
     last_output: Any = None
+    # (time.monotonic() deadline, limit in seconds) when tool calls carry the run's deadline
+    deadline: tuple[float, float] | None = None
 
 
 def _apply(reducer: Reducer, current: Any, value: Any) -> Any:
@@ -174,6 +176,7 @@ class CompiledGraph:
         }
         self._visit_limits = {name: node.max_visits for name, node in nodes}
         self._timed = frozenset(name for name, node in nodes if isinstance(node, FunctionNode | SubgraphNode))
+        self._self_bounded = all(isinstance(node, ToolNode | RespondNode | JoinNode) for _, node in nodes)
         self._output = compile_path(definition.output) if definition.output else None
 
     def next_nodes(self, node: str, state: dict[str, Any]) -> tuple[str, ...]:
@@ -185,14 +188,27 @@ class CompiledGraph:
     async def run(self, graph_input: dict[str, Any], runtime: NodeRuntime, *, timeout: float) -> RunOutcome:
         """Run from the entry node until no node is active; raises a typed error on any limit."""
         limit = min(timeout, self.definition.timeout_s)
+        if self._self_bounded:
+            # Every node finishes in place or is a tool call, and each tool call is given no more
+            # than what is left of the run: the deadline holds without a timer around the run.
+            return await self._run(graph_input, runtime, depth=0, deadline=(time.monotonic() + limit, limit))
         try:
             async with asyncio.timeout(limit):
                 return await self._run(graph_input, runtime, depth=0)
         except TimeoutError:
-            raise RunTimedOut(f"graph {self.definition.name!r} did not finish within {limit:.2f}s") from None
+            raise self._timed_out(limit) from None
 
-    async def _run(self, graph_input: dict[str, Any], runtime: NodeRuntime, depth: int) -> RunOutcome:
-        run = _Run(state={"input": graph_input})
+    def _timed_out(self, limit: float) -> RunTimedOut:
+        return RunTimedOut(f"graph {self.definition.name!r} did not finish within {limit:.2f}s")
+
+    async def _run(
+        self,
+        graph_input: dict[str, Any],
+        runtime: NodeRuntime,
+        depth: int,
+        deadline: tuple[float, float] | None = None,
+    ) -> RunOutcome:
+        run = _Run(state={"input": graph_input}, deadline=deadline)
         active = [self.definition.entry]
         while active:
             if len(run.path) + len(active) > self.definition.max_steps:
@@ -318,7 +334,18 @@ class CompiledGraph:
         state = run.state
         match node:
             case ToolNode():
-                return await runtime.call_tool(node.tool, self._arguments[name](state), node.timeout_s)
+                arguments = self._arguments[name](state)
+                if run.deadline is not None:
+                    deadline, limit = run.deadline
+                    left = deadline - time.monotonic()
+                    if left < node.timeout_s:  # the run ends first: its deadline is the call's
+                        if left <= 0:
+                            raise self._timed_out(limit)
+                        try:
+                            return await runtime.call_tool(node.tool, arguments, left)
+                        except DeadlineExceeded:
+                            raise self._timed_out(limit) from None
+                return await runtime.call_tool(node.tool, arguments, node.timeout_s)
             case RespondNode():
                 return self._templates[name](state)
             case JoinNode():

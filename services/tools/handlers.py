@@ -34,7 +34,7 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
         name = req.subject.tool
         if name != req.payload.tool:
             raise InvalidRequest(f"the subject names tool {name!r} but the payload names {req.payload.tool!r}")
-        arguments, removed = strip_tenant(dict(req.payload.arguments), aliases)
+        arguments, removed = strip_tenant(req.payload.arguments, aliases)  # a copy, without tenant keys
         if removed:
             req.log.warning("tenant_override_attempt", tool=name, removed=removed)
             req.audit("tenant_override_attempt", "refused", tool=name, removed=removed)

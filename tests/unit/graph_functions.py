@@ -3,3 +3,10 @@
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+async def wait(seconds: float) -> float:
+    import asyncio
+
+    await asyncio.sleep(seconds)  # a slow operator function, not synchronisation
+    return seconds

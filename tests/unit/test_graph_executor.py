@@ -281,6 +281,33 @@ async def test_the_run_deadline_fires():
         await run(ORDER_GRAPH, recorder=Recorder(delays={"orders_lookup": 5}), timeout=0.03)
 
 
+async def test_the_run_deadline_fires_when_the_tool_call_would_outlast_it():
+    """A graph of tool and respond nodes gives each call what is left of the run, no more."""
+    recorder = Recorder(delays={"orders_lookup": 5})
+    # The node's own timeout (10 s) would have been a NodeTimedOut.
+    with pytest.raises(RunTimedOut, match=r"within 0\.05s"):
+        await run(ORDER_GRAPH, recorder=recorder, timeout=0.05)
+
+
+async def test_the_run_deadline_fires_around_a_function_node():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "slow",
+            "entry": "wait",
+            "nodes": {
+                "wait": {
+                    "kind": "function",
+                    "callable": "tests.unit.graph_functions:wait",
+                    "args": {"seconds": 5},
+                    "timeout_s": 10,
+                }
+            },
+        }
+    )
+    with pytest.raises(RunTimedOut):
+        await run(definition, timeout=0.05)
+
+
 async def test_a_failing_tool_fails_the_run_with_its_typed_error():
     recorder = Recorder({"orders": ToolFailed("orders service said 500")}, delays={"incidents": 0.01})
     with pytest.raises(ToolFailed, match="500"):
