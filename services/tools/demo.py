@@ -26,9 +26,21 @@ def data_folder() -> Path:
     return Path(os.environ.get("CORRAL_DEMO_DATA") or REPO_ROOT / "deploy" / "demo" / "data")
 
 
+@lru_cache(maxsize=1)
+def _configured() -> str:
+    """``CORRAL_DEMO_DATA`` as the process started with it (reading the environment on every
+    call, missing variable and all, was a fifth of a lookup); ``reload_settings`` re-reads it."""
+    return os.environ.get("CORRAL_DEMO_DATA") or ""
+
+
+def reload_settings() -> None:
+    """Read ``CORRAL_DEMO_DATA`` again (tests change it)."""
+    _configured.cache_clear()
+
+
 def _records(tenant: str, kind: str) -> tuple[dict[str, Any], ...]:
     # Keyed by the variable's text, not a Path: building Paths per call was most of the lookup.
-    return _read(os.environ.get("CORRAL_DEMO_DATA") or "", validate_tenant_id(tenant), kind)
+    return _read(_configured(), validate_tenant_id(tenant), kind)
 
 
 @lru_cache(maxsize=1024)

@@ -28,6 +28,7 @@ from services.runtime.catalog import load_catalog
 from services.runtime.service import Service, decode_reply
 from services.runtime.settings import REPO_ROOT, Settings
 from services.runtime.state import init_state
+from services.tools.demo import reload_settings
 from services.tools.handlers import register
 
 DEFINITIONS = {
@@ -55,6 +56,7 @@ async def whoami(ctx, **arguments):
 @pytest.fixture
 def definitions(tmp_path, monkeypatch):
     monkeypatch.delenv("CORRAL_DEMO_DATA", raising=False)  # the shipped demo data
+    reload_settings()
     path = tmp_path / "tools.yaml"
     path.write_text(yaml.safe_dump(DEFINITIONS))
     return path

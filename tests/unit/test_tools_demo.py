@@ -9,12 +9,15 @@ import pytest
 from contracts.errors import InvalidRequest
 from services.runtime.settings import REPO_ROOT
 from services.tools.context import ToolContext
-from services.tools.demo import lookup_orders
+from services.tools.demo import lookup_orders, reload_settings
 
 
 @pytest.fixture(autouse=True)
 def shipped_data(monkeypatch):
     monkeypatch.delenv("CORRAL_DEMO_DATA", raising=False)
+    reload_settings()
+    yield
+    reload_settings()
 
 
 def ctx(tenant: str) -> ToolContext:
@@ -62,6 +65,7 @@ async def test_the_data_folder_can_be_moved_with_an_environment_variable(tmp_pat
     order = {"id": "A-9", "item": "Test tube", "status": "new", "eta": "2027-01-01", "placed_at": "2026-12-01"}
     (tmp_path / "acme" / "orders.json").write_text(json.dumps([order]))
     monkeypatch.setenv("CORRAL_DEMO_DATA", str(tmp_path))
+    reload_settings()
     assert (await lookup_orders(ctx("acme"), "A-9"))["order"] == order
     assert (await lookup_orders(ctx("globex"), "x"))["found"] is False  # no globex folder there
 
