@@ -51,7 +51,12 @@ def register(service: Service, catalog: Catalog) -> Router:
                     return await req.forward(subject, Kind.GRAPH_RUN, run)
                 # No executor was running at the last probe: relay, so the broker's no-responders
                 # (or the executor, if one has just started) answers now rather than at the deadline.
-                output = await req.call(subject, Kind.GRAPH_RUN, run)
+                try:
+                    output = await req.call(subject, Kind.GRAPH_RUN, run)
+                except CorralError as error:
+                    if error.remote:
+                        executor.saw(True)  # an executor answered (with the run's error)
+                    raise
                 executor.saw(True)
                 return output
             raise Internal(f"pattern {decision.route.pattern.value!r} is not served yet")
