@@ -33,6 +33,7 @@ from contracts.envelope import (
 )
 from contracts.errors import DeadlineExceeded, Internal
 from contracts.tenants import validate_tenant_id
+from services.runtime.requests import Requester
 from services.runtime.service import decode_reply
 
 OnEvent = Callable[[RunEvent], Awaitable[None] | None]
@@ -90,6 +91,7 @@ class CorralClient:
         self.errors: list[Exception] = []
         self.renewed = asyncio.Event()
         self.nc: Client = Client()
+        self._requester = Requester(self.nc)  # replaced with each connection
         self._closing = False
         self._fresh = False  # self.token came from the provider and no connection has used it yet
 
@@ -109,7 +111,7 @@ class CorralClient:
         return client
 
     async def _open(self) -> Client:
-        return await nats.connect(
+        nc = await nats.connect(
             self.url,
             token=self.token,
             inbox_prefix=subjects.inbox_prefix(self.tenant).encode(),
@@ -120,6 +122,10 @@ class CorralClient:
             name=f"corral-client-{self.tenant}",
             **self.options,
         )
+        requester = Requester(nc)
+        await requester.start()
+        self._requester = requester
+        return nc
 
     async def _fresh_token(self) -> bool:
         """Ask the provider for a new token; False (and the error recorded) if it gave none."""
@@ -218,7 +224,7 @@ class CorralClient:
                 raise Internal(NOT_CONNECTED) from None
         try:
             try:
-                msg = await self.nc.request(self._router_subject, body, timeout=timeout)
+                msg = await self._requester.request(self._router_subject, body, timeout)
             except NatsTimeout:
                 raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
             except NoRespondersError:

@@ -43,6 +43,7 @@ from services.runtime.audit import AuditTrail
 from services.runtime.guard import check_reply, check_tenant
 from services.runtime.liveness import Liveness
 from services.runtime.logging import configure_logging
+from services.runtime.requests import Requester
 from services.runtime.settings import Settings
 from services.runtime.state import service_credentials
 
@@ -170,7 +171,8 @@ class Request(Generic[P]):
 
         The envelope follows this one (same tenant, run and deadline) and keeps the requester's
         reply subject, so the answer skips this hop on its way back. If nothing serves
-        ``subject``, the broker tells the requester at once (a no-responders status).
+        ``subject``, the broker's no-responders status goes to this connection, not to the
+        requester: callers check that a service is running first (``Service.watch``).
         """
         if self.remaining(1.0) <= 0:
             raise DeadlineExceeded("deadline passed before the request could be passed on")
@@ -197,6 +199,7 @@ class Service:
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self.audit = AuditTrail(self.nc, name, self.log)  # replaced on start, with the live connection
+        self.requester = Requester(self.nc)  # likewise
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self.watched: dict[str, Liveness] = {}
 
@@ -265,6 +268,8 @@ class Service:
     async def start(self) -> None:
         """Connect and subscribe every operation in the queue group named after the service."""
         await self.connect()
+        self.requester = Requester(self.nc)
+        await self.requester.start()
         self.audit = AuditTrail(self.nc, self.name, self.log)
         if self.audit_enabled:
             await self.audit.start()
@@ -300,6 +305,8 @@ class Service:
             for task in pending:
                 task.cancel()
         await self.audit.stop()
+        with contextlib.suppress(Exception):
+            await self.requester.stop()
         for cleanup in self._on_stop:
             with contextlib.suppress(Exception):
                 await cleanup()
@@ -321,7 +328,7 @@ class Service:
     async def request(self, subject: str, body: bytes, *, timeout: float) -> Any:
         """Send an encoded envelope and return the reply's output, raising the typed error it carries."""
         try:
-            msg = await self.nc.request(subject, body, timeout=timeout)
+            msg = await self.requester.request(subject, body, timeout)
         except NatsTimeout:
             raise DeadlineExceeded(f"no reply on {subject} within {timeout:.1f}s") from None
         except NoRespondersError:
