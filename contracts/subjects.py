@@ -48,6 +48,7 @@ def swarm_turn(tenant: str) -> str:
     return f"t.{validate_tenant_id(tenant)}.swarm.turn"
 
 
+@functools.lru_cache(maxsize=4096)  # per tenant and tool, on every tool call; only valid parts are cached
 def tool_call(tenant: str, tool: str) -> str:
     return f"t.{validate_tenant_id(tenant)}.tool.{validate_name(tool)}.call"
 

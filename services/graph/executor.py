@@ -1,6 +1,6 @@
 """Runs graph definitions: explicit nodes, conditional edges, parallel branches, joins.
 
-No NATS here: tool and model calls and progress events go through the :class:`NodeRuntime` the
+No NATS here: tool and model calls and progress events go through the :class:`Runtime` the
 caller passes in, so the executor is tested without a broker.
 
 Determinism: a run proceeds in steps. All nodes active in a step run concurrently; when every one
@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import jsonschema
 
@@ -61,9 +61,27 @@ from services.runtime.models import Completion
 MAX_SUBGRAPH_DEPTH = 8
 
 
+class Runtime(Protocol):
+    """What the executor needs from the outside world (see :class:`NodeRuntime`)."""
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any], timeout: float) -> Any: ...
+
+    async def call_model(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        schema: dict[str, Any] | None,
+        timeout: float,
+        tool_schemas: list[dict[str, Any]] | None,
+    ) -> Completion: ...
+
+    @property
+    def node_event(self) -> Callable[[str, str, float | None, dict[str, Any]], Awaitable[None]] | None: ...
+
+
 @dataclass(frozen=True)
 class NodeRuntime:
-    """What the executor needs from the outside world."""
+    """What the executor needs from the outside world, as three callables."""
 
     call_tool: Callable[[str, dict[str, Any], float], Awaitable[Any]]
     # (model, messages, output_schema, timeout, tool schemas) -> the model's answer
@@ -185,7 +203,7 @@ class CompiledGraph:
                 return transition.targets
         return ()
 
-    async def run(self, graph_input: dict[str, Any], runtime: NodeRuntime, *, timeout: float) -> RunOutcome:
+    async def run(self, graph_input: dict[str, Any], runtime: Runtime, *, timeout: float) -> RunOutcome:
         """Run from the entry node until no node is active; raises a typed error on any limit."""
         limit = min(timeout, self.definition.timeout_s)
         if self._self_bounded:
@@ -204,7 +222,7 @@ class CompiledGraph:
     async def _run(
         self,
         graph_input: dict[str, Any],
-        runtime: NodeRuntime,
+        runtime: Runtime,
         depth: int,
         deadline: tuple[float, float] | None = None,
     ) -> RunOutcome:
@@ -284,7 +302,7 @@ class CompiledGraph:
             arrived.append(branch)
         return all(b in arrived for b in branches)
 
-    async def _step(self, active: list[str], run: _Run, runtime: NodeRuntime, depth: int) -> dict[str, Any]:
+    async def _step(self, active: list[str], run: _Run, runtime: Runtime, depth: int) -> dict[str, Any]:
         if len(active) == 1:
             return {active[0]: await self._node(active[0], run, runtime, depth)}
         try:
@@ -300,7 +318,7 @@ class CompiledGraph:
             raise (tasks[failed[0]].exception() if failed else failures.exceptions[0]) from None
         return {name: task.result() for name, task in tasks.items()}
 
-    async def _node(self, name: str, run: _Run, runtime: NodeRuntime, depth: int) -> Any:
+    async def _node(self, name: str, run: _Run, runtime: Runtime, depth: int) -> Any:
         node = self.definition.nodes[name]
         report = runtime.node_event
         if report is not None:
@@ -329,7 +347,7 @@ class CompiledGraph:
             await report("node_completed", name, _ms(started), {})
         return output
 
-    async def _execute(self, name: str, run: _Run, runtime: NodeRuntime, depth: int) -> Any:
+    async def _execute(self, name: str, run: _Run, runtime: Runtime, depth: int) -> Any:
         node = self.definition.nodes[name]
         state = run.state
         match node:
@@ -371,7 +389,7 @@ class CompiledGraph:
             run.dropped_any[name] = len(branches) - len(arrived)
         return {branch: run.outputs.get(branch) for branch in branches if branch in arrived}
 
-    async def _ask_model(self, name: str, node: ModelNode, state: dict[str, Any], runtime: NodeRuntime) -> Any:
+    async def _ask_model(self, name: str, node: ModelNode, state: dict[str, Any], runtime: Runtime) -> Any:
         model = node.model or self.definition.model
         assert model is not None  # checked when the graph was defined
         messages = [{"role": "system", "content": render(node.system, state)}] if node.system else []
@@ -387,7 +405,7 @@ class CompiledGraph:
             raise InvalidModelOutput(f"model {model!r} answered outside the output schema: {message}") from None
         return parsed
 
-    async def _run_agent(self, name: str, node: AgentNode, state: dict[str, Any], runtime: NodeRuntime) -> Any:
+    async def _run_agent(self, name: str, node: AgentNode, state: dict[str, Any], runtime: Runtime) -> Any:
         """Model turns with tool calls until the model answers; tools outside the node's list are
         refused to the model (and the tools service checks the tenant's policy on every call)."""
         model = node.model or self.definition.model
@@ -422,7 +440,7 @@ class CompiledGraph:
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
         raise StepLimitExceeded(f"agent node {name!r} did not answer within {node.max_turns} turns")
 
-    async def _agent_tool(self, node: AgentNode, tool: str, arguments: dict[str, Any], runtime: NodeRuntime) -> Any:
+    async def _agent_tool(self, node: AgentNode, tool: str, arguments: dict[str, Any], runtime: Runtime) -> Any:
         """One tool call asked for by a model; failures go back to the model as data, typed."""
         if tool not in node.tools:
             return {"error": "forbidden", "message": f"tool {tool!r} is not available here"}
@@ -432,7 +450,7 @@ class CompiledGraph:
             return {"error": error.code.value, "message": error.message}
 
     async def _subgraph(
-        self, name: str, node: SubgraphNode, state: dict[str, Any], runtime: NodeRuntime, depth: int
+        self, name: str, node: SubgraphNode, state: dict[str, Any], runtime: Runtime, depth: int
     ) -> Any:
         if depth >= MAX_SUBGRAPH_DEPTH:
             raise StepLimitExceeded(f"subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH}")

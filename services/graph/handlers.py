@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pydantic_core import to_json
+
 from contracts import subjects
 from contracts.definitions import Catalog
-from contracts.envelope import EventType, GraphRun, Kind, RunEvent, ToolCall
+from contracts.envelope import EventType, GraphRun, Kind, RunEvent
 from contracts.errors import CorralError, Internal
 from services.graph.errors import GraphNotFound
-from services.graph.executor import NodeRuntime, compile_library
+from services.graph.executor import compile_library
 from services.runtime.models import Completion, ModelRegistry
 from services.runtime.service import Request, Service
 
@@ -29,49 +31,21 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
 
     @service.operation(subjects.GRAPH_RUNS, Kind.GRAPH_RUN, GraphRun, "Run a declared graph for the tenant")
     async def run_graph(req: Request[GraphRun]) -> Any:
-        req.stream = req.payload.stream
-        graph = graphs.get(req.payload.graph)
+        payload = req.payload
+        req.stream = stream = payload.stream
+        graph = graphs.get(payload.graph)
         if graph is None:
-            raise GraphNotFound(f"graph {req.payload.graph!r} is not defined")
+            raise GraphNotFound(f"graph {payload.graph!r} is not defined")
         started = time.perf_counter()
-        tokens: dict[str, int] = {}
-
-        async def call_tool(tool: str, arguments: dict[str, Any], timeout: float) -> Any:
-            # The tool name comes from the validated definition and the arguments from the run's
-            # JSON state: no need to validate them again on every call.
-            call = ToolCall.model_construct(tool=tool, arguments=arguments)
-            return await req.call(subjects.tool_call(req.tenant, tool), Kind.TOOL_CALL, call, timeout=timeout)
-
-        async def call_model(
-            model: str,
-            messages: list[dict[str, Any]],
-            schema: dict[str, Any] | None,
-            timeout: float,
-            tool_schemas: list[dict[str, Any]] | None,
-        ) -> Completion:
-            completion = await registry.get(model).complete(
-                messages, json_schema=schema, tools=tool_schemas, timeout=min(timeout, req.remaining(timeout))
-            )
-            registry.meter.record(req.tenant, model, completion.usage)
-            tokens[model] = tokens.get(model, 0) + completion.usage.total_tokens
-            return completion
-
-        async def node_event(kind: str, node: str, elapsed_ms: float | None, data: dict[str, Any]) -> None:
-            await req.emit(
-                RunEvent(type=NODE_EVENTS[kind], service=service.name, node=node, elapsed_ms=elapsed_ms, data=data)
-            )
-
+        bus = _RunOnBus(req, service.name, registry)
         # Events are built only when the client watches the run: nobody else listens to them.
-        stream = req.stream
         if stream:
             await req.emit(
                 RunEvent(type=EventType.STARTED, service=service.name, data={"graph": graph.definition.name})
             )
         try:
             outcome = await graph.run(
-                dict(req.payload.input),
-                NodeRuntime(call_tool=call_tool, call_model=call_model, node_event=node_event if stream else None),
-                timeout=req.remaining(service.settings.default_timeout_s),
+                dict(payload.input), bus, timeout=req.remaining(service.settings.default_timeout_s)
             )
         except Exception as error:
             if stream:  # watchers always see how a run ended; the runtime turns the error into the reply
@@ -79,14 +53,55 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
                 data = {"code": known.code.value, "message": known.message}
                 await req.emit(_finished(service, EventType.FAILED, started, data))
             raise
-        if tokens:
-            req.log.info("model_usage", tokens=tokens, graph=graph.definition.name)
+        if bus.tokens:
+            req.log.info("model_usage", tokens=bus.tokens, graph=graph.definition.name)
         if stream:
             data: dict[str, Any] = {"path": list(outcome.path)}
-            if tokens:
-                data["tokens"] = tokens
+            if bus.tokens:
+                data["tokens"] = bus.tokens
             await req.emit(_finished(service, EventType.COMPLETED, started, data))
         return outcome.output
+
+
+class _RunOnBus:
+    """The executor's runtime for one run: tool calls over the bus, model calls, progress events."""
+
+    __slots__ = ("node_event", "registry", "req", "service", "tokens")
+
+    def __init__(self, req: Request[GraphRun], service: str, registry: ModelRegistry) -> None:
+        self.req = req
+        self.service = service
+        self.registry = registry
+        self.tokens: dict[str, int] = {}  # model -> tokens used in this run
+        self.node_event = self._node_event if req.stream else None
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any], timeout: float) -> Any:
+        # The tool name comes from the validated definition and the arguments from the run's JSON
+        # state: the payload is written directly, not validated again on every call.
+        req = self.req
+        call = to_json({"tool": tool, "arguments": arguments})
+        return await req.call_json(subjects.tool_call(req.tenant, tool), Kind.TOOL_CALL, call, timeout=timeout)
+
+    async def call_model(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        schema: dict[str, Any] | None,
+        timeout: float,
+        tool_schemas: list[dict[str, Any]] | None,
+    ) -> Completion:
+        registry = self.registry
+        completion = await registry.get(model).complete(
+            messages, json_schema=schema, tools=tool_schemas, timeout=min(timeout, self.req.remaining(timeout))
+        )
+        registry.meter.record(self.req.tenant, model, completion.usage)
+        self.tokens[model] = self.tokens.get(model, 0) + completion.usage.total_tokens
+        return completion
+
+    async def _node_event(self, kind: str, node: str, elapsed_ms: float | None, data: dict[str, Any]) -> None:
+        await self.req.emit(
+            RunEvent(type=NODE_EVENTS[kind], service=self.service, node=node, elapsed_ms=elapsed_ms, data=data)
+        )
 
 
 def _finished(service: Service, kind: EventType, started: float, data: dict[str, Any]) -> RunEvent:

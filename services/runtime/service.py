@@ -160,11 +160,15 @@ class Request(Generic[P]):
 
     async def call(self, subject: str, kind: Kind, payload: BaseModel, *, timeout: float | None = None) -> Any:
         """Request another service with an envelope that follows this one; returns the output."""
+        return await self.call_json(subject, kind, payload.model_dump_json().encode(), timeout=timeout)
+
+    async def call_json(self, subject: str, kind: Kind, payload: bytes, *, timeout: float | None = None) -> Any:
+        """The same, with the payload already serialised (the JSON of a valid payload)."""
         remaining = self.remaining(self.service.settings.default_timeout_s)
         limit = remaining if timeout is None else min(timeout, remaining)
         if limit <= 0:
             raise DeadlineExceeded("deadline passed before the call")
-        return await self.service.request(subject, self.encode(kind, payload), timeout=limit)
+        return await self.service.request(subject, self.encode_json(kind, payload), timeout=limit)
 
     async def forward(self, subject: str, kind: Kind, payload: BaseModel) -> Any:
         """Pass the request on to another service, which answers the requester directly.
