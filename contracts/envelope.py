@@ -19,7 +19,9 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from contracts.errors import CorralError, ErrorCode
-from contracts.tenants import Name, RunId, TenantId
+from contracts.tenants import WireName as Name
+from contracts.tenants import WireRunId as RunId
+from contracts.tenants import WireTenantId as TenantId
 
 SCHEMA_VERSION = 1
 # The largest body a service accepts; the server's max_payload is set to the same value.
@@ -38,6 +40,22 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+_SECOND: tuple[int, str] = (-1, "")  # the last second formatted, and its text (swapped as one)
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with microseconds, for ``created_at``: the date and time of
+    the current second are formatted once per second, not for every envelope."""
+    global _SECOND
+    now = time.time()
+    second = int(now)
+    cached, text = _SECOND
+    if second != cached:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _SECOND = (second, text)
+    return f"{text}.{int((now - second) * 1_000_000):06d}+00:00"
 
 
 class Kind(StrEnum):
@@ -185,7 +203,7 @@ class FollowEncoder:
         """The same, with the payload already serialised (it must be the JSON of a valid payload)."""
         head = (
             f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
-            f'"created_at":"{utcnow().isoformat()}",{self._shared},"payload":'
+            f'"created_at":"{now_iso()}",{self._shared},"payload":'
         )
         return b"".join((head.encode(), payload, b"}"))
 
@@ -203,7 +221,7 @@ def new_envelope_json(
     return (
         f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
         f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
-        f'"correlation_id":null,"causation_id":null,"created_at":"{utcnow().isoformat()}",'
+        f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
         f'"deadline":{text(deadline.isoformat()) if deadline else "null"},"trace":null,"idempotency_key":null,'
         f'"payload":{payload.model_dump_json()}}}'
     ).encode()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic_core import to_json
+
 from contracts import subjects
 from contracts.definitions import Catalog, Pattern
-from contracts.envelope import EventType, GraphRun, Kind, RouterRequest, RunEvent, new_id
+from contracts.envelope import EventType, Kind, RouterRequest, RunEvent, new_id
 from contracts.errors import CorralError, Internal
 from services.router.policy import Router
 from services.runtime.service import Request, Service
@@ -44,15 +46,16 @@ def register(service: Service, catalog: Catalog) -> Router:
                     )
                 )
             if decision.route.pattern is Pattern.GRAPH:
-                # The input was validated with the request; only the route's graph name is new (and valid).
-                run = GraphRun.model_construct(graph=decision.route.graph, input=req.payload.input, stream=req.stream)
+                # The input was validated with the request and the graph name with the definitions:
+                # the payload is written directly.
+                run = to_json({"graph": decision.route.graph, "input": req.payload.input, "stream": req.stream})
                 subject = subjects.graph_run(req.tenant)
                 if executor.up:
-                    return await req.forward(subject, Kind.GRAPH_RUN, run)
+                    return await req.forward_json(subject, Kind.GRAPH_RUN, run)
                 # No executor was running at the last probe: relay, so the broker's no-responders
                 # (or the executor, if one has just started) answers now rather than at the deadline.
                 try:
-                    output = await req.call(subject, Kind.GRAPH_RUN, run)
+                    output = await req.call_json(subject, Kind.GRAPH_RUN, run)
                 except CorralError as error:
                     if error.remote:
                         executor.saw(True)  # an executor answered (with the run's error)

@@ -178,9 +178,13 @@ class Request(Generic[P]):
         ``subject``, the broker's no-responders status goes to this connection, not to the
         requester: callers check that a service is running first (``Service.watch``).
         """
+        return await self.forward_json(subject, kind, payload.model_dump_json().encode())
+
+    async def forward_json(self, subject: str, kind: Kind, payload: bytes) -> Any:
+        """The same, with the payload already serialised (the JSON of a valid payload)."""
         if self.remaining(1.0) <= 0:
             raise DeadlineExceeded("deadline passed before the request could be passed on")
-        await self.service.nc.publish(subject, self.encode(kind, payload), reply=self.reply)
+        await self.service.nc.publish(subject, self.encode_json(kind, payload), reply=self.reply)
         return FORWARDED
 
 

@@ -167,3 +167,29 @@ def test_a_new_envelope_written_directly_is_what_the_model_would_write(run_id, t
         kind=Kind.REQUEST, tenant_id="acme", run_id=run_id, deadline=deadline, payload=payload
     )
     assert fast.model_dump(exclude={"id", "created_at"}) == model.model_dump(exclude={"id", "created_at"})
+
+
+@settings(max_examples=400)
+@given(value=st.text(max_size=70) | st.from_regex(r"[a-z0-9][a-z0-9_-]{0,62}\n?", fullmatch=True))
+def test_envelopes_accept_exactly_the_tenant_ids_and_names_the_grammar_accepts(value):
+    from pydantic import ValidationError
+
+    from contracts.envelope import Kind, ToolCall
+    from contracts.tenants import InvalidIdentifier, is_tenant_id, validate_name
+
+    def accepted(build):
+        try:
+            build()
+        except ValidationError:
+            return False
+        return True
+
+    assert accepted(lambda: Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id=value, payload=RouterRequest())) == (
+        is_tenant_id(value)
+    )
+    try:
+        validate_name(value)
+        valid_name = True
+    except InvalidIdentifier:
+        valid_name = False
+    assert accepted(lambda: ToolCall(tool=value)) == valid_name

@@ -82,3 +82,17 @@ def test_remaining_is_negative_after_the_deadline():
 def test_unknown_error_codes_become_internal():
     assert error_for("no_such_code", "x").code is ErrorCode.INTERNAL
     assert isinstance(error_for("deadline_exceeded", "x"), DeadlineExceeded)
+
+
+def test_created_at_is_the_current_utc_time_with_microseconds():
+    from datetime import UTC, datetime, timedelta
+
+    from contracts.envelope import now_iso
+
+    before = datetime.now(UTC)
+    text = now_iso()
+    after = datetime.now(UTC)
+    stamp = datetime.fromisoformat(text)
+    assert stamp.utcoffset() == timedelta(0) and len(text.split(".")[1]) == len("000000+00:00")
+    # Microseconds are truncated, not rounded: the stamp is never later than the clock.
+    assert before - timedelta(microseconds=1) <= stamp <= after
