@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
 from typing import Any
 
 from nats.js.api import StorageType, StreamConfig
@@ -20,6 +19,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from contracts import subjects
 from contracts.audit import STREAM, AuditEntry, seal_json
+from contracts.envelope import now_iso
 
 WRONG_LAST_SEQUENCE = 10071
 # How long records gather before an entry is written: one append per tenant per window instead
@@ -69,7 +69,7 @@ class AuditTrail:
         **detail: Any,
     ) -> None:
         """Queue one record for ``tenant`` (already validated: it came from a subject)."""
-        at = datetime.now(UTC).isoformat(timespec="microseconds")
+        at = now_iso()  # the same text as datetime.now(UTC).isoformat(timespec="microseconds"), cheaper
         # A plain dict with every AuditRecord field: records are written, not read, on this path.
         record = {
             "at": at,
