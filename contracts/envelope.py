@@ -42,20 +42,35 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-_SECOND: tuple[int, str] = (-1, "")  # the last second formatted, and its text (swapped as one)
+class _Stamps:
+    """UTC timestamps as ISO 8601 text with microseconds. The date and time of a whole second are
+    formatted once and reused for every stamp in that second: envelopes are stamped several times
+    per hop, and ``datetime`` formatting was a visible part of a hop's cost."""
+
+    __slots__ = ("_cached",)
+
+    def __init__(self) -> None:
+        self._cached: tuple[int, str] = (-1, "")  # a second and its text, swapped as one
+
+    def at(self, timestamp: float) -> str:
+        second = int(timestamp // 1)
+        micro = round((timestamp - second) * 1_000_000)
+        if micro == 1_000_000:
+            second, micro = second + 1, 0
+        cached, text = self._cached
+        if second != cached:
+            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, text)
+        return f"{text}.{micro:06d}+00:00"
+
+
+_CREATED = _Stamps()
+_DEADLINES = _Stamps()  # a separate slot: deadlines lie in another second than the clock
 
 
 def now_iso() -> str:
-    """The current UTC time as ISO 8601 with microseconds, for ``created_at``: the date and time of
-    the current second are formatted once per second, not for every envelope."""
-    global _SECOND
-    now = time.time()
-    second = int(now)
-    cached, text = _SECOND
-    if second != cached:
-        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _SECOND = (second, text)
-    return f"{text}.{int((now - second) * 1_000_000):06d}+00:00"
+    """The current UTC time as ISO 8601 with microseconds, for ``created_at``."""
+    return _CREATED.at(time.time())
 
 
 class Kind(StrEnum):
@@ -209,20 +224,30 @@ class FollowEncoder:
 
 
 def new_envelope_json(
-    kind: Kind, tenant_id: str, payload: BaseModel, *, run_id: str | None = None, deadline: datetime | None = None
+    kind: Kind,
+    tenant_id: str,
+    payload: BaseModel,
+    *,
+    run_id: str | None = None,
+    deadline: datetime | float | None = None,
 ) -> bytes:
     """A new envelope (caused by nothing) as JSON bytes, the same fields as building the model and
     dumping it would write, without the model: what a client does for every request.
 
     ``tenant_id`` must already be a valid tenant id and ``payload`` a validated payload; the
-    receiving service validates the whole envelope as it does any other.
+    receiving service validates the whole envelope as it does any other. ``deadline`` may be a
+    datetime or a POSIX timestamp.
     """
     text = _json_string
+    if isinstance(deadline, float | int):
+        deadline_text = f'"{_DEADLINES.at(deadline)}"'
+    else:
+        deadline_text = text(deadline.isoformat()) if deadline else "null"
     return (
         f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
         f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
         f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
-        f'"deadline":{text(deadline.isoformat()) if deadline else "null"},"trace":null,"idempotency_key":null,'
+        f'"deadline":{deadline_text},"trace":null,"idempotency_key":null,'
         f'"payload":{payload.model_dump_json()}}}'
     ).encode()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,6 @@ from contracts.envelope import (
     Kind,
     RouterRequest,
     RunEvent,
-    deadline_in,
     envelope_of,
     new_envelope_json,
     new_id,
@@ -202,7 +202,7 @@ class CorralClient:
         run_id = new_id()
         text_input = {"text": text} if text is not None else {}
         payload = RouterRequest(target=target, input={**(input or {}), **text_input}, stream=watch)
-        body = new_envelope_json(Kind.REQUEST, self.tenant, payload, run_id=run_id, deadline=deadline_in(timeout))
+        body = new_envelope_json(Kind.REQUEST, self.tenant, payload, run_id=run_id, deadline=time.time() + timeout)
         events: list[RunEvent] = []
         subscription = None
         if watch:

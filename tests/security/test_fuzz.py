@@ -154,14 +154,18 @@ def test_the_fast_envelope_encoder_writes_exactly_what_the_model_would(principal
     text=st.text(max_size=40),
     stream=st.booleans(),
     seconds=st.none() | st.floats(min_value=-5, max_value=3600),
+    as_timestamp=st.booleans(),
 )
-def test_a_new_envelope_written_directly_is_what_the_model_would_write(run_id, target, text, stream, seconds):
+def test_a_new_envelope_written_directly_is_what_the_model_would_write(
+    run_id, target, text, stream, seconds, as_timestamp
+):
     from contracts.envelope import Kind, deadline_in, new_envelope_json
 
     payload = RouterRequest(target=target, input={"text": text}, stream=stream)
     deadline = None if seconds is None else deadline_in(seconds)
+    given_deadline = deadline.timestamp() if as_timestamp and deadline is not None else deadline
     fast = Envelope[RouterRequest].model_validate_json(
-        new_envelope_json(Kind.REQUEST, "acme", payload, run_id=run_id, deadline=deadline)
+        new_envelope_json(Kind.REQUEST, "acme", payload, run_id=run_id, deadline=given_deadline)
     )
     model = Envelope[RouterRequest](
         kind=Kind.REQUEST, tenant_id="acme", run_id=run_id, deadline=deadline, payload=payload

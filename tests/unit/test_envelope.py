@@ -94,5 +94,5 @@ def test_created_at_is_the_current_utc_time_with_microseconds():
     after = datetime.now(UTC)
     stamp = datetime.fromisoformat(text)
     assert stamp.utcoffset() == timedelta(0) and len(text.split(".")[1]) == len("000000+00:00")
-    # Microseconds are truncated, not rounded: the stamp is never later than the clock.
-    assert before - timedelta(microseconds=1) <= stamp <= after
+    # Rounded to the nearest microsecond.
+    assert before - timedelta(microseconds=1) <= stamp <= after + timedelta(microseconds=1)
