@@ -134,7 +134,7 @@ class Request(Generic[P]):
     def encode_json(self, kind: Kind, payload: bytes) -> bytes:
         """The same, with the payload already serialised (the JSON of a valid payload)."""
         if self._encoder is None:
-            self._encoder = FollowEncoder(self.envelope)
+            self._encoder = FollowEncoder(self.envelope, self._until)
         return self._encoder.encode_json(kind, payload)
 
     def audit(self, action: str, outcome: str, **detail: Any) -> None:
