@@ -158,30 +158,24 @@ class Request(Generic[P]):
             self._events_subject = subjects.events(self.tenant, self.envelope.run_id)
         await self.service.nc.publish(self._events_subject, self.encode(Kind.EVENT, event))
 
-    async def call(self, subject: str, kind: Kind, payload: BaseModel, *, timeout: float | None = None) -> Any:
-        """Request another service with an envelope that follows this one; returns the output."""
-        return await self.call_json(subject, kind, payload.model_dump_json().encode(), timeout=timeout)
-
     async def call_json(self, subject: str, kind: Kind, payload: bytes, *, timeout: float | None = None) -> Any:
-        """The same, with the payload already serialised (the JSON of a valid payload)."""
+        """Request another service with an envelope that follows this one and carries ``payload``
+        (the JSON of a valid payload: handlers write it directly); returns the reply's output."""
         remaining = self.remaining(self.service.settings.default_timeout_s)
         limit = remaining if timeout is None else min(timeout, remaining)
         if limit <= 0:
             raise DeadlineExceeded("deadline passed before the call")
         return await self.service.request(subject, self.encode_json(kind, payload), timeout=limit)
 
-    async def forward(self, subject: str, kind: Kind, payload: BaseModel) -> Any:
+    async def forward_json(self, subject: str, kind: Kind, payload: bytes) -> Any:
         """Pass the request on to another service, which answers the requester directly.
 
-        The envelope follows this one (same tenant, run and deadline) and keeps the requester's
-        reply subject, so the answer skips this hop on its way back. If nothing serves
-        ``subject``, the broker's no-responders status goes to this connection, not to the
-        requester: callers check that a service is running first (``Service.watch``).
+        The envelope follows this one (same tenant, run and deadline), carries ``payload`` (the
+        JSON of a valid payload) and keeps the requester's reply subject, so the answer skips this
+        hop on its way back. If nothing serves ``subject``, the broker's no-responders status goes
+        to this connection, not to the requester: callers check that a service is running first
+        (``Service.watch``).
         """
-        return await self.forward_json(subject, kind, payload.model_dump_json().encode())
-
-    async def forward_json(self, subject: str, kind: Kind, payload: bytes) -> Any:
-        """The same, with the payload already serialised (the JSON of a valid payload)."""
         if self.remaining(1.0) <= 0:
             raise DeadlineExceeded("deadline passed before the request could be passed on")
         await self.service.nc.publish(subject, self.encode_json(kind, payload), reply=self.reply)

@@ -99,14 +99,18 @@ async def test_an_expired_deadline_is_refused_without_running_anything(system):
         decode_reply(reply.data)
 
 
+async def assert_refused_at_once_for_lack_of_an_executor(broker):
+    acme = await client_for(broker, "acme")
+    try:
+        with pytest.raises(Internal, match="no service is serving"):
+            await acme.request("where is my order?", timeout=10)  # not a DeadlineExceeded 10 s later
+    finally:
+        await acme.close()
+
+
 async def test_without_a_graph_executor_the_router_answers_with_an_error_not_a_hang(secured):
     async with running_services(secured.url, secured.state_dir, ("auth", "router")):
-        acme = await client_for(secured, "acme")
-        try:
-            with pytest.raises(Internal, match="no service is serving"):
-                await acme.request("where is my order?", timeout=10)
-        finally:
-            await acme.close()
+        await assert_refused_at_once_for_lack_of_an_executor(secured)
 
 
 async def until(liveness, up):
@@ -136,12 +140,7 @@ async def test_the_executor_answers_the_client_directly_and_its_absence_is_notic
             assert answer.kind == Kind.RESULT and answer.correlation_id == request.id
             assert answer.causation_id != request.id
             await asyncio.wait_for(until(executor, False), 10)
-            acme = await client_for(secured, "acme")
-            try:
-                with pytest.raises(Internal, match="no service is serving"):
-                    await acme.request("where is my order?", timeout=10)
-            finally:
-                await acme.close()
+            await assert_refused_at_once_for_lack_of_an_executor(secured)
         finally:
             await nc.close()
 

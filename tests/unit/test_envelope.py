@@ -96,3 +96,29 @@ def test_created_at_is_the_current_utc_time_with_microseconds():
     assert stamp.utcoffset() == timedelta(0) and len(text.split(".")[1]) == len("000000+00:00")
     # Rounded to the nearest microsecond.
     assert before - timedelta(microseconds=1) <= stamp <= after + timedelta(microseconds=1)
+
+
+def tool_request():
+    """A request as the runtime builds it for a tool call of acme."""
+    from contracts import subjects
+    from services.runtime.service import Request, Service
+    from services.runtime.settings import Settings
+
+    cause = Envelope[ToolCall](kind=Kind.TOOL_CALL, tenant_id="acme", run_id="r-1", payload=ToolCall(tool="t"))
+    return Request(cause, "acme", subjects.parse("t.acme.tool.t.call"), Service("tools", Settings()))
+
+
+@pytest.mark.parametrize("output", [{"a": [1, "x", None]}, "text", 3.5, None, Result(output={"b": True})])
+def test_a_handler_output_becomes_a_result_reply(output):
+    from services.runtime.service import _encode_result
+
+    expected = output.output if isinstance(output, Result) else output
+    assert decode_reply(_encode_result(tool_request(), output)) == expected
+
+
+def test_a_handler_output_that_is_not_json_is_an_internal_error_not_a_crash():
+    from contracts.errors import Internal
+    from services.runtime.service import _encode_result
+
+    with pytest.raises(Internal, match="not JSON"):
+        _encode_result(tool_request(), {"value": object()})
