@@ -40,12 +40,7 @@ class ExpressionError(InvalidRequest):
 
 def lookup(state: State, path: str) -> Any:
     """Value at a dotted path (``a.b.0.c``), or ``None`` when any step is missing."""
-    value: Any = state
-    for step in path.split("."):
-        value = _step(value, step)
-        if value is _MISSING:
-            return None
-    return value
+    return compile_path(path)(state)
 
 
 def _step(value: Any, key: str | int) -> Any:
@@ -147,7 +142,7 @@ def _path_reader(path: list[str]) -> Compiled:
 
 
 def compile_path(path: str) -> Compiled:
-    """``lookup`` of one path, split once instead of on every call."""
+    """A reader of one dotted path (``a.b.0.c``; ``None`` when a step is missing), split once."""
     steps = tuple(path.split("."))
 
     def read(state: State) -> Any:
@@ -166,16 +161,11 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.\-]+)\}")
 
 def render(template: str, state: State) -> str:
     """Fill ``{path}`` placeholders from the state; a missing value renders as empty."""
-
-    def fill(match: re.Match[str]) -> str:
-        value = lookup(state, match.group(1))
-        return "" if value is None else str(value)
-
-    return _PLACEHOLDER.sub(fill, template)
+    return compile_template(template)(state)
 
 
 def compile_template(template: str) -> Callable[[State], str]:
-    """``render`` of one template, parsed once: literal text and compiled paths."""
+    """A template (``{path}`` placeholders) parsed once into literal text and compiled paths."""
     parts: list[str | Compiled] = []
     position = 0
     for match in _PLACEHOLDER.finditer(template):
@@ -203,7 +193,7 @@ def compile_template(template: str) -> Callable[[State], str]:
 
 
 def compile_arguments(value: Any) -> Callable[[State], Any]:
-    """``resolve`` of one argument template, parsed once."""
+    """An argument template parsed once: ``"$path"`` reads the state, containers recurse."""
     if isinstance(value, str) and value.startswith("$") and len(value) > 1:
         return compile_path(value[1:])
     if isinstance(value, Mapping):
@@ -217,10 +207,4 @@ def compile_arguments(value: Any) -> Callable[[State], Any]:
 
 def resolve(value: Any, state: State) -> Any:
     """Resolve an argument template: ``"$path"`` reads the state, containers recurse."""
-    if isinstance(value, str) and value.startswith("$") and len(value) > 1:
-        return lookup(state, value[1:])
-    if isinstance(value, Mapping):
-        return {key: resolve(item, state) for key, item in value.items()}
-    if isinstance(value, list):
-        return [resolve(item, state) for item in value]
-    return value
+    return compile_arguments(value)(state)

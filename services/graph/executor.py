@@ -62,7 +62,8 @@ MAX_SUBGRAPH_DEPTH = 8
 
 
 class Runtime(Protocol):
-    """What the executor needs from the outside world (see :class:`NodeRuntime`)."""
+    """What the executor needs from the outside world: tool and model calls, and where progress
+    events go (``node_event``: (kind, node, elapsed_ms, data), or None when nobody listens)."""
 
     async def call_tool(self, tool: str, arguments: dict[str, Any], timeout: float) -> Any: ...
 
@@ -77,19 +78,6 @@ class Runtime(Protocol):
 
     @property
     def node_event(self) -> Callable[[str, str, float | None, dict[str, Any]], Awaitable[None]] | None: ...
-
-
-@dataclass(frozen=True)
-class NodeRuntime:
-    """What the executor needs from the outside world, as three callables."""
-
-    call_tool: Callable[[str, dict[str, Any], float], Awaitable[Any]]
-    # (model, messages, output_schema, timeout, tool schemas) -> the model's answer
-    call_model: Callable[
-        [str, list[dict[str, Any]], dict[str, Any] | None, float, list[dict[str, Any]] | None], Awaitable[Completion]
-    ]
-    # (kind, node, elapsed_ms, data): node_started / node_completed / node_failed; None: nobody listens
-    node_event: Callable[[str, str, float | None, dict[str, Any]], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -303,8 +291,7 @@ class CompiledGraph:
         return all(b in arrived for b in branches)
 
     async def _step(self, active: list[str], run: _Run, runtime: Runtime, depth: int) -> dict[str, Any]:
-        if len(active) == 1:
-            return {active[0]: await self._node(active[0], run, runtime, depth)}
+        """Several nodes at once (``_run`` runs a single node in place)."""
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = {name: group.create_task(self._node(name, run, runtime, depth)) for name in active}

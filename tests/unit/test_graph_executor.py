@@ -18,7 +18,7 @@ from services.graph.errors import (
     StepLimitExceeded,
     VisitLimitExceeded,
 )
-from services.graph.executor import CompiledGraph, NodeRuntime, compile_library
+from services.graph.executor import CompiledGraph, compile_library
 from services.runtime.models import Completion, ToolCallRequest
 
 ORDER_GRAPH = GraphDefinition.model_validate(
@@ -62,7 +62,7 @@ FAN_OUT = GraphDefinition.model_validate(
 
 
 class Recorder:
-    """A NodeRuntime whose tools answer from a table, optionally after a delay per tool."""
+    """An executor runtime whose tools answer from a table, optionally after a delay per tool."""
 
     def __init__(self, results=None, delays=None, model_answer="ok"):
         self.results = results or {}
@@ -100,7 +100,7 @@ class Recorder:
 
     @property
     def runtime(self):
-        return NodeRuntime(self.call_tool, self.call_model, self.node_event)
+        return self  # call_tool, call_model and node_event: the executor's Runtime
 
 
 async def run(definition, graph_input=None, recorder=None, timeout=5.0, library=None):
