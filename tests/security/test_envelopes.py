@@ -4,6 +4,7 @@ error, nothing leaks, and the services keep serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -71,9 +72,16 @@ async def test_a_message_over_the_servers_max_payload_is_cut_off_by_the_server(s
         assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"PONG")
         size = MAX_MESSAGE_BYTES + 1024
         writer.write(f"PUB {subjects.router_request('acme')} {size}\r\n".encode() + b"x" * size + b"\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.readline(), 5)
-        assert b"Maximum Payload" in answer
+        try:
+            # The server refuses on the PUB line and closes: often before the payload is all
+            # written, in which case the close arrives as a reset instead of the -ERR line.
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readline(), 5)
+        except ConnectionResetError:
+            answer = b"reset"
+        assert b"Maximum Payload" in answer or answer == b"reset"
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # and the connection is gone
     finally:
         writer.close()
     await still_serving(broker)
