@@ -12,6 +12,7 @@ from typing import Any
 
 from contracts.envelope import RunEvent
 from contracts.errors import CorralError
+from services.runtime import loop as event_loop
 from services.runtime.state import init_state, load_secrets, read_runtime_info, resolve_state_dir, write_runtime_info
 
 EXIT_ERROR = 1
@@ -135,7 +136,7 @@ def _up(args: argparse.Namespace) -> int:
         finally:
             system.stop()
 
-    asyncio.run(run())
+    event_loop.run(run())
     return 0
 
 
@@ -221,13 +222,13 @@ def _request(args: argparse.Namespace) -> int:
             print(result.output if isinstance(result.output, str) else json.dumps(result.output, indent=2))
         return 0
 
-    return asyncio.run(run())
+    return event_loop.run(run())
 
 
 def _bench(args: argparse.Namespace) -> int:
     from services.bench import run_bench
 
-    report = asyncio.run(
+    report = event_loop.run(
         run_bench(
             state_dir=resolve_state_dir(args.state_dir) if args.nats_url else None,
             nats_url=args.nats_url,
@@ -251,7 +252,7 @@ def _audit(args: argparse.Namespace) -> int:
     url = args.nats_url or (read_runtime_info(state_dir) or {}).get("nats_url")
     if url is None:
         raise SystemExit(f"error: no running system found in {state_dir}; pass --nats-url")
-    report = asyncio.run(read_trail(url, "admin", load_secrets(state_dir).passwords["admin"], args.tenant))
+    report = event_loop.run(read_trail(url, "admin", load_secrets(state_dir).passwords["admin"], args.tenant))
     if args.json:
         print(
             json.dumps(

@@ -39,6 +39,7 @@ from contracts.envelope import (
     envelope_of,
 )
 from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest, error_for
+from services.runtime import loop as event_loop
 from services.runtime.audit import AuditTrail
 from services.runtime.guard import check_reply, check_tenant
 from services.runtime.liveness import Liveness
@@ -495,5 +496,5 @@ def run_service(build: Callable[[Settings], Service]) -> None:
     """Entry point of a service's ``__main__``: build it from settings and run it."""
     service = build(Settings())
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(service.run())
+        event_loop.run(service.run())
     structlog.get_logger().debug("exit")
