@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError, StaleConnectionError
@@ -33,6 +32,7 @@ from contracts.envelope import (
 )
 from contracts.errors import DeadlineExceeded, Internal
 from contracts.tenants import validate_tenant_id
+from services.runtime import connection
 from services.runtime.requests import Requester
 from services.runtime.service import decode_reply
 
@@ -111,7 +111,7 @@ class CorralClient:
         return client
 
     async def _open(self) -> Client:
-        nc = await nats.connect(
+        nc = await connection.connect(
             self.url,
             token=self.token,
             inbox_prefix=subjects.inbox_prefix(self.tenant).encode(),
@@ -123,6 +123,7 @@ class CorralClient:
             **self.options,
         )
         requester = Requester(nc)
+        nc.quiet = requester.quiet
         await requester.start()
         self._requester = requester
         return nc

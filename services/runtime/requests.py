@@ -20,6 +20,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import Header
 
+from services.runtime.connection import Connection
+
 NO_RESPONDERS = "503"
 
 
@@ -41,6 +43,8 @@ class Requester:
     async def start(self) -> None:
         self._prefix = f"{self._nc.new_inbox()}."
         self._subscription = await self._nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
+        if isinstance(self._nc, Connection):  # replies resolve their request from the read loop
+            self._nc.dispatch_directly(self._subscription, self._take_reply)
 
     async def stop(self) -> None:
         for future in self._pending.values():
@@ -50,6 +54,10 @@ class Requester:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
             self._subscription = None
+
+    def quiet(self) -> bool:
+        """At most one request waiting for its reply."""
+        return len(self._pending) <= 1
 
     async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
         """Publish ``payload`` with a reply subject and return the reply; raises nats-py's
@@ -71,6 +79,10 @@ class Requester:
         return msg
 
     async def _on_reply(self, msg: Msg) -> None:
+        self._take_reply(msg)
+
+    def _take_reply(self, msg: Msg) -> bool:
         future = self._pending.get(msg.subject[len(self._prefix) :])
         if future is not None and not future.done():
             future.set_result(msg)
+        return True

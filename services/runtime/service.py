@@ -9,6 +9,7 @@ services use this lean dispatcher and FastStream describes the same operations a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -18,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import nats
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -39,6 +39,7 @@ from contracts.envelope import (
     envelope_of,
 )
 from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest, error_for
+from services.runtime import connection
 from services.runtime import loop as event_loop
 from services.runtime.audit import AuditTrail
 from services.runtime.guard import check_reply, check_tenant
@@ -183,6 +184,44 @@ class Request(Generic[P]):
         return FORWARDED
 
 
+class Slots:
+    """A counting semaphore that can also be taken without waiting (asyncio's cannot), for the
+    read loop's direct dispatch. A slot given back goes to the longest waiter first."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def try_take(self) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            else:  # handed a slot as it was cancelled: pass it on
+                self.give()
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the waiter
+                return
+        self._free += 1
+
+
 class Service:
     """A Corral service process: one NATS connection, a few operations, graceful shutdown."""
 
@@ -198,7 +237,7 @@ class Service:
         self.nc: Client = Client()
         self._subscriptions: list[Any] = []
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(self.settings.max_in_flight)
+        self._slots = Slots(self.settings.max_in_flight)
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self.audit = AuditTrail(self.nc, name, self.log)  # replaced on start, with the live connection
@@ -257,7 +296,7 @@ class Service:
 
     async def connect(self) -> None:
         user, password = self.credentials()
-        self.nc = await nats.connect(
+        self.nc = await connection.connect(
             self.settings.nats_url,
             user=user,
             password=password,
@@ -271,6 +310,8 @@ class Service:
     async def start(self) -> None:
         """Connect and subscribe every operation in the queue group named after the service."""
         await self.connect()
+        if isinstance(self.nc, connection.Connection):
+            self.nc.quiet = lambda: len(self._in_flight) <= 1
         self.requester = Requester(self.nc)
         await self.requester.start()
         self.audit = AuditTrail(self.nc, self.name, self.log)
@@ -279,10 +320,13 @@ class Service:
         for setup in self._on_start:
             await setup()
         for op in self.operations:
-            callback = self._callback(op)
-            self._subscriptions.append(
-                await self.nc.subscribe(op.subject, queue=self.name, cb=callback, pending_msgs_limit=65536)
+            handle = self._handler_of(op)
+            sub = await self.nc.subscribe(
+                op.subject, queue=self.name, cb=self._tracked(handle), pending_msgs_limit=65536
             )
+            if isinstance(self.nc, connection.Connection):
+                self.nc.dispatch_directly(sub, self._direct(handle))
+            self._subscriptions.append(sub)
         for subject, raw_callback in self.raw_subscriptions:
             self._subscriptions.append(
                 await self.nc.subscribe(subject, queue=self.name, cb=self._tracked(raw_callback))
@@ -340,24 +384,38 @@ class Service:
 
     # ---- the hot path ----------------------------------------------------------------
 
-    def _callback(self, op: Operation) -> Callable[[Msg], Awaitable[None]]:
+    def _handler_of(self, op: Operation) -> Callable[[Msg], Awaitable[None]]:
         envelope_type = envelope_of(op.payload)
-        return self._tracked(lambda msg: self._dispatch(op, envelope_type, msg))
+        return lambda msg: self._dispatch(op, envelope_type, msg)
 
     def _tracked(self, handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         """Run each message in its own task, bounded by ``max_in_flight``, tracked for shutdown."""
 
         async def on_message(msg: Msg) -> None:
-            await self._slots.acquire()
-            task = asyncio.create_task(handle(msg))
-            self._in_flight.add(task)
-            task.add_done_callback(self._finished)
+            await self._slots.take()  # at the limit, waits: later messages queue on the subscription
+            self._start(handle, msg)
 
         return on_message
 
+    def _direct(self, handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], bool]:
+        """The same from the read loop (``Connection.dispatch_directly``): declines at the limit."""
+
+        def take(msg: Msg) -> bool:
+            if not self._slots.try_take():
+                return False
+            self._start(handle, msg)
+            return True
+
+        return take
+
+    def _start(self, handle: Callable[[Msg], Awaitable[None]], msg: Msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        self._in_flight.add(task)
+        task.add_done_callback(self._finished)
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        self._slots.release()
+        self._slots.give()
 
     async def _dispatch(self, op: Operation, envelope_type: type[Envelope[Any]], msg: Msg) -> None:
         tenant = None

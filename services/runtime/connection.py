@@ -1,0 +1,110 @@
+"""nats-py's client with two shortcuts on the per-message path.
+
+A message through a nats-py service takes five event-loop turns from socket to socket: the read
+loop parses it and queues it on the subscription, the subscription's task takes it and starts the
+handler's task, the handler publishes into the pending buffer and wakes the flusher task, which
+writes. With one request in flight each turn is pure latency, on every hop of a run.
+
+- **Direct dispatch**: for subscriptions registered with :meth:`Connection.dispatch_directly`,
+  the read loop hands the message straight to a synchronous callback (which starts the handler's
+  task, or resolves a request's future). The callback may decline (the service is at its
+  in-flight limit) and the message then takes nats-py's queued path, which is also the path
+  whenever messages are already queued on the subscription, so none overtakes another and
+  back-pressure is unchanged.
+- **Direct write**: the first publish of a loop turn is written to the socket at once when
+  nothing is pending or buffered before it; later publishes of the same turn go to the pending
+  buffer and the flusher writes them together, so under load writes are still batched.
+
+Both use nats-py internals (checked on 2.16): :data:`SHORTCUTS` says whether this nats-py has
+them, and without them the client behaves exactly as nats-py's (a test fails loudly if an
+upgrade loses them). Measured with ``corral bench``; see the README's performance section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio import client as nats_client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport
+from nats.protocol import command as protocol
+
+DirectCallback = Callable[[Msg], bool]
+
+SHORTCUTS = all(
+    hasattr(nats_client.Client, name) for name in ("_process_msg", "_build_message", "_process_headers")
+) and hasattr(nats_client, "_validate_subject")
+
+
+class Connection(nats_client.Client):
+    """A nats-py client; connect it with ``await Connection().connect(url, **options)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, DirectCallback] = {}
+        self._wrote_this_turn = False
+        # Whether the owner has at most one message in hand (then a write is not worth batching).
+        self.quiet: Callable[[], bool] = lambda: True
+
+    def dispatch_directly(self, subscription: Subscription, callback: DirectCallback) -> None:
+        """Hand ``subscription``'s messages to ``callback`` from the read loop.
+
+        ``callback`` runs inside the read loop: it must not block, and returns False to leave the
+        message to the subscription's own callback (queued, as nats-py does)."""
+        if SHORTCUTS and subscription._max_msgs == 0:
+            self._direct[subscription._id] = callback
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        callback = self._direct.get(sid)
+        if callback is not None:
+            sub = self._subs.get(sid)
+            if sub is None:  # unsubscribed: forget it
+                del self._direct[sid]
+                return
+            if sub._pending_queue.empty():
+                msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
+                if callback(msg):
+                    self.stats["in_msgs"] += 1
+                    self.stats["in_bytes"] += len(data)
+                    sub._received += 1
+                    return
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        if (
+            headers is None
+            and not self._wrote_this_turn
+            and not self._pending
+            and self.quiet()
+            and self._status == nats_client.Client.CONNECTED
+            and len(payload) <= self._max_payload
+            and SHORTCUTS
+            and isinstance(self._transport, TcpTransport)
+        ):
+            writer = self._transport._io_writer
+            if writer is not None and writer.transport.get_write_buffer_size() == 0:
+                nats_client._validate_subject(subject)
+                if reply:
+                    nats_client._validate_subject(reply)
+                writer.write(protocol.pub_cmd(subject, reply, payload))
+                self.stats["out_msgs"] += 1
+                self.stats["out_bytes"] += len(payload)
+                self._wrote_this_turn = True
+                asyncio.get_running_loop().call_soon(self._next_turn)
+                return
+        await super().publish(subject, payload, reply, headers)
+
+    def _next_turn(self) -> None:
+        self._wrote_this_turn = False
+
+
+async def connect(url: str, **options: Any) -> Connection:
+    """``nats.connect`` returning a :class:`Connection`."""
+    connection = Connection()
+    await connection.connect(url, **options)
+    return connection
