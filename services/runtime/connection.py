@@ -66,7 +66,12 @@ class Connection(nats_client.Client):
                 return
             if sub._pending_queue.empty():
                 msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
-                if callback(msg):
+                try:
+                    taken = callback(msg)
+                except Exception as error:  # a callback's bug must not end the read loop
+                    await self._error_cb(error)
+                    taken = True  # it may have acted on the message: never hand it out twice
+                if taken:
                     self.stats["in_msgs"] += 1
                     self.stats["in_bytes"] += len(data)
                     sub._received += 1
@@ -91,7 +96,10 @@ class Connection(nats_client.Client):
                 nats_client._validate_subject(subject)
                 if reply:
                     nats_client._validate_subject(reply)
-                writer.write(protocol.pub_cmd(subject, reply, payload))
+                try:
+                    writer.write(protocol.pub_cmd(subject, reply, payload))
+                except (OSError, RuntimeError):  # the socket is going away: nats-py's path handles that
+                    return await super().publish(subject, payload, reply, headers)
                 self.stats["out_msgs"] += 1
                 self.stats["out_bytes"] += len(payload)
                 self._wrote_this_turn = True

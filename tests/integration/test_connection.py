@@ -215,3 +215,33 @@ async def test_the_in_flight_limit_holds_with_direct_dispatch_and_messages_start
         await requester.stop()
         await client.close()
         await service.stop()
+
+
+async def test_a_failing_direct_callback_is_reported_and_the_connection_keeps_reading(nats_url):
+    errors = []
+
+    async def on_error(error):
+        errors.append(error)
+
+    conn = await connection.connect(nats_url, error_cb=on_error)
+    try:
+        subject = f"broken.{uuid.uuid4().hex}"
+        seen = []
+
+        def take(msg):
+            if msg.data == b"bad":
+                raise ValueError("a bug in the callback")
+            seen.append(msg.data)
+            return True
+
+        sub = await conn.subscribe(subject)
+        conn.dispatch_directly(sub, take)
+        for data in (b"one", b"bad", b"two"):
+            await conn.publish(subject, data)
+        await settle(conn)
+        assert seen == [b"one", b"two"]
+        assert [type(error) for error in errors] == [ValueError]
+        assert sub.pending_msgs == 0  # the failed message was not handed out a second time
+        assert conn.is_connected
+    finally:
+        await conn.close()
