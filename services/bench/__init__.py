@@ -25,6 +25,7 @@ from typing import Any
 
 from services.bench.langgraph_side import build_invoke
 from services.bench.raw import start_chain
+from services.runtime.loop import loop_name
 from services.runtime.nats_server import free_port
 from services.runtime.state import load_secrets
 
@@ -161,6 +162,7 @@ async def run_bench(
         "langgraph_p99_ms": None,
         "requests": requests,
         "concurrency": concurrency,
+        "event_loop": loop_name(),  # of every process: the bench, the services and the raw chain
         "rounds": rounds,
         # The median of the rounds' ratios (each round measures both back to back), and each round's.
         "ratio": round(statistics.median(samples["ratio"]), 3),

@@ -180,6 +180,7 @@ def test_bench_reports_every_figure_as_json(tmp_path):
     assert report["corral_rps"] > 0 and report["raw_rps"] > 0
     assert len(report["round_ratios"]) == report["rounds"] == 3
     assert report["ratio"] == round(statistics.median(report["round_ratios"]), 3)
+    assert report["event_loop"] == "uvloop"  # a dependency on Linux: the bench says what it ran on
 
 
 def test_corral_audit_lists_the_tenants_tool_calls_and_verifies_the_chain(corral_up):
