@@ -10,7 +10,8 @@ writes. With one request in flight each turn is pure latency, on every hop of a 
   task, or resolves a request's future). The callback may decline (the service is at its
   in-flight limit) and the message then takes nats-py's queued path, which is also the path
   whenever messages are already queued on the subscription, so none overtakes another and
-  back-pressure is unchanged.
+  back-pressure is unchanged. When that message was the last one read, the read loop yields
+  once, so the handler runs (and answers) before the loop goes back to waiting on the socket.
 - **Direct write**: the first publish of a loop turn is written to the socket at once when
   nothing is pending or buffered before it; later publishes of the same turn go to the pending
   buffer and the flusher writes them together, so under load writes are still batched.
@@ -54,7 +55,7 @@ class Connection(nats_client.Client):
 
         ``callback`` runs inside the read loop: it must not block, and returns False to leave the
         message to the subscription's own callback (queued, as nats-py does)."""
-        if SHORTCUTS and subscription._max_msgs == 0:
+        if SHORTCUTS and subscription._max_msgs == 0 and isinstance(getattr(self._ps, "buf", None), bytearray):
             self._direct[subscription._id] = callback
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
@@ -75,6 +76,10 @@ class Connection(nats_client.Client):
                     self.stats["in_msgs"] += 1
                     self.stats["in_bytes"] += len(data)
                     sub._received += 1
+                    if not self._ps.buf:
+                        # The last message read: let the handler run (and answer) before the read
+                        # loop finishes its turn and waits for the socket again.
+                        await asyncio.sleep(0)
                     return
         await super()._process_msg(sid, subject, reply, data, headers)
 
