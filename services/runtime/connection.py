@@ -13,8 +13,9 @@ writes. With one request in flight each turn is pure latency, on every hop of a 
   back-pressure is unchanged. When that message was the last one read, the read loop yields
   once, so the handler runs (and answers) before the loop goes back to waiting on the socket.
 - **Direct write**: the first publish of a loop turn is written to the socket at once when
-  nothing is pending or buffered before it; later publishes of the same turn go to the pending
-  buffer and the flusher writes them together, so under load writes are still batched.
+  nothing is pending or buffered before it and the owner holds at most one message
+  (:attr:`Connection.quiet`); other publishes go to the pending buffer and the flusher writes
+  them together, so under load writes are still batched.
 
 Both use nats-py internals (checked on 2.16): :data:`SHORTCUTS` says whether this nats-py has
 them, and without them the client behaves exactly as nats-py's (a test fails loudly if an
