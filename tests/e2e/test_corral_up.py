@@ -181,6 +181,11 @@ def test_bench_reports_every_figure_as_json(tmp_path):
     assert len(report["round_ratios"]) == report["rounds"] == 3
     assert report["ratio"] == round(statistics.median(report["round_ratios"]), 3)
     assert report["event_loop"] == "uvloop"  # a dependency on Linux: the bench says what it ran on
+    if report["langgraph_p50_ms"] is None:  # LangGraph is a benchmark-only extra
+        assert report["graph_vs_langgraph"] is None and report["graph_round_ratios"] == []
+    else:
+        assert len(report["graph_round_ratios"]) == 3
+        assert report["graph_vs_langgraph"] == round(statistics.median(report["graph_round_ratios"]), 3)
 
 
 def test_corral_audit_lists_the_tenants_tool_calls_and_verifies_the_chain(corral_up):
