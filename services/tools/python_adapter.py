@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import structlog
@@ -44,11 +44,24 @@ class PythonAdapter:
                 self.signature.bind(ctx, **arguments)
             except TypeError as exc:
                 raise ToolFailed(f"tool {self.name!r} rejected its arguments: {exc}") from None
-        timer = asyncio.timeout(ctx.timeout_s)
+        timer = None
         try:
+            if self.is_async:
+                call = self.function(ctx, **arguments)
+                if inspect.iscoroutine(call):
+                    # The first step runs now, as awaiting it would. A tool that finishes in it
+                    # (no I/O: a lookup, a computation) needs no timer: none could have cut it
+                    # short. One that waits runs on under the deadline from where it waits.
+                    try:
+                        waiting_on = call.send(None)
+                    except StopIteration as done:
+                        return done.value
+                    call = _Rest(call, waiting_on)
+                timer = asyncio.timeout(ctx.timeout_s)
+                async with timer:
+                    return await call
+            timer = asyncio.timeout(ctx.timeout_s)
             async with timer:
-                if self.is_async:
-                    return await self.function(ctx, **arguments)
                 # A sync tool that overruns keeps its worker thread until it returns: Python cannot
                 # stop a thread. The caller still gets its answer at the deadline.
                 return await asyncio.to_thread(self.function, ctx, **arguments)
@@ -56,12 +69,42 @@ class PythonAdapter:
             raise
         except Exception as exc:
             # A TimeoutError of the tool's own (a socket, say) is a failure, not our deadline.
-            if isinstance(exc, TimeoutError) and timer.expired():
+            if isinstance(exc, TimeoutError) and timer is not None and timer.expired():
                 raise DeadlineExceeded(f"tool {self.name!r} did not finish within {ctx.timeout_s:.1f}s") from None
             # The detail (message, traceback) stays in the log; the wire gets the exception's type only.
             # A fresh logger picks up the process's configuration (a rare path: its cost is irrelevant).
             structlog.get_logger().exception("tool_raised", tool=self.name, tenant_id=ctx.tenant_id, run_id=ctx.run_id)
             raise ToolFailed(f"tool {self.name!r} failed: {type(exc).__name__}") from None
+
+
+class _Rest:
+    """Awaiting it resumes a coroutine whose first step has already run, from the future it is
+    waiting on: ``yield from`` by hand, so sends, throws (cancellation) and close reach it."""
+
+    __slots__ = ("_coroutine", "_waiting_on")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        self._coroutine = coroutine
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coroutine, waiting_on = self._coroutine, self._waiting_on
+        while True:
+            try:
+                sent = yield waiting_on
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as error:
+                try:
+                    waiting_on = coroutine.throw(error)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    waiting_on = coroutine.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -166,6 +166,68 @@ async def test_unexpected_arguments_are_a_tool_failure():
         await tool.call(CTX, {"nope": 1})
 
 
+async def waiting_tool(ctx, rounds=3):
+    for _ in range(rounds):
+        await asyncio.sleep(0)  # waits on the loop, as a tool doing I/O does
+    return {"tenant": ctx.tenant_id, "rounds": rounds}
+
+
+async def waiting_then_broken_tool(ctx):
+    await asyncio.sleep(0)
+    raise RuntimeError("secret detail")
+
+
+CLEANED_UP: list[str] = []
+
+
+async def tool_with_cleanup(ctx):
+    try:
+        await asyncio.Event().wait()
+    finally:
+        CLEANED_UP.append(ctx.tenant_id)
+
+
+async def test_a_tool_that_finishes_without_waiting_runs_without_a_timer(monkeypatch):
+    def no_timer(delay):
+        raise AssertionError("a timer was set")
+
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:async_tool"))
+    monkeypatch.setattr(asyncio, "timeout", no_timer)
+    assert await tool.call(CTX, {"q": 1}) == {"tenant": "acme", "arguments": {"q": 1}}
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+async def test_a_tool_that_waits_is_resumed_to_its_result(rounds):
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:waiting_tool"))
+    assert await tool.call(CTX, {"rounds": rounds}) == {"tenant": "acme", "rounds": rounds}
+
+
+async def test_a_tool_that_fails_after_waiting_is_a_tool_failure():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:waiting_then_broken_tool"))
+    with pytest.raises(ToolFailed, match="failed: RuntimeError") as caught:
+        await tool.call(CTX, {})
+    assert "secret" not in caught.value.message
+
+
+async def test_a_waiting_tool_is_cancelled_with_its_caller_and_cleans_up():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:tool_with_cleanup"))
+    CLEANED_UP.clear()
+    call = asyncio.create_task(tool.call(CTX, {}))
+    await asyncio.sleep(0)  # a yield: the tool is now waiting
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert CLEANED_UP == ["acme"]
+
+
+async def test_a_waiting_tool_that_overruns_is_stopped_at_the_deadline_and_cleans_up():
+    tool = PythonAdapter("t", PythonTool(callable="tests.unit.test_tools_adapters:tool_with_cleanup"))
+    CLEANED_UP.clear()
+    with pytest.raises(DeadlineExceeded):
+        await tool.call(ToolContext("acme", None, None, timeout_s=0.05), {})
+    assert CLEANED_UP == ["acme"]
+
+
 def test_an_unimportable_callable_fails_at_load():
     with pytest.raises(ToolFailed, match="cannot import"):
         PythonAdapter("t", PythonTool(callable="tests.nowhere:fn"))
