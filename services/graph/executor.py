@@ -216,6 +216,8 @@ class CompiledGraph:
     ) -> RunOutcome:
         run = _Run(state={"input": graph_input}, deadline=deadline)
         active = [self.definition.entry]
+        # Respond nodes finish in place and cannot fail: with no one to tell, one is just its template.
+        instant = self._templates if runtime.node_event is None else {}
         while active:
             if len(run.path) + len(active) > self.definition.max_steps:
                 raise StepLimitExceeded(
@@ -224,7 +226,11 @@ class CompiledGraph:
             if len(active) == 1:  # a step of one node (most steps): no task, no dict of outputs
                 name = active[0]
                 self._visit(run, name)
-                self._write(run, name, await self._node(name, run, runtime, depth))
+                template = instant.get(name)
+                if template is not None:
+                    self._write(run, name, template(run.state))
+                else:
+                    self._write(run, name, await self._node(name, run, runtime, depth))
                 active = self._advance(run, active)
                 continue
             for name in active:
