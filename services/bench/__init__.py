@@ -9,8 +9,8 @@ against LangGraph in process, all measured in the same run on the same machine.
   compiled with LangGraph and called with ``invoke``.
 
 Each round measures both contenders back to back (in alternating order), so they share the
-machine's noise of that moment; ``ratio`` is the median of the rounds' ratios, and the other
-figures are medians over the rounds.
+machine's noise of that moment; ``ratio`` and ``graph_vs_langgraph`` are medians of the rounds'
+ratios, throughputs medians over the rounds, latencies percentiles of all the run's samples.
 """
 
 from __future__ import annotations
