@@ -1,0 +1,3 @@
+"""Python imports ``sitecustomize`` at start-up: this folder on ``PYTHONPATH`` traces the process."""
+
+import hop_trace_site  # noqa: F401

@@ -1,0 +1,32 @@
+"""The hop tracer behind the README's "where a run's time goes": it runs and accounts for a whole run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "hop_trace.py"
+
+
+def test_the_hop_trace_splits_a_run_into_every_process_step():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--requests", "40"], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    steps = [line for line in lines if re.match(r"^(client|router|graph|tools) ", line)]
+    # client -> router -> graph -> tools -> graph -> client, each read, handled and written
+    assert [line.split()[0] for line in steps] == [
+        "client", "client", "client",
+        "router", "router", "router", "router",
+        "graph", "graph", "graph", "graph",
+        "tools", "tools", "tools", "tools",
+        "graph", "graph", "graph",
+        "client",
+    ]  # fmt: skip
+    walls = [float(re.findall(r"\d+\.\d", line)[0]) for line in steps]  # wall, then CPU if any
+    whole = float(next(line for line in lines if line.startswith("whole run")).split()[-1])
+    assert all(wall > 0 for wall in walls)
+    assert sum(walls) * 0.5 < whole < sum(walls) * 2  # medians of steps add up to about a run
