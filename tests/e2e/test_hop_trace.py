@@ -1,4 +1,4 @@
-"""The hop tracer behind the README's "where a run's time goes": it runs and accounts for a whole run."""
+"""The scripts behind the README's "where a run's time goes": each runs and accounts for what it says."""
 
 from __future__ import annotations
 
@@ -30,3 +30,12 @@ def test_the_hop_trace_splits_a_run_into_every_process_step():
     whole = float(next(line for line in lines if line.startswith("whole run")).split()[-1])
     assert all(wall > 0 for wall in walls)
     assert sum(walls) * 0.5 < whole < sum(walls) * 2  # medians of steps add up to about a run
+
+
+def test_the_dispatch_cost_script_measures_each_service():
+    script = SCRIPT.parent / "dispatch_cost.py"
+    result = subprocess.run([sys.executable, str(script), "--count", "50"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    costs = dict(line.split()[:2] for line in result.stdout.splitlines())
+    assert set(costs) == {"router", "graph", "tools"}
+    assert all(float(cost) > 0 for cost in costs.values())
