@@ -10,6 +10,7 @@ Compare with ``scripts/hop_trace.py``, which shows the same work inside a runnin
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import time
@@ -56,7 +57,7 @@ class _StandIn:
 async def _service(name: str, answer: bytes = b"") -> Service:
     settings = Settings(log_level="warning")
     service = Service(name, settings, audit=False)
-    register = __import__(f"services.{name}.handlers", fromlist=["register"]).register
+    register = importlib.import_module(f"services.{name}.handlers").register
     register(service, load_catalog(settings.definitions))
     stand_in = _StandIn(answer)
     service.nc = stand_in  # type: ignore[assignment]

@@ -37,7 +37,7 @@ from nats.protocol import command as protocol
 DirectCallback = Callable[[Msg], bool]
 
 SHORTCUTS = all(
-    hasattr(nats_client.Client, name) for name in ("_process_msg", "_build_message", "_process_headers")
+    hasattr(nats_client.Client, name) for name in ("_process_msg", "_build_message", "_process_headers", "_remove_sub")
 ) and hasattr(nats_client, "_validate_subject")
 
 
@@ -59,11 +59,15 @@ class Connection(nats_client.Client):
         if SHORTCUTS and subscription._max_msgs == 0 and isinstance(getattr(self._ps, "buf", None), bytearray):
             self._direct[subscription._id] = callback
 
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:  # unsubscribe and drain end here
+        self._direct.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
+
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         callback = self._direct.get(sid)
         if callback is not None:
             sub = self._subs.get(sid)
-            if sub is None:  # unsubscribed: forget it
+            if sub is None:  # removed another way (a closed connection): forget it
                 del self._direct[sid]
                 return
             if sub._pending_queue.empty():

@@ -57,14 +57,13 @@ class PythonAdapter:
                     except StopIteration as done:
                         return done.value
                     call = _Rest(call, waiting_on)
-                timer = asyncio.timeout(ctx.timeout_s)
-                async with timer:
-                    return await call
-            timer = asyncio.timeout(ctx.timeout_s)
-            async with timer:
+            else:
                 # A sync tool that overruns keeps its worker thread until it returns: Python cannot
                 # stop a thread. The caller still gets its answer at the deadline.
-                return await asyncio.to_thread(self.function, ctx, **arguments)
+                call = asyncio.to_thread(self.function, ctx, **arguments)
+            timer = asyncio.timeout(ctx.timeout_s)
+            async with timer:
+                return await call
         except CorralError:
             raise
         except Exception as exc:

@@ -99,6 +99,7 @@ async def test_an_unsubscribed_subscription_is_forgotten(nc):
     await nc.publish(subject, b"late")
     await settle(nc)
     assert seen == []
+    assert sub._id not in nc._direct  # and its callback is dropped
 
 
 async def test_direct_and_batched_writes_keep_the_publish_order(nc, nats_url):
