@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     TOOL_FAILED = "tool_failed"
+    LIMIT_EXCEEDED = "limit_exceeded"
     INTERNAL = "internal"
 
 
@@ -74,6 +75,13 @@ class ToolFailed(CorralError):
     code = ErrorCode.TOOL_FAILED
 
 
+class LimitExceeded(CorralError):
+    """A run reached a bound its definition sets (steps, visits, turns, nesting): trying again
+    the same way reaches it again."""
+
+    code = ErrorCode.LIMIT_EXCEEDED
+
+
 class Internal(CorralError):
     code = ErrorCode.INTERNAL
 
@@ -89,6 +97,7 @@ _BY_CODE: dict[ErrorCode, type[CorralError]] = {
         RateLimited,
         DeadlineExceeded,
         ToolFailed,
+        LimitExceeded,
         Internal,
     )
 }

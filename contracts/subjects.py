@@ -102,6 +102,14 @@ def ping(service: str) -> str:
 ALL_PINGS = "corral.ping.>"
 
 
+def stats(service: str) -> str:
+    """Statistics subject answered by every replica of a service (services/runtime/stats.py)."""
+    return f"corral.stats.{validate_name(service)}"
+
+
+ALL_STATS = "corral.stats.>"
+
+
 @dataclass(frozen=True, slots=True)
 class TenantSubject:
     """A parsed tenant subject: ``t.<tenant>.<area>.<rest...>``."""

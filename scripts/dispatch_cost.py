@@ -10,6 +10,7 @@ Compare with ``scripts/hop_trace.py``, which shows the same work inside a runnin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import statistics
 import sys
@@ -24,6 +25,8 @@ from pydantic_core import to_json
 
 from contracts import subjects
 from contracts.envelope import GraphRun, Kind, RouterRequest, ToolCall, envelope_of, new_envelope_json
+from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
+from services.registry import BY_NAME
 from services.runtime import loop as event_loop
 from services.runtime.catalog import load_catalog
 from services.runtime.requests import Requester
@@ -31,6 +34,7 @@ from services.runtime.service import Service
 from services.runtime.settings import Settings
 
 TENANT = "bench"
+NO_STATS = False
 TEXT = "where is my order?"
 
 
@@ -54,11 +58,24 @@ class _StandIn:
             self.requester._take_reply(Msg(_client=None, subject=reply, reply="", data=self.answer))
 
 
+class _NoStats:
+    """Statistics that count nothing (``--no-stats``: what the statistics cost per message)."""
+
+    def start(self, tenant: str) -> None:
+        return None
+
+    def finish(self, record: Any, seconds: float, error: str | None = None) -> None:
+        return None
+
+    def refuse(self, tenant: str | None, kind: str) -> None:
+        return None
+
+
 async def _service(name: str, answer: bytes = b"") -> Service:
-    settings = Settings(log_level="warning")
-    service = Service(name, settings, audit=False)
+    settings = Settings(log_level="warning", definitions=DEMO_DEFINITIONS)
+    service = Service(dataclasses.replace(BY_NAME[name], audit=False), settings)
     register = importlib.import_module(f"services.{name}.handlers").register
-    register(service, load_catalog(settings.definitions))
+    register(service, load_catalog(settings.definitions_path()))
     stand_in = _StandIn(answer)
     service.nc = stand_in  # type: ignore[assignment]
     service.requester = stand_in.requester = Requester(stand_in)
@@ -69,23 +86,29 @@ async def _service(name: str, answer: bytes = b"") -> Service:
 
 
 async def _cost(service: Service, subject: str, reply: str, body: bytes, count: int) -> float:
-    op = service.operations[0]
+    op = service.manifest.consumes[0]
     envelope_type = envelope_of(op.payload)
+    handler = service.handlers[op.name]
+    stats = _NoStats() if NO_STATS else service.stats.operation(op.name, op.subject, service.name)
     msg = Msg(_client=None, subject=subject, reply=reply, data=body)
-    await service._dispatch(op, envelope_type, msg)
+
+    async def dispatch() -> None:
+        await service._dispatch(op, envelope_type, handler, stats, msg)  # type: ignore[arg-type]
+
+    await dispatch()
     if b'"kind":"error"' in service.nc.last:  # type: ignore[attr-defined]
         raise SystemExit(f"{service.name} refused the message: {service.nc.last[:300]!r}")  # type: ignore[attr-defined]
     batches = []
     for _ in range(6):  # the first batch warms up
         started = time.perf_counter()
         for _ in range(count):
-            await service._dispatch(op, envelope_type, msg)
+            await dispatch()
         batches.append((time.perf_counter() - started) / count * 1e6)
     return statistics.median(batches[1:])
 
 
 async def main(count: int) -> None:
-    from services.tools.demo import find_order
+    from corral.demo.tools import find_order
 
     deadline = time.time() + 3600
     router = await _service("router")
@@ -110,4 +133,7 @@ async def main(count: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000, help="messages per batch")
-    event_loop.run(main(parser.parse_args().count))
+    parser.add_argument("--no-stats", action="store_true", help="dispatch without per-operation statistics")
+    arguments = parser.parse_args()
+    NO_STATS = arguments.no_stats
+    event_loop.run(main(arguments.count))

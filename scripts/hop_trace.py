@@ -41,11 +41,11 @@ def main() -> None:
 
 
 async def _drive(scratch: Path, requests: int, target: str, tracer: object) -> None:
+    from corral.client import CorralClient
+    from corral.nats_server import free_port
+    from corral.system import System
     from services.auth.tokens import mint_dev_token
-    from services.client import CorralClient
-    from services.runtime.nats_server import free_port
-    from services.runtime.state import load_secrets
-    from services.runtime.system import System
+    from services.runtime.credentials import load_secrets
 
     path = os.pathsep.join(filter(None, [str(TRACER), os.environ.get("PYTHONPATH")]))
     env = {"PYTHONPATH": path, "CORRAL_HOP_TRACE": str(scratch), "CORRAL_LOG_LEVEL": "warning"}

@@ -4,6 +4,7 @@ from services.auth.callout import CalloutSigner
 from services.auth.denials import DenialAudit
 from services.auth.handlers import register
 from services.auth.jwks import JwksKeys
+from services.auth.manifest import MANIFEST
 from services.auth.settings import AuthSettings
 from services.auth.tokens import TokenVerifier, load_keys
 from services.runtime.service import Service, run_service
@@ -27,7 +28,7 @@ def build(base: Settings) -> Service:
         required_scope=settings.auth_required_scope,
         leeway_s=settings.auth_leeway_s,
     )
-    service = Service("auth", settings, ping=False, audit=False)  # AUTH account: no tenant subjects
+    service = Service(MANIFEST, settings)
     jwks = None
     if settings.auth_jwks_url:
         if not settings.auth_jwks_url.startswith("https://"):
@@ -43,4 +44,4 @@ def build(base: Settings) -> Service:
 
 
 if __name__ == "__main__":
-    run_service(build)
+    run_service(build, MANIFEST)

@@ -22,7 +22,7 @@ import nkeys
 from contracts.permissions import tenant_permissions
 from services.auth.errors import InvalidCalloutRequest
 from services.auth.tokens import Identity
-from services.runtime.state import APP_ACCOUNT
+from services.runtime.manifest import APP_ACCOUNT
 
 HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 REQUEST_AUDIENCE = "nats-authorization-request"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jwt
 from nats.aio.msg import Msg
 
-from contracts import subjects
 from contracts.errors import CorralError
 from services.auth.callout import CalloutSigner, decode_request
 from services.auth.denials import DenialAudit
@@ -22,7 +21,7 @@ def register(
     jwks: JwksKeys | None = None,
     denials: DenialAudit | None = None,
 ) -> None:
-    """Subscribe the callout responder on ``service``."""
+    """Bind the callout responder on ``service``."""
     if jwks is not None:
         service.on_start(jwks.refresh)
         service.on_stop(jwks.aclose)
@@ -30,6 +29,7 @@ def register(
         service.on_start(denials.start)
         service.on_stop(denials.stop)
 
+    @service.handler("callout")
     async def authorize(msg: Msg) -> None:
         if not msg.reply:
             return
@@ -60,8 +60,6 @@ def register(
             return
         service.log.debug("auth_granted", tenant_id=identity.tenant, principal=identity.subject)
         await service.nc.publish(msg.reply, signer.response(request, identity=identity))
-
-    service.raw_subscriptions.append((subjects.AUTH_CALLOUT, authorize))
 
 
 def _kid(token: str) -> str | None:

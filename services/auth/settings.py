@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.runtime.credentials import load_secrets
 from services.runtime.settings import Settings
-from services.runtime.state import load_secrets
 
 
 class AuthSettings(Settings):

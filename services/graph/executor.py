@@ -49,14 +49,17 @@ from contracts.graphs import (
     ToolNode,
 )
 from services.graph.errors import (
+    DepthLimitExceeded,
     InvalidModelOutput,
     JoinIncomplete,
     NodeTimedOut,
+    ReducerFailed,
     RunTimedOut,
     StepLimitExceeded,
+    TurnLimitExceeded,
     VisitLimitExceeded,
 )
-from services.runtime.models import Completion
+from services.llm import Completion
 
 MAX_SUBGRAPH_DEPTH = 8
 
@@ -264,7 +267,8 @@ class CompiledGraph:
             try:
                 run.state[key] = _apply(reducer, run.state.get(key), output)
             except TypeError:
-                raise CorralError(f"reducer {reducer.value!r} cannot combine the outputs written to {key!r}") from None
+                message = f"reducer {reducer.value!r} cannot combine the outputs written to {key!r}"
+                raise ReducerFailed(message) from None
         run.path.append(name)
         run.outputs[name] = run.last_output = output
 
@@ -431,7 +435,7 @@ class CompiledGraph:
                 calls += 1
                 result = await self._agent_tool(node, call.name, call.arguments, runtime)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
-        raise StepLimitExceeded(f"agent node {name!r} did not answer within {node.max_turns} turns")
+        raise TurnLimitExceeded(f"agent node {name!r} did not answer within {node.max_turns} turns")
 
     async def _agent_tool(self, node: AgentNode, tool: str, arguments: dict[str, Any], runtime: Runtime) -> Any:
         """One tool call asked for by a model; failures go back to the model as data, typed."""
@@ -446,7 +450,7 @@ class CompiledGraph:
         self, name: str, node: SubgraphNode, state: dict[str, Any], runtime: Runtime, depth: int
     ) -> Any:
         if depth >= MAX_SUBGRAPH_DEPTH:
-            raise StepLimitExceeded(f"subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH}")
+            raise DepthLimitExceeded(f"subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH}")
         child = self.library[node.graph]
         outcome = await child._run(self._arguments[name](state), runtime, depth + 1)
         return outcome.output

@@ -13,7 +13,7 @@ from contracts.envelope import EventType, GraphRun, Kind, RunEvent
 from contracts.errors import CorralError, Internal
 from services.graph.errors import GraphNotFound
 from services.graph.executor import compile_library
-from services.runtime.models import Completion, ModelRegistry
+from services.llm import Completion, ModelRegistry
 from services.runtime.service import Request, Service
 
 NODE_EVENTS = {
@@ -24,12 +24,12 @@ NODE_EVENTS = {
 
 
 def register(service: Service, catalog: Catalog, models: ModelRegistry | None = None) -> None:
-    """Declare the graph service's operation on ``service``."""
+    """Bind the graph service's operation on ``service``."""
     graphs = compile_library(catalog.graphs, catalog.tools)
     registry = models or ModelRegistry(catalog.models)
     service.on_stop(registry.aclose)
 
-    @service.operation(subjects.GRAPH_RUNS, Kind.GRAPH_RUN, GraphRun, "Run a declared graph for the tenant")
+    @service.handler("run")
     async def run_graph(req: Request[GraphRun]) -> Any:
         payload = req.payload
         req.stream = stream = payload.stream

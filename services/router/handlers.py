@@ -9,60 +9,52 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic_core import to_json
-
-from contracts import subjects
-from contracts.definitions import Catalog, Pattern
-from contracts.envelope import EventType, Kind, RouterRequest, RunEvent, new_id
-from contracts.errors import CorralError, Internal
+from contracts.definitions import Catalog
+from contracts.envelope import EventType, RouterRequest, RunEvent, new_id
+from contracts.errors import CorralError, NotFound
+from services.router.executors import EXECUTORS
 from services.router.policy import Router
 from services.runtime.service import Request, Service
 
 
 def register(service: Service, catalog: Catalog) -> Router:
-    """Declare the router's operation on ``service``; returns the policy object (for tests)."""
+    """Bind the router's operation on ``service``; returns the policy object (for tests)."""
     router = Router(catalog)
-    executor = service.watch("graph")
 
-    @service.operation(
-        subjects.ROUTER_REQUESTS,
-        Kind.REQUEST,
-        RouterRequest,
-        "A tenant's request: admitted, routed by the tenant's rules, answered by the executor with the result",
-        tenant_facing=True,
-    )
+    @service.handler("request")
     async def route_request(req: Request[RouterRequest]) -> Any:
         req.stream = req.payload.stream
         if req.envelope.run_id is None:
             req = req.with_run_id(new_id())
         try:
             decision = router.decide(req.tenant, req.payload.target, req.size)
+            pattern = decision.route.pattern
             if req.stream:  # built only when the client watches: nobody else listens to events
                 await req.emit(
                     RunEvent(
                         type=EventType.ACCEPTED,
                         service=service.name,
-                        data={"target": decision.target, "pattern": decision.route.pattern.value},
+                        data={"target": decision.target, "pattern": pattern.value},
                     )
                 )
-            if decision.route.pattern is Pattern.GRAPH:
-                # The input was validated with the request and the graph name with the definitions:
-                # the payload is written directly.
-                run = to_json({"graph": decision.route.graph, "input": req.payload.input, "stream": req.stream})
-                subject = subjects.graph_run(req.tenant)
-                if executor.up:
-                    return await req.forward_json(subject, Kind.GRAPH_RUN, run)
-                # No executor was running at the last probe: relay, so the broker's no-responders
-                # (or the executor, if one has just started) answers now rather than at the deadline.
-                try:
-                    output = await req.call_json(subject, Kind.GRAPH_RUN, run)
-                except CorralError as error:
-                    if error.remote:
-                        executor.saw(True)  # an executor answered (with the run's error)
-                    raise
-                executor.saw(True)
-                return output
-            raise Internal(f"pattern {decision.route.pattern.value!r} is not served yet")
+            executor = EXECUTORS.get(pattern)
+            if executor is None:
+                raise NotFound(f"no executor serves pattern {pattern.value!r} in this deployment")
+            run = executor.payload(decision.route, req.payload.input, req.stream)
+            subject = executor.subject(req.tenant)
+            liveness = service.watched[executor.service]
+            if liveness.up:
+                return await req.forward_json(subject, executor.kind, run)
+            # No executor was running at the last probe: relay, so the broker's no-responders
+            # (or the executor, if one has just started) answers now rather than at the deadline.
+            try:
+                output = await req.call_json(subject, executor.kind, run)
+            except CorralError as error:
+                if error.remote:
+                    liveness.saw(True)  # an executor answered (with the run's error)
+                raise
+            liveness.saw(True)
+            return output
         except CorralError as error:
             if error.remote:
                 raise  # the executor has already reported its own failure on the run's events

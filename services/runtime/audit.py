@@ -4,8 +4,9 @@ Recording is a non-blocking call on the hot path; a background task appends what
 for each tenant as one entry. Several services and replicas append to the same tenant's chain,
 so each append states the sequence it extends (``Nats-Expected-Last-Subject-Sequence`` over the
 tenant's audit subjects): when another writer got there first the server refuses, and the entry
-is re-chained on the new head and sent again. Nothing is dropped; on shutdown what is pending is
-written before the connection closes.
+is re-chained on the new head and sent again. Nothing is dropped: a failed append is tried again,
+with backoff, until it succeeds; on shutdown what is pending is written before the connection
+closes, and what could not be is reported.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 from contracts import subjects
 from contracts.audit import STREAM, AuditEntry, seal_json
 from contracts.envelope import now_iso
+from services.runtime.retry import RetryPolicy, call_with_retries
 
 WRONG_LAST_SEQUENCE = 10071
 # How long records gather before an entry is written: one append per tenant per window instead
 # of one per record keeps the trail off the request path's CPU (measured: +0.25 ms p50 without).
 LINGER_S = 0.05
 MAX_RECORDS_PER_ENTRY = 500
+# A failed append (broker away, chain contended) is tried again with no limit and no deadline:
+# records are never dropped. The pause starts where it always did (0.5 s) and grows to 5 s.
+APPEND_RETRY = RetryPolicy(initial_interval_s=0.5, multiplier=2.0, max_interval_s=5.0, max_attempts=None, jitter=0.2)
 STREAM_CONFIG = StreamConfig(
     name=STREAM,
     subjects=[subjects.ALL_AUDIT],
@@ -109,28 +114,32 @@ class AuditTrail:
                 await asyncio.wait_for(self._flush_now.wait(), LINGER_S)
             self._flush_now.clear()
             self._wake.clear()
-            await self._drain()
-            if self._pending:
-                self._wake.set()  # a failed append: try again (after _drain's back-off)
-            else:
-                self._idle.set()
+            # Returns only when everything is written: a pass that failed is tried again, for ever.
+            await call_with_retries(self._drain, APPEND_RETRY, retry_if=_always)
+            self._idle.set()
 
     async def _drain(self) -> None:
-        while self._pending:
-            tenant = next(iter(self._pending))
+        """Append what is pending for every tenant; raise the first failure once the others had their turn."""
+        failed: dict[str, Exception] = {}
+        while (tenant := next((t for t in self._pending if t not in failed), None)) is not None:
             records = self._pending.pop(tenant)
             for start in range(0, len(records), MAX_RECORDS_PER_ENTRY):
                 batch = records[start : start + MAX_RECORDS_PER_ENTRY]
                 try:
                     await self._append(tenant, batch)
-                except Exception as error:
-                    # Put the records back (in order) and retry after a pause: never drop them.
+                except BaseException as error:
+                    # Put the records back, in order: never dropped (if the writer is being
+                    # cancelled, stop() reports them as unwritten).
                     self._pending[tenant] = (
                         batch + records[start + MAX_RECORDS_PER_ENTRY :] + self._pending.get(tenant, [])
                     )
+                    if not isinstance(error, Exception):
+                        raise
                     self.log.warning("audit_append_failed", tenant_id=tenant, error=str(error))
-                    await asyncio.sleep(0.5)  # back off before retrying
-                    return
+                    failed[tenant] = error
+                    break
+        if failed:
+            raise next(iter(failed.values()))
 
     async def _append(self, tenant: str, records: list[dict[str, Any]]) -> None:
         subject = subjects.audit(tenant, self.service)
@@ -159,3 +168,8 @@ class AuditTrail:
         except NotFoundError:
             return 0, ""
         return message.seq, AuditEntry.model_validate_json(message.data).hash
+
+
+def _always(error: Exception) -> bool:
+    """Every failed append is worth another try: the alternative is a lost record."""
+    return True

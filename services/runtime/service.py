@@ -1,269 +1,106 @@
-"""The service entry helper: connect, subscribe in a queue group, decode, guard, handle, reply.
+"""The service runtime: connect, subscribe what the manifest declares, decode, guard, handle, reply.
 
 This is the per-message hot path of every service, written directly on nats-py. FastStream's
 subscriber machinery measured 4-10x the CPU of a plain nats-py hop here (NATS-NOTES.md), so the
-services use this lean dispatcher and FastStream describes the same operations as AsyncAPI
-(``services/runtime/asyncapi.py``). One table of :class:`Operation` feeds both.
+services use this lean dispatcher; FastStream describes the same declarations as AsyncAPI
+(``corral/asyncapi.py``). What a service consumes is declared once, in its manifest
+(``services/runtime/manifest.py``); its handlers are bound to those declarations by name.
+
+Every replica also answers ``corral.ping.<service>`` (readiness) and ``corral.stats.<service>``
+(per-operation, per-tenant statistics, ``services/runtime/stats.py``) when it lives in the
+tenants' account.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticSerializationError, from_json, to_json
+from nats.js.api import AckPolicy, ConsumerConfig
+from pydantic import ValidationError
 
 from contracts import subjects
-from contracts.envelope import (
-    MAX_MESSAGE_BYTES,
-    Envelope,
-    ErrorInfo,
-    FollowEncoder,
-    Kind,
-    Result,
-    RunEvent,
-    envelope_of,
-)
-from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest, error_for
+from contracts.envelope import MAX_MESSAGE_BYTES, Envelope, ErrorInfo, FollowEncoder, Kind, envelope_of, new_id
+from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest
+from contracts.replies import decode_reply
 from services.runtime import connection
 from services.runtime import loop as event_loop
 from services.runtime.audit import AuditTrail
+from services.runtime.credentials import service_credentials
 from services.runtime.guard import check_reply, check_tenant
 from services.runtime.liveness import Liveness
 from services.runtime.logging import configure_logging
+from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
+from services.runtime.request import FORWARDED, Request, encode_result
 from services.runtime.requests import Requester
 from services.runtime.settings import Settings
-from services.runtime.state import service_credentials
+from services.runtime.slots import Slots
+from services.runtime.stats import UNKNOWN, OperationStats, ServiceStats, parse_stats_request
 
-P = TypeVar("P", bound=BaseModel)
 # Refusals that are attempts on the isolation layers, not just malformed input.
 AUDITED_REFUSALS = frozenset({ErrorCode.TENANT_MISMATCH, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHORIZED})
-Handler = Callable[["Request[Any]"], Awaitable[Any]]
-# A handler's return value when it passed the request on with its reply subject: the next hop
-# answers the requester directly, so this service sends no reply of its own.
-FORWARDED: Any = object()
+Handler = Callable[[Request[Any]], Awaitable[Any]]
+RawHandler = Callable[[Msg], Awaitable[None]]
+# Messages a durable consumer pulls at once (bounded by the free in-flight slots as well).
+DURABLE_BATCH = 64
 
-
-@dataclass(frozen=True)
-class Operation:
-    """One subscription of a service: subject pattern, expected kind and payload, reply type."""
-
-    subject: str
-    kind: Kind
-    payload: type[BaseModel]
-    summary: str
-    handler: Handler
-    # Tenant-facing operations only accept the tenant's own inbox as a reply subject.
-    tenant_facing: bool = False
-    reply: type[BaseModel] = Result
-
-
-class Request(Generic[P]):
-    """What a handler receives: the validated envelope, the tenant from the subject, the service."""
-
-    __slots__ = (
-        "_encoder",
-        "_events_subject",
-        "_log",
-        "_until",
-        "envelope",
-        "reply",
-        "service",
-        "size",
-        "stream",
-        "subject",
-        "tenant",
-    )
-
-    def __init__(
-        self,
-        envelope: Envelope[P],
-        tenant: str,
-        subject: subjects.TenantSubject,
-        service: Service,
-        size: int = 0,
-        reply: str = "",
-        until: float | None = None,
-    ) -> None:
-        self.envelope = envelope
-        self.tenant = tenant
-        self.subject = subject
-        self.service = service
-        self.size = size  # bytes of the message body, for admission limits
-        self.reply = reply  # the requester's reply subject, already checked by the guard
-        # The deadline as a timestamp: the datetime is read once, not on every check.
-        deadline = envelope.deadline
-        self._until = until if until is not None or deadline is None else deadline.timestamp()
-        # Whether the client asked for progress events; without it nobody is listening.
-        self.stream = True
-        self._encoder: FollowEncoder | None = None
-        self._events_subject: str | None = None
-        self._log: Any = None
-
-    @property
-    def payload(self) -> P:
-        return self.envelope.payload
-
-    def remaining(self, default: float) -> float:
-        """Seconds left before the request's deadline (``default`` if it has none)."""
-        return default if self._until is None else self._until - time.time()
-
-    @property
-    def log(self) -> Any:
-        # Bound lazily: most messages never log, and binding costs on the hot path.
-        if self._log is None:
-            self._log = self.service.log.bind(tenant_id=self.tenant, run_id=self.envelope.run_id)
-        return self._log
-
-    def encode(self, kind: Kind, payload: BaseModel) -> bytes:
-        """An envelope following this request (same tenant, run, deadline, trace), as bytes."""
-        return self.encode_json(kind, payload.model_dump_json().encode())
-
-    def encode_json(self, kind: Kind, payload: bytes) -> bytes:
-        """The same, with the payload already serialised (the JSON of a valid payload)."""
-        if self._encoder is None:
-            self._encoder = FollowEncoder(self.envelope, self._until)
-        return self._encoder.encode_json(kind, payload)
-
-    def audit(self, action: str, outcome: str, **detail: Any) -> None:
-        """Append a record about this request to the tenant's audit trail (written in the background)."""
-        self.service.audit.record(
-            self.tenant, action, outcome, principal=self.envelope.principal, run_id=self.envelope.run_id, **detail
-        )
-
-    def with_run_id(self, run_id: str) -> Request[P]:
-        """The same request with a run id assigned (when the client did not choose one)."""
-        envelope = self.envelope.model_copy(update={"run_id": run_id})
-        request = Request(envelope, self.tenant, self.subject, self.service, self.size, self.reply, self._until)
-        request.stream = self.stream
-        return request
-
-    async def emit(self, event: RunEvent) -> None:
-        """Publish a progress event on ``t.<tenant>.events.<run_id>`` (if the run has an id)."""
-        if self.envelope.run_id is None or not self.stream:
-            return
-        if self._events_subject is None:
-            self._events_subject = subjects.events(self.tenant, self.envelope.run_id)
-        await self.service.nc.publish(self._events_subject, self.encode(Kind.EVENT, event))
-
-    async def call_json(self, subject: str, kind: Kind, payload: bytes, *, timeout: float | None = None) -> Any:
-        """Request another service with an envelope that follows this one and carries ``payload``
-        (the JSON of a valid payload: handlers write it directly); returns the reply's output."""
-        remaining = self.remaining(self.service.settings.default_timeout_s)
-        limit = remaining if timeout is None else min(timeout, remaining)
-        if limit <= 0:
-            raise DeadlineExceeded("deadline passed before the call")
-        return await self.service.request(subject, self.encode_json(kind, payload), timeout=limit)
-
-    async def forward_json(self, subject: str, kind: Kind, payload: bytes) -> Any:
-        """Pass the request on to another service, which answers the requester directly.
-
-        The envelope follows this one (same tenant, run and deadline), carries ``payload`` (the
-        JSON of a valid payload) and keeps the requester's reply subject, so the answer skips this
-        hop on its way back. If nothing serves ``subject``, the broker's no-responders status goes
-        to this connection, not to the requester: callers check that a service is running first
-        (``Service.watch``).
-        """
-        if self.remaining(1.0) <= 0:
-            raise DeadlineExceeded("deadline passed before the request could be passed on")
-        await self.service.nc.publish(subject, self.encode_json(kind, payload), reply=self.reply)
-        return FORWARDED
-
-
-class Slots:
-    """A counting semaphore that can also be taken without waiting (asyncio's cannot), for the
-    read loop's direct dispatch. A slot given back goes to the longest waiter first."""
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def try_take(self) -> bool:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return True
-        return False
-
-    async def take(self) -> None:
-        if self.try_take():
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.cancelled():
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            else:  # handed a slot as it was cancelled: pass it on
-                self.give()
-            raise
-
-    def give(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes straight to the waiter
-                return
-        self._free += 1
+__all__ = ["FORWARDED", "Request", "Service", "catalog_service", "run_service"]
 
 
 class Service:
-    """A Corral service process: one NATS connection, a few operations, graceful shutdown."""
+    """A Corral service process: one NATS connection, the manifest's operations, graceful shutdown."""
 
-    def __init__(self, name: str, settings: Settings | None = None, *, ping: bool = True, audit: bool = True) -> None:
-        self.name = name
-        self.ping = ping
-        self.audit_enabled = audit
-        # Subscriptions that carry no envelope (the auth callout): (subject, callback).
-        self.raw_subscriptions: list[tuple[str, Callable[[Msg], Awaitable[None]]]] = []
-        self.settings = settings or Settings()
-        self.log = configure_logging(name, fmt=self.settings.log_format, level=self.settings.log_level)
-        self.operations: list[Operation] = []
+    def __init__(self, manifest: Manifest, settings: Settings | None = None) -> None:
+        self.manifest = manifest
+        self.name = manifest.name
+        self.settings = settings or manifest.settings()
+        self.log = configure_logging(self.name, fmt=self.settings.log_format, level=self.settings.log_level)
+        self.audit_enabled = manifest.audit and manifest.in_app
         self.nc: Client = Client()
+        self.stats = ServiceStats(self.name, replica_id=new_id())
+        self.handlers: dict[str, Any] = {}
         self._subscriptions: list[Any] = []
+        self._consumers: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots = Slots(self.settings.max_in_flight)
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
-        self.audit = AuditTrail(self.nc, name, self.log)  # replaced on start, with the live connection
-        self.requester = Requester(self.nc)  # likewise
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
-        self.watched: dict[str, Liveness] = {}
+        self.audit = AuditTrail(self.nc, self.name, self.log)  # replaced on start, with the live connection
+        self.requester = Requester(self.nc)  # likewise
+        # Whether any replica of each watched service is running (probed while this one runs).
+        self.watched: dict[str, Liveness] = {
+            other: Liveness(other, self.settings.probe_interval_s) for other in manifest.watches
+        }
 
-    # ---- declaration -----------------------------------------------------------------
+    # ---- binding handlers to the manifest ----------------------------------------------
 
-    def operation(
-        self,
-        subject: str,
-        kind: Kind,
-        payload: type[BaseModel],
-        summary: str,
-        *,
-        tenant_facing: bool = False,
-        reply: type[BaseModel] = Result,
-    ) -> Callable[[Handler], Handler]:
-        """Declare a handler for ``subject`` (a ``t.*...`` pattern) taking ``Envelope[payload]``."""
+    def handler(self, name: str) -> Callable[[Any], Any]:
+        """Bind the decorated function to the manifest's operation ``name``.
 
-        def register(handler: Handler) -> Handler:
-            self.operations.append(Operation(subject, kind, payload, summary, handler, tenant_facing, reply))
-            return handler
+        An envelope operation's handler takes a :class:`Request` and returns the reply's output
+        (or :data:`FORWARDED`); a raw operation's handler takes the ``Msg``.
+        """
+        self.manifest.operation(name)  # a name the manifest does not declare fails here, at wiring
 
-        return register
+        def bind(function: Any) -> Any:
+            if name in self.handlers:
+                raise ValueError(f"service {self.name!r} binds operation {name!r} twice")
+            self.handlers[name] = function
+            return function
+
+        return bind
 
     def on_start(self, setup: Callable[[], Awaitable[None]]) -> None:
         """Run ``setup`` (connect to MCP servers, ...) after connecting, before taking messages."""
@@ -272,17 +109,6 @@ class Service:
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run ``cleanup`` (close HTTP clients, ...) once in-flight messages are done."""
         self._on_stop.append(cleanup)
-
-    def watch(self, other: str) -> Liveness:
-        """Keep track of whether any replica of service ``other`` is running (probed while running)."""
-        liveness = self.watched[other] = Liveness(other, self.settings.probe_interval_s)
-
-        async def start() -> None:
-            liveness.start(self.nc)
-
-        self.on_start(start)
-        self.on_stop(liveness.stop)
-        return liveness
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -308,39 +134,65 @@ class Service:
         )
 
     async def start(self) -> None:
-        """Connect and subscribe every operation in the queue group named after the service."""
+        """Connect and subscribe every operation of the manifest (core ones in the queue group
+        named after the service), then the ping and statistics subjects."""
+        unbound = [op.name for op in self.manifest.consumes if op.name not in self.handlers]
+        if unbound:
+            raise RuntimeError(f"service {self.name!r} has no handler for operations {unbound}")
         await self.connect()
         if isinstance(self.nc, connection.Connection):
             self.nc.quiet = lambda: len(self._in_flight) <= 1
         self.requester = Requester(self.nc)
-        await self.requester.start()
+        if self.manifest.requests:  # its inbox subscription, only where replies are expected
+            await self.requester.start()
         self.audit = AuditTrail(self.nc, self.name, self.log)
         if self.audit_enabled:
             await self.audit.start()
+        for liveness in self.watched.values():
+            liveness.start(self.nc)
         for setup in self._on_start:
             await setup()
-        for op in self.operations:
-            handle = self._handler_of(op)
-            sub = await self.nc.subscribe(
-                op.subject, queue=self.name, cb=self._tracked(handle), pending_msgs_limit=65536
-            )
-            if isinstance(self.nc, connection.Connection):
-                self.nc.dispatch_directly(sub, self._direct(handle))
-            self._subscriptions.append(sub)
-        for subject, raw_callback in self.raw_subscriptions:
-            self._subscriptions.append(
-                await self.nc.subscribe(subject, queue=self.name, cb=self._tracked(raw_callback))
-            )
-        if self.ping:
+        for op in self.manifest.consumes:
+            await self._subscribe(op)
+        if self.manifest.in_app:
             self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
+            self._subscriptions.append(await self.nc.subscribe(subjects.stats(self.name), cb=self._on_stats))
         # nats-py 2.16 writes a flush's PING ahead of SUBs still queued: the second round trip
         # follows them, so the subscriptions exist before the service says it is ready.
         await self.nc.flush()
         await self.nc.flush()
-        self.log.info("service_ready", subjects=[op.subject for op in self.operations], pid=os.getpid())
+        self.log.info("service_ready", operations=[op.subject for op in self.manifest.consumes], pid=os.getpid())
+
+    async def _subscribe(self, op: Operation) -> None:
+        stats = self.stats.operation(op.name, op.subject, self.name)
+        handler = self.handlers[op.name]
+        if isinstance(op, Raw):
+            raw = self._raw(handler, stats)
+            self._subscriptions.append(await self.nc.subscribe(op.subject, queue=self.name, cb=self._tracked(raw)))
+            return
+        envelope_type = envelope_of(op.payload)
+        if isinstance(op, Durable):
+            self._consumers.append(
+                asyncio.create_task(self._consume(op, envelope_type, handler, stats), name=f"consume-{op.name}")
+            )
+            return
+
+        def handle(msg: Msg) -> Awaitable[None]:
+            return self._dispatch(op, envelope_type, handler, stats, msg)
+
+        sub = await self.nc.subscribe(op.subject, queue=self.name, cb=self._tracked(handle), pending_msgs_limit=65536)
+        if isinstance(self.nc, connection.Connection):
+            self.nc.dispatch_directly(sub, self._direct(handle))
+        self._subscriptions.append(sub)
 
     async def stop(self) -> None:
         """Stop taking messages, finish those in flight, then close the connection."""
+        for consumer in self._consumers:
+            consumer.cancel()
+        for consumer in self._consumers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await consumer
+        self._consumers.clear()
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 # drain, not unsubscribe: messages the server already handed to this replica (its
@@ -354,6 +206,8 @@ class Service:
         await self.audit.stop()
         with contextlib.suppress(Exception):
             await self.requester.stop()
+        for liveness in self.watched.values():
+            await liveness.stop()
         for cleanup in self._on_stop:
             with contextlib.suppress(Exception):
                 await cleanup()
@@ -384,10 +238,6 @@ class Service:
 
     # ---- the hot path ----------------------------------------------------------------
 
-    def _handler_of(self, op: Operation) -> Callable[[Msg], Awaitable[None]]:
-        envelope_type = envelope_of(op.payload)
-        return lambda msg: self._dispatch(op, envelope_type, msg)
-
     def _tracked(self, handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
         """Run each message in its own task, bounded by ``max_in_flight``, tracked for shutdown."""
 
@@ -417,13 +267,20 @@ class Service:
         self._in_flight.discard(task)
         self._slots.give()
 
-    async def _dispatch(self, op: Operation, envelope_type: type[Envelope[Any]], msg: Msg) -> None:
+    async def _dispatch(
+        self,
+        op: Consume | Durable,
+        envelope_type: type[Envelope[Any]],
+        handler: Handler,
+        stats: OperationStats,
+        msg: Msg,
+    ) -> None:
         tenant = None
         envelope = None
         try:
             parsed = subjects.parse(msg.subject)
             tenant = parsed.tenant
-            check_reply(msg.reply, tenant, allow_service_inbox=not op.tenant_facing)
+            check_reply(msg.reply, tenant, allow_service_inbox=not getattr(op, "tenant_facing", False))
             envelope = decode_request(msg.data, envelope_type)
             check_tenant(envelope.tenant_id, tenant)
             if envelope.kind != op.kind:
@@ -431,14 +288,93 @@ class Service:
             request = Request(envelope, tenant, parsed, self, len(msg.data), msg.reply)
             if request.remaining(1.0) <= 0:
                 raise DeadlineExceeded("the request's deadline has passed")
-            output = await op.handler(request)
-            if msg.reply and output is not FORWARDED:
-                await self.nc.publish(msg.reply, _encode_result(request, output))
         except CorralError as error:
+            stats.refuse(tenant, error.code.value)
+            await self._refuse(msg, tenant, envelope, error)
+            return
+        record = stats.start(tenant)
+        started = time.perf_counter()
+        failure: str | None = None
+        try:
+            output = await handler(request)
+            if msg.reply and output is not FORWARDED:
+                await self.nc.publish(msg.reply, encode_result(request, output))
+        except CorralError as error:
+            failure = error.code.value
             await self._refuse(msg, tenant, envelope, error)
         except Exception:
+            failure = ErrorCode.INTERNAL.value
             self.log.exception("handler_failed", subject=msg.subject, tenant_id=tenant)
             await self._refuse(msg, tenant, envelope, Internal("internal error"))
+        finally:
+            stats.finish(record, time.perf_counter() - started, failure)
+
+    def _raw(self, handler: RawHandler, stats: OperationStats) -> Callable[[Msg], Awaitable[None]]:
+        """A raw operation's messages carry no tenant on their subject: counted as one tenant-less stream."""
+
+        async def handle(msg: Msg) -> None:
+            record = stats.start(UNKNOWN)
+            started = time.perf_counter()
+            failure: str | None = None
+            try:
+                await handler(msg)
+            except Exception:  # a handler's bug must not end its subscription
+                failure = ErrorCode.INTERNAL.value
+                self.log.exception("handler_failed", subject=msg.subject[:200])
+            finally:
+                stats.finish(record, time.perf_counter() - started, failure)
+
+        return handle
+
+    async def _consume(
+        self, op: Durable, envelope_type: type[Envelope[Any]], handler: Handler, stats: OperationStats
+    ) -> None:
+        """Pull a durable consumer's messages while the service runs; each is acknowledged once
+        handled (answered, or refused with a typed error). A replica killed mid-message never
+        acknowledges it, so the broker hands it to another replica after ``ack_wait_s``."""
+        js = self.nc.jetstream()
+        durable = self.manifest.durable_name(op)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=op.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=op.ack_wait_s,
+            max_deliver=op.max_deliver,
+            max_ack_pending=self.settings.max_in_flight,
+        )
+        subscription = await js.pull_subscribe(op.subject, durable=durable, stream=op.stream, config=config)
+
+        async def handle(msg: Msg) -> None:
+            # In-progress acknowledgements keep a long message from being redelivered while it runs.
+            heartbeat = asyncio.create_task(_keep_in_progress(msg, op.ack_wait_s / 2))
+            try:
+                await self._dispatch(op, envelope_type, handler, stats, msg)
+            finally:
+                heartbeat.cancel()
+            with contextlib.suppress(Exception):  # unacknowledged, it is redelivered: nothing lost
+                await msg.ack()
+
+        try:
+            while True:
+                await self._slots.take()
+                batch = 1
+                while batch < DURABLE_BATCH and self._slots.try_take():
+                    batch += 1
+                try:
+                    msgs = await subscription.fetch(batch, timeout=5)
+                except (NatsTimeout, TimeoutError):
+                    msgs = []
+                except Exception as error:  # a reconnection: try again shortly, never give up
+                    self.log.warning("durable_fetch_failed", operation=op.name, error=str(error))
+                    msgs = []
+                    await asyncio.sleep(0.5)
+                for msg in msgs:
+                    self._start(handle, msg)  # its slot is already taken
+                for _ in range(batch - len(msgs)):
+                    self._slots.give()
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
 
     async def _refuse(self, msg: Msg, tenant: str | None, envelope: Envelope[Any] | None, error: CorralError) -> None:
         """Log a refusal and answer it with a typed error where a reply is possible and safe."""
@@ -481,20 +417,27 @@ class Service:
             body = {"service": self.name, "pid": os.getpid(), "in_flight": len(self._in_flight)}
             await self.nc.publish(msg.reply, json.dumps(body).encode())
 
+    async def _on_stats(self, msg: Msg) -> None:
+        """Answer a statistics request (a page of tenants, or the ones asked for) with a typed
+        error for a malformed one."""
+        if not msg.reply:
+            return
+        try:
+            body = json.dumps(self.stats.snapshot(**parse_stats_request(msg.data)))
+        except CorralError as error:
+            body = json.dumps({"error": {"code": error.code.value, "message": error.message}})
+        with contextlib.suppress(Exception):
+            await self.nc.publish(msg.reply, body.encode())
+
     async def _on_error(self, error: Exception) -> None:
         self.log.warning("nats_error", error=str(error))
 
 
-def _encode_result(request: Request[Any], output: Any) -> bytes:
-    """The reply to a request; a handler output that is not JSON is the handler's error, not a crash."""
-    if isinstance(output, Result):
-        output = output.output
-    try:
-        # Straight to JSON (the Result payload is just its output): a third of a model dump.
-        payload = b'{"output":' + to_json(output) + b"}"
-    except PydanticSerializationError:
-        raise Internal("the handler produced a result that is not JSON") from None
-    return request.encode_json(Kind.RESULT, payload)
+async def _keep_in_progress(msg: Msg, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
 
 
 def decode_request(data: bytes, envelope_type: type[Envelope[Any]]) -> Envelope[Any]:
@@ -507,29 +450,6 @@ def decode_request(data: bytes, envelope_type: type[Envelope[Any]]) -> Envelope[
         raise InvalidRequest(f"invalid envelope: {_describe(exc)}") from None
 
 
-def decode_reply(data: bytes) -> Any:
-    """The output of a result envelope, or the typed error an error envelope carries.
-
-    Replies are parsed as plain JSON with a check of the two fields used, not a full envelope
-    validation: they come from Corral's own services and this runs once per hop.
-    """
-    try:
-        reply = from_json(data)  # pydantic-core's parser: half the time of json.loads here
-        kind = reply["kind"]
-        payload = reply["payload"]
-        if kind == Kind.ERROR:
-            info = ErrorInfo.model_validate(payload)
-        elif kind == Kind.RESULT and isinstance(payload, dict):
-            return payload.get("output")
-        else:
-            raise ValueError(kind)
-    except (ValueError, KeyError, TypeError, ValidationError):
-        raise Internal("unreadable reply") from None
-    error = error_for(info.code, info.message)
-    error.remote = True  # raised by the service that replied (which already reported it)
-    raise error
-
-
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False, include_input=False)[:5]:
@@ -538,21 +458,21 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def catalog_service(name: str, register: Callable[[Service, Any], Any]) -> Callable[[Settings], Service]:
-    """The ``build`` of a service whose operations come from the definitions (router, graph, tools)."""
+def catalog_service(manifest: Manifest, register: Callable[[Service, Any], Any]) -> Callable[[Settings], Service]:
+    """The ``build`` of a service whose handlers need the definitions (router, graph, tools)."""
     from services.runtime.catalog import load_catalog
 
     def build(settings: Settings) -> Service:
-        service = Service(name, settings)
-        register(service, load_catalog(settings.definitions))
+        service = Service(manifest, settings)
+        register(service, load_catalog(settings.definitions_path()))
         return service
 
     return build
 
 
-def run_service(build: Callable[[Settings], Service]) -> None:
-    """Entry point of a service's ``__main__``: build it from settings and run it."""
-    service = build(Settings())
+def run_service(build: Callable[[Settings], Service], manifest: Manifest) -> None:
+    """Entry point of a service's ``__main__``: build it from its settings and run it."""
+    service = build(manifest.settings())
     with contextlib.suppress(KeyboardInterrupt):
         event_loop.run(service.run())
     structlog.get_logger().debug("exit")

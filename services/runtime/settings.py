@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DEFINITIONS = REPO_ROOT / "deploy" / "definitions"
+from contracts.definitions import DefinitionError
 
 
 class Settings(BaseSettings):
@@ -22,7 +21,9 @@ class Settings(BaseSettings):
     nats_user: str | None = None
     nats_password: str | None = None
     state_dir: Path | None = None
-    definitions: Path = DEFAULT_DEFINITIONS
+    # A definitions file or folder; unset, the state directory's ``definitions/`` (which
+    # `corral init` fills with the demo the first time).
+    definitions: Path | None = None
     log_format: Literal["console", "json"] = "console"
     log_level: str = "info"
     # Messages handled concurrently per replica; more wait in the subscription (back-pressure).
@@ -35,3 +36,11 @@ class Settings(BaseSettings):
     probe_interval_s: float = Field(default=1.0, gt=0)
     # How long a stopping service waits for in-flight messages.
     drain_timeout_s: float = Field(default=10.0, gt=0)
+
+    def definitions_path(self) -> Path:
+        """Where the definitions are: ``CORRAL_DEFINITIONS``, else ``<state dir>/definitions``."""
+        if self.definitions is not None:
+            return self.definitions
+        if self.state_dir is not None:
+            return self.state_dir / "definitions"
+        raise DefinitionError("no definitions: set CORRAL_DEFINITIONS or CORRAL_STATE_DIR")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from contracts import subjects
 from contracts.definitions import Catalog
-from contracts.envelope import Kind, ToolCall
+from contracts.envelope import ToolCall
 from contracts.errors import CorralError, ErrorCode, InvalidRequest
 from services.runtime.service import Request, Service
 from services.tools.arguments import check_arguments, strip_tenant
@@ -18,18 +17,13 @@ REFUSED = frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID
 
 
 def register(service: Service, catalog: Catalog, registry: ToolRegistry | None = None) -> ToolRegistry:
-    """Declare the tools service's operation on ``service``."""
+    """Bind the tools service's operation on ``service``."""
     aliases = frozenset(service.settings.tenant_argument_aliases)
     tools = registry or ToolRegistry(catalog, tenant_keys=aliases)
     service.on_start(tools.discover)
     service.on_stop(tools.aclose)
 
-    @service.operation(
-        subjects.TOOL_CALLS,
-        Kind.TOOL_CALL,
-        ToolCall,
-        "Call a tool for the tenant of the subject; the runtime injects the tenant",
-    )
+    @service.handler("call")
     async def call_tool(req: Request[ToolCall]) -> Any:
         name = req.subject.tool
         if name != req.payload.tool:

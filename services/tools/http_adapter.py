@@ -5,13 +5,16 @@ parameter. Other ``{name}`` placeholders in the URL are filled (URL-encoded) fro
 the remaining arguments go in the query string (GET, DELETE) or the JSON body. Structured values
 (objects, lists of objects) in a path or query are sent as JSON text, never as Python reprs.
 Redirects are not followed (they could carry the tenant header to another host) and are failures.
+Idempotent calls are tried again on lost connections and 502/503/504 under the runtime's retry
+policy (``services/runtime/retry.py``), never past what is left of the caller's deadline.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
+import time
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -19,11 +22,19 @@ import httpx
 
 from contracts.definitions import HttpTool
 from contracts.errors import DeadlineExceeded, InvalidRequest, ToolFailed
+from services.runtime.retry import RetryPolicy, call_with_retries
 from services.tools.context import ToolContext
 
 IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
+# Backoff between tries; the number of tries is each tool's ``retries`` (idempotent methods only).
+RETRY = RetryPolicy(initial_interval_s=0.05, multiplier=2.0, max_interval_s=1.0, jitter=0.5)
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class UpstreamUnavailable(ToolFailed):
+    """The endpoint was unreachable or answered 502/503/504: worth another try when the call is
+    idempotent (the wire code stays ``tool_failed``)."""
 
 
 class HttpAdapter:
@@ -33,6 +44,8 @@ class HttpAdapter:
         self.name = name
         self.config = config
         self.client = client
+        tries = 1 + config.retries if config.method in IDEMPOTENT else 1
+        self.retry = replace(RETRY, max_attempts=tries)
 
     def build(self, ctx: ToolContext, arguments: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, str]]:
         """(url, remaining arguments, headers) for one call."""
@@ -61,28 +74,25 @@ class HttpAdapter:
         url, remaining, headers = self.build(ctx, arguments)
         method = self.config.method
         body = {"params": query_params(remaining)} if method in ("GET", "DELETE") else {"json": remaining}
+        # The context's time is what is left of the caller's deadline: no try or pause goes past it.
         timeout = min(self.config.timeout_s, ctx.timeout_s)
-        attempts = 1 + (self.config.retries if method in IDEMPOTENT else 0)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for attempt in range(attempts):
-            left = deadline - loop.time()
-            if left <= 0:
-                break
+        deadline = time.monotonic() + timeout
+
+        async def attempt() -> Any:
+            left = max(0.0, deadline - time.monotonic())
             try:
                 status, content, content_type = await self._send(method, url, headers, body, left)
             except httpx.TimeoutException:
                 raise DeadlineExceeded(f"tool {self.name!r} did not answer within {timeout:.1f}s") from None
             except httpx.TransportError as exc:
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - loop.time())))
-                    continue
-                raise ToolFailed(f"tool {self.name!r} is unreachable ({type(exc).__name__})") from None
-            if status in RETRY_STATUSES and attempt + 1 < attempts:
-                await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - loop.time())))
-                continue
+                raise UpstreamUnavailable(f"tool {self.name!r} is unreachable ({type(exc).__name__})") from None
+            if status in RETRY_STATUSES:
+                raise UpstreamUnavailable(_status_failure(self.name, status, content))
             return self._result(status, content, content_type)
-        raise DeadlineExceeded(f"tool {self.name!r} did not answer within {timeout:.1f}s")
+
+        return await call_with_retries(
+            attempt, self.retry, retry_if=lambda error: isinstance(error, UpstreamUnavailable), deadline=deadline
+        )
 
     async def _send(
         self, method: str, url: str, headers: dict[str, str], body: dict[str, Any], timeout: float
@@ -102,8 +112,7 @@ class HttpAdapter:
 
     def _result(self, status: int, content: bytes, content_type: str) -> Any:
         if status >= 400:
-            reason = " ".join(content[:200].decode(errors="replace").split())
-            raise ToolFailed(f"tool {self.name!r} answered HTTP {status}" + (f": {reason}" if reason else ""))
+            raise ToolFailed(_status_failure(self.name, status, content))
         if status >= 300:
             raise ToolFailed(f"tool {self.name!r} answered HTTP {status} (redirects are not followed)")
         text = content.decode(errors="replace")
@@ -113,6 +122,11 @@ class HttpAdapter:
             except json.JSONDecodeError:
                 raise ToolFailed(f"tool {self.name!r} answered invalid JSON") from None
         return text
+
+
+def _status_failure(tool: str, status: int, content: bytes) -> str:
+    reason = " ".join(content[:200].decode(errors="replace").split())
+    return f"tool {tool!r} answered HTTP {status}" + (f": {reason}" if reason else "")
 
 
 def as_text(value: Any) -> str:

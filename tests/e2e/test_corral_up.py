@@ -15,13 +15,13 @@ from pathlib import Path
 import nats
 import pytest
 
+from corral.client import CorralClient
+from corral.nats_server import free_port
 from services.auth.tokens import mint_dev_token
-from services.client import CorralClient
+from services.runtime.credentials import load_secrets
 from services.runtime.loop import loop_name
-from services.runtime.nats_server import free_port
-from services.runtime.state import load_secrets
 
-CORRAL = [sys.executable, "-m", "services.cli"]
+CORRAL = [sys.executable, "-m", "corral.cli"]
 
 
 def start_corral_up(state_dir: Path, *extra: str) -> tuple[dict[str, str], subprocess.Popen]:

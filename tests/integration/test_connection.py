@@ -12,10 +12,12 @@ from nats.errors import BadSubjectError
 
 from contracts import subjects
 from contracts.envelope import Kind, ToolCall, new_envelope_json
+from contracts.replies import decode_reply
 from services.runtime import connection
 from services.runtime.connection import SHORTCUTS, Connection
+from services.runtime.manifest import Consume, Manifest
 from services.runtime.requests import Requester
-from services.runtime.service import Request, Service, decode_reply
+from services.runtime.service import Request, Service
 from services.runtime.settings import Settings
 
 
@@ -169,11 +171,15 @@ async def test_the_in_flight_limit_holds_with_direct_dispatch_and_messages_start
     running = 0
     peak = 0
     release = asyncio.Event()
-    service = Service(
-        "gate", Settings(nats_url=nats_url, max_in_flight=2, log_level="warning"), ping=False, audit=False
+    gate_manifest = Manifest(
+        "gate",
+        "holds each call until released",
+        (Consume("call", "t.*.tool.gate.call", Kind.TOOL_CALL, ToolCall, "holds each call until released"),),
+        audit=False,
     )
+    service = Service(gate_manifest, Settings(nats_url=nats_url, max_in_flight=2, log_level="warning"))
 
-    @service.operation("t.*.tool.gate.call", Kind.TOOL_CALL, ToolCall, "holds each call until released")
+    @service.handler("call")
     async def gate(req: Request[ToolCall]) -> int:
         nonlocal running, peak
         n = int(str(req.payload.arguments["n"]))

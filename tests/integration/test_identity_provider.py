@@ -9,7 +9,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.client import CorralClient
+from corral.client import CorralClient
 from tests.support.http import Reply, http_server
 from tests.support.services import running_services
 

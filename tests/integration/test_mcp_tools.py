@@ -9,7 +9,7 @@ import pytest
 
 from contracts.definitions import Catalog, DefinitionsFile
 from contracts.errors import ToolFailed
-from services.runtime.nats_server import free_port, wait_for_port
+from corral.nats_server import free_port, wait_for_port
 from services.tools.context import ToolContext
 from services.tools.registry import ToolRegistry
 

@@ -10,9 +10,9 @@ import pytest
 from contracts import subjects
 from contracts.envelope import Envelope, Kind, RouterRequest
 from contracts.errors import DeadlineExceeded, Internal, NotFound
+from contracts.replies import decode_reply
+from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from services.client import CorralClient
-from services.runtime.service import decode_reply
 from tests.support.services import running_services
 
 ALL = ("auth", "router", "graph", "tools")

@@ -6,8 +6,8 @@ import asyncio
 
 import yaml
 
+from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from services.client import CorralClient
 from tests.support import slow_tool
 from tests.support.services import running_services
 

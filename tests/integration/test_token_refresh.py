@@ -12,8 +12,8 @@ import time
 import pytest
 
 from contracts.errors import DeadlineExceeded, Internal
+from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from services.client import CorralClient
 from tests.support.services import running_services
 
 ALL = ("auth", "router", "graph", "tools")

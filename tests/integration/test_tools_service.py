@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import nats
@@ -24,18 +25,21 @@ import yaml
 from contracts import subjects
 from contracts.envelope import Envelope, Kind, ToolCall, deadline_in
 from contracts.errors import Forbidden, InvalidRequest, NotFound, TenantMismatch
+from contracts.replies import decode_reply
+from corral.demo.tools import reload_settings
+from corral.state import init_state
 from services.runtime.catalog import load_catalog
-from services.runtime.service import Service, decode_reply
-from services.runtime.settings import REPO_ROOT, Settings
-from services.runtime.state import init_state
-from services.tools.demo import reload_settings
+from services.runtime.service import Service
+from services.runtime.settings import Settings
 from services.tools.handlers import register
+from services.tools.manifest import MANIFEST
 
+ROOT = Path(__file__).resolve().parents[2]
 DEFINITIONS = {
     "tools": [
         {
             "name": "orders_lookup",
-            "python": {"callable": "services.tools.demo:lookup_orders"},
+            "python": {"callable": "corral.demo.tools:lookup_orders"},
             "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
         },
         {"name": "whoami", "python": {"callable": "tests.integration.test_tools_service:whoami"}},
@@ -65,8 +69,8 @@ def definitions(tmp_path, monkeypatch):
 @pytest.fixture
 async def tools_service(nats_url, definitions):
     settings = Settings(nats_url=nats_url, definitions=definitions, log_level="warning")
-    service = Service("tools", settings)
-    register(service, load_catalog(settings.definitions))
+    service = Service(MANIFEST, settings)
+    register(service, load_catalog(settings.definitions_path()))
     await service.start()
     try:
         yield service
@@ -217,7 +221,7 @@ async def test_python_m_services_tools_starts_serves_and_stops_on_sigterm(nats_u
         "CORRAL_DEFINITIONS": str(definitions),
         "CORRAL_LOG_LEVEL": "warning",
     }
-    process = subprocess.Popen([sys.executable, "-m", "services.tools"], cwd=REPO_ROOT, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "services.tools"], cwd=ROOT, env=env)
     try:
         nc = await connect("acme")
         await wait_until_answering(nc, process)

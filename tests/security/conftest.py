@@ -9,8 +9,8 @@ import nats
 import pytest
 
 from contracts import subjects
+from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from services.client import CorralClient
 from tests.support.services import running_services
 
 

@@ -13,8 +13,8 @@ import pytest
 from contracts import subjects
 from contracts.audit import STREAM, seal
 from contracts.envelope import Envelope, Kind, RouterRequest, ToolCall, deadline_in
-from services.audit_reader import read_trail
-from services.runtime.service import decode_reply
+from contracts.replies import decode_reply
+from corral.audit_reader import read_trail
 from tests.security.conftest import still_serving, tenant_connection, watched_connection
 
 
@@ -78,8 +78,8 @@ async def test_a_tenant_id_smuggled_into_tool_arguments_is_removed_and_recorded(
 
 async def test_the_chain_stays_intact_under_concurrent_writers(system):
     broker, services = system
+    from corral.client import CorralClient
     from services.auth.tokens import mint_dev_token
-    from services.client import CorralClient
 
     client = await CorralClient.connect(
         broker.url, tenant="acme", token=mint_dev_token("acme", key=broker.secrets.dev_key)

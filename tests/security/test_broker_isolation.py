@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from contracts import subjects
+from services.registry import SERVICES
 from tests.security.conftest import tenant_connection, watched_connection
 
 pytestmark = pytest.mark.usefixtures("system")
@@ -55,21 +57,46 @@ async def test_a_tenant_cannot_subscribe_to_wildcards_or_other_tenants(system, s
         await acme.nc.close()
 
 
-ROLE_DENIED = {
-    "router": {
-        "publish": ["t.acme.tool.orders_lookup.call", "t.acme.router.request"],
-        "subscribe": ["t.*.tool.*.call", "t.*.graph.run"],
-    },
-    "graph": {
-        "publish": ["t.acme.router.request", "t.acme.graph.run"],
-        "subscribe": ["t.*.router.request", "t.*.tool.*.call"],
-    },
-    "tools": {
-        "publish": ["t.acme.router.request", "t.acme.graph.run", "t.acme.tool.x.call"],
-        "subscribe": ["t.*.graph.run", "t.*.router.request"],
-    },
+def concrete(pattern: str) -> str:
+    """A subject a pattern matches: the tenant ``acme``, other wildcards ``x``."""
+    tokens = pattern.split(".")
+    return ".".join(("acme" if i == 1 else "x") if t in ("*", ">") else t for i, t in enumerate(tokens))
+
+
+def matches(pattern: str, subject: str) -> bool:
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+APP_SERVICES = [manifest for manifest in SERVICES if manifest.in_app]
+# What some service consumes: the subjects worth guarding. Each other role must be refused them.
+CONSUMED = sorted({op.subject for manifest in SERVICES for op in manifest.consumes if manifest.in_app})
+
+
+def denied(manifest) -> dict[str, list[str]]:
+    """From the manifests: the consumed subjects this service may neither publish nor subscribe to."""
+    permissions = manifest.permissions()
+    publish = [concrete(s) for s in CONSUMED if not any(matches(p, concrete(s)) for p in permissions.publish)]
+    subscribe = [s for s in CONSUMED if s not in permissions.subscribe]
+    return {
+        "publish": [*publish, "t.acme.events.x"] if subjects.ALL_EVENTS not in permissions.publish else publish,
+        "subscribe": [*subscribe, "t.>", "_INBOX.acme.>"],
+    }
+
+
+ROLE_DENIED = {manifest.name: denied(manifest) for manifest in APP_SERVICES} | {
     "admin": {"publish": ["t.acme.router.request", "t.acme.events.x"], "subscribe": ["t.>", "_INBOX.acme.>"]},
 }
+
+
+def test_every_role_is_denied_something_consumed_elsewhere():
+    for role, refused in ROLE_DENIED.items():
+        assert refused["publish"] and refused["subscribe"], role
 
 
 @pytest.mark.parametrize("role", sorted(ROLE_DENIED))
@@ -89,22 +116,24 @@ async def test_each_service_role_is_refused_outside_its_set(system, role):
         await conn.nc.close()
 
 
-async def test_the_service_roles_can_do_their_own_jobs(system):
-    """The positive side: each role's own subjects are accepted (no violation before a flush)."""
+@pytest.mark.parametrize("manifest", APP_SERVICES, ids=lambda m: m.name)
+async def test_the_service_roles_can_do_everything_their_manifest_declares(system, manifest):
+    """The positive side: every subject a manifest declares is accepted (no violation before a flush)."""
     broker, _ = system
-    for role, publish, subscribe in (
-        ("router", "t.acme.graph.run", "t.*.router.request"),
-        ("graph", "t.acme.tool.orders_lookup.call", "t.*.graph.run"),
-        ("tools", "t.acme.events.x", "t.*.tool.*.call"),
-    ):
-        conn = await watched_connection(
-            broker.url, user=role, password=broker.secrets.passwords[role], inbox_prefix=f"_INBOX._{role}".encode()
-        )
-        try:
-            await conn.nc.subscribe(subscribe, queue="probe")
-            await conn.nc.publish(publish, b"{}")
-            await conn.nc.flush()
-            await conn.nc.flush()  # a -ERR would have arrived before the second PONG
-            assert conn.errors == []
-        finally:
-            await conn.nc.close()
+    role = manifest.name
+    permissions = manifest.permissions()
+    conn = await watched_connection(
+        broker.url, user=role, password=broker.secrets.passwords[role], inbox_prefix=f"_INBOX._{role}".encode()
+    )
+    try:
+        for subject in permissions.subscribe:
+            await conn.nc.subscribe(subject, queue="probe")
+        for pattern in (*(p.subject for p in manifest.publishes), *manifest.requests):
+            await conn.nc.publish(concrete(pattern), b"{}")
+        for other in manifest.watches:
+            await conn.nc.publish(subjects.ping(other), b"")
+        await conn.nc.flush()
+        await conn.nc.flush()  # a -ERR would have arrived before the second PONG
+        assert conn.errors == []
+    finally:
+        await conn.nc.close()

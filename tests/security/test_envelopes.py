@@ -12,8 +12,8 @@ import pytest
 from contracts import subjects
 from contracts.envelope import MAX_MESSAGE_BYTES, Envelope, Kind, RouterRequest
 from contracts.errors import InvalidRequest, TenantMismatch
+from contracts.replies import decode_reply
 from services.auth.tokens import mint_dev_token
-from services.runtime.service import decode_reply
 from tests.security.conftest import still_serving, tenant_connection
 
 pytestmark = pytest.mark.usefixtures("system")

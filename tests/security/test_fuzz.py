@@ -13,8 +13,9 @@ from contracts import subjects
 from contracts.envelope import Envelope, RouterRequest, ToolCall
 from contracts.errors import InvalidRequest
 from contracts.expressions import ExpressionError, compile_expression, evaluate
+from contracts.replies import decode_reply
 from contracts.tenants import is_tenant_id
-from services.runtime.service import decode_reply, decode_request
+from services.runtime.service import decode_request
 from services.tools.arguments import TENANT_KEYS, strip_tenant
 
 json_values = st.recursive(

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from contracts.envelope import Envelope, Kind, RouterRequest
 from contracts.errors import TenantMismatch
+from contracts.replies import decode_reply
 from services.auth.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_dev_token
-from services.runtime.service import decode_reply
 from tests.security.conftest import still_serving
 
 pytestmark = pytest.mark.usefixtures("system")

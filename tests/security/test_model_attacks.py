@@ -10,17 +10,17 @@ import yaml
 from contracts import subjects
 from contracts.envelope import Envelope, Kind, ToolCall, deadline_in
 from contracts.errors import Forbidden
-from services.audit_reader import read_trail
+from contracts.replies import decode_reply
+from corral.audit_reader import read_trail
+from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from services.client import CorralClient
-from services.runtime.service import decode_reply
 from tests.support.services import running_services
 
 DEFINITIONS = {
     "tools": [
         {
             "name": "orders_lookup",
-            "python": {"callable": "services.tools.demo:lookup_orders"},
+            "python": {"callable": "corral.demo.tools:lookup_orders"},
             "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
         },
         {"name": "export_everything", "python": {"callable": "tests.security.attack_tools:export_everything"}},

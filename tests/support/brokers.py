@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.runtime.nats_server import NatsServer, free_port
-from services.runtime.state import Secrets, init_state
+from corral.nats_server import NatsServer, free_port
+from corral.state import init_state
+from services.runtime.credentials import Secrets
 
 NATS_IMAGE = "nats:2.11"
 CONTAINER_PORT = 14222  # the port inside the container; the host side is random

@@ -7,8 +7,9 @@ import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from corral.demo import DEFINITIONS as DEFAULT_DEFINITIONS
 from services.runtime.service import Service
-from services.runtime.settings import DEFAULT_DEFINITIONS, Settings
+from services.runtime.settings import Settings
 
 
 @contextlib.asynccontextmanager

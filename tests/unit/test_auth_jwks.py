@@ -10,10 +10,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from corral.nats_server import free_port
 from services.auth.errors import InvalidToken
 from services.auth.jwks import JwksKeys
 from services.auth.tokens import TokenVerifier
-from services.runtime.nats_server import free_port
 from tests.support.http import Reply, http_server
 
 ISSUER, AUDIENCE = "https://idp.example", "corral"
@@ -214,14 +214,15 @@ class Published:
 def callout_handler(check, jwks):
     from services.auth.callout import CalloutSigner
     from services.auth.handlers import register
+    from services.auth.manifest import MANIFEST
     from services.runtime.service import Service
     from services.runtime.settings import Settings
     from tests.unit.test_auth_callout import ISSUER
 
-    service = Service("auth", Settings(log_level="warning"), ping=False, audit=False)
+    service = Service(MANIFEST, Settings(log_level="warning"))
     register(service, check, CalloutSigner(ISSUER.seed.decode()), jwks)
     service.nc = Published()
-    return service, service.raw_subscriptions[0][1]
+    return service, service.handlers["callout"]
 
 
 def response_of(service):

@@ -8,8 +8,8 @@ import yaml
 from contracts.definitions import Catalog, DefinitionError, DefinitionsFile
 from contracts.expressions import ExpressionError, compile_expression, evaluate, render, resolve
 from contracts.graphs import GraphDefinition
+from corral.demo import DEFINITIONS as DEFAULT_DEFINITIONS
 from services.runtime.catalog import load_catalog
-from services.runtime.settings import DEFAULT_DEFINITIONS
 
 TOOL = {"name": "lookup", "python": {"callable": "pkg.mod:fn"}}
 

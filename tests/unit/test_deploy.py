@@ -1,12 +1,14 @@
-"""The compose file and the AsyncAPI document stay true to the code (no Docker engine needed)."""
+"""The compose file, the server configuration and the AsyncAPI document follow the registry."""
 
+import json
 from pathlib import Path
 
 import yaml
 
-from services.runtime.asyncapi import CHECKED_IN, render_asyncapi
-from services.runtime.state import Secrets, render_nats_config
-from services.runtime.system import SERVICES, service_command, service_environment
+from corral.asyncapi import CHECKED_IN, render_asyncapi
+from corral.state import ADMIN_USER, generate_secrets, render_nats_config
+from corral.system import service_command, service_environment
+from services.registry import NAMES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,29 +17,29 @@ def compose():
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def test_compose_runs_every_service_with_the_command_corral_up_uses():
+def test_compose_runs_every_registered_service_with_the_command_corral_up_uses():
     services = compose()["services"]
-    for name in SERVICES:
-        assert name in services, f"{name} missing from docker-compose.yml"
-        assert services[name]["command"] == ["python", *service_command(name)[1:]]
-        assert (ROOT / "services" / name / "__main__.py").exists()
+    for manifest in SERVICES:
+        assert manifest.name in services, f"{manifest.name} missing from docker-compose.yml"
+        assert services[manifest.name]["command"] == ["python", *service_command(manifest.name)[1:]]
+        assert (ROOT / Path(*manifest.module.split("."), "__main__.py")).exists()
 
 
 def test_compose_gives_services_the_environment_corral_up_gives():
     services = compose()["services"]
     expected = set(service_environment("nats://x", Path("/state")))
-    for name in SERVICES:
+    for name in NAMES:
         assert expected <= set(services[name]["environment"])
         assert services[name]["environment"]["CORRAL_STATE_DIR"] == "/state"
 
 
-def test_compose_services_other_than_nats_and_init_are_exactly_corrals_services():
-    assert set(compose()["services"]) - {"nats", "init"} == set(SERVICES)
+def test_compose_services_other_than_nats_and_init_are_exactly_the_registry():
+    assert set(compose()["services"]) - {"nats", "init"} == set(NAMES)
 
 
 def test_services_scale_by_queue_group_so_compose_sets_no_fixed_names_or_ports():
     services = compose()["services"]
-    for name in SERVICES:
+    for name in NAMES:
         assert "container_name" not in services[name] and "ports" not in services[name]
 
 
@@ -51,8 +53,12 @@ def test_the_checked_in_asyncapi_document_is_current():
     assert CHECKED_IN.read_text() == render_asyncapi("yaml"), "run: corral asyncapi > contracts/asyncapi.yaml"
 
 
-def test_the_asyncapi_document_lists_every_bus_operation():
+def test_the_asyncapi_document_lists_every_operation_of_every_manifest():
     document = yaml.safe_load(render_asyncapi("yaml"))
+    titles = set(document["channels"])
+    for manifest in SERVICES:
+        for op in manifest.consumes:
+            assert f"{manifest.name}:{op.name}" in titles
     addresses = {channel["address"] for channel in document["channels"].values()}
     assert {
         "t.{tenant}.router.request",
@@ -60,15 +66,29 @@ def test_the_asyncapi_document_lists_every_bus_operation():
         "t.{tenant}.tool.{tool}.call",
         "t.{tenant}.events.{run_id}",
         "$SYS.REQ.USER.AUTH",
+        "corral.stats.{service}",
     } <= addresses
 
 
-def test_the_generated_server_config_routes_every_non_service_user_through_the_callout():
-    import json
+def _config() -> dict:
+    return json.loads(render_nats_config(generate_secrets(), host="127.0.0.1", port=1, jetstream_dir="/js"))
 
-    config = json.loads(render_nats_config(Secrets.generate(), host="127.0.0.1", port=1, jetstream_dir="/js"))
+
+def test_the_generated_server_config_routes_every_non_service_user_through_the_callout():
+    config = _config()
     callout = config["authorization"]["auth_callout"]
     app_users = {user["user"] for user in config["accounts"]["APP"]["users"]}
-    assert set(callout["auth_users"]) == app_users | {"auth"}
+    auth_users = {user["user"] for user in config["accounts"]["AUTH"]["users"]}
+    assert set(callout["auth_users"]) == app_users | auth_users
     assert callout["issuer"].startswith("A")
     assert config["accounts"]["APP"]["jetstream"] == "enabled"
+
+
+def test_every_registered_service_has_a_user_with_its_manifests_permissions():
+    users = {user["user"]: user for account in _config()["accounts"].values() for user in account["users"]}
+    assert set(users) == {u.name for m in SERVICES for u in m.users()} | {ADMIN_USER}
+    for manifest in SERVICES:
+        for user in manifest.users():
+            granted = users[user.name]["permissions"]
+            assert granted["publish"]["allow"] == list(user.permissions.publish)
+            assert granted["subscribe"]["allow"] == list(user.permissions.subscribe)

@@ -4,7 +4,8 @@ import pytest
 
 from contracts.envelope import Envelope, ErrorInfo, Kind, Result, RouterRequest, ToolCall, deadline_in
 from contracts.errors import DeadlineExceeded, ErrorCode, InvalidRequest, NotFound, error_for
-from services.runtime.service import decode_reply, decode_request
+from contracts.replies import decode_reply
+from services.runtime.service import decode_request
 
 RequestEnvelope = Envelope[RouterRequest]
 
@@ -103,14 +104,15 @@ def tool_request():
     from contracts import subjects
     from services.runtime.service import Request, Service
     from services.runtime.settings import Settings
+    from services.tools.manifest import MANIFEST
 
     cause = Envelope[ToolCall](kind=Kind.TOOL_CALL, tenant_id="acme", run_id="r-1", payload=ToolCall(tool="t"))
-    return Request(cause, "acme", subjects.parse("t.acme.tool.t.call"), Service("tools", Settings()))
+    return Request(cause, "acme", subjects.parse("t.acme.tool.t.call"), Service(MANIFEST, Settings()))
 
 
 @pytest.mark.parametrize("output", [{"a": [1, "x", None]}, "text", 3.5, None, Result(output={"b": True})])
 def test_a_handler_output_becomes_a_result_reply(output):
-    from services.runtime.service import _encode_result
+    from services.runtime.request import encode_result as _encode_result
 
     expected = output.output if isinstance(output, Result) else output
     assert decode_reply(_encode_result(tool_request(), output)) == expected
@@ -118,7 +120,7 @@ def test_a_handler_output_becomes_a_result_reply(output):
 
 def test_a_handler_output_that_is_not_json_is_an_internal_error_not_a_crash():
     from contracts.errors import Internal
-    from services.runtime.service import _encode_result
+    from services.runtime.request import encode_result as _encode_result
 
     with pytest.raises(Internal, match="not JSON"):
         _encode_result(tool_request(), {"value": object()})

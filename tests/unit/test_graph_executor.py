@@ -8,18 +8,20 @@ import random
 
 import pytest
 
-from contracts.errors import DeadlineExceeded, ToolFailed
+from contracts.errors import DeadlineExceeded, ErrorCode, ToolFailed
 from contracts.graphs import GraphDefinition
 from services.graph.errors import (
     InvalidModelOutput,
     JoinIncomplete,
     NodeTimedOut,
+    ReducerFailed,
     RunTimedOut,
     StepLimitExceeded,
+    TurnLimitExceeded,
     VisitLimitExceeded,
 )
 from services.graph.executor import CompiledGraph, compile_library
-from services.runtime.models import Completion, ToolCallRequest
+from services.llm import Completion, ToolCallRequest
 
 ORDER_GRAPH = GraphDefinition.model_validate(
     {
@@ -208,8 +210,9 @@ async def test_a_join_whose_branch_went_elsewhere_fails_clearly():
             ],
         }
     )
-    with pytest.raises(JoinIncomplete, match=r"waiting for \['b'\]"):
+    with pytest.raises(JoinIncomplete, match=r"waiting for \['b'\]") as failure:
         await run(definition)
+    assert failure.value.code is ErrorCode.INVALID_REQUEST  # the definition's shape, not Corral failing
 
 
 async def test_a_cycle_stops_at_its_visit_limit():
@@ -221,8 +224,9 @@ async def test_a_cycle_stops_at_its_visit_limit():
             "edges": [{"from": "a", "to": "a"}],
         }
     )
-    with pytest.raises(VisitLimitExceeded, match="3 visits"):
+    with pytest.raises(VisitLimitExceeded, match="3 visits") as failure:
         await run(definition)
+    assert failure.value.code is ErrorCode.LIMIT_EXCEEDED
 
 
 async def test_a_cycle_that_exits_by_condition_runs_until_the_condition_holds():
@@ -255,8 +259,27 @@ async def test_the_global_step_limit_fires():
             "edges": [{"from": "a", "to": "a"}],
         }
     )
-    with pytest.raises(StepLimitExceeded, match="4 steps"):
+    with pytest.raises(StepLimitExceeded, match="4 steps") as failure:
         await run(definition)
+    assert failure.value.code is ErrorCode.LIMIT_EXCEEDED
+
+
+async def test_a_reducer_that_cannot_combine_the_outputs_is_a_definition_error():
+    definition = GraphDefinition.model_validate(
+        {
+            "name": "totals",
+            "entry": "count",
+            "reducers": {"total": "sum"},
+            "nodes": {
+                "count": {"kind": "tool", "tool": "count", "output": "total"},
+                "label": {"kind": "tool", "tool": "label", "output": "total"},
+            },
+            "edges": [{"from": "count", "to": "label"}],
+        }
+    )
+    with pytest.raises(ReducerFailed, match="reducer 'sum' cannot combine the outputs written to 'total'") as failure:
+        await run(definition, recorder=Recorder({"count": 3, "label": "three"}))
+    assert failure.value.code is ErrorCode.INVALID_REQUEST
 
 
 async def test_a_node_timeout_fires_and_is_reported():
@@ -441,5 +464,6 @@ async def test_an_agent_asking_for_a_tool_it_was_not_given_gets_a_refusal_not_th
 
 async def test_an_agent_that_never_answers_stops_at_its_turn_limit():
     agent = ScriptedAgent([("orders_lookup", {})] * 10)
-    with pytest.raises(StepLimitExceeded, match="4 turns"):
+    with pytest.raises(TurnLimitExceeded, match="4 turns") as failure:
         await run(AGENT, {"text": "x"}, agent)
+    assert failure.value.code is ErrorCode.LIMIT_EXCEEDED

@@ -9,7 +9,7 @@ import pytest
 
 from contracts.errors import DeadlineExceeded, RateLimited
 from contracts.models import ModelDefinition, OpenAIModel, ScriptedModel
-from services.runtime.models import ModelFailed, ModelRegistry, OpenAIChatClient, ScriptedModelClient, Usage
+from services.llm import ModelFailed, ModelRegistry, OpenAIChatClient, ScriptedModelClient, Usage
 from tests.support.http import Reply, http_server
 
 SCRIPT = ScriptedModel.model_validate(

@@ -4,9 +4,9 @@ import pytest
 
 from contracts.definitions import RateLimit
 from contracts.errors import Forbidden, InvalidRequest, NotFound, RateLimited
+from corral.demo import DEFINITIONS as DEFAULT_DEFINITIONS
 from services.router.policy import RateLimiter, Router
 from services.runtime.catalog import load_catalog
-from services.runtime.settings import DEFAULT_DEFINITIONS
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.runtime import loop as event_loop
-from services.runtime.service import Slots
+from services.runtime.slots import Slots
 
 
 @pytest.mark.parametrize(("setting", "expected"), [("", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])

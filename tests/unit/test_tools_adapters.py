@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, HttpTool, PythonTool
 from contracts.errors import DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
-from services.runtime.nats_server import free_port
+from corral.nats_server import free_port
 from services.tools.arguments import check_arguments, compile_schema, strip_tenant
 from services.tools.context import ToolContext
 from services.tools.http_adapter import HttpAdapter

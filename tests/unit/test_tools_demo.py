@@ -7,9 +7,9 @@ import json
 import pytest
 
 from contracts.errors import InvalidRequest
-from services.runtime.settings import REPO_ROOT
+from corral.demo import DATA
+from corral.demo.tools import lookup_orders, reload_settings
 from services.tools.context import ToolContext
-from services.tools.demo import lookup_orders, reload_settings
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +71,7 @@ async def test_the_data_folder_can_be_moved_with_an_environment_variable(tmp_pat
 
 
 def test_the_shipped_demo_data_differs_per_tenant():
-    folder = REPO_ROOT / "deploy" / "demo" / "data"
+    folder = DATA
     acme = json.loads((folder / "acme" / "orders.json").read_text())
     globex = json.loads((folder / "globex" / "orders.json").read_text())
     for orders in (acme, globex):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import structlog
@@ -15,6 +16,7 @@ from contracts.errors import DeadlineExceeded, Forbidden, InvalidRequest, NotFou
 from services.runtime.service import Request, Service
 from services.runtime.settings import Settings
 from services.tools.handlers import register
+from services.tools.manifest import MANIFEST
 
 DEFINITIONS = {
     "tools": [
@@ -44,11 +46,11 @@ async def stall(ctx):
 
 @pytest.fixture
 async def tools():
-    service = Service("tools", Settings(log_level="warning"), audit=False)
+    service = Service(dataclasses.replace(MANIFEST, audit=False), Settings(log_level="warning"))
     captured = LogCapture()
     service.log = structlog.wrap_logger(structlog.PrintLogger(), processors=[captured])
     registry = register(service, Catalog.merge([DefinitionsFile.model_validate(DEFINITIONS)]))
-    handler = service.operations[0].handler
+    handler = service.handlers["call"]
 
     async def call(tenant, tool, arguments=None, *, subject_tool=None, deadline_s=10.0):
         envelope = Envelope[ToolCall](

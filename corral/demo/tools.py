@@ -1,8 +1,8 @@
 """The demo data tool: each tenant's orders, chosen by the tenant the runtime injects.
 
 The query can never pick the tenant: the data folder comes from ``ctx.tenant_id`` only (checked
-against the tenant id grammar again here, so no id can walk out of the data folder). The folder is
-``deploy/demo/data`` unless ``CORRAL_DEMO_DATA`` names another.
+against the tenant id grammar again here, so no id can walk out of the data folder). The folder is the
+packaged ``corral/demo/data`` unless ``CORRAL_DEMO_DATA`` names another.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from contracts.tenants import validate_tenant_id
-from services.runtime.settings import REPO_ROOT
+from corral.demo import DATA
 from services.tools.context import ToolContext
 
 ORDER_ID = re.compile(r"\b[A-Z]-\d{3,6}\b")
 
 
 def data_folder() -> Path:
-    """Where the demo data lives: ``CORRAL_DEMO_DATA``, else ``deploy/demo/data`` in the repository."""
-    return Path(os.environ.get("CORRAL_DEMO_DATA") or REPO_ROOT / "deploy" / "demo" / "data")
+    """Where the demo data lives: ``CORRAL_DEMO_DATA``, else the data shipped with the package."""
+    return Path(os.environ.get("CORRAL_DEMO_DATA") or DATA)
 
 
 @lru_cache(maxsize=1)

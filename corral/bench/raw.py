@@ -32,7 +32,7 @@ async def start_chain(url: str, password: str) -> tuple[list[Any], Callable[[], 
             await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "services.bench",
+                "corral.bench",
                 "raw-hop",
                 subject,
                 MODES[index],

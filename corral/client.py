@@ -31,10 +31,10 @@ from contracts.envelope import (
     new_id,
 )
 from contracts.errors import DeadlineExceeded, Internal
+from contracts.replies import decode_reply
 from contracts.tenants import validate_tenant_id
 from services.runtime import connection
 from services.runtime.requests import Requester
-from services.runtime.service import decode_reply
 
 OnEvent = Callable[[RunEvent], Awaitable[None] | None]
 TERMINAL = (EventType.COMPLETED, EventType.FAILED)

@@ -12,8 +12,9 @@ from typing import Any
 
 from contracts.envelope import RunEvent
 from contracts.errors import CorralError
+from corral.state import ADMIN_USER, init_state, read_runtime_info, resolve_state_dir, write_runtime_info
 from services.runtime import loop as event_loop
-from services.runtime.state import init_state, load_secrets, read_runtime_info, resolve_state_dir, write_runtime_info
+from services.runtime.credentials import load_secrets
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -40,8 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    init = command("init", _init, "write keys, credentials and the NATS configuration into the state directory")
+    init = command(
+        "init",
+        _init,
+        "write keys, credentials, the NATS configuration and the demo definitions into the state directory",
+    )
     init.add_argument("--port", type=int, default=4222)
+    init.add_argument("--no-demo", dest="demo", action="store_false", help="do not copy the demo definitions")
     init.add_argument("--listen", default="127.0.0.1", help="address the broker listens on")
     init.add_argument("--client-url", help="URL clients should use (written for `corral request`)")
 
@@ -50,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-url", help="use this running broker instead of starting one")
     up.add_argument("--scale", action="append", default=[], metavar="SERVICE=N", help="replicas of a service")
     up.add_argument("--log-dir", type=Path, help="write service logs here instead of the terminal")
+    up.add_argument("--no-demo", dest="demo", action="store_false", help="do not copy the demo definitions")
 
     token = command("token", _token, "mint a development token for a tenant")
     token.add_argument("--tenant", required=True)
@@ -101,27 +108,32 @@ def _fail(message: str, args: argparse.Namespace) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     state_dir = resolve_state_dir(args.state_dir)
-    init_state(state_dir, host=args.listen, port=args.port)
+    init_state(state_dir, host=args.listen, port=args.port, demo=args.demo)
     if args.client_url:
         write_runtime_info(state_dir, {"nats_url": args.client_url})
-    print(f"wrote {state_dir}/nats.conf and {state_dir}/secrets.json")
+    print(
+        f"wrote {state_dir}/nats.conf and {state_dir}/secrets.json; definitions are read from {state_dir}/definitions"
+    )
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
-    from services.runtime.nats_server import free_port
-    from services.runtime.system import SERVICES, System
+    from corral.nats_server import free_port
+    from corral.system import System
+    from services.registry import NAMES
 
     replicas: dict[str, int] = {}
     for item in args.scale:
         name, _, count = item.partition("=")
-        if name not in SERVICES or not count.isdigit():
-            print(f"error: --scale takes SERVICE=N with SERVICE one of {', '.join(SERVICES)}", file=sys.stderr)
+        if name not in NAMES or not count.isdigit():
+            print(f"error: --scale takes SERVICE=N with SERVICE one of {', '.join(NAMES)}", file=sys.stderr)
             return EXIT_USAGE
         replicas[name] = int(count)
     state_dir = resolve_state_dir(args.state_dir)
     port = args.port or free_port()
-    system = System(state_dir, port=port, nats_url=args.nats_url, replicas=replicas, log_dir=args.log_dir)
+    system = System(
+        state_dir, port=port, nats_url=args.nats_url, replicas=replicas, log_dir=args.log_dir, demo=args.demo
+    )
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -182,7 +194,7 @@ def _connection(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def _request(args: argparse.Namespace) -> int:
-    from services.client import CorralClient
+    from corral.client import CorralClient
 
     url, tenant, token = _connection(args)
 
@@ -226,7 +238,7 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from services.bench import run_bench
+    from corral.bench import run_bench
 
     report = event_loop.run(
         run_bench(
@@ -245,14 +257,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from contracts.tenants import validate_tenant_id
-    from services.audit_reader import read_trail
+    from corral.audit_reader import read_trail
 
     validate_tenant_id(args.tenant)
     state_dir = resolve_state_dir(args.state_dir)
     url = args.nats_url or (read_runtime_info(state_dir) or {}).get("nats_url")
     if url is None:
         raise SystemExit(f"error: no running system found in {state_dir}; pass --nats-url")
-    report = event_loop.run(read_trail(url, "admin", load_secrets(state_dir).passwords["admin"], args.tenant))
+    report = event_loop.run(read_trail(url, "admin", load_secrets(state_dir).passwords[ADMIN_USER], args.tenant))
     if args.json:
         print(
             json.dumps(
@@ -278,7 +290,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _asyncapi(args: argparse.Namespace) -> int:
-    from services.runtime.asyncapi import render_asyncapi
+    from corral.asyncapi import render_asyncapi
 
     print(render_asyncapi(args.format), end="")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypedDict
 
-from services.tools.demo import find_order
+from corral.demo.tools import find_order
 
 
 class _State(TypedDict, total=False):

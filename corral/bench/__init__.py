@@ -23,11 +23,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from services.bench.langgraph_side import build_invoke
-from services.bench.raw import start_chain
+from corral.bench.langgraph_side import build_invoke
+from corral.bench.raw import start_chain
+from corral.nats_server import free_port
+from services.runtime.credentials import load_secrets
 from services.runtime.loop import loop_name
-from services.runtime.nats_server import free_port
-from services.runtime.state import load_secrets
 
 TENANT = "bench"
 ROUNDS = 5
@@ -81,9 +81,9 @@ async def run_bench(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; starts its own system on free ports unless ``nats_url`` is given."""
+    from corral.client import CorralClient
+    from corral.system import System
     from services.auth.tokens import mint_dev_token
-    from services.client import CorralClient
-    from services.runtime.system import System
 
     def say(text: str) -> None:
         if not quiet:

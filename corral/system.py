@@ -1,7 +1,8 @@
 """The whole system as local processes: the broker and every service, as ``corral up`` runs them.
 
-Each service runs as ``python -m services.<name>`` with ``CORRAL_*`` environment variables: the
-same command and environment as in ``docker-compose.yml`` (a test keeps the two in step).
+The services are the registry's (``services/registry.py``). Each runs as ``python -m <its
+module>`` with ``CORRAL_*`` environment variables: the same command and environment as in
+``docker-compose.yml`` (a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from pathlib import Path
 import nats
 
 from contracts import subjects
-from services.runtime.nats_server import BrokerError, NatsServer
-from services.runtime.state import Secrets, init_state, write_runtime_info
+from corral.nats_server import BrokerError, NatsServer
+from corral.state import ADMIN_USER, init_state, write_runtime_info
+from services.registry import BY_NAME, SERVICES
+from services.runtime.credentials import Secrets
 
-SERVICES = ("auth", "router", "graph", "tools")
 READINESS_TENANT = "corral-readiness"
 
 
 def service_command(name: str, python: str = sys.executable) -> list[str]:
     """The command that runs one replica of a service."""
-    return [python, "-m", f"services.{name}"]
+    return [python, "-m", BY_NAME[name].module]
 
 
 def service_environment(nats_url: str, state_dir: Path, **extra: str) -> dict[str, str]:
@@ -60,6 +62,7 @@ class System:
     log_dir: Path | None = None  # None: services log to this process's terminal
     env: dict[str, str] = field(default_factory=dict)
     secrets: Secrets | None = None
+    demo: bool = True  # copy the demo definitions into a state directory that has none
     broker: NatsServer | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
 
@@ -71,16 +74,16 @@ class System:
         return self.broker.url
 
     async def start(self, *, timeout: float = 30.0) -> System:
-        self.secrets = init_state(self.state_dir, port=self.port)
+        self.secrets = init_state(self.state_dir, port=self.port, demo=self.demo)
         try:
             if self.nats_url is None:
                 log_dir = self.log_dir or self.state_dir
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log = log_dir / "nats.log"
                 self.broker = NatsServer(config=self.state_dir / "nats.conf", port=self.port, log_file=log).start()
-            for name in SERVICES:
-                for replica in range(self.replicas.get(name, 1)):
-                    self.processes.append(self._spawn(name, replica))
+            for manifest in SERVICES:
+                for replica in range(self.replicas.get(manifest.name, 1)):
+                    self.processes.append(self._spawn(manifest.name, replica))
             await self.wait_ready(timeout=timeout)
         except BaseException:
             self.stop()
@@ -101,27 +104,28 @@ class System:
         return ServiceProcess(name, replica, process, log_path)
 
     async def wait_ready(self, *, timeout: float) -> None:
-        """Wait until every replica answers its ping and the auth callout admits a tenant."""
+        """Wait until every replica answers its ping and the auth callout admits a tenant (the
+        callout responder lives outside the tenants' account, where no ping reaches it)."""
         from services.auth.tokens import mint_dev_token
 
         assert self.secrets is not None
         deadline = time.monotonic() + timeout
         admin = await nats.connect(
             self.url,
-            user="admin",
-            password=self.secrets.passwords["admin"],
+            user=ADMIN_USER,
+            password=self.secrets.passwords[ADMIN_USER],
             inbox_prefix=b"_INBOX._admin",
             connect_timeout=5,
         )
         try:
-            for name in SERVICES:
-                expected = self.replicas.get(name, 1)
-                if name == "auth" or expected == 0:
+            for manifest in SERVICES:
+                expected = self.replicas.get(manifest.name, 1)
+                if not manifest.in_app or expected == 0:
                     continue
-                while await self._count_pings(admin, name) < expected:
+                while await self._count_pings(admin, manifest.name) < expected:
                     self._check_alive()
                     if time.monotonic() > deadline:
-                        raise BrokerError(f"service {name} did not become ready within {timeout}s")
+                        raise BrokerError(f"service {manifest.name} did not become ready within {timeout}s")
         finally:
             await admin.close()
         token = mint_dev_token(READINESS_TENANT, key=self.secrets.dev_key, ttl_s=60)

@@ -1,0 +1,180 @@
+"""The state directory: generated keys, service credentials, the NATS configuration, definitions.
+
+``corral init``/``corral up`` write it once and reuse it afterwards, so development tokens stay
+valid across restarts. Secrets are written with mode 0600. Layout::
+
+    secrets.json   service passwords, the auth-callout issuer seed, the development signing key
+    nats.conf      server configuration (auth callout, AUTH and APP accounts, JetStream)
+    definitions/   tools, graphs and tenants (the demo's, copied once; the services read it)
+    corral.json    written by a running `corral up`: the NATS URL clients should use
+
+The service users, their accounts and permissions come from the services' manifests
+(``services/registry.py``); only the operator's own ``admin`` user is declared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nkeys
+
+from contracts import subjects
+from contracts.audit import STREAM as AUDIT_STREAM
+from contracts.permissions import Permissions
+from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
+from services.registry import SERVICES
+from services.runtime.credentials import SECRETS_FILE, Secrets, load_secrets
+from services.runtime.manifest import APP_ACCOUNT, AUTH_ACCOUNT, User
+
+DEFAULT_STATE_DIR = Path(".corral")
+ADMIN_USER = "admin"
+# The operator's console: readiness checks and statistics of every service, bench's raw
+# baseline, reading the audit trail.
+ADMIN = User(
+    ADMIN_USER,
+    APP_ACCOUNT,
+    Permissions(
+        publish=(
+            subjects.ALL_PINGS,
+            subjects.ALL_STATS,
+            "bench.>",
+            f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
+            f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}",
+        ),
+        subscribe=(f"{subjects.INBOX}._admin.>", "bench.>"),
+        allow_responses=True,
+    ),
+)
+
+
+def broker_users() -> tuple[User, ...]:
+    """Every static broker user: each service's (from its manifest) and the admin."""
+    return (*(user for manifest in SERVICES for user in manifest.users()), ADMIN)
+
+
+def resolve_state_dir(explicit: str | Path | None = None) -> Path:
+    """``--state-dir``, else ``CORRAL_STATE_DIR``, else ``.corral/`` in the current directory."""
+    chosen = explicit or os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR
+    return Path(chosen).resolve()
+
+
+def generate_secrets() -> Secrets:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT).decode()
+    return Secrets(
+        passwords={user.name: secrets.token_urlsafe(24) for user in broker_users()},
+        issuer_seed=seed,
+        dev_key=secrets.token_urlsafe(32),
+    )
+
+
+def issuer_public_key(found: Secrets) -> str:
+    return nkeys.from_seed(found.issuer_seed.encode()).public_key.decode()
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def init_state(
+    state_dir: Path,
+    *,
+    host: str | None = "127.0.0.1",
+    port: int = 4222,
+    jetstream_dir: str | None = None,
+    demo: bool = True,
+) -> Secrets:
+    """Create the state directory if needed (keeping existing secrets), write ``nats.conf``, and
+    copy the demo definitions into ``definitions/`` if there are none yet (and ``demo``)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "jetstream").mkdir(exist_ok=True)
+    path = state_dir / SECRETS_FILE
+    if path.exists():
+        found = load_secrets(state_dir)
+        missing = {
+            user: password for user, password in generate_secrets().passwords.items() if user not in found.passwords
+        }
+        if missing:  # a state directory from before a service was added: keep its keys, add the user
+            found = Secrets({**found.passwords, **missing}, found.issuer_seed, found.dev_key)
+            _write_private(path, json.dumps(found.to_json(), indent=2))
+    else:
+        found = generate_secrets()
+        _write_private(path, json.dumps(found.to_json(), indent=2))
+    config = render_nats_config(found, host=host, port=port, jetstream_dir=jetstream_dir or state_dir / "jetstream")
+    _write_private(state_dir / "nats.conf", config)
+    definitions = state_dir / "definitions"
+    if demo and not definitions.exists():
+        shutil.copytree(DEMO_DEFINITIONS, definitions)
+    return found
+
+
+def _permissions_block(permissions: Permissions) -> dict[str, Any]:
+    block: dict[str, Any] = {
+        "publish": {"allow": list(permissions.publish)},
+        "subscribe": {"allow": list(permissions.subscribe)},
+    }
+    if permissions.deny_publish:
+        block["publish"]["deny"] = list(permissions.deny_publish)
+    if permissions.deny_subscribe:
+        block["subscribe"]["deny"] = list(permissions.deny_subscribe)
+    if permissions.allow_responses:
+        block["allow_responses"] = True
+    return block
+
+
+def render_nats_config(found: Secrets, *, host: str | None, port: int, jetstream_dir: Path | str) -> str:
+    """The server configuration: auth callout, least-privilege service users, JetStream.
+
+    NATS accepts JSON inside its configuration format, so the structure is built as data and
+    serialised rather than assembled from text fragments.
+    """
+    users = broker_users()
+
+    def account(name: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "user": user.name,
+                "password": found.passwords[user.name],
+                "permissions": _permissions_block(user.permissions),
+            }
+            for user in users
+            if user.account == name
+        ]
+
+    config: dict[str, Any] = {} if host is None else {"host": host}  # None: every interface
+    config |= {
+        "port": port,
+        "max_payload": 1024 * 1024,
+        "jetstream": {"store_dir": str(jetstream_dir)},
+        "accounts": {
+            AUTH_ACCOUNT: {"users": account(AUTH_ACCOUNT)},
+            APP_ACCOUNT: {"jetstream": "enabled", "users": account(APP_ACCOUNT)},
+        },
+        "authorization": {
+            "timeout": 2,
+            "auth_callout": {
+                "issuer": issuer_public_key(found),
+                "account": AUTH_ACCOUNT,
+                # Static users skip the callout; every other connection (tenants) goes through it.
+                "auth_users": [user.name for user in users],
+            },
+        },
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def write_runtime_info(state_dir: Path, info: dict[str, Any]) -> None:
+    (state_dir / "corral.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_runtime_info(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / "corral.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,30 @@
+"""Model clients, a library shared by the services that call models (graph, later swarm and workflow).
+
+The deterministic scripted model is the offline default; :class:`OpenAIChatClient` speaks the
+OpenAI Chat Completions protocol over httpx (vLLM, Ollama, LiteLLM, hosted APIs), retrying under
+the runtime's retry policy within the call's timeout. :class:`ModelRegistry` holds a catalog's
+clients by name and a :class:`UsageMeter` of tokens per tenant.
+
+This package imports ``contracts``, httpx and ``services.runtime.retry`` only, never a service.
+"""
+
+from services.llm.errors import ModelFailed, ModelRateLimited, ModelUnavailable
+from services.llm.metering import UsageMeter
+from services.llm.openai import OpenAIChatClient
+from services.llm.registry import ModelRegistry
+from services.llm.scripted import ScriptedModelClient
+from services.llm.types import Completion, ModelClient, ToolCallRequest, Usage
+
+__all__ = [
+    "Completion",
+    "ModelClient",
+    "ModelFailed",
+    "ModelRateLimited",
+    "ModelRegistry",
+    "ModelUnavailable",
+    "OpenAIChatClient",
+    "ScriptedModelClient",
+    "ToolCallRequest",
+    "Usage",
+    "UsageMeter",
+]

@@ -1,0 +1,202 @@
+"""A service's one declaration: what it consumes, publishes and requests, whom it watches, its settings.
+
+Each service folder has a ``manifest.py`` holding one :class:`Manifest`, and ``services/registry.py``
+lists them. Everything about a service that is not its code is derived from the manifest and
+nothing else: the broker permissions of its user (:meth:`Manifest.users`), the subscriptions the
+runtime makes (:class:`~services.runtime.service.Service`), the processes ``corral up`` starts and
+the names ``--scale`` takes, the credentials in the state directory, the AsyncAPI document and
+the compose file's check. A manifest imports only ``contracts`` and this module, so reading one is
+cheap and never starts a service's machinery.
+
+Three ways of consuming:
+
+- :class:`Consume`: a core NATS subscription in the service's queue group; every message is an
+  envelope, guarded and validated before the handler sees it, and answered on its reply subject.
+- :class:`Durable`: a JetStream durable pull consumer shared by the replicas (work that must
+  survive a crash); envelopes as above, acknowledged once handled, redelivered after ``ack_wait_s``
+  if a replica dies holding one.
+- :class:`Raw`: a subscription whose messages are not envelopes (the auth callout); the handler
+  takes the message itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from pydantic import BaseModel
+
+from contracts import subjects
+from contracts.audit import STREAM as AUDIT_STREAM
+from contracts.envelope import Kind, Result
+from contracts.permissions import Permissions
+from services.runtime.settings import Settings
+
+# Accounts of the broker: tenants and services share APP (per-user permissions keep them apart);
+# AUTH holds the auth-callout responder, which the callout requires to be in an account of its own.
+APP_ACCOUNT = "APP"
+AUTH_ACCOUNT = "AUTH"
+
+# What a service needs of JetStream to keep the audit chain: create or look up the stream, read a
+# tenant's last entry. Appends are plain publishes to its own audit subject.
+AUDIT_STREAM_API = (
+    f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",
+    f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
+    f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}",
+)
+
+
+@dataclass(frozen=True)
+class Consume:
+    """A core subscription in the service's queue group, carrying ``Envelope[payload]`` of ``kind``."""
+
+    name: str
+    subject: str
+    kind: Kind
+    payload: type[BaseModel]
+    summary: str
+    # Tenant-facing operations accept only the tenant's own inbox as a reply subject.
+    tenant_facing: bool = False
+    reply: type[BaseModel] = Result
+
+
+@dataclass(frozen=True)
+class Durable:
+    """A JetStream durable pull consumer on ``stream`` filtered to ``subject``, shared by the replicas."""
+
+    name: str
+    stream: str
+    subject: str
+    kind: Kind
+    payload: type[BaseModel]
+    summary: str
+    # How long a delivered message may stay unacknowledged before it goes to another replica.
+    ack_wait_s: float = 30.0
+    max_deliver: int = -1  # -1: until acknowledged
+    reply: type[BaseModel] = Result
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A subscription of messages that are not envelopes; the handler takes the ``Msg``."""
+
+    name: str
+    subject: str
+    summary: str
+
+
+Operation: TypeAlias = Consume | Durable | Raw
+
+
+@dataclass(frozen=True)
+class Publishes:
+    """Subjects the service publishes to without waiting for an answer (events, forwarded requests)."""
+
+    subject: str
+    summary: str
+    payload: type[BaseModel] | None = None  # the envelope's payload, for the AsyncAPI document
+    # The AsyncAPI address, where the wildcards' names are not obvious (``events.>`` is one run's id).
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class User:
+    """A broker user a manifest needs: its name, account and permissions."""
+
+    name: str
+    account: str
+    permissions: Permissions
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the rest of Corral needs to know about one service."""
+
+    name: str
+    summary: str
+    consumes: tuple[Operation, ...]
+    publishes: tuple[Publishes, ...] = ()
+    requests: tuple[str, ...] = ()  # subjects it requests (the replies come to its own inbox)
+    watches: tuple[str, ...] = ()  # services whose liveness it probes (services/runtime/liveness.py)
+    settings: type[Settings] = Settings
+    account: str = APP_ACCOUNT
+    # Writes audit records. A service outside APP writes them through a second connection in APP,
+    # as the user ``<name>-audit`` (the auth service's refusals of signed tokens).
+    audit: bool = True
+    module: str = field(default="")  # run as ``python -m <module>``; default ``services.<name>``
+
+    def __post_init__(self) -> None:
+        subjects.validate_name(self.name)
+        if not self.module:
+            object.__setattr__(self, "module", f"services.{self.name}")
+        names = [op.name for op in self.consumes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"service {self.name!r} declares an operation name twice: {names}")
+
+    @property
+    def in_app(self) -> bool:
+        """Whether the service lives in the tenants' account (then it answers pings and stats)."""
+        return self.account == APP_ACCOUNT
+
+    @property
+    def audit_user(self) -> str | None:
+        """The second user through which a service outside APP writes its audit records."""
+        return f"{self.name}-audit" if self.audit and not self.in_app else None
+
+    def durable_name(self, op: Durable) -> str:
+        return f"{self.name}-{op.name}"
+
+    def operation(self, name: str) -> Operation:
+        for op in self.consumes:
+            if op.name == name:
+                return op
+        raise KeyError(f"service {self.name!r} declares no operation {name!r}")
+
+    def permissions(self) -> Permissions:
+        """The least privilege the service's own user needs, derived from what it declares."""
+        subscribe = [op.subject for op in self.consumes if not isinstance(op, Durable)]
+        if not self.in_app:
+            return Permissions(subscribe=tuple(subscribe), allow_responses=True)
+        publish = [p.subject for p in self.publishes]
+        publish += self.requests
+        publish += [subjects.ping(other) for other in self.watches]
+        for op in self.consumes:
+            if isinstance(op, Durable):
+                publish += _durable_api(op.stream, self.durable_name(op))
+        if self.audit:
+            publish += [subjects.service_audit(self.name), *AUDIT_STREAM_API]
+        subscribe += [
+            f"{subjects.service_inbox_prefix(self.name)}.>",
+            subjects.ping(self.name),
+            subjects.stats(self.name),
+        ]
+        return Permissions(publish=_unique(publish), subscribe=_unique(subscribe), allow_responses=True)
+
+    def users(self) -> tuple[User, ...]:
+        """The broker users of this service: its own, and its audit writer's if it has one."""
+        own = User(self.name, self.account, self.permissions())
+        if self.audit_user is None:
+            return (own,)
+        writer = Permissions(
+            publish=(subjects.service_audit(self.name), *AUDIT_STREAM_API),
+            subscribe=(f"{subjects.service_inbox_prefix(self.audit_user)}.>",),
+        )
+        return own, User(self.audit_user, APP_ACCOUNT, writer)
+
+
+def _durable_api(stream: str, durable: str) -> list[str]:
+    """The JetStream API subjects a replica of a durable consumer uses: create or look up the
+    consumer, pull the next messages, acknowledge them."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+    ]
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))

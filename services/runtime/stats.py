@@ -1,0 +1,382 @@
+"""Per-operation, per-tenant statistics of one service replica, read over the bus by the monitor.
+
+An *operation* is one subscription of the service (``t.*.router.request``); the tenant is the second
+token of the subject. For each operation and each tenant the replica counts the messages handled,
+the errors by code, the refusals by kind (a message refused before its handler ran), the handling
+time (total and a histogram) and the messages in flight. The dispatcher calls, per message::
+
+    stats = ServiceStats("router", replica_id=replica_id)
+    requests = stats.operation("request", "t.*.router.request", "router")
+
+    record = requests.start(tenant)                  # in flight from here
+    ...                                              # the handler
+    requests.finish(record, elapsed_s, error=None)   # or error="tool_failed"
+
+    requests.refuse(tenant_or_none, "forbidden")     # refused before start(): no handling time
+
+and answers a stats request with ``stats.snapshot(**parse_stats_request(msg.data))``.
+
+The API::
+
+    ServiceStats(service, *, replica_id, version="0.1.0", max_tenants=10_000)
+        .operation(name, subject, queue_group) -> OperationStats
+        .snapshot(*, tenants=None, after=None, limit=500, detail=True) -> dict   # JSON-able
+    OperationStats.start(tenant) -> TenantStats
+    OperationStats.finish(record, seconds, error=None) -> None
+    OperationStats.refuse(tenant, kind) -> None
+    parse_stats_request(data: bytes) -> dict            # the keyword arguments of snapshot()
+
+Cost: this runs on every message, so the hot path is a dict lookup, attribute increments and one
+``bisect`` on a fixed tuple of bucket bounds; no lock (one asyncio thread), no clock, no formatting
+(``scripts/stats_cost.py`` measures it). Error codes and refusal kinds are dict keys, so they must
+come from a fixed vocabulary (``contracts.errors.ErrorCode``), never from message content.
+
+Memory: each operation tracks at most ``max_tenants`` tenants; messages of further tenants are
+counted under ``_other``, and those whose tenant could not be read (no valid tenant id) under
+``_unknown``; no tenant id can have either name. Counters are cumulative since the replica started.
+
+The snapshot follows the shape of nats.py ``micro``'s ``$SRV.STATS`` response (``type``, ``name``,
+``id``, ``version``, ``started``, ``endpoints`` with ``num_requests``, ``num_errors``,
+``last_error``, ``processing_time`` and ``average_processing_time`` in nanoseconds) and adds
+``pid``, ``now``, ``num_refusals``, ``in_flight``, ``errors``, ``refusals``, ``p50_ms``/``p99_ms``
+(interpolated inside a histogram bucket; null without messages), ``histogram`` (``counts[i]``
+counts times in ``(bounds_s[i-1], bounds_s[i]]``, the last count those above the last bound) and
+``tenants``: the same fields per tenant, with the histogram's counts only. ``num_requests`` counts
+handled messages, errors included; refused messages count in ``num_refusals`` only.
+``tenants_tracked`` is, at the top, the number of names a walk through the pages visits and, per
+endpoint, the tenants with their own record (at most ``max_tenants``, also given at the top).
+
+Per-tenant detail is paged to keep a reply far below NATS's 1 MB payload limit: tenant names in
+sorted order (the union over the operations, so each tenant is on exactly one page), ``after`` the
+last name of the previous page, ``next`` the last name of this page when more remain, else null.
+A page holds at most ``limit`` names (1 to 1000) and at most ``PAGE_ENTRIES`` tenant entries over
+all endpoints. ``tenants=[...]`` restricts the names to those (paged the same way); ``detail=False``
+gives the totals only. Totals always cover every tenant. A tenant first seen during a walk
+through the pages appears in it only if its name sorts after the walk's cursor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from contracts.errors import InvalidRequest
+from contracts.tenants import is_tenant_id, validate_tenant_id
+
+STATS_TYPE = "io.corral.stats.v1"
+OTHER = "_other"  # tenants past the cap; "_" cannot start a tenant id
+UNKNOWN = "_unknown"  # messages whose subject carried no valid tenant id
+RESERVED = frozenset({OTHER, UNKNOWN})
+
+DEFAULT_PAGE = 500
+MAX_PAGE = 1000
+# Tenant entries per reply over all endpoints: a worst-case entry (63-character name, every error
+# code and refusal kind, large counts) is under 800 bytes, so a page stays under 1 MB.
+PAGE_ENTRIES = 1000
+MAX_REQUEST_BYTES = 128 * 1024  # a request naming 1000 tenants is about 66 KB
+
+
+def _log_bounds(low_s: float, high_s: float, count: int) -> tuple[float, ...]:
+    """``count`` log-spaced bounds from ``low_s`` to ``high_s``, rounded to 3 digits to read well."""
+    ratio = (high_s / low_s) ** (1 / (count - 1))
+    return tuple(float(f"{low_s * ratio**i:.3g}") for i in range(count))
+
+
+# 50 µs (below any dispatch) to 60 s (above any deadline), each bucket about 1.84 times the last.
+BUCKET_BOUNDS_S = _log_bounds(50e-6, 60.0, 24)
+_BUCKETS = len(BUCKET_BOUNDS_S) + 1  # the last counts times above the last bound
+_NO_COUNTS = (0,) * _BUCKETS
+
+
+class TenantStats:
+    """The counters of one tenant on one operation; an operation's totals are one too."""
+
+    __slots__ = ("counts", "errors", "in_flight", "messages", "refusals", "seconds")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.in_flight = 0
+        self.seconds = 0.0
+        # Created on first use: most tenants never see an error, and refused-only ones no histogram.
+        self.counts: list[int] | None = None
+        self.errors: dict[str, int] | None = None
+        self.refusals: dict[str, int] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able fields of this record; copies, so later messages do not change them."""
+        counts = self.counts or _NO_COUNTS
+        errors = dict(self.errors or {})
+        refusals = dict(self.refusals or {})
+        total_ns = int(self.seconds * 1e9)
+        return {
+            "num_requests": self.messages,
+            "num_errors": sum(errors.values()),
+            "num_refusals": sum(refusals.values()),
+            "in_flight": self.in_flight,
+            "processing_time": total_ns,
+            "average_processing_time": total_ns // self.messages if self.messages else 0,
+            "errors": errors,
+            "refusals": refusals,
+            "p50_ms": quantile_ms(counts, self.messages, 0.50),
+            "p99_ms": quantile_ms(counts, self.messages, 0.99),
+            "histogram": {"counts": list(counts)},
+        }
+
+
+def quantile_ms(counts: Sequence[int], total: int, q: float) -> float | None:
+    """Estimate the ``q`` quantile in milliseconds, interpolating linearly inside its bucket.
+
+    ``None`` without messages. Past the last bound all that is known is "at least", so that bound.
+    """
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for bucket, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if bucket == len(BUCKET_BOUNDS_S):
+                break
+            low = BUCKET_BOUNDS_S[bucket - 1] if bucket else 0.0
+            high = BUCKET_BOUNDS_S[bucket]
+            return round((low + (high - low) * (rank - seen) / n) * 1000, 3)
+        seen += n
+    return round(BUCKET_BOUNDS_S[-1] * 1000, 3)
+
+
+def _counted(counts: dict[str, int] | None, key: str) -> dict[str, int]:
+    """``counts`` with ``key`` counted once more (a new dict when there was none)."""
+    if counts is None:
+        return {key: 1}
+    counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class OperationStats:
+    """The statistics of one operation: a record per tenant and the totals."""
+
+    __slots__ = (
+        "_max_tenants",
+        "_saw_name",
+        "_tenants",
+        "_total",
+        "_tracked",
+        "last_error",
+        "name",
+        "queue_group",
+        "subject",
+    )
+
+    def __init__(
+        self, name: str, subject: str, queue_group: str, *, max_tenants: int, saw_name: Callable[[str], None]
+    ) -> None:
+        self.name = name
+        self.subject = subject
+        self.queue_group = queue_group
+        self.last_error = ""  # the last error code, as micro's ``last_error``
+        self._max_tenants = max_tenants
+        self._saw_name = saw_name  # tells the service, which pages over every operation's tenants
+        self._tenants: dict[str, TenantStats] = {}
+        self._tracked = 0  # tenants with their own record (``_other`` and ``_unknown`` excluded)
+        self._total = TenantStats()
+        self._total.counts = [0] * _BUCKETS
+
+    def start(self, tenant: str) -> TenantStats:
+        """Count a message of ``tenant`` in flight; pass the record returned to :meth:`finish`."""
+        record = self._tenants.get(tenant)
+        if record is None:
+            record = self._record(tenant)
+        record.in_flight += 1
+        self._total.in_flight += 1
+        return record
+
+    def finish(self, record: TenantStats, seconds: float, error: str | None = None) -> None:
+        """Count a handled message that took ``seconds``; ``error`` is its code when it failed."""
+        bucket = bisect_left(BUCKET_BOUNDS_S, seconds)
+        record.in_flight -= 1
+        record.messages += 1
+        record.seconds += seconds
+        counts = record.counts
+        if counts is None:
+            counts = record.counts = [0] * _BUCKETS
+        counts[bucket] += 1
+        total = self._total
+        total.in_flight -= 1
+        total.messages += 1
+        total.seconds += seconds
+        total.counts[bucket] += 1  # type: ignore[index]  # created in __init__
+        if error is not None:
+            self.last_error = error
+            record.errors = _counted(record.errors, error)
+            total.errors = _counted(total.errors, error)
+
+    def refuse(self, tenant: str | None, kind: str) -> None:
+        """Count a message refused before its handler ran; ``None`` when no tenant could be read."""
+        if tenant is None:
+            record = self._reserved(UNKNOWN)
+        else:
+            found = self._tenants.get(tenant)
+            record = found if found is not None else self._record(tenant)
+        record.refusals = _counted(record.refusals, kind)
+        self._total.refusals = _counted(self._total.refusals, kind)
+
+    @property
+    def tenants_tracked(self) -> int:
+        """Tenants with their own record, at most ``max_tenants``."""
+        return self._tracked
+
+    def _record(self, tenant: str) -> TenantStats:
+        """The record of a tenant not seen before: a new one, or ``_unknown`` / ``_other``."""
+        if not is_tenant_id(tenant):
+            return self._reserved(UNKNOWN)
+        if self._tracked >= self._max_tenants:
+            return self._reserved(OTHER)
+        self._tracked += 1
+        record = self._tenants[tenant] = TenantStats()
+        self._saw_name(tenant)
+        return record
+
+    def _reserved(self, name: str) -> TenantStats:
+        record = self._tenants.get(name)
+        if record is None:
+            record = self._tenants[name] = TenantStats()
+            self._saw_name(name)
+        return record
+
+    def _endpoint(self, page: Sequence[str] | None) -> dict[str, Any]:
+        """This operation's part of a snapshot; per-tenant detail for the names in ``page``."""
+        endpoint: dict[str, Any] = {"name": self.name, "subject": self.subject, "queue_group": self.queue_group}
+        endpoint.update(self._total.summary())
+        endpoint["last_error"] = self.last_error
+        endpoint["histogram"] = {"bounds_s": list(BUCKET_BOUNDS_S), **endpoint["histogram"]}
+        endpoint["tenants_tracked"] = self._tracked
+        if page is not None:
+            tenants = self._tenants
+            endpoint["tenants"] = {name: tenants[name].summary() for name in page if name in tenants}
+        return endpoint
+
+
+class ServiceStats:
+    """The statistics of one service replica: its operations and the snapshot the monitor reads."""
+
+    def __init__(self, service: str, *, replica_id: str, version: str = "0.1.0", max_tenants: int = 10_000) -> None:
+        if max_tenants < 1:
+            raise ValueError(f"max_tenants must be at least 1, not {max_tenants}")
+        self.service = service
+        self.replica_id = replica_id
+        self.version = version
+        self.max_tenants = max_tenants
+        self.started = time.time()
+        self._started_text = _rfc3339(self.started)
+        self._operations: dict[str, OperationStats] = {}
+        # Every tenant name of every operation, sorted, so that a page is a bisect and a slice.
+        self._names: list[str] = []
+
+    def operation(self, name: str, subject: str, queue_group: str) -> OperationStats:
+        """Register an operation (one subscription) and return its statistics."""
+        if name in self._operations:
+            raise ValueError(f"operation {name!r} is already registered")
+        stats = OperationStats(name, subject, queue_group, max_tenants=self.max_tenants, saw_name=self._saw_name)
+        self._operations[name] = stats
+        return stats
+
+    @property
+    def operations(self) -> tuple[OperationStats, ...]:
+        return tuple(self._operations.values())
+
+    def snapshot(
+        self,
+        *,
+        tenants: Iterable[str] | None = None,
+        after: str | None = None,
+        limit: int = DEFAULT_PAGE,
+        detail: bool = True,
+    ) -> dict[str, Any]:
+        """The stats reply (see the module docstring); ``next`` is the cursor of the next page."""
+        page: list[str] | None = None
+        cursor: str | None = None
+        if detail:
+            names = self._names if tenants is None else sorted(set(tenants))
+            first = bisect_right(names, after) if after is not None else 0
+            size = max(1, min(limit, MAX_PAGE, PAGE_ENTRIES // max(1, len(self._operations))))
+            page = names[first : first + size]
+            if page and first + size < len(names):
+                cursor = page[-1]
+        return {
+            "type": STATS_TYPE,
+            "name": self.service,
+            "id": self.replica_id,
+            "version": self.version,
+            "pid": os.getpid(),
+            "started": self._started_text,
+            "now": _rfc3339(time.time()),
+            "max_tenants": self.max_tenants,
+            "endpoints": [operation._endpoint(page) for operation in self._operations.values()],
+            "tenants_tracked": len(self._names),
+            "next": cursor,
+        }
+
+    def _saw_name(self, name: str) -> None:
+        """Add a tenant name first seen by one operation (rare: once per tenant and operation)."""
+        at = bisect_left(self._names, name)
+        if at == len(self._names) or self._names[at] != name:
+            self._names.insert(at, name)
+
+
+def _rfc3339(timestamp: float) -> str:
+    """RFC 3339 in UTC with milliseconds, as micro writes ``started``."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_stats_request(data: bytes) -> dict[str, Any]:
+    """Read a stats request body into :meth:`ServiceStats.snapshot`'s keyword arguments.
+
+    The body is empty (the defaults) or a JSON object with the optional keys ``tenants`` (at most
+    1000 tenant ids), ``after`` (a tenant id), ``limit`` (an integer, clamped to 1..1000) and
+    ``detail`` (a boolean); other keys are ignored. Anything else raises
+    :class:`~contracts.errors.InvalidRequest` with a message that says what was wrong.
+    """
+    request: dict[str, Any] = {"tenants": None, "after": None, "limit": DEFAULT_PAGE, "detail": True}
+    if len(data) > MAX_REQUEST_BYTES:
+        raise InvalidRequest(f"stats request is larger than {MAX_REQUEST_BYTES} bytes")
+    if not data.strip():
+        return request
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a huge number, deep nesting
+        raise InvalidRequest("stats request is not valid JSON") from None
+    if body is None:
+        return request
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"stats request must be a JSON object, not {type(body).__name__}")
+    if (tenants := body.get("tenants")) is not None:
+        if not isinstance(tenants, list):
+            raise InvalidRequest("stats request: tenants must be a list of tenant ids")
+        if len(tenants) > MAX_PAGE:
+            raise InvalidRequest(f"stats request: at most {MAX_PAGE} tenants, not {len(tenants)}")
+        request["tenants"] = [_tenant_name(tenant, f"tenants[{i}]") for i, tenant in enumerate(tenants)]
+    if (after := body.get("after")) is not None:
+        request["after"] = _tenant_name(after, "after")
+    if (limit := body.get("limit")) is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise InvalidRequest(f"stats request: limit must be an integer, not {type(limit).__name__}")
+        request["limit"] = min(max(limit, 1), MAX_PAGE)
+    if (detail := body.get("detail")) is not None:
+        if not isinstance(detail, bool):
+            raise InvalidRequest(f"stats request: detail must be true or false, not {type(detail).__name__}")
+        request["detail"] = detail
+    return request
+
+
+def _tenant_name(value: object, where: str) -> str:
+    """A tenant id, or one of the reserved names a snapshot shows (so a monitor can ask for them)."""
+    if isinstance(value, str) and value in RESERVED:
+        return value
+    try:
+        return validate_tenant_id(value)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"stats request: {where}: {exc.message}") from None

@@ -1,0 +1,101 @@
+"""A manifest is the one declaration of a service: permissions and wiring are derived from it."""
+
+import pytest
+
+from contracts import subjects
+from contracts.envelope import Kind, RouterRequest, ToolCall
+from services.registry import BY_NAME, SERVICES
+from services.router.executors import EXECUTORS
+from services.runtime.manifest import AUDIT_STREAM_API, Consume, Durable, Manifest, Publishes, Raw
+from services.runtime.service import Service
+from services.runtime.settings import Settings
+
+
+def test_a_service_may_subscribe_exactly_what_it_consumes_plus_its_inbox_ping_and_stats():
+    router = BY_NAME["router"].permissions()
+    assert set(router.subscribe) == {
+        subjects.ROUTER_REQUESTS,
+        "_INBOX._router.>",
+        subjects.ping("router"),
+        subjects.stats("router"),
+    }
+
+
+def test_a_service_may_publish_exactly_what_it_publishes_requests_and_probes_plus_its_audit():
+    router = BY_NAME["router"].permissions()
+    assert set(router.publish) == {
+        subjects.GRAPH_RUNS,
+        subjects.ALL_EVENTS,
+        subjects.ping("graph"),
+        subjects.service_audit("router"),
+        *AUDIT_STREAM_API,
+    }
+    tools = BY_NAME["tools"].permissions()
+    assert set(tools.publish) == {subjects.service_audit("tools"), *AUDIT_STREAM_API}  # answers only
+
+
+def test_no_service_may_publish_tenant_requests_or_read_other_services_inboxes():
+    for manifest in SERVICES:
+        permissions = manifest.permissions()
+        assert subjects.ROUTER_REQUESTS not in permissions.publish
+        assert not any(s.startswith("_INBOX.") and s != f"_INBOX._{manifest.name}.>" for s in permissions.subscribe)
+
+
+def test_the_callout_responder_lives_outside_app_and_writes_audit_through_its_own_user():
+    auth = BY_NAME["auth"]
+    own, writer = auth.users()
+    assert own.account == "AUTH" and own.permissions.subscribe == (subjects.AUTH_CALLOUT,)
+    assert own.permissions.publish == ()
+    assert writer.name == "auth-audit" and writer.account == "APP"
+    assert writer.permissions.publish == (subjects.service_audit("auth"), *AUDIT_STREAM_API)
+
+
+def test_the_router_watches_and_may_reach_every_executor_of_its_pattern_table():
+    router = BY_NAME["router"]
+    assert set(router.watches) == {executor.service for executor in EXECUTORS.values()}
+    assert all(executor.service in BY_NAME for executor in EXECUTORS.values())
+    assert {executor.runs for executor in EXECUTORS.values()} <= set(router.permissions().publish)
+
+
+def test_a_durable_consumer_gets_only_its_own_consumer_api():
+    manifest = Manifest(
+        "ledger",
+        "test",
+        (Durable("entry", "LEDGER", "t.*.ledger.entry", Kind.REQUEST, RouterRequest, "an entry"),),
+        audit=False,
+    )
+    publish = manifest.permissions().publish
+    assert "$JS.API.CONSUMER.MSG.NEXT.LEDGER.ledger-entry" in publish
+    assert "$JS.ACK.LEDGER.ledger-entry.>" in publish
+    assert not any(s.endswith(".>") and "CONSUMER" in s and "ledger-entry" not in s for s in publish)
+    assert "t.*.ledger.entry" not in manifest.permissions().subscribe  # pulled through the API
+
+
+def test_operation_names_are_unique_per_manifest():
+    with pytest.raises(ValueError, match="twice"):
+        Manifest("dup", "x", (Raw("a", "x.a", "x"), Raw("a", "x.b", "x")))
+
+
+def test_a_handler_for_an_undeclared_operation_fails_at_wiring():
+    service = Service(BY_NAME["tools"], Settings(log_level="error"))
+    with pytest.raises(KeyError, match="no operation 'nope'"):
+        service.handler("nope")
+
+
+async def test_a_service_with_an_unbound_operation_refuses_to_start():
+    manifest = Manifest("unbound", "x", (Consume("call", "t.*.x.call", Kind.TOOL_CALL, ToolCall, "x"),))
+    service = Service(manifest, Settings(log_level="error"))
+    with pytest.raises(RuntimeError, match="no handler for operations \\['call'\\]"):
+        await service.start()
+
+
+def test_every_registered_service_runs_from_its_own_folder():
+    for manifest in SERVICES:
+        assert manifest.module == f"services.{manifest.name}"
+        assert manifest.consumes, f"{manifest.name} consumes nothing"
+
+
+def test_publishes_are_declared_with_summaries():
+    for manifest in SERVICES:
+        for publication in manifest.publishes:
+            assert isinstance(publication, Publishes) and publication.summary
