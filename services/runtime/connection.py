@@ -17,14 +17,18 @@ writes. With one request in flight each turn is pure latency, on every hop of a 
   (:attr:`Connection.quiet`); other publishes go to the pending buffer and the flusher writes
   them together, so under load writes are still batched.
 
-Both use nats-py internals (checked on 2.16): :data:`SHORTCUTS` says whether this nats-py has
-them, and without them the client behaves exactly as nats-py's (a test fails loudly if an
-upgrade loses them). Measured with ``corral bench``; see the README's performance section.
+Both use nats-py internals, checked on 2.16 (pyproject.toml pins nats-py to that minor version).
+:data:`AVAILABLE` says whether this nats-py has them (a test fails loudly if an upgrade loses
+them); ``CORRAL_CONNECTION_SHORTCUTS=off`` turns them off, and the client then behaves exactly as
+nats-py's. CI runs the integration and security tests in both modes, so an upgrade that changes
+what the internals do, not only their names, fails too. Measured with ``corral bench``; see
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +40,21 @@ from nats.protocol import command as protocol
 
 DirectCallback = Callable[[Msg], bool]
 
-SHORTCUTS = all(
+AVAILABLE = all(
     hasattr(nats_client.Client, name) for name in ("_process_msg", "_build_message", "_process_headers", "_remove_sub")
 ) and hasattr(nats_client, "_validate_subject")
+
+
+def enabled() -> bool:
+    """``CORRAL_CONNECTION_SHORTCUTS``: on unless set to off (read from the environment, not the
+    services' settings: the Python client uses this module too)."""
+    value = os.environ.get("CORRAL_CONNECTION_SHORTCUTS", "on").strip().lower()
+    if value not in ("on", "off", "1", "0", "true", "false"):
+        raise SystemExit(f"error: CORRAL_CONNECTION_SHORTCUTS must be on or off, not {value!r}")
+    return value in ("on", "1", "true")
+
+
+SHORTCUTS = AVAILABLE and enabled()
 
 
 class Connection(nats_client.Client):

@@ -14,7 +14,7 @@ from contracts import subjects
 from contracts.envelope import Kind, ToolCall, new_envelope_json
 from contracts.replies import decode_reply
 from services.runtime import connection
-from services.runtime.connection import SHORTCUTS, Connection
+from services.runtime.connection import AVAILABLE, SHORTCUTS, Connection, enabled
 from services.runtime.manifest import Consume, Manifest
 from services.runtime.requests import Requester
 from services.runtime.service import Request, Service
@@ -23,7 +23,24 @@ from services.runtime.settings import Settings
 
 def test_the_installed_nats_py_has_what_the_shortcuts_use():
     # Without them the client still works, as plain nats-py: this says an upgrade lost the speed.
-    assert SHORTCUTS
+    assert AVAILABLE
+
+
+def test_the_shortcuts_are_on_unless_the_setting_turns_them_off():
+    assert SHORTCUTS == enabled()
+
+
+def test_the_shortcut_setting_takes_on_or_off_only(monkeypatch):
+    monkeypatch.setenv("CORRAL_CONNECTION_SHORTCUTS", "off")
+    assert enabled() is False
+    monkeypatch.setenv("CORRAL_CONNECTION_SHORTCUTS", "sometimes")
+    with pytest.raises(SystemExit, match="on or off"):
+        enabled()
+
+
+# Tests of the shortcut path itself; the rest of this file (and every integration and security
+# test) runs in both modes.
+shortcuts_only = pytest.mark.skipif(not SHORTCUTS, reason="CORRAL_CONNECTION_SHORTCUTS=off")
 
 
 @pytest.fixture
@@ -43,6 +60,7 @@ async def settle(*conns: Connection) -> None:
         await conn.flush()
 
 
+@shortcuts_only
 async def test_direct_dispatch_hands_messages_over_from_the_read_loop_in_order(nc):
     subject = f"direct.{uuid.uuid4().hex}"
     direct, queued = [], []
@@ -60,6 +78,7 @@ async def test_direct_dispatch_hands_messages_over_from_the_read_loop_in_order(n
     assert sub._received == 20
 
 
+@shortcuts_only
 async def test_a_declined_message_takes_the_queued_path_and_none_overtakes_a_queued_one(nc):
     subject = f"declined.{uuid.uuid4().hex}"
     handled, direct = [], []
@@ -92,6 +111,7 @@ async def test_a_declined_message_takes_the_queued_path_and_none_overtakes_a_que
     assert handled == [b"0", b"1", b"2", b"3"]
 
 
+@shortcuts_only
 async def test_an_unsubscribed_subscription_is_forgotten(nc):
     subject = f"gone.{uuid.uuid4().hex}"
     seen = []
@@ -224,6 +244,7 @@ async def test_the_in_flight_limit_holds_with_direct_dispatch_and_messages_start
         await service.stop()
 
 
+@shortcuts_only
 async def test_a_failing_direct_callback_is_reported_and_the_connection_keeps_reading(nats_url):
     errors = []
 
