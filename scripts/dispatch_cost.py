@@ -93,7 +93,7 @@ async def _cost(service: Service, subject: str, reply: str, body: bytes, count: 
     msg = Msg(_client=None, subject=subject, reply=reply, data=body)
 
     async def dispatch() -> None:
-        await service._dispatch(op, envelope_type, handler, stats, msg)  # type: ignore[arg-type]
+        await service._dispatch(op, envelope_type, handler, stats, msg, reply)  # type: ignore[arg-type]
 
     await dispatch()
     if b'"kind":"error"' in service.nc.last:  # type: ignore[attr-defined]

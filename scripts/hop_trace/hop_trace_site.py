@@ -49,9 +49,11 @@ def _patch_service(module: Any) -> None:
     service = module.Service
     dispatch = service._dispatch
 
-    async def traced_dispatch(self: Any, op: Any, envelope_type: Any, handler: Any, stats: Any, msg: Any) -> None:
+    async def traced_dispatch(
+        self: Any, op: Any, envelope_type: Any, handler: Any, stats: Any, msg: Any, reply: str
+    ) -> None:
         mark("handle", msg.subject)
-        await dispatch(self, op, envelope_type, handler, stats, msg)
+        await dispatch(self, op, envelope_type, handler, stats, msg, reply)
 
     service._dispatch = traced_dispatch
 

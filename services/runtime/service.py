@@ -178,7 +178,7 @@ class Service:
             return
 
         def handle(msg: Msg) -> Awaitable[None]:
-            return self._dispatch(op, envelope_type, handler, stats, msg)
+            return self._dispatch(op, envelope_type, handler, stats, msg, msg.reply)
 
         sub = await self.nc.subscribe(op.subject, queue=self.name, cb=self._tracked(handle), pending_msgs_limit=65536)
         if isinstance(self.nc, connection.Connection):
@@ -274,38 +274,41 @@ class Service:
         handler: Handler,
         stats: OperationStats,
         msg: Msg,
+        reply: str,
     ) -> None:
+        """One message: guard, decode, handle, answer on ``reply`` (the message's reply subject for
+        a core operation; none for a durable one, whose reply subject is the broker's ack)."""
         tenant = None
         envelope = None
         try:
             parsed = subjects.parse(msg.subject)
             tenant = parsed.tenant
-            check_reply(msg.reply, tenant, allow_service_inbox=not getattr(op, "tenant_facing", False))
+            check_reply(reply, tenant, allow_service_inbox=not getattr(op, "tenant_facing", False))
             envelope = decode_request(msg.data, envelope_type)
             check_tenant(envelope.tenant_id, tenant)
             if envelope.kind != op.kind:
                 raise InvalidRequest(f"expected a {op.kind.value} envelope, got {envelope.kind.value}")
-            request = Request(envelope, tenant, parsed, self, len(msg.data), msg.reply)
+            request = Request(envelope, tenant, parsed, self, len(msg.data), reply)
             if request.remaining(1.0) <= 0:
                 raise DeadlineExceeded("the request's deadline has passed")
         except CorralError as error:
             stats.refuse(tenant, error.code.value)
-            await self._refuse(msg, tenant, envelope, error)
+            await self._refuse(msg.subject, reply, tenant, envelope, error)
             return
         record = stats.start(tenant)
         started = time.perf_counter()
         failure: str | None = None
         try:
             output = await handler(request)
-            if msg.reply and output is not FORWARDED:
-                await self.nc.publish(msg.reply, encode_result(request, output))
+            if reply and output is not FORWARDED:
+                await self.nc.publish(reply, encode_result(request, output))
         except CorralError as error:
             failure = error.code.value
-            await self._refuse(msg, tenant, envelope, error)
+            await self._refuse(msg.subject, reply, tenant, envelope, error)
         except Exception:
             failure = ErrorCode.INTERNAL.value
             self.log.exception("handler_failed", subject=msg.subject, tenant_id=tenant)
-            await self._refuse(msg, tenant, envelope, Internal("internal error"))
+            await self._refuse(msg.subject, reply, tenant, envelope, Internal("internal error"))
         finally:
             stats.finish(record, time.perf_counter() - started, failure)
 
@@ -348,7 +351,7 @@ class Service:
             # In-progress acknowledgements keep a long message from being redelivered while it runs.
             heartbeat = asyncio.create_task(_keep_in_progress(msg, op.ack_wait_s / 2))
             try:
-                await self._dispatch(op, envelope_type, handler, stats, msg)
+                await self._dispatch(op, envelope_type, handler, stats, msg, "")
             finally:
                 heartbeat.cancel()
             with contextlib.suppress(Exception):  # unacknowledged, it is redelivered: nothing lost
@@ -376,10 +379,12 @@ class Service:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 
-    async def _refuse(self, msg: Msg, tenant: str | None, envelope: Envelope[Any] | None, error: CorralError) -> None:
+    async def _refuse(
+        self, subject: str, reply: str, tenant: str | None, envelope: Envelope[Any] | None, error: CorralError
+    ) -> None:
         """Log a refusal and answer it with a typed error where a reply is possible and safe."""
         self.log.warning(
-            "refused", subject=msg.subject[:200], tenant_id=tenant, code=error.code.value, reason=error.message
+            "refused", subject=subject[:200], tenant_id=tenant, code=error.code.value, reason=error.message
         )
         if (
             tenant is not None
@@ -396,12 +401,12 @@ class Service:
                 run_id=envelope.run_id if envelope else None,
                 code=error.code.value,
                 reason=error.message,
-                subject=msg.subject[:200],
+                subject=subject[:200],
             )
-        if not msg.reply or tenant is None:
+        if not reply or tenant is None:
             return
         try:
-            check_reply(msg.reply, tenant, allow_service_inbox=True)
+            check_reply(reply, tenant, allow_service_inbox=True)
         except CorralError:
             return  # never answer into another tenant's inbox
         info = ErrorInfo.of(error)
@@ -410,7 +415,7 @@ class Service:
         else:
             body = envelope_of(ErrorInfo)(kind=Kind.ERROR, tenant_id=tenant, payload=info).model_dump_json().encode()
         with contextlib.suppress(Exception):
-            await self.nc.publish(msg.reply, body)
+            await self.nc.publish(reply, body)
 
     async def _on_ping(self, msg: Msg) -> None:
         if msg.reply:
