@@ -27,7 +27,7 @@ def test_the_installed_nats_py_has_what_the_shortcuts_use():
 
 
 def test_the_shortcuts_are_on_unless_the_setting_turns_them_off():
-    assert SHORTCUTS == enabled()
+    assert enabled() == SHORTCUTS
 
 
 def test_the_shortcut_setting_takes_on_or_off_only(monkeypatch):
