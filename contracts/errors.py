@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     TOOL_FAILED = "tool_failed"
     LIMIT_EXCEEDED = "limit_exceeded"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 
@@ -82,6 +83,14 @@ class LimitExceeded(CorralError):
     code = ErrorCode.LIMIT_EXCEEDED
 
 
+class Unavailable(CorralError):
+    """Nothing serves the request right now (no replica is running, or the one holding it is
+    stopping, or the client is not connected): trying again later, or elsewhere, may succeed."""
+
+    code = ErrorCode.UNAVAILABLE
+    retryable = True
+
+
 class Internal(CorralError):
     code = ErrorCode.INTERNAL
 
@@ -98,6 +107,7 @@ _BY_CODE: dict[ErrorCode, type[CorralError]] = {
         DeadlineExceeded,
         ToolFailed,
         LimitExceeded,
+        Unavailable,
         Internal,
     )
 }

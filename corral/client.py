@@ -30,7 +30,7 @@ from contracts.envelope import (
     new_envelope_json,
     new_id,
 )
-from contracts.errors import DeadlineExceeded, Internal
+from contracts.errors import DeadlineExceeded, Unavailable
 from contracts.replies import decode_reply
 from contracts.tenants import validate_tenant_id
 from services.runtime import connection
@@ -222,7 +222,7 @@ class CorralClient:
             try:
                 subscription = await self.nc.subscribe(subjects.events(self.tenant, run_id), cb=on_message)
             except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
-                raise Internal(NOT_CONNECTED) from None
+                raise Unavailable(NOT_CONNECTED) from None
         try:
             try:
                 msg = await self._requester.request(self._router_subject, body, timeout)
@@ -231,11 +231,11 @@ class CorralClient:
             except NoRespondersError:
                 # From the broker: nothing serves the router's subject, or the one it passed the
                 # request on to (the executor answers the client directly).
-                raise Internal(
+                raise Unavailable(
                     "no service is serving this request (is the router, and the executor its route needs, running?)"
                 ) from None
             except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
-                raise Internal(NOT_CONNECTED) from None
+                raise Unavailable(NOT_CONNECTED) from None
             try:
                 output = decode_reply(msg.data)
             finally:

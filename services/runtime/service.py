@@ -31,8 +31,18 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import ValidationError
 
 from contracts import subjects
-from contracts.envelope import MAX_MESSAGE_BYTES, Envelope, ErrorInfo, FollowEncoder, Kind, envelope_of, new_id
-from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest
+from contracts.envelope import (
+    MAX_MESSAGE_BYTES,
+    Envelope,
+    ErrorInfo,
+    EventType,
+    FollowEncoder,
+    Kind,
+    RunEvent,
+    envelope_of,
+    new_id,
+)
+from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest, Unavailable
 from contracts.replies import decode_reply
 from services.runtime import connection
 from services.runtime import loop as event_loop
@@ -201,8 +211,14 @@ class Service:
         self._subscriptions.clear()
         if self._in_flight:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=self.settings.drain_timeout_s)
+            if pending:
+                self.log.warning(
+                    "in_flight_abandoned", count=len(pending), drain_timeout_s=self.settings.drain_timeout_s
+                )
             for task in pending:
-                task.cancel()
+                task.cancel()  # each answers its requester with `unavailable` (_abandon)
+            if pending:
+                await asyncio.wait(pending, timeout=5)
         await self.audit.stop()
         with contextlib.suppress(Exception):
             await self.requester.stop()
@@ -233,7 +249,7 @@ class Service:
         except NatsTimeout:
             raise DeadlineExceeded(f"no reply on {subject} within {timeout:.1f}s") from None
         except NoRespondersError:
-            raise Internal(f"no service is serving {subject}") from None
+            raise Unavailable(f"no service is serving {subject}") from None
         return decode_reply(msg.data)
 
     # ---- the hot path ----------------------------------------------------------------
@@ -309,8 +325,24 @@ class Service:
             failure = ErrorCode.INTERNAL.value
             self.log.exception("handler_failed", subject=msg.subject, tenant_id=tenant)
             await self._refuse(msg.subject, reply, tenant, envelope, Internal("internal error"))
+        except asyncio.CancelledError:  # given up by a stopping replica (Service.stop)
+            failure = ErrorCode.UNAVAILABLE.value
+            await self._abandon(request, msg.subject, reply)
+            raise
         finally:
             stats.finish(record, time.perf_counter() - started, failure)
+
+    async def _abandon(self, request: Request[Any], subject: str, reply: str) -> None:
+        """A message this replica stops working on: the requester is told so, typed and
+        retryable, and a watched run gets its ``failed`` event, instead of waiting out the deadline."""
+        error = Unavailable(f"the {self.name} replica handling this stopped before it finished; it may be retried")
+        with contextlib.suppress(Exception):
+            await request.emit(
+                RunEvent(
+                    type=EventType.FAILED, service=self.name, data={"code": error.code.value, "message": error.message}
+                )
+            )
+        await self._refuse(subject, reply, request.tenant, request.envelope, error)
 
     def _raw(self, handler: RawHandler, stats: OperationStats) -> Callable[[Msg], Awaitable[None]]:
         """A raw operation's messages carry no tenant on their subject: counted as one tenant-less stream."""

@@ -9,7 +9,7 @@ import pytest
 
 from contracts import subjects
 from contracts.envelope import Envelope, Kind, RouterRequest
-from contracts.errors import DeadlineExceeded, Internal, NotFound
+from contracts.errors import DeadlineExceeded, NotFound, Unavailable
 from contracts.replies import decode_reply
 from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
@@ -102,7 +102,7 @@ async def test_an_expired_deadline_is_refused_without_running_anything(system):
 async def assert_refused_at_once_for_lack_of_an_executor(broker):
     acme = await client_for(broker, "acme")
     try:
-        with pytest.raises(Internal, match="no service is serving"):
+        with pytest.raises(Unavailable, match="no service is serving"):
             await acme.request("where is my order?", timeout=10)  # not a DeadlineExceeded 10 s later
     finally:
         await acme.close()

@@ -20,8 +20,7 @@ DEFINITIONS = {
 
 async def test_a_stopping_tools_service_finishes_the_call_in_flight(secured, tmp_path):
     (tmp_path / "defs.yaml").write_text(yaml.safe_dump(DEFINITIONS))
-    slow_tool.started.clear()
-    slow_tool.release.clear()
+    slow_tool.reset()
     async with running_services(
         secured.url, secured.state_dir, ("auth", "router", "graph", "tools"), definitions=tmp_path / "defs.yaml"
     ) as services:
@@ -40,3 +39,40 @@ async def test_a_stopping_tools_service_finishes_the_call_in_flight(secured, tmp
         finally:
             await client.close()
     assert result.output == {"tenant": "acme", "released": True}
+
+
+async def test_a_run_given_up_by_a_stopping_replica_is_answered_unavailable_with_a_failed_event(secured, tmp_path):
+    """Past the drain timeout a stopping replica cancels what it still holds: the client hears so
+    at once, typed and retryable, instead of waiting out its deadline."""
+    from contracts.envelope import EventType
+    from contracts.errors import Unavailable
+
+    (tmp_path / "defs.yaml").write_text(yaml.safe_dump(DEFINITIONS))
+    slow_tool.reset()
+    async with running_services(
+        secured.url,
+        secured.state_dir,
+        ("auth", "router", "graph", "tools"),
+        definitions=tmp_path / "defs.yaml",
+        drain_timeout_s=0.2,
+    ) as services:
+        client = await CorralClient.connect(
+            secured.url, tenant="acme", token=mint_dev_token("acme", key=secured.secrets.dev_key)
+        )
+        events = []
+        try:
+            request = asyncio.create_task(client.request("hold on", timeout=60, on_event=events.append))
+            await asyncio.wait_for(slow_tool.started.wait(), 10)
+            await services["graph"].stop()  # holds the run (waiting on the tool) past its drain timeout
+            try:
+                await asyncio.wait_for(request, 10)
+            except Unavailable as error:
+                refused = error
+            else:
+                raise AssertionError("the run was answered as if it had finished")
+        finally:
+            slow_tool.release.set()
+            await client.close()
+    assert refused.retryable and "stopped before it finished" in refused.message
+    failed = [event for event in events if event.type is EventType.FAILED]
+    assert [event.data["code"] for event in failed] == ["unavailable"]

@@ -1,4 +1,8 @@
-"""A tool that waits until the test releases it, to hold a message in flight."""
+"""A tool that waits until the test releases it, to hold a message in flight.
+
+Call :func:`reset` at the start of each test: the events belong to the event loop of the test
+that made them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,11 @@ import asyncio
 
 started = asyncio.Event()
 release = asyncio.Event()
+
+
+def reset() -> None:
+    global started, release
+    started, release = asyncio.Event(), asyncio.Event()
 
 
 async def wait_for_release(ctx) -> dict:
