@@ -5,7 +5,8 @@ from __future__ import annotations
 import jwt
 from nats.aio.msg import Msg
 
-from contracts.errors import CorralError
+from contracts import subjects
+from contracts.errors import CorralError, ErrorCode
 from services.auth.callout import CalloutSigner, decode_request
 from services.auth.denials import DenialAudit
 from services.auth.errors import InvalidToken
@@ -26,19 +27,28 @@ def register(
         service.on_start(jwks.refresh)
         service.on_stop(jwks.aclose)
     if denials is not None:
-        service.on_start(denials.start)
+
+        async def start_denials() -> None:
+            await denials.start()
+            # The callout's own account has no pings or statistics: they are answered from APP.
+            await denials.nc.subscribe(subjects.stats(service.name), cb=service.answer_stats)
+
+        service.on_start(start_denials)
         service.on_stop(denials.stop)
 
     @service.handler("callout")
-    async def authorize(msg: Msg) -> None:
+    async def authorize(msg: Msg) -> tuple[str | None, str | None] | None:
+        """Answer one authorization request; returns the (tenant, error code) it is counted for:
+        the verified token's tenant, or for a refusal the tenant a trusted key signed for (else
+        none: an unverified tenant claim is the caller's choice)."""
         if not msg.reply:
-            return
+            return None
         try:
             request = decode_request(msg.data)
         except CorralError as error:
             # Without a verified request there is nobody to address a response to.
             service.log.warning("auth_request_refused", reason=error.message)
-            return
+            return None, error.code.value
         try:
             if jwks is not None:
                 kid = _kid(request.token)
@@ -53,13 +63,14 @@ def register(
             service.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
             if denials is not None and isinstance(error, InvalidToken):
                 denials.record(error, client)
-            return
+            return tenant, error.code.value
         except Exception:
             service.log.exception("auth_failed")
             await service.nc.publish(msg.reply, signer.response(request, error="internal error"))
-            return
+            return None, ErrorCode.INTERNAL.value
         service.log.debug("auth_granted", tenant_id=identity.tenant, principal=identity.subject)
         await service.nc.publish(msg.reply, signer.response(request, identity=identity))
+        return identity.tenant, None
 
 
 def _kid(token: str) -> str | None:

@@ -121,7 +121,8 @@ class Manifest:
     settings: type[Settings] = Settings
     account: str = APP_ACCOUNT
     # Writes audit records. A service outside APP writes them through a second connection in APP,
-    # as the user ``<name>-audit`` (the auth service's refusals of signed tokens).
+    # as the user ``<name>-audit`` (the auth service's refusals of signed tokens), which also
+    # answers its statistics requests.
     audit: bool = True
     module: str = field(default="")  # run as ``python -m <module>``; default ``services.<name>``
 
@@ -177,9 +178,11 @@ class Manifest:
         own = User(self.name, self.account, self.permissions())
         if self.audit_user is None:
             return (own,)
+        # It also answers the service's statistics requests, which come from APP.
         writer = Permissions(
             publish=(subjects.service_audit(self.name), *AUDIT_STREAM_API),
-            subscribe=(f"{subjects.service_inbox_prefix(self.audit_user)}.>",),
+            subscribe=(f"{subjects.service_inbox_prefix(self.audit_user)}.>", subjects.stats(self.name)),
+            allow_responses=True,
         )
         return own, User(self.audit_user, APP_ACCOUNT, writer)
 

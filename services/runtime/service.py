@@ -61,7 +61,8 @@ from services.runtime.stats import UNKNOWN, OperationStats, ServiceStats, parse_
 # Refusals that are attempts on the isolation layers, not just malformed input.
 AUDITED_REFUSALS = frozenset({ErrorCode.TENANT_MISMATCH, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHORIZED})
 Handler = Callable[[Request[Any]], Awaitable[Any]]
-RawHandler = Callable[[Msg], Awaitable[None]]
+# A raw handler may return (tenant, error code) for the statistics.
+RawHandler = Callable[[Msg], Awaitable[tuple[str | None, str | None] | None]]
 # Messages a durable consumer pulls at once (bounded by the free in-flight slots as well).
 DURABLE_BATCH = 64
 
@@ -166,7 +167,7 @@ class Service:
             await self._subscribe(op)
         if self.manifest.in_app:
             self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
-            self._subscriptions.append(await self.nc.subscribe(subjects.stats(self.name), cb=self._on_stats))
+            self._subscriptions.append(await self.nc.subscribe(subjects.stats(self.name), cb=self.answer_stats))
         # nats-py 2.16 writes a flush's PING ahead of SUBs still queued: the second round trip
         # follows them, so the subscriptions exist before the service says it is ready.
         await self.nc.flush()
@@ -345,19 +346,22 @@ class Service:
         await self._refuse(subject, reply, request.tenant, request.envelope, error)
 
     def _raw(self, handler: RawHandler, stats: OperationStats) -> Callable[[Msg], Awaitable[None]]:
-        """A raw operation's messages carry no tenant on their subject: counted as one tenant-less stream."""
+        """A raw operation's subject carries no tenant: its handler may return the ``(tenant, error
+        code)`` it found (the auth callout: the verified token's tenant), and the message is
+        counted for it once handled (so a raw operation's in-flight figure stays 0)."""
 
         async def handle(msg: Msg) -> None:
-            record = stats.start(UNKNOWN)
             started = time.perf_counter()
+            tenant: str | None = None
             failure: str | None = None
             try:
-                await handler(msg)
+                outcome = await handler(msg)
+                if outcome is not None:
+                    tenant, failure = outcome
             except Exception:  # a handler's bug must not end its subscription
                 failure = ErrorCode.INTERNAL.value
                 self.log.exception("handler_failed", subject=msg.subject[:200])
-            finally:
-                stats.finish(record, time.perf_counter() - started, failure)
+            stats.finish(stats.start(tenant or UNKNOWN), time.perf_counter() - started, failure)
 
         return handle
 
@@ -454,9 +458,10 @@ class Service:
             body = {"service": self.name, "pid": os.getpid(), "in_flight": len(self._in_flight)}
             await self.nc.publish(msg.reply, json.dumps(body).encode())
 
-    async def _on_stats(self, msg: Msg) -> None:
+    async def answer_stats(self, msg: Msg) -> None:
         """Answer a statistics request (a page of tenants, or the ones asked for) with a typed
-        error for a malformed one."""
+        error for a malformed one. Subscribed on ``corral.stats.<service>``; a service outside
+        APP subscribes it on its connection there (the auth service's audit writer)."""
         if not msg.reply:
             return
         try:
@@ -464,7 +469,7 @@ class Service:
         except CorralError as error:
             body = json.dumps({"error": {"code": error.code.value, "message": error.message}})
         with contextlib.suppress(Exception):
-            await self.nc.publish(msg.reply, body.encode())
+            await msg.respond(body.encode())
 
     async def _on_error(self, error: Exception) -> None:
         self.log.warning("nats_error", error=str(error))

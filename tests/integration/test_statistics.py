@@ -117,3 +117,35 @@ async def test_a_tenant_cannot_read_statistics(system):
     finally:
         await acme.close()
     assert any("permissions violation" in error and "corral.stats.router" in error for error in errors)
+
+
+async def test_the_auth_service_counts_connections_granted_and_denied_per_tenant(system):
+    """The callout responder lives in its own account; its statistics answer from APP, counted for
+    the verified tenant (a refusal only for a tenant a trusted key signed for)."""
+    broker, _ = system
+    key = broker.secrets.dev_key
+    acme = await nats.connect(
+        broker.url, token=mint_dev_token("acme", key=key), inbox_prefix=subjects.inbox_prefix("acme").encode()
+    )
+    await acme.close()
+    with pytest.raises(Exception):  # noqa: B017 - the broker refuses the connection
+        await nats.connect(
+            broker.url,
+            token=mint_dev_token("globex", key=key, ttl_s=-60),  # signed by a trusted key, expired
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            connect_timeout=5,
+        )
+    with pytest.raises(Exception):  # noqa: B017
+        await nats.connect(
+            broker.url, token="not-a-token", allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5
+        )
+    console = await admin(broker)
+    try:
+        snapshot = await stats_of(console, "auth")
+    finally:
+        await console.close()
+    callout = endpoint(snapshot, "callout")
+    assert callout["tenants"]["acme"]["num_requests"] >= 1 and callout["tenants"]["acme"]["num_errors"] == 0
+    assert callout["tenants"]["globex"]["errors"] == {"unauthorized": 1}
+    assert callout["tenants"]["_unknown"]["errors"] == {"unauthorized": 1}  # an unverifiable claim names nobody
