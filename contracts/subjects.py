@@ -126,6 +126,17 @@ class TenantSubject:
         return self.rest[0]
 
 
+def tenant_token(subject: str) -> str:
+    """The second token of a ``t.<tenant>.…`` subject, not validated ('' for any other subject).
+
+    A key to count and admit messages by before anything is decoded (services/runtime/fairness.py);
+    never an identity: :func:`parse` validates it before anything acts on it."""
+    if not subject.startswith("t."):
+        return ""
+    end = subject.find(".", 2)
+    return subject[2:end] if end > 2 else ""
+
+
 def parse(subject: str) -> TenantSubject:
     """Parse a tenant subject; the tenant is validated, never trusted from anywhere else."""
     return _parse(subject)

@@ -20,6 +20,7 @@ from services.runtime.service import Request, Service
 def register(service: Service, catalog: Catalog) -> Router:
     """Bind the router's operation on ``service``; returns the policy object (for tests)."""
     router = Router(catalog)
+    service.admission = router.admit
 
     @service.handler("request")
     async def route_request(req: Request[RouterRequest]) -> Any:

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass
 
 from contracts.definitions import Catalog, RateLimit, Route, TenantPolicy
-from contracts.errors import Forbidden, InvalidRequest, NotFound, RateLimited
+from contracts.errors import CorralError, Forbidden, InvalidRequest, NotFound, RateLimited
+from contracts.tenants import is_tenant_id
 
 
 @dataclass
@@ -56,7 +57,21 @@ class Router:
             raise Forbidden(f"tenant {tenant!r} has no routing rules")
         return policy
 
+    def admit(self, tenant: str) -> CorralError | None:
+        """The tenant's rate limit, checked from the subject before the request is decoded (so a
+        flood past it costs a dict lookup per message); None: go on. An unknown tenant goes on
+        here and is refused by :meth:`decide`."""
+        policy = self.catalog.policy(tenant) if is_tenant_id(tenant) else None
+        if policy is None:
+            return None
+        try:
+            self.limiter.admit(tenant, policy.rate_limit)
+        except RateLimited as error:
+            return error
+        return None
+
     def decide(self, tenant: str, target: str | None, input_bytes: int) -> Decision:
+        """Which route serves an admitted request (the rate limit was :meth:`admit`'s)."""
         policy = self.policy_for(tenant)
         if input_bytes > policy.max_input_bytes:
             raise InvalidRequest(f"input of {input_bytes} bytes is over the tenant's limit of {policy.max_input_bytes}")
@@ -68,5 +83,4 @@ class Router:
             if name in self.catalog.graphs:
                 raise Forbidden(f"target {name!r} is not allowed for tenant {tenant!r}")
             raise NotFound(f"unknown target {name!r}")
-        self.limiter.admit(tenant, policy.rate_limit)
         return Decision(target=name, route=route)

@@ -40,26 +40,36 @@ from contracts.envelope import (
     Kind,
     RunEvent,
     envelope_of,
+    new_envelope_json,
     new_id,
 )
-from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest, Unavailable
+from contracts.errors import (
+    CorralError,
+    DeadlineExceeded,
+    ErrorCode,
+    Internal,
+    InvalidRequest,
+    RateLimited,
+    Unavailable,
+)
 from contracts.replies import decode_reply
+from contracts.tenants import is_tenant_id
 from services.runtime import connection
 from services.runtime import loop as event_loop
 from services.runtime.audit import AuditTrail
 from services.runtime.credentials import service_credentials
+from services.runtime.fairness import Admission, FairShare
 from services.runtime.guard import check_reply, check_tenant
 from services.runtime.liveness import Liveness
 from services.runtime.logging import configure_logging
 from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
+from services.runtime.refusals import Refusals
 from services.runtime.request import FORWARDED, Request, encode_result
 from services.runtime.requests import Requester
 from services.runtime.settings import Settings
 from services.runtime.slots import Slots
 from services.runtime.stats import UNKNOWN, OperationStats, ServiceStats, parse_stats_request
 
-# Refusals that are attempts on the isolation layers, not just malformed input.
-AUDITED_REFUSALS = frozenset({ErrorCode.TENANT_MISMATCH, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHORIZED})
 Handler = Callable[[Request[Any]], Awaitable[Any]]
 # A raw handler may return (tenant, error code) for the statistics.
 RawHandler = Callable[[Msg], Awaitable[tuple[str | None, str | None] | None]]
@@ -83,8 +93,19 @@ class Service:
         self.handlers: dict[str, Any] = {}
         self._subscriptions: list[Any] = []
         self._consumers: list[asyncio.Task[None]] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
+        # Each message's task -> the tenant it was admitted for (None: not admitted per tenant).
+        self._in_flight: dict[asyncio.Task[None], str | None] = {}
         self._slots = Slots(self.settings.max_in_flight)
+        self._fair: FairShare[tuple[Callable[[Msg], Awaitable[None]], Msg]] = FairShare(
+            self._slots,
+            per_tenant=self.settings.max_in_flight_per_tenant,
+            queue_per_tenant=self.settings.max_queued_per_tenant,
+            queue_total=self.settings.max_queued,
+        )
+        # A check of the tenant before anything is decoded (the router's rate limit): returns the
+        # refusal, or None to go on. Runs in the read loop: it must be cheap and must not block.
+        self.admission: Callable[[str], CorralError | None] | None = None
+        self.refusals = Refusals(self.log, None)
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -159,6 +180,7 @@ class Service:
         self.audit = AuditTrail(self.nc, self.name, self.log)
         if self.audit_enabled:
             await self.audit.start()
+        self.refusals = Refusals(self.log, self.audit if self.audit_enabled else None)
         for liveness in self.watched.values():
             liveness.start(self.nc)
         for setup in self._on_start:
@@ -191,9 +213,16 @@ class Service:
         def handle(msg: Msg) -> Awaitable[None]:
             return self._dispatch(op, envelope_type, handler, stats, msg, msg.reply)
 
-        sub = await self.nc.subscribe(op.subject, queue=self.name, cb=self._tracked(handle), pending_msgs_limit=65536)
+        def admit(msg: Msg) -> bool:
+            self._admit(op, handle, stats, msg)
+            return True  # taken: started, queued for its tenant, or refused
+
+        async def on_message(msg: Msg) -> None:  # nats-py's queued path (shortcuts off)
+            self._admit(op, handle, stats, msg)
+
+        sub = await self.nc.subscribe(op.subject, queue=self.name, cb=on_message, pending_msgs_limit=65536)
         if isinstance(self.nc, connection.Connection):
-            self.nc.dispatch_directly(sub, self._direct(handle))
+            self.nc.dispatch_directly(sub, admit)
         self._subscriptions.append(sub)
 
     async def stop(self) -> None:
@@ -210,8 +239,10 @@ class Service:
                 # queue-group share) are still dispatched instead of being dropped.
                 await sub.drain()
         self._subscriptions.clear()
+        for _, (_, msg) in self._fair.drain():  # waiting for their tenant's turn: never started
+            await self._refuse_early(msg, Unavailable(f"the {self.name} replica is stopping; it may be retried"))
         if self._in_flight:
-            _, pending = await asyncio.wait(set(self._in_flight), timeout=self.settings.drain_timeout_s)
+            _, pending = await asyncio.wait(list(self._in_flight), timeout=self.settings.drain_timeout_s)
             if pending:
                 self.log.warning(
                     "in_flight_abandoned", count=len(pending), drain_timeout_s=self.settings.drain_timeout_s
@@ -220,6 +251,7 @@ class Service:
                 task.cancel()  # each answers its requester with `unavailable` (_abandon)
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        self.refusals.close_window()
         await self.audit.stop()
         with contextlib.suppress(Exception):
             await self.requester.stop()
@@ -231,6 +263,12 @@ class Service:
         with contextlib.suppress(Exception):
             await self.nc.drain()
         self.log.info("service_stopped")
+
+    async def flushed(self, timeout: float = 10.0) -> None:
+        """Write what was counted and recorded so far to the audit trail now (tests, shutdown)."""
+        self.refusals.close_window()
+        if self.audit_enabled:
+            await self.audit.flushed(timeout)
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
@@ -256,33 +294,54 @@ class Service:
     # ---- the hot path ----------------------------------------------------------------
 
     def _tracked(self, handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
-        """Run each message in its own task, bounded by ``max_in_flight``, tracked for shutdown."""
+        """Run each message of a raw operation in its own task, bounded by ``max_in_flight``."""
 
         async def on_message(msg: Msg) -> None:
             await self._slots.take()  # at the limit, waits: later messages queue on the subscription
-            self._start(handle, msg)
+            self._start(handle, msg, None)
 
         return on_message
 
-    def _direct(self, handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], bool]:
-        """The same from the read loop (``Connection.dispatch_directly``): declines at the limit."""
+    def _admit(self, op: Consume, handle: Callable[[Msg], Awaitable[None]], stats: OperationStats, msg: Msg) -> None:
+        """Admit one message by its subject's tenant alone, before anything is decoded: start it,
+        queue it behind its own tenant's, or refuse it at once."""
+        tenant = subjects.tenant_token(msg.subject)
+        if self.admission is not None:
+            refusal = self.admission(tenant)
+            if refusal is not None:
+                stats.refuse(tenant, refusal.code.value)
+                self._refuse_soon(msg, refusal)
+                return
+        verdict = self._fair.admit(tenant, (handle, msg))
+        if verdict is Admission.START:
+            self._start(handle, msg, tenant)
+        elif verdict is Admission.FULL:
+            stats.refuse(tenant, ErrorCode.RATE_LIMITED.value)
+            self._refuse_soon(msg, RateLimited(f"too many requests of this tenant in flight on {self.name}"))
 
-        def take(msg: Msg) -> bool:
-            if not self._slots.try_take():
-                return False
-            self._start(handle, msg)
-            return True
-
-        return take
-
-    def _start(self, handle: Callable[[Msg], Awaitable[None]], msg: Msg) -> None:
+    def _start(self, handle: Callable[[Msg], Awaitable[None]], msg: Msg, tenant: str | None) -> None:
         task = asyncio.create_task(handle(msg))
-        self._in_flight.add(task)
+        self._in_flight[task] = tenant
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        self._slots.give()
+        self._release(self._in_flight.pop(task, None))
+
+    def _release(self, tenant: str | None) -> None:
+        """A slot is given back: it goes to the next tenant waiting for one, else it is free."""
+        following = self._fair.release(tenant)
+        if following is not None:
+            name, (handle, msg) = following
+            self._start(handle, msg, name)
+
+    def _refuse_soon(self, msg: Msg, error: CorralError) -> None:
+        """Refuse a message that was never decoded; from the read loop, so the answer is sent
+        from a task of its own (not counted in flight: it holds no slot)."""
+        asyncio.get_running_loop().create_task(self._refuse_early(msg, error))
+
+    async def _refuse_early(self, msg: Msg, error: CorralError) -> None:
+        tenant = subjects.tenant_token(msg.subject)
+        await self._refuse(msg.subject, msg.reply, tenant if is_tenant_id(tenant) else None, None, error)
 
     async def _dispatch(
         self,
@@ -408,9 +467,9 @@ class Service:
                     msgs = []
                     await asyncio.sleep(0.5)
                 for msg in msgs:
-                    self._start(handle, msg)  # its slot is already taken
+                    self._start(handle, msg, None)  # its slot is already taken
                 for _ in range(batch - len(msgs)):
-                    self._slots.give()
+                    self._release(None)
         finally:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -418,27 +477,17 @@ class Service:
     async def _refuse(
         self, subject: str, reply: str, tenant: str | None, envelope: Envelope[Any] | None, error: CorralError
     ) -> None:
-        """Log a refusal and answer it with a typed error where a reply is possible and safe."""
-        self.log.warning(
-            "refused", subject=subject[:200], tenant_id=tenant, code=error.code.value, reason=error.message
+        """Count a refusal (logged and audited per window, services/runtime/refusals.py) and answer
+        it with a typed error where a reply is possible and safe."""
+        self.refusals.add(
+            tenant,
+            error.code.value,
+            error.message,
+            subject,
+            principal=envelope.principal if envelope else None,
+            run_id=envelope.run_id if envelope else None,
+            audit=not error.remote and not error.audited,
         )
-        if (
-            tenant is not None
-            and error.code in AUDITED_REFUSALS
-            and self.audit_enabled
-            and not error.remote
-            and not error.audited
-        ):
-            self.audit.record(
-                tenant,
-                "guard_refused",
-                "refused",
-                principal=envelope.principal if envelope else None,
-                run_id=envelope.run_id if envelope else None,
-                code=error.code.value,
-                reason=error.message,
-                subject=subject[:200],
-            )
         if not reply or tenant is None:
             return
         try:
@@ -449,7 +498,7 @@ class Service:
         if envelope is not None:
             body = FollowEncoder(envelope).encode(Kind.ERROR, info)
         else:
-            body = envelope_of(ErrorInfo)(kind=Kind.ERROR, tenant_id=tenant, payload=info).model_dump_json().encode()
+            body = new_envelope_json(Kind.ERROR, tenant, info)
         with contextlib.suppress(Exception):
             await self.nc.publish(reply, body)
 

@@ -26,8 +26,13 @@ class Settings(BaseSettings):
     definitions: Path | None = None
     log_format: Literal["console", "json"] = "console"
     log_level: str = "info"
-    # Messages handled concurrently per replica; more wait in the subscription (back-pressure).
+    # Messages handled concurrently per replica, and at most this many of one tenant's
+    # (services/runtime/fairness.py); more wait in their tenant's queue, up to the limits below,
+    # and past them are refused at once (rate_limited).
     max_in_flight: int = Field(default=512, ge=1)
+    max_in_flight_per_tenant: int = Field(default=64, ge=1)
+    max_queued_per_tenant: int = Field(default=256, ge=0)
+    max_queued: int = Field(default=4096, ge=0)
     # Used when a request carries no deadline.
     default_timeout_s: float = Field(default=30.0, gt=0)
     # Argument names that would carry a tenant: removed from every tool call (JSON list in the env).

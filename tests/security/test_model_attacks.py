@@ -90,7 +90,7 @@ async def attacked(secured, tmp_path):
 
 async def audit_records(broker, services, tenant="acme"):
     for service in services.values():
-        await service.audit.flushed()
+        await service.flushed()
     return (await read_trail(broker.url, "admin", broker.secrets.passwords["admin"], tenant)).records
 
 
