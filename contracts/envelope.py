@@ -201,15 +201,17 @@ class FollowEncoder:
 
     __slots__ = ("_shared",)
 
-    def __init__(self, cause: Envelope[Any], until: float | None = None) -> None:
-        """``until``: the cause's deadline as a timestamp, if the caller has it (cheaper to write)."""
+    def __init__(self, cause: Envelope[Any], until: float | None = None, principal: str | None = None) -> None:
+        """``until``: the cause's deadline as a timestamp, if the caller has it (cheaper to write).
+        ``principal``: the verified principal, written instead of the one the cause claims."""
         text = _json_string
         if until is not None:
             deadline = f'"{_DEADLINES.at(until)}"'
         else:
             deadline = text(cause.deadline.isoformat()) if cause.deadline else "null"
+        principal = cause.principal if principal is None else principal
         self._shared = (
-            f'"tenant_id":"{cause.tenant_id}","principal":{text(cause.principal)},'  # tenant ids need no escaping
+            f'"tenant_id":"{cause.tenant_id}","principal":{text(principal)},'  # tenant ids need no escaping
             f'"run_id":{text(cause.run_id)},"correlation_id":{text(cause.correlation_id or cause.id)},'
             f'"causation_id":{text(cause.id)},"deadline":{deadline},'
             f'"trace":{text(cause.trace)},"idempotency_key":null'

@@ -22,9 +22,10 @@ class Permissions:
     deny_subscribe: tuple[str, ...] = field(default=())
 
 
-def tenant_permissions(tenant: str) -> Permissions:
-    """A tenant user: publish requests and signals, read its own events and inbox, nothing else."""
+def tenant_permissions(tenant: str, principal: str) -> Permissions:
+    """A tenant user: publish requests and signals as its own principal, read its tenant's events
+    and inbox, nothing else."""
     return Permissions(
-        publish=(subjects.router_request(tenant), subjects.workflow_signal(tenant)),
+        publish=(subjects.router_request(tenant, principal), subjects.workflow_signal(tenant, principal)),
         subscribe=(subjects.tenant_events(tenant), subjects.tenant_inboxes(tenant)),
     )

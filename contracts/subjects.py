@@ -7,7 +7,10 @@ they place into a subject, so no caller can produce a wildcard or an extra token
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import re
 from dataclasses import dataclass
 
 from contracts.errors import InvalidRequest
@@ -16,11 +19,13 @@ from contracts.tenants import validate_name, validate_run_id, validate_tenant_id
 PREFIX = "t"
 INBOX = "_INBOX"
 
-# Subscription patterns for the services (queue groups named after the service).
-ROUTER_REQUESTS = "t.*.router.request"
+# Subscription patterns for the services (queue groups named after the service). The subjects a
+# tenant publishes to end with its principal's token (:func:`principal_token`): the broker lets a
+# connection publish only with its own, so a service reads the principal from the subject.
+ROUTER_REQUESTS = "t.*.router.request.*"
 GRAPH_RUNS = "t.*.graph.run"
 WORKFLOW_STARTS = "t.*.workflow.start"
-WORKFLOW_SIGNALS = "t.*.workflow.signal"
+WORKFLOW_SIGNALS = "t.*.workflow.signal.*"
 SWARM_TURNS = "t.*.swarm.turn"
 TOOL_CALLS = "t.*.tool.*.call"
 ALL_EVENTS = "t.*.events.>"
@@ -28,8 +33,38 @@ ALL_AUDIT = "t.*.audit.>"
 AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
 
 
-def router_request(tenant: str) -> str:
-    return f"t.{validate_tenant_id(tenant)}.router.request"
+MAX_PRINCIPAL_BYTES = 128
+_PRINCIPAL_TOKEN = re.compile(r"[a-z2-7]{2,205}")
+
+
+@functools.lru_cache(maxsize=4096)
+def principal_token(principal: str) -> str:
+    """The subject token of a principal (a verified token's ``sub``): lowercase base32 of its UTF-8
+    bytes, so any ``sub`` (an e-mail, ``auth0|123``) fits in one token and none can add a token, a
+    wildcard or a space."""
+    raw = principal.encode()
+    if not raw or len(raw) > MAX_PRINCIPAL_BYTES:
+        raise InvalidRequest(f"a principal is 1 to {MAX_PRINCIPAL_BYTES} bytes")
+    return base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+@functools.lru_cache(maxsize=4096)  # only tokens that decode are cached (an exception is not)
+def principal_of(token: str) -> str:
+    """The principal a subject token names (the inverse of :func:`principal_token`)."""
+    if not _PRINCIPAL_TOKEN.fullmatch(token):
+        raise InvalidRequest("the subject does not name a principal")
+    try:
+        principal = base64.b32decode(token.upper() + "=" * (-len(token) % 8)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidRequest("the subject does not name a principal") from None
+    if principal_token(principal) != token:  # one spelling per principal
+        raise InvalidRequest("the subject does not name a principal")
+    return principal
+
+
+def router_request(tenant: str, principal: str) -> str:
+    """Where ``principal`` of ``tenant`` sends requests (the only subject it may publish to but one)."""
+    return f"t.{validate_tenant_id(tenant)}.router.request.{principal_token(principal)}"
 
 
 def graph_run(tenant: str) -> str:
@@ -40,8 +75,8 @@ def workflow_start(tenant: str) -> str:
     return f"t.{validate_tenant_id(tenant)}.workflow.start"
 
 
-def workflow_signal(tenant: str) -> str:
-    return f"t.{validate_tenant_id(tenant)}.workflow.signal"
+def workflow_signal(tenant: str, principal: str) -> str:
+    return f"t.{validate_tenant_id(tenant)}.workflow.signal.{principal_token(principal)}"
 
 
 def swarm_turn(tenant: str) -> str:

@@ -59,8 +59,12 @@ def _declare(broker: NatsBroker, manifest: Manifest, published: set[str]) -> Non
             broker.subscriber(op.subject, queue=manifest.name, title=title, description=op.summary)(_stub(str, None))
             continue
         where = f" (JetStream stream {op.stream}, durable consumer)" if isinstance(op, Durable) else ""
+        target = address(op.subject)
+        if getattr(op, "tenant_facing", False):  # its last token names the publishing principal
+            target = target.rsplit(".", 1)[0] + ".{principal}"
+            where = " (the last token is the publisher's principal: base32 of its token's sub)"
         broker.subscriber(
-            address(op.subject),
+            target,
             queue=manifest.name,
             title=title,
             description=f"{op.summary}{where}. {REPLY}",

@@ -33,6 +33,7 @@ from contracts.envelope import (
 from contracts.errors import DeadlineExceeded, Unavailable
 from contracts.replies import decode_reply
 from contracts.tenants import validate_tenant_id
+from contracts.tokens import subject_of
 from services.runtime import connection
 from services.runtime.requests import Requester
 
@@ -76,11 +77,11 @@ class CorralClient:
     ) -> None:
         self.url = url
         self.tenant = validate_tenant_id(tenant)
-        self._router_subject = subjects.router_request(tenant)
         if callable(token):  # the older form of a provider: a callable as the token itself
             token_provider = token_provider or token
             token = token()
         self.token: str = token
+        self._address(token)
         self.token_provider = token_provider
         self.options = dict(options)
         # The caller's own callbacks are chained with the client's, not replaced by them.
@@ -142,8 +143,15 @@ class CorralClient:
             self.errors.append(error)
             return False
         self.token = token
+        self._address(token)
         self._fresh = True
         return True
+
+    def _address(self, token: str) -> None:
+        """Requests go to the subject that names the token's principal (its ``sub``): the only
+        one the broker lets this connection publish requests to."""
+        self.principal = subject_of(token)
+        self._router_subject = subjects.router_request(self.tenant, self.principal)
 
     async def _on_error(self, error: Exception) -> None:
         self.errors.append(error)

@@ -115,7 +115,7 @@ async def main(count: int) -> None:
     request = RouterRequest(target="bench_five", input={"text": TEXT}, stream=False)
     body = new_envelope_json(Kind.REQUEST, TENANT, request, run_id="bench-run", deadline=deadline)
     inbox = f"{subjects.inbox_prefix(TENANT)}.standin.1"
-    print(f"router {await _cost(router, subjects.router_request(TENANT), inbox, body, count):7.1f} us")
+    print(f"router {await _cost(router, subjects.router_request(TENANT, 'dev'), inbox, body, count):7.1f} us")
 
     tool_result = to_json(find_order(TENANT, TEXT))
     graph = await _service("graph", b'{"kind":"result","tenant_id":"bench","payload":{"output":' + tool_result + b"}}")

@@ -101,7 +101,7 @@ class CalloutSigner:
         self.issuer = self.keys.public_key.decode()
 
     def user_jwt(self, request: CalloutRequest, identity: Identity, now: int) -> str:
-        permissions = tenant_permissions(identity.tenant)
+        permissions = tenant_permissions(identity.tenant, identity.subject)
         claims = {
             "iss": self.issuer,
             "sub": request.user_nkey,

@@ -18,6 +18,7 @@ import jwt
 import yaml
 
 from contracts.errors import InvalidRequest
+from contracts.subjects import MAX_PRINCIPAL_BYTES
 from contracts.tenants import is_tenant_id, validate_tenant_id
 from services.auth.errors import InvalidToken
 
@@ -155,7 +156,10 @@ class TokenVerifier:
             raise InvalidToken(f"token's tenant claim is not a valid tenant id: {str(tenant)[:80]!r}") from None
         if self.required_scope is not None and self.required_scope not in _scopes(claims):
             raise InvalidToken(f"token lacks the required scope {self.required_scope!r}", tenant=tenant)
-        return Identity(tenant=tenant, subject=str(claims["sub"]), expires_at=int(claims["exp"]))
+        subject = str(claims["sub"])
+        if not subject or len(subject.encode()) > MAX_PRINCIPAL_BYTES:  # it names the principal in subjects
+            raise InvalidToken(f"the token's subject must be 1 to {MAX_PRINCIPAL_BYTES} bytes", tenant=tenant)
+        return Identity(tenant=tenant, subject=subject, expires_at=int(claims["exp"]))
 
 
 def _scopes(claims: dict[str, Any]) -> set[str]:

@@ -26,6 +26,11 @@ NODE_EVENTS = {
 def register(service: Service, catalog: Catalog, models: ModelRegistry | None = None) -> None:
     """Bind the graph service's operation on ``service``."""
     graphs = compile_library(catalog.graphs, catalog.tools)
+    # The graphs each tenant's routes name: the executor checks a run against them itself, so a
+    # compromised or confused router cannot run a graph for a tenant whose routes do not name it.
+    allowed = {
+        tenant: frozenset(route.graph for route in policy.routes.values()) for tenant, policy in catalog.tenants.items()
+    }
     registry = models or ModelRegistry(catalog.models)
     service.on_stop(registry.aclose)
 
@@ -33,9 +38,9 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     async def run_graph(req: Request[GraphRun]) -> Any:
         payload = req.payload
         req.stream = stream = payload.stream
-        graph = graphs.get(payload.graph)
-        if graph is None:
-            raise GraphNotFound(f"graph {payload.graph!r} is not defined")
+        graph = graphs.get(payload.graph) if payload.graph in allowed.get(req.tenant, ()) else None
+        if graph is None:  # the same answer for a graph that does not exist and one not the tenant's
+            raise GraphNotFound(f"graph {payload.graph!r} is not defined for tenant {req.tenant!r}")
         started = time.perf_counter()
         bus = _RunOnBus(req, service.name, registry)
         # Events are built only when the client watches the run: nobody else listens to them.

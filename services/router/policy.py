@@ -80,7 +80,7 @@ class Router:
             raise InvalidRequest("no target given and the tenant has no default route")
         route = policy.routes.get(name)
         if route is None:
-            if name in self.catalog.graphs:
-                raise Forbidden(f"target {name!r} is not allowed for tenant {tenant!r}")
+            # The same answer whether or not another tenant has a target of that name: a tenant
+            # cannot learn other tenants' graph names by asking.
             raise NotFound(f"unknown target {name!r}")
         return Decision(target=name, route=route)

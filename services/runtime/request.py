@@ -31,6 +31,7 @@ class Request(Generic[P]):
         "_log",
         "_until",
         "envelope",
+        "principal",
         "reply",
         "service",
         "size",
@@ -48,8 +49,12 @@ class Request(Generic[P]):
         size: int = 0,
         reply: str = "",
         until: float | None = None,
+        principal: str | None = None,
     ) -> None:
         self.envelope = envelope
+        # Who asked: read from the subject for a tenant-facing operation (the broker lets a
+        # connection publish only with its own), else as the trusted service before wrote it.
+        self.principal = envelope.principal if principal is None else principal
         self.tenant = tenant
         self.subject = subject
         self.service = service
@@ -86,19 +91,21 @@ class Request(Generic[P]):
     def encode_json(self, kind: Kind, payload: bytes) -> bytes:
         """The same, with the payload already serialised (the JSON of a valid payload)."""
         if self._encoder is None:
-            self._encoder = FollowEncoder(self.envelope, self._until)
+            self._encoder = FollowEncoder(self.envelope, self._until, self.principal)
         return self._encoder.encode_json(kind, payload)
 
     def audit(self, action: str, outcome: str, **detail: Any) -> None:
         """Append a record about this request to the tenant's audit trail (written in the background)."""
         self.service.audit.record(
-            self.tenant, action, outcome, principal=self.envelope.principal, run_id=self.envelope.run_id, **detail
+            self.tenant, action, outcome, principal=self.principal, run_id=self.envelope.run_id, **detail
         )
 
     def with_run_id(self, run_id: str) -> Request[P]:
         """The same request with a run id assigned (when the client did not choose one)."""
         envelope = self.envelope.model_copy(update={"run_id": run_id})
-        request = Request(envelope, self.tenant, self.subject, self.service, self.size, self.reply, self._until)
+        request = Request(
+            envelope, self.tenant, self.subject, self.service, self.size, self.reply, self._until, self.principal
+        )
         request.stream = self.stream
         return request
 

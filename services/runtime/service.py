@@ -47,6 +47,7 @@ from contracts.errors import (
     CorralError,
     DeadlineExceeded,
     ErrorCode,
+    Forbidden,
     Internal,
     InvalidRequest,
     RateLimited,
@@ -106,6 +107,7 @@ class Service:
         # refusal, or None to go on. Runs in the read loop: it must be cheap and must not block.
         self.admission: Callable[[str], CorralError | None] | None = None
         self.refusals = Refusals(self.log, None)
+        self._refusing: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -337,7 +339,9 @@ class Service:
     def _refuse_soon(self, msg: Msg, error: CorralError) -> None:
         """Refuse a message that was never decoded; from the read loop, so the answer is sent
         from a task of its own (not counted in flight: it holds no slot)."""
-        asyncio.get_running_loop().create_task(self._refuse_early(msg, error))
+        task = asyncio.get_running_loop().create_task(self._refuse_early(msg, error))
+        self._refusing.add(task)  # a reference until it is done (the loop keeps only weak ones)
+        task.add_done_callback(self._refusing.discard)
 
     async def _refuse_early(self, msg: Msg, error: CorralError) -> None:
         tenant = subjects.tenant_token(msg.subject)
@@ -356,20 +360,30 @@ class Service:
         a core operation; none for a durable one, whose reply subject is the broker's ack)."""
         tenant = None
         envelope = None
+        principal = None
+        tenant_facing = getattr(op, "tenant_facing", False)
         try:
             parsed = subjects.parse(msg.subject)
             tenant = parsed.tenant
-            check_reply(reply, tenant, allow_service_inbox=not getattr(op, "tenant_facing", False))
+            if tenant_facing:  # the subject's last token names the verified principal
+                principal = subjects.principal_of(parsed.rest[-1])
+            check_reply(reply, tenant, allow_service_inbox=not tenant_facing)
             envelope = decode_request(msg.data, envelope_type)
             check_tenant(envelope.tenant_id, tenant)
             if envelope.kind != op.kind:
                 raise InvalidRequest(f"expected a {op.kind.value} envelope, got {envelope.kind.value}")
-            request = Request(envelope, tenant, parsed, self, len(msg.data), reply)
+            if tenant_facing and envelope.principal is not None and envelope.principal != principal:
+                raise Forbidden(
+                    f"the envelope names principal {envelope.principal[:128]!r} but the connection is {principal!r}"
+                )
+            request = Request(envelope, tenant, parsed, self, len(msg.data), reply, principal=principal)
             if request.remaining(1.0) <= 0:
                 raise DeadlineExceeded("the request's deadline has passed")
         except CorralError as error:
             stats.refuse(tenant, error.code.value)
-            await self._refuse(msg.subject, reply, tenant, envelope, error)
+            if not tenant_facing and envelope is not None:
+                principal = envelope.principal  # as the trusted service before this one wrote it
+            await self._refuse(msg.subject, reply, tenant, envelope, error, principal)
             return
         record = stats.start(tenant)
         started = time.perf_counter()
@@ -380,11 +394,11 @@ class Service:
                 await self.nc.publish(reply, encode_result(request, output))
         except CorralError as error:
             failure = error.code.value
-            await self._refuse(msg.subject, reply, tenant, envelope, error)
+            await self._refuse(msg.subject, reply, tenant, envelope, error, request.principal)
         except Exception:
             failure = ErrorCode.INTERNAL.value
             self.log.exception("handler_failed", subject=msg.subject, tenant_id=tenant)
-            await self._refuse(msg.subject, reply, tenant, envelope, Internal("internal error"))
+            await self._refuse(msg.subject, reply, tenant, envelope, Internal("internal error"), request.principal)
         except asyncio.CancelledError:  # given up by a stopping replica (Service.stop)
             failure = ErrorCode.UNAVAILABLE.value
             await self._abandon(request, msg.subject, reply)
@@ -402,7 +416,7 @@ class Service:
                     type=EventType.FAILED, service=self.name, data={"code": error.code.value, "message": error.message}
                 )
             )
-        await self._refuse(subject, reply, request.tenant, request.envelope, error)
+        await self._refuse(subject, reply, request.tenant, request.envelope, error, request.principal)
 
     def _raw(self, handler: RawHandler, stats: OperationStats) -> Callable[[Msg], Awaitable[None]]:
         """A raw operation's subject carries no tenant: its handler may return the ``(tenant, error
@@ -475,16 +489,23 @@ class Service:
                 await subscription.unsubscribe()
 
     async def _refuse(
-        self, subject: str, reply: str, tenant: str | None, envelope: Envelope[Any] | None, error: CorralError
+        self,
+        subject: str,
+        reply: str,
+        tenant: str | None,
+        envelope: Envelope[Any] | None,
+        error: CorralError,
+        principal: str | None = None,
     ) -> None:
         """Count a refusal (logged and audited per window, services/runtime/refusals.py) and answer
-        it with a typed error where a reply is possible and safe."""
+        it with a typed error where a reply is possible and safe. ``principal``: the verified one,
+        where the subject named it (never what an envelope claims)."""
         self.refusals.add(
             tenant,
             error.code.value,
             error.message,
             subject,
-            principal=envelope.principal if envelope else None,
+            principal=principal,
             run_id=envelope.run_id if envelope else None,
             audit=not error.remote and not error.audited,
         )
@@ -496,7 +517,7 @@ class Service:
             return  # never answer into another tenant's inbox
         info = ErrorInfo.of(error)
         if envelope is not None:
-            body = FollowEncoder(envelope).encode(Kind.ERROR, info)
+            body = FollowEncoder(envelope, principal=principal).encode(Kind.ERROR, info)
         else:
             body = new_envelope_json(Kind.ERROR, tenant, info)
         with contextlib.suppress(Exception):

@@ -2,12 +2,15 @@
 
 The tenant is the runtime's to give. A ``tenant_id`` (or a configured alias) anywhere in the
 arguments is an attempt to act as someone else: it is removed, and the caller is told so the
-attempt can be logged and audited.
+attempt can be logged and audited. Keys are matched as a lenient server would bind them
+(:func:`canonical_key`): ``TENANT_ID``, ``Tenant-Id`` and ``tenantid`` are all ``tenant_id``.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import jsonschema
@@ -19,10 +22,37 @@ TENANT_KEYS = frozenset({"tenant_id", "tenant", "tenantId"})
 _NESTED = (dict, list)
 
 
+def canonical_key(key: str) -> str:
+    """``key`` as a lenient server might match it: compatibility-normalised (fullwidth letters are
+    letters), case-folded, and with everything but letters and digits dropped, so ``Tenant-ID``,
+    ``tenant.id`` and ``tenantId`` are all ``tenantid``."""
+    # Argument names repeat, so short ones are cached; long ones (a caller's choice) are not kept.
+    return _canonical_short(key) if len(key) <= 64 else _canonical(key)
+
+
+def _canonical(key: str) -> str:
+    folded = unicodedata.normalize("NFKC", key).casefold()
+    return "".join(char for char in folded if char.isalnum())
+
+
+_canonical_short = lru_cache(maxsize=4096)(_canonical)
+
+
+@lru_cache(maxsize=64)
+def _canonical_keys(keys: frozenset[str]) -> frozenset[str]:
+    return frozenset(canonical_key(key) for key in keys)
+
+
+def is_tenant_key(key: object, keys: frozenset[str] = TENANT_KEYS) -> bool:
+    """Whether ``key`` names the tenant (one of ``keys``) in any spelling a server might accept."""
+    return isinstance(key, str) and (key in keys or canonical_key(key) in _canonical_keys(keys))
+
+
 def strip_tenant(arguments: dict[str, Any], keys: frozenset[str] = TENANT_KEYS) -> tuple[dict[str, Any], list[str]]:
-    """A copy of ``arguments`` without tenant keys at any depth, and the paths that were removed."""
+    """A copy of ``arguments`` without tenant keys (in any spelling, see :func:`canonical_key`) at
+    any depth, and the paths that were removed."""
     removed: list[str] = []
-    if not any(key in keys or isinstance(value, _NESTED) for key, value in arguments.items()):
+    if not any(is_tenant_key(key, keys) or isinstance(value, _NESTED) for key, value in arguments.items()):
         return dict(arguments), removed  # flat and clean: the common case, without the walk
 
     def clean(value: Any, path: str) -> Any:
@@ -30,7 +60,7 @@ def strip_tenant(arguments: dict[str, Any], keys: frozenset[str] = TENANT_KEYS) 
             kept = {}
             for key, item in value.items():
                 where = f"{path}.{key}" if path else key
-                if key in keys:
+                if is_tenant_key(key, keys):
                     removed.append(where)
                 else:
                     kept[key] = clean(item, where)

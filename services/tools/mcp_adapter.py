@@ -3,7 +3,10 @@
 Each server gets one long-lived session, owned by a background task: the SDK's transports are
 anyio context managers whose scopes must be closed by the task that opened them. Calls from any
 task share the session (MCP multiplexes requests). The tenant is given by the runtime, in the
-call's ``_meta`` and, when configured, as the tool argument ``tenant_argument``.
+call's ``_meta`` and, when configured, as the tool argument ``tenant_argument``. Whatever else
+the arguments hold, no key that names the tenant (``tenant_argument`` or any of
+``TENANT_KEYS``, in any case or spelling a server might bind, at any depth) reaches the server:
+the runtime's value is the only one it can read.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from typing import Any
 
 import httpx
 import mcp.types
+import structlog
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from contracts.definitions import McpServer, McpTool
 from contracts.errors import DeadlineExceeded, NotFound, ToolFailed
+from services.tools.arguments import TENANT_KEYS, is_tenant_key, strip_tenant
 from services.tools.context import ToolContext
+
+log = structlog.get_logger()
 
 META_TENANT = "corral/tenant_id"
 META_RUN = "corral/run_id"
@@ -106,20 +113,31 @@ class McpConnection:
             self._owner = None
 
 
+def tenant_keys(tenant_argument: str | None) -> frozenset[str]:
+    """The argument names that carry the tenant to this server: never a model's to fill."""
+    return TENANT_KEYS | {tenant_argument} if tenant_argument else TENANT_KEYS
+
+
 def model_schema(tool: mcp.types.Tool, tenant_argument: str | None) -> dict[str, Any]:
-    """The server's input schema without the tenant argument: that one is the runtime's."""
+    """The server's input schema without the tenant argument (in any spelling): that one is the runtime's."""
     schema = dict(tool.inputSchema or {"type": "object"})
-    if tenant_argument:
-        schema["properties"] = {k: v for k, v in (schema.get("properties") or {}).items() if k != tenant_argument}
-        schema["required"] = [name for name in schema.get("required") or [] if name != tenant_argument]
+    keys = tenant_keys(tenant_argument)
+    properties = schema.get("properties") or {}
+    if any(is_tenant_key(name, keys) for name in properties):
+        schema["properties"] = {k: v for k, v in properties.items() if not is_tenant_key(k, keys)}
+    if schema.get("required"):
+        schema["required"] = [name for name in schema["required"] if not is_tenant_key(name, keys)]
     return schema
 
 
 class McpAdapter:
+    """One tool of an MCP server, called with the runtime's tenant."""
+
     def __init__(self, name: str, config: McpTool, connection: McpConnection) -> None:
         self.name = name
         self.config = config
         self.connection = connection
+        self.tenant_keys = tenant_keys(connection.server.tenant_argument)
 
     async def describe(self) -> mcp.types.Tool:
         tools = await self.connection.tools()
@@ -130,8 +148,13 @@ class McpAdapter:
     async def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
         session = await self.connection.session()
         tenant_argument = self.connection.server.tenant_argument
+        # The tools service already removed its configured tenant keys; this server's own
+        # `tenant_argument` (say `org_id`, sent as `ORG-ID`) may not be among them.
+        arguments, removed = strip_tenant(arguments, self.tenant_keys)
+        if removed:
+            log.warning("tenant_override_attempt", tool=self.name, tenant_id=ctx.tenant_id, removed=removed)
         if tenant_argument:
-            arguments = {**arguments, tenant_argument: ctx.tenant_id}
+            arguments[tenant_argument] = ctx.tenant_id
         meta = {META_TENANT: ctx.tenant_id, META_RUN: ctx.run_id}
         try:
             result = await asyncio.wait_for(

@@ -146,9 +146,9 @@ async def router(secured: SecuredBroker, auth: Service) -> AsyncIterator[Client]
 async def test_a_tenant_with_a_dev_token_reaches_its_router_subject(acme: Tenant, router: Client) -> None:
     inbox = await router.subscribe(subjects.ROUTER_REQUESTS)
     await settled(router)
-    await acme.nc.publish(subjects.router_request("acme"), b"hello")
+    await acme.nc.publish(subjects.router_request("acme", "alice"), b"hello")
     message = await inbox.next_msg(timeout=WAIT_S)
-    assert (message.subject, message.data) == ("t.acme.router.request", b"hello")
+    assert (message.subject, message.data) == (subjects.router_request("acme", "alice"), b"hello")
 
 
 async def test_a_tenant_receives_its_own_run_events(acme: Tenant, router: Client) -> None:
@@ -162,12 +162,19 @@ async def test_a_tenant_receives_its_own_run_events(acme: Tenant, router: Client
 async def test_publishing_to_another_tenant_is_a_violation_and_never_delivered(acme: Tenant, router: Client) -> None:
     inbox = await router.subscribe(subjects.ROUTER_REQUESTS)
     await settled(router)
-    await acme.nc.publish(subjects.router_request("globex"), b"trespass")
-    assert 'publish to "t.globex.router.request"' in await acme.next_error()
+    await acme.nc.publish(subjects.router_request("globex", "alice"), b"trespass")
+    assert f'publish to "{subjects.router_request("globex", "alice")}"' in await acme.next_error()
     # The server keeps one publisher's order: had the trespass been delivered, it would come first.
-    await acme.nc.publish(subjects.router_request("acme"), b"marker")
+    await acme.nc.publish(subjects.router_request("acme", "alice"), b"marker")
     first = await inbox.next_msg(timeout=WAIT_S)
-    assert (first.subject, first.data) == ("t.acme.router.request", b"marker")
+    assert (first.subject, first.data) == (subjects.router_request("acme", "alice"), b"marker")
+
+
+async def test_a_tenant_cannot_publish_as_another_principal_of_its_own_tenant(acme: Tenant, router: Client) -> None:
+    """The subject names the principal, and the broker lets a connection use only its own: a
+    service reads who asked from the subject, never from what an envelope claims."""
+    await acme.nc.publish(subjects.router_request("acme", "admin"), b"impersonation")
+    assert f'publish to "{subjects.router_request("acme", "admin")}"' in await acme.next_error()
 
 
 @pytest.mark.parametrize("subject", ["t.globex.>", "t.>"])

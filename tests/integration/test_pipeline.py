@@ -92,7 +92,7 @@ async def test_an_expired_deadline_is_refused_without_running_anything(system):
         kind=Kind.REQUEST, tenant_id="acme", deadline=deadline_in(-1), payload=RouterRequest()
     )
     try:
-        reply = await nc.request(subjects.router_request("acme"), late.model_dump_json().encode(), timeout=5)
+        reply = await nc.request(subjects.router_request("acme", "dev"), late.model_dump_json().encode(), timeout=5)
     finally:
         await nc.close()
     with pytest.raises(DeadlineExceeded):
@@ -133,7 +133,7 @@ async def test_the_executor_answers_the_client_directly_and_its_absence_is_notic
             async with running_services(secured.url, secured.state_dir, ("graph",), **fast):
                 await asyncio.wait_for(until(executor, True), 10)
                 reply = await nc.request(
-                    subjects.router_request("acme"), request.model_dump_json().encode(), timeout=10
+                    subjects.router_request("acme", "dev"), request.model_dump_json().encode(), timeout=10
                 )
             # Caused by the run the router passed on, not by the client's request: no relay.
             answer = Envelope.model_validate_json(reply.data)

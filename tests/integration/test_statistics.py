@@ -75,9 +75,9 @@ async def test_refusals_and_errors_are_counted_by_kind_for_the_tenant_of_the_sub
     console = await admin(broker)
     try:
         forged = new_envelope_json(Kind.REQUEST, "globex", RouterRequest(input={"text": "hi"}))
-        await acme.request(subjects.router_request("acme"), forged, timeout=5)  # answered with a typed error
+        await acme.request(subjects.router_request("acme", "dev"), forged, timeout=5)  # answered with a typed error
         unknown = new_envelope_json(Kind.REQUEST, "acme", RouterRequest(target="nope", input={"text": "hi"}))
-        await acme.request(subjects.router_request("acme"), unknown, timeout=5)
+        await acme.request(subjects.router_request("acme", "dev"), unknown, timeout=5)
         router = endpoint(await stats_of(console, "router", {"tenants": ["acme"]}), "request")
     finally:
         await acme.close()

@@ -13,6 +13,7 @@ import pytest
 from contracts import subjects
 from contracts.audit import STREAM, seal
 from contracts.envelope import Envelope, Kind, RouterRequest, ToolCall, deadline_in
+from contracts.errors import Forbidden
 from contracts.replies import decode_reply
 from corral.audit_reader import read_trail
 from tests.security.conftest import still_serving, tenant_connection, watched_connection
@@ -34,7 +35,7 @@ async def test_tool_calls_and_refusals_are_recorded_per_tenant(system):
     acme = await tenant_connection(broker, "acme")
     forged = Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id="globex", payload=RouterRequest())
     try:
-        await acme.nc.request(subjects.router_request("acme"), forged.model_dump_json().encode(), timeout=5)
+        await acme.nc.request(subjects.router_request("acme", "dev"), forged.model_dump_json().encode(), timeout=5)
     finally:
         await acme.nc.close()
     await flushed(services)
@@ -91,7 +92,7 @@ async def test_the_chain_stays_intact_under_concurrent_writers(system):
         await asyncio.gather(
             *[client.request("where is my order?", watch=False) for _ in range(40)],
             *[
-                acme.nc.request(subjects.router_request("acme"), forged.model_dump_json().encode(), timeout=5)
+                acme.nc.request(subjects.router_request("acme", "dev"), forged.model_dump_json().encode(), timeout=5)
                 for _ in range(40)
             ],
         )
@@ -162,3 +163,32 @@ async def test_refused_tokens_signed_by_a_trusted_key_reach_their_tenants_trail(
         await asyncio.sleep(0.05)
     # Only the expired token was signed by a trusted key: the forged one's claim is not believed.
     assert [(r.service, r.detail["reason"]) for r in records] == [("auth", "token expired")]
+
+
+async def test_audit_records_name_the_verified_principal_never_the_one_an_envelope_claims(system):
+    """The principal comes from the broker-verified identity (the subject names it); an envelope
+    claiming another is refused, and the record keeps both."""
+    from corral.client import CorralClient
+    from services.auth.tokens import mint_dev_token
+
+    broker, services = system
+    token = mint_dev_token("acme", key=broker.secrets.dev_key, sub="alice")
+    client = await CorralClient.connect(broker.url, tenant="acme", token=token)
+    forger = await nats.connect(broker.url, token=token, inbox_prefix=subjects.inbox_prefix("acme").encode())
+    claimed = Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id="acme", principal="ceo", payload=RouterRequest())
+    try:
+        await client.request("where is my order?", watch=False)
+        reply = await forger.request(
+            subjects.router_request("acme", "alice"), claimed.model_dump_json().encode(), timeout=5
+        )
+    finally:
+        await client.close()
+        await forger.close()
+    with pytest.raises(Forbidden, match="names principal 'ceo'"):
+        decode_reply(reply.data)
+    await flushed(services)
+    records = (await trail(broker, "acme")).records
+    calls = [r for r in records if r.action == "tool_call"]
+    assert calls and all(r.principal == "alice" for r in calls)
+    (refusal,) = [r for r in records if r.action == "guard_refused"]
+    assert refusal.principal == "alice" and "'ceo'" in refusal.detail["reason"]

@@ -52,7 +52,7 @@ async def test_a_bad_request_gets_a_typed_error_and_the_router_keeps_serving(sys
     body, error = BAD_BODIES[name]
     acme = await tenant_connection(broker, "acme")
     try:
-        reply = await acme.nc.request(subjects.router_request("acme"), body, timeout=10)
+        reply = await acme.nc.request(subjects.router_request("acme", "dev"), body, timeout=10)
         with pytest.raises(error):
             decode_reply(reply.data)
     finally:
@@ -71,7 +71,7 @@ async def test_a_message_over_the_servers_max_payload_is_cut_off_by_the_server(s
         writer.write(f'CONNECT {{"auth_token": "{token}", "verbose": false}}\r\nPING\r\n'.encode())
         assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"PONG")
         size = MAX_MESSAGE_BYTES + 1024
-        writer.write(f"PUB {subjects.router_request('acme')} {size}\r\n".encode() + b"x" * size + b"\r\n")
+        writer.write(f"PUB {subjects.router_request('acme', 'dev')} {size}\r\n".encode() + b"x" * size + b"\r\n")
         try:
             # The server refuses on the PUB line and closes: often before the payload is all
             # written, in which case the close arrives as a reset instead of the -ERR line.
@@ -100,7 +100,7 @@ async def test_a_reply_subject_in_another_tenants_inbox_gets_nothing_there(syste
     await globex.nc.flush()  # nats-py 2.16 may send a flush's PING ahead of the SUB: twice is a barrier
     attacker = await tenant_connection(broker, "acme")
     try:
-        await attacker.nc.publish(subjects.router_request("acme"), valid(), reply="_INBOX.globex.stolen")
+        await attacker.nc.publish(subjects.router_request("acme", "dev"), valid(), reply="_INBOX.globex.stolen")
         await attacker.nc.flush()
         await still_serving(broker)  # a later request is answered, so the spoofed one was handled
         await globex.nc.flush()

@@ -127,9 +127,15 @@ async def test_the_rate_limit_is_checked_from_the_subject_before_the_body_is_dec
         try:
             good = new_envelope_json(Kind.REQUEST, "acme", RouterRequest(input={"text": "hi"}))
             for _ in range(2):  # the burst
-                assert decode_reply((await acme.request(subjects.router_request("acme"), good, timeout=5)).data) == "ok"
+                assert (
+                    decode_reply((await acme.request(subjects.router_request("acme", "dev"), good, timeout=5)).data)
+                    == "ok"
+                )
             flood = await asyncio.gather(
-                *[acme.request(subjects.router_request("acme"), b"\x00 not even json", timeout=5) for _ in range(200)]
+                *[
+                    acme.request(subjects.router_request("acme", "dev"), b"\x00 not even json", timeout=5)
+                    for _ in range(200)
+                ]
             )
         finally:
             await acme.close()
@@ -143,7 +149,7 @@ async def test_the_rate_limit_is_checked_from_the_subject_before_the_body_is_dec
         )
         try:
             request = new_envelope_json(Kind.REQUEST, "globex", RouterRequest(input={"text": "hi"}))
-            reply = await globex.request(subjects.router_request("globex"), request, timeout=5)
+            reply = await globex.request(subjects.router_request("globex", "dev"), request, timeout=5)
         finally:
             await globex.close()
         assert decode_reply(reply.data) == "ok"  # the other tenant is untouched

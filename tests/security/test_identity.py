@@ -10,6 +10,7 @@ import nats
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from contracts import subjects
 from contracts.envelope import Envelope, Kind, RouterRequest
 from contracts.errors import TenantMismatch
 from contracts.replies import decode_reply
@@ -73,7 +74,7 @@ async def test_a_valid_token_for_one_tenant_never_grants_another(system):
         # Asking for acme's data with globex's token: the router request goes to globex's subject
         # (the only one allowed), so the tenant is globex whatever the payload claims.
         forged = Envelope[RouterRequest](kind=Kind.REQUEST, tenant_id="acme", payload=RouterRequest())
-        reply = await nc.request("t.globex.router.request", forged.model_dump_json().encode(), timeout=5)
+        reply = await nc.request(subjects.router_request("globex", "dev"), forged.model_dump_json().encode(), timeout=5)
         with pytest.raises(TenantMismatch):
             decode_reply(reply.data)
     finally:

@@ -104,7 +104,7 @@ def test_the_response_grants_exactly_the_tenants_permissions_until_the_token_exp
     assert claims["nats"]["type"] == "authorization_response" and claims["nats"]["version"] == 2
     _, user, user_signature, user_signed = unpack(claims["nats"]["jwt"])
     verify_with(ISSUER.public_key.decode(), user_signed, user_signature)
-    permissions = tenant_permissions("acme")
+    permissions = tenant_permissions("acme", "alice")
     assert user["nats"]["pub"] == {"allow": list(permissions.publish)}
     assert user["nats"]["sub"] == {"allow": list(permissions.subscribe)}
     assert (user["sub"], user["aud"], user["exp"], user["nats"]["version"]) == (USER_NKEY, "APP", expires, 2)

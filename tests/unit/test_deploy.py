@@ -61,7 +61,7 @@ def test_the_asyncapi_document_lists_every_operation_of_every_manifest():
             assert f"{manifest.name}:{op.name}" in titles
     addresses = {channel["address"] for channel in document["channels"].values()}
     assert {
-        "t.{tenant}.router.request",
+        "t.{tenant}.router.request.{principal}",
         "t.{tenant}.graph.run",
         "t.{tenant}.tool.{tool}.call",
         "t.{tenant}.events.{run_id}",

@@ -26,7 +26,7 @@ def test_non_string_tenant_is_refused():
 
 
 def test_builders_put_the_tenant_in_the_second_token():
-    assert subjects.router_request("acme") == "t.acme.router.request"
+    assert subjects.router_request("acme", "dev") == "t.acme.router.request.mrsxm"
     assert subjects.tool_call("acme", "orders_lookup") == "t.acme.tool.orders_lookup.call"
     assert subjects.events("acme", "run1") == "t.acme.events.run1"
     assert subjects.inbox_prefix("acme") == "_INBOX.acme"
@@ -39,7 +39,7 @@ def test_builders_refuse_wildcards_and_dots_in_every_token(bad):
     with pytest.raises(InvalidRequest):
         subjects.events("acme", bad)
     with pytest.raises(InvalidRequest):
-        subjects.router_request(bad)
+        subjects.router_request(bad, "dev")
 
 
 def test_service_inboxes_can_never_be_a_tenant_inbox():
@@ -74,3 +74,25 @@ def test_reply_must_be_inside_the_tenant_inbox():
 def test_names_refuse_dots():
     with pytest.raises(InvalidRequest):
         validate_name("orders.lookup")
+
+
+@pytest.mark.parametrize(
+    "principal", ["dev", "alice@example.com", "auth0|5f7c8ec7c33c6c004bbafe82", "a.b*c>d e", "ünïcødé", "x" * 128]
+)
+def test_any_principal_becomes_one_safe_subject_token_and_back(principal):
+    token = subjects.principal_token(principal)
+    assert token.isascii() and token.isalnum() and token == token.lower()
+    assert subjects.principal_of(token) == principal
+    assert subjects.router_request("acme", principal).split(".")[4] == token
+
+
+@pytest.mark.parametrize("principal", ["", "x" * 129])
+def test_a_principal_must_be_1_to_128_bytes(principal):
+    with pytest.raises(InvalidRequest):
+        subjects.principal_token(principal)
+
+
+@pytest.mark.parametrize("token", ["", "*", ">", "MRSXM", "mrsxm1", "a", "mrsxma", "mrsx m"])
+def test_a_subject_token_that_is_not_exactly_one_principals_spelling_is_refused(token):
+    with pytest.raises(InvalidRequest):
+        subjects.principal_of(token)

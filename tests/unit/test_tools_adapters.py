@@ -9,18 +9,22 @@ import json
 import threading
 
 import httpx
+import mcp.types
 import pytest
 import structlog
 import structlog.testing
 from hypothesis import given
 from hypothesis import strategies as st
+from mcp.server.lowlevel import Server
+from mcp.shared.memory import create_connected_server_and_client_session
 
-from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, HttpTool, PythonTool
+from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, HttpTool, McpServer, McpTool, PythonTool
 from contracts.errors import DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
 from corral.nats_server import free_port
 from services.tools.arguments import check_arguments, compile_schema, strip_tenant
 from services.tools.context import ToolContext
 from services.tools.http_adapter import HttpAdapter
+from services.tools.mcp_adapter import McpAdapter, model_schema
 from services.tools.python_adapter import PythonAdapter
 from services.tools.registry import ToolRegistry
 from tests.support.http import Reply, http_server
@@ -344,9 +348,10 @@ async def test_delete_sends_arguments_in_the_query_and_put_in_the_body(client):
 
 
 async def test_a_path_argument_cannot_add_path_segments(client):
-    with http_server() as server:
+    # Once sent encoded (..%2F..%2Fglobex%2Fx): a server or proxy that decodes %2F walked up. Now refused.
+    with http_server() as server, pytest.raises(InvalidRequest, match="argument 'name'"):
         await adapter(client, server.url + "/tenants/{tenant_id}/files/{name}").call(CTX, {"name": "../../globex/x"})
-    assert server.received[0].path == "/tenants/acme/files/..%2F..%2Fglobex%2Fx"
+    assert server.received == []
 
 
 async def test_redirects_are_not_followed(client):
@@ -503,3 +508,84 @@ def test_the_quick_schema_check_covers_flat_scalar_schemas_only():
         {"type": "object", "properties": {"q": {"type": ["string", "null"]}}},
     ):
         assert compile_schema(other, "t").quick is None
+
+
+# ---- the tenant argument of MCP tools is the runtime's, however a model spells it -------------
+
+
+def echo_server() -> Server:
+    """A real MCP server (low-level, in process) that answers with the raw arguments it received."""
+    server = Server("echo")
+
+    @server.list_tools()
+    async def list_tools() -> list[mcp.types.Tool]:
+        return [mcp.types.Tool(name="echo", inputSchema={"type": "object"})]
+
+    @server.call_tool(validate_input=False)
+    async def call_tool(name: str, arguments: dict) -> dict:
+        meta = server.request_context.meta
+        return {"arguments": arguments, "meta": (meta.model_dump() if meta else {}).get("corral/tenant_id")}
+
+    return server
+
+
+class InMemoryConnection:
+    """What an adapter needs of an ``McpConnection``, over a session to an in-process server."""
+
+    def __init__(self, session, tenant_argument):
+        self._session = session
+        self.server = McpServer(name="echo", stdio={"command": "unused"}, tenant_argument=tenant_argument)
+
+    async def session(self):
+        return self._session
+
+
+@contextlib.asynccontextmanager
+async def echo_tool(tenant_argument):
+    # Entered in the test itself: anyio's task group must be left by the task that entered it.
+    async with create_connected_server_and_client_session(echo_server()) as session:
+        yield McpAdapter("echo", McpTool(server="echo", tool="echo"), InMemoryConnection(session, tenant_argument))
+
+
+TENANT_SPELLINGS = ["TENANT_ID", "Tenant-Id", "tenantid", "tenant_ID", "TenantId", "tenant.id", "\uff54enant_id"]
+
+
+async def test_no_spelling_of_the_tenant_argument_reaches_an_mcp_server():
+    arguments = {"q": 1, **dict.fromkeys(TENANT_SPELLINGS, "globex"), "filter": {"Tenant": "globex", "a": 2}}
+    async with echo_tool("tenant_id") as tool:
+        result = await tool.call(CTX, arguments)
+    assert result == {"arguments": {"q": 1, "filter": {"a": 2}, "tenant_id": "acme"}, "meta": "acme"}
+
+
+async def test_a_servers_own_tenant_argument_is_the_runtimes_in_any_spelling():
+    async with echo_tool("org_id") as tool:
+        result = await tool.call(CTX, {"org_id": "globex", "ORG-ID": "globex", "orgId": "globex", "tenant": "globex"})
+    assert result["arguments"] == {"org_id": "acme"}
+
+
+def test_the_schema_shown_to_models_hides_every_spelling_of_the_tenant_argument():
+    listed = mcp.types.Tool(
+        name="t",
+        inputSchema={
+            "type": "object",
+            "properties": {"q": {"type": "string"}, "org_id": {"type": "string"}, "OrgId": {"type": "string"}},
+            "required": ["q", "org_id", "OrgId"],
+        },
+    )
+    schema = model_schema(listed, "org_id")
+    assert set(schema["properties"]) == {"q"} and schema["required"] == ["q"]
+
+
+def test_tenant_keys_are_removed_in_any_case_or_spelling():
+    cleaned, removed = strip_tenant({"q": 1, "TENANT": "g", "Tenant-ID": "g", "nested": [{"tenantID": "g"}]})
+    assert cleaned == {"q": 1, "nested": [{}]}
+    assert removed == ["TENANT", "Tenant-ID", "nested[0].tenantID"]
+    assert strip_tenant({"ORG": "g", "organisation": "o"}, frozenset({"org"}))[0] == {"organisation": "o"}
+
+
+async def test_a_templates_own_query_is_kept_and_the_arguments_follow_it(client):
+    """httpx's ``params=`` replaces a URL's query: the template's ``v=2&org=acme`` used to vanish."""
+    with http_server() as server:
+        await adapter(client, server.url + "/search?v=2&org={tenant_id}").call(CTX, {"q": "a b", "tag": ["x", "y"]})
+        await adapter(client, server.url + "/search?v=2", method="DELETE").call(CTX, {})
+    assert [request.path for request in server.received] == ["/search?v=2&org=acme&q=a+b&tag=x&tag=y", "/search?v=2"]
