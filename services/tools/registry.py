@@ -9,7 +9,7 @@ import structlog
 
 from contracts.definitions import Catalog, DefinitionError, ToolDefinition
 from contracts.errors import CorralError, Forbidden, NotFound
-from services.tools.arguments import TENANT_KEYS, compile_schema
+from services.tools.arguments import TENANT_KEYS, compile_schema, is_tenant_key
 from services.tools.context import ToolContext
 from services.tools.http_adapter import HttpAdapter
 from services.tools.mcp_adapter import McpAdapter, McpConnection, model_schema
@@ -95,6 +95,6 @@ class ToolRegistry:
 
 def _refuse_tenant_parameters(tool: ToolDefinition, tenant_keys: frozenset[str]) -> None:
     """A tool's schema must never offer the tenant as a parameter: the runtime injects it."""
-    offered = set(tool.parameters.get("properties", {})) & tenant_keys
+    offered = {key for key in tool.parameters.get("properties", {}) if is_tenant_key(key, tenant_keys)}
     if offered:
         raise DefinitionError(f"tool {tool.name!r} must not declare {sorted(offered)}: the runtime injects the tenant")

@@ -264,8 +264,9 @@ def catalog(tools, tenants):
 PY_TOOL = {"name": "echo", "python": {"callable": "tests.unit.test_tools_adapters:sync_tool"}}
 
 
-def test_a_tool_schema_may_not_offer_the_tenant_as_a_parameter():
-    tool = {**PY_TOOL, "parameters": {"type": "object", "properties": {"tenant_id": {"type": "string"}}}}
+@pytest.mark.parametrize("key", ["tenant_id", "TenantId", "TENANT-ID", "tenant"])
+def test_a_tool_schema_may_not_offer_the_tenant_as_a_parameter_in_any_spelling(key):
+    tool = {**PY_TOOL, "parameters": {"type": "object", "properties": {key: {"type": "string"}}}}
     with pytest.raises(DefinitionError, match="the runtime injects the tenant"):
         ToolRegistry(catalog([tool], []))
 
