@@ -12,6 +12,8 @@ from services.runtime.service import Request, Service
 from services.tools.arguments import check_arguments, strip_tenant
 from services.tools.context import ToolContext
 from services.tools.registry import ToolRegistry
+from services.tools.settings import ToolsSettings
+from services.tools.threads import ThreadBulkhead
 
 REFUSED = frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID_REQUEST})
 
@@ -19,7 +21,9 @@ REFUSED = frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID
 def register(service: Service, catalog: Catalog, registry: ToolRegistry | None = None) -> ToolRegistry:
     """Bind the tools service's operation on ``service``."""
     aliases = frozenset(service.settings.tenant_argument_aliases)
-    tools = registry or ToolRegistry(catalog, tenant_keys=aliases)
+    settings = ToolsSettings.of(service.settings)
+    threads = ThreadBulkhead(threads=settings.tool_threads, per_tenant=settings.tool_threads_per_tenant)
+    tools = registry or ToolRegistry(catalog, tenant_keys=aliases, threads=threads)
     service.on_start(tools.discover)
     service.on_stop(tools.aclose)
 

@@ -3,6 +3,7 @@
 from contracts import subjects
 from contracts.envelope import Kind, ToolCall
 from services.runtime.manifest import Consume, Manifest
+from services.tools.settings import ToolsSettings
 
 MANIFEST = Manifest(
     name="tools",
@@ -16,4 +17,5 @@ MANIFEST = Manifest(
             "Call a tool for the tenant of the subject; the runtime injects the tenant",
         ),
     ),
+    settings=ToolsSettings,
 )

@@ -13,13 +13,16 @@ import structlog
 from contracts.definitions import PythonTool
 from contracts.errors import CorralError, DeadlineExceeded, ToolFailed
 from services.tools.context import ToolContext
+from services.tools.threads import ThreadBulkhead
 
 
 class PythonAdapter:
-    """Imports the callable once; async functions run on the loop, sync ones in a worker thread."""
+    """Imports the callable once; async functions run on the loop, sync ones in a worker thread
+    of the tenant's share (services/tools/threads.py)."""
 
-    def __init__(self, name: str, config: PythonTool) -> None:
+    def __init__(self, name: str, config: PythonTool, threads: ThreadBulkhead | None = None) -> None:
         self.name = name
+        self.threads = threads or ThreadBulkhead(threads=8, per_tenant=4)
         module_name, _, attribute = config.callable.partition(":")
         try:
             self.function: Callable[..., Any] = getattr(importlib.import_module(module_name), attribute)
@@ -58,9 +61,10 @@ class PythonAdapter:
                         return done.value
                     call = _Rest(call, waiting_on)
             else:
-                # A sync tool that overruns keeps its worker thread until it returns: Python cannot
-                # stop a thread. The caller still gets its answer at the deadline.
-                call = asyncio.to_thread(self.function, ctx, **arguments)
+                # A sync tool that overruns keeps its worker thread until it returns (Python cannot
+                # stop a thread), counted against its tenant's share; the caller still gets its
+                # answer at the deadline.
+                call = self.threads.run(ctx.tenant_id, self.name, self.function, ctx, **arguments)
             timer = asyncio.timeout(ctx.timeout_s)
             async with timer:
                 return await call

@@ -14,6 +14,7 @@ from services.tools.context import ToolContext
 from services.tools.http_adapter import HttpAdapter
 from services.tools.mcp_adapter import McpAdapter, McpConnection, model_schema
 from services.tools.python_adapter import PythonAdapter
+from services.tools.threads import ThreadBulkhead
 
 log = structlog.get_logger()
 DEFAULT_PARAMETERS = {"type": "object"}
@@ -25,9 +26,14 @@ class Adapter(Protocol):
 
 class ToolRegistry:
     def __init__(
-        self, catalog: Catalog, http: httpx.AsyncClient | None = None, tenant_keys: frozenset[str] = TENANT_KEYS
+        self,
+        catalog: Catalog,
+        http: httpx.AsyncClient | None = None,
+        tenant_keys: frozenset[str] = TENANT_KEYS,
+        threads: ThreadBulkhead | None = None,
     ) -> None:
         self.catalog = catalog
+        self.threads = threads or ThreadBulkhead(threads=16, per_tenant=4)
         self.http = http or httpx.AsyncClient(follow_redirects=False)
         self.connections = {name: McpConnection(server) for name, server in catalog.mcp_servers.items()}
         self.adapters: dict[str, Adapter] = {}
@@ -37,7 +43,7 @@ class ToolRegistry:
             _refuse_tenant_parameters(tool, tenant_keys)
             self._set_parameters(tool.name, tool.parameters)
             if tool.python is not None:
-                self.adapters[tool.name] = PythonAdapter(tool.name, tool.python)
+                self.adapters[tool.name] = PythonAdapter(tool.name, tool.python, self.threads)
             elif tool.http is not None:
                 self.adapters[tool.name] = HttpAdapter(tool.name, tool.http, self.http)
             else:
@@ -91,6 +97,7 @@ class ToolRegistry:
         for connection in self.connections.values():
             await connection.close()
         await self.http.aclose()
+        self.threads.close()
 
 
 def _refuse_tenant_parameters(tool: ToolDefinition, tenant_keys: frozenset[str]) -> None:
