@@ -13,13 +13,13 @@ from contracts.definitions import Catalog
 from contracts.envelope import EventType, RouterRequest, RunEvent, new_id
 from contracts.errors import CorralError, NotFound
 from services.router.executors import EXECUTORS
-from services.router.policy import Router
+from services.router.policy import RateLimiter, Router
 from services.runtime.service import Request, Service
 
 
 def register(service: Service, catalog: Catalog) -> Router:
     """Bind the router's operation on ``service``; returns the policy object (for tests)."""
-    router = Router(catalog)
+    router = Router(catalog, RateLimiter(shares=lambda: service.replicas.count))
     service.admission = router.admit
 
     @service.handler("request")

@@ -33,4 +33,6 @@ MANIFEST = Manifest(
     # Relayed (not passed on) while no executor answered the last probe: fails at once, typed.
     requests=tuple(executor.runs for executor in EXECUTORS.values()),
     watches=tuple(executor.service for executor in EXECUTORS.values()),
+    # Each replica takes its share of a tenant's rate limit (services/router/policy.py).
+    counts_replicas=True,
 )

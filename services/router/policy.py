@@ -6,6 +6,7 @@ No NATS here; the handler feeds it the tenant from the subject and the validated
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from contracts.definitions import Catalog, RateLimit, Route, TenantPolicy
@@ -20,18 +21,25 @@ class _Bucket:
 
 
 class RateLimiter:
-    """A token bucket per tenant. Limits are per router replica (state is in memory)."""
+    """A token bucket per tenant, in memory. With ``shares`` replicas running, each takes its
+    share of the rate and the burst, so together they admit the tenant's limit: the broker's
+    queue group spreads requests over the replicas evenly on average (not exactly: a replica that
+    gets more than its share of one tenant's requests refuses some early)."""
 
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, clock=time.monotonic, shares: Callable[[], int] = lambda: 1) -> None:
         self._buckets: dict[str, _Bucket] = {}
         self._clock = clock
+        self._shares = shares
 
     def admit(self, tenant: str, limit: RateLimit) -> None:
         now = self._clock()
+        shares = max(1, self._shares())
+        rate = limit.per_second / shares
+        burst = max(1.0, limit.burst / shares)
         bucket = self._buckets.get(tenant)
         if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(tokens=float(limit.burst), updated=now)
-        bucket.tokens = min(float(limit.burst), bucket.tokens + (now - bucket.updated) * limit.per_second)
+            bucket = self._buckets[tenant] = _Bucket(tokens=burst, updated=now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens < 1.0:
             raise RateLimited(f"tenant {tenant!r} is over its rate limit of {limit.per_second:g} requests/s")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -59,3 +60,51 @@ class Liveness:
             else:
                 self.saw(True)
             await asyncio.sleep(self.interval_s)
+
+
+class Replicas:
+    """How many replicas of this service are running, counted every ``interval_s`` seconds from
+    the answers to one ping (each replica answers with its own id). A service that shares a
+    per-tenant limit between its replicas (the router's rate limit) divides by it."""
+
+    def __init__(self, service: str, interval_s: float, *, window_s: float = 0.25) -> None:
+        self.service = service
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self.count = 1  # this one, until the first count
+        self.counted = asyncio.Event()  # set after each count (tests wait on it)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, nc: Any) -> None:
+        self._task = asyncio.create_task(self._run(nc), name=f"replicas-{self.service}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, nc: Any) -> None:
+        subject = subjects.ping(self.service)
+        while True:
+            with contextlib.suppress(Exception):  # a reconnection: keep the last count
+                self.count = max(1, await self._count(nc, subject))
+                self.counted.set()
+            await asyncio.sleep(self.interval_s)
+
+    async def _count(self, nc: Any, subject: str) -> int:
+        inbox = nc.new_inbox()
+        seen: set[str] = set()
+
+        async def answer(msg: Any) -> None:
+            if msg.data:  # an empty message is the broker's "no responders"
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    seen.add(str(json.loads(msg.data)["replica"]))
+
+        subscription = await nc.subscribe(inbox, cb=answer)
+        try:
+            await nc.publish(subject, b"", reply=inbox)
+            await asyncio.sleep(self.window_s)  # the answers of this round arrive meanwhile
+        finally:
+            await subscription.unsubscribe()
+        return len(seen)

@@ -118,6 +118,8 @@ class Manifest:
     publishes: tuple[Publishes, ...] = ()
     requests: tuple[str, ...] = ()  # subjects it requests (the replies come to its own inbox)
     watches: tuple[str, ...] = ()  # services whose liveness it probes (services/runtime/liveness.py)
+    # Counts its own running replicas (``Service.replicas``), to share a limit between them.
+    counts_replicas: bool = False
     settings: type[Settings] = Settings
     account: str = APP_ACCOUNT
     # Writes audit records. A service outside APP writes them through a second connection in APP,
@@ -161,6 +163,8 @@ class Manifest:
         publish = [p.subject for p in self.publishes]
         publish += self.requests
         publish += [subjects.ping(other) for other in self.watches]
+        if self.counts_replicas:
+            publish.append(subjects.ping(self.name))
         for op in self.consumes:
             if isinstance(op, Durable):
                 publish += _durable_api(op.stream, self.durable_name(op))

@@ -61,7 +61,7 @@ from services.runtime.audit import AuditTrail
 from services.runtime.credentials import service_credentials
 from services.runtime.fairness import Admission, FairShare
 from services.runtime.guard import check_reply, check_tenant
-from services.runtime.liveness import Liveness
+from services.runtime.liveness import Liveness, Replicas
 from services.runtime.logging import configure_logging
 from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
 from services.runtime.refusals import Refusals
@@ -117,6 +117,8 @@ class Service:
         self.watched: dict[str, Liveness] = {
             other: Liveness(other, self.settings.probe_interval_s) for other in manifest.watches
         }
+        # How many replicas of this service run (1 until counted, and when it does not count).
+        self.replicas = Replicas(self.name, self.settings.probe_interval_s)
 
     # ---- binding handlers to the manifest ----------------------------------------------
 
@@ -191,6 +193,8 @@ class Service:
             await self._subscribe(op)
         if self.manifest.in_app:
             self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
+            if self.manifest.counts_replicas:
+                self.replicas.start(self.nc)
             self._subscriptions.append(await self.nc.subscribe(subjects.stats(self.name), cb=self.answer_stats))
         # nats-py 2.16 writes a flush's PING ahead of SUBs still queued: the second round trip
         # follows them, so the subscriptions exist before the service says it is ready.
@@ -259,6 +263,7 @@ class Service:
             await self.requester.stop()
         for liveness in self.watched.values():
             await liveness.stop()
+        await self.replicas.stop()
         for cleanup in self._on_stop:
             with contextlib.suppress(Exception):
                 await cleanup()
@@ -525,7 +530,12 @@ class Service:
 
     async def _on_ping(self, msg: Msg) -> None:
         if msg.reply:
-            body = {"service": self.name, "pid": os.getpid(), "in_flight": len(self._in_flight)}
+            body = {
+                "service": self.name,
+                "replica": self.stats.replica_id,
+                "pid": os.getpid(),
+                "in_flight": len(self._in_flight),
+            }
             await self.nc.publish(msg.reply, json.dumps(body).encode())
 
     async def answer_stats(self, msg: Msg) -> None:

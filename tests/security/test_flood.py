@@ -153,3 +153,50 @@ async def test_the_rate_limit_is_checked_from_the_subject_before_the_body_is_dec
         finally:
             await globex.close()
         assert decode_reply(reply.data) == "ok"  # the other tenant is untouched
+
+
+async def test_a_tenants_rate_limit_holds_across_router_replicas(secured, tmp_path):
+    """Each replica takes its share of the tenant's rate and burst: two routers admit the burst
+    once, not twice."""
+    definitions = {
+        **DEFINITIONS,
+        "tenants": [
+            {
+                "tenant": "acme",
+                "default_route": "g",
+                "routes": {"g": {"graph": "g"}},
+                "rate_limit": {"per_second": 0.001, "burst": 10},
+            }
+        ],
+    }
+    (tmp_path / "defs.yaml").write_text(yaml.safe_dump(definitions))
+    names = ("auth", "router", "graph", "tools")
+    async with (
+        running_services(secured.url, secured.state_dir, names, definitions=tmp_path / "defs.yaml") as one,
+        running_services(secured.url, secured.state_dir, ("router",), definitions=tmp_path / "defs.yaml") as two,
+    ):
+        for router in (one["router"], two["router"]):
+            while router.replicas.count != 2:  # each counts the other (once a probe interval)
+                router.replicas.counted.clear()
+                await asyncio.wait_for(router.replicas.counted.wait(), 10)
+        acme = await nats.connect(
+            secured.url,
+            token=mint_dev_token("acme", key=secured.secrets.dev_key),
+            inbox_prefix=subjects.inbox_prefix("acme").encode(),
+        )
+        try:
+            request = new_envelope_json(Kind.REQUEST, "acme", RouterRequest(input={"text": "hi"}))
+            replies = await asyncio.gather(
+                *[acme.request(subjects.router_request("acme", "dev"), request, timeout=5) for _ in range(40)]
+            )
+        finally:
+            await acme.close()
+    admitted = 0
+    for reply in replies:
+        try:
+            decode_reply(reply.data)
+            admitted += 1
+        except RateLimited:
+            pass
+    # 5 per replica at most; fewer if the queue group gave one replica more than its share.
+    assert 1 <= admitted <= 10
