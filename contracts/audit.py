@@ -38,7 +38,7 @@ class AuditEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tenant_id: TenantId
-    prev: str  # hash of the tenant's previous entry; "" for its first
+    prev: str  # hash of the previous entry of its chain (the tenant's, of one service); "" for the first
     records: list[AuditRecord]
     hash: str
 
@@ -99,3 +99,19 @@ def verify_chain(tenant: str, entries: list[tuple[int, Any]], *, starts_at_first
             problems.append(ChainProblem(sequence, "chain broken: an entry before this one was removed or altered"))
         previous = entry.hash
     return problems
+
+
+def verify_trail(
+    tenant: str, messages: list[tuple[int, str, Any]], *, starts_at_first: bool = True
+) -> list[ChainProblem]:
+    """Problems in a tenant's trail: ``(stream sequence, subject, raw entry)`` in stream order,
+    one chain per subject (each service keeps its own chain of the tenant's records)."""
+    chains: dict[str, list[tuple[int, Any]]] = {}
+    for sequence, subject, raw in messages:
+        chains.setdefault(subject, []).append((sequence, raw))
+    problems = [
+        problem
+        for chain in chains.values()
+        for problem in verify_chain(tenant, chain, starts_at_first=starts_at_first)
+    ]
+    return sorted(problems, key=lambda problem: problem.sequence)

@@ -9,7 +9,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from contracts import subjects
-from contracts.audit import STREAM, AuditEntry, ChainProblem, verify_chain
+from contracts.audit import STREAM, AuditEntry, ChainProblem, verify_trail
 
 
 @dataclass
@@ -28,7 +28,7 @@ async def read_trail(url: str, user: str, password: str, tenant: str) -> AuditRe
     try:
         js = nc.jetstream()
         info = await js.stream_info(STREAM)
-        raw: list[tuple[int, bytes]] = []
+        raw: list[tuple[int, str, bytes]] = []
         sequence = 0
         while True:
             try:
@@ -36,12 +36,14 @@ async def read_trail(url: str, user: str, password: str, tenant: str) -> AuditRe
             except NotFoundError:
                 break
             sequence = message.seq
-            raw.append((message.seq, message.data))
+            raw.append((message.seq, message.subject, message.data))
     finally:
         await nc.close()
-    problems = verify_chain(tenant, raw, starts_at_first=info.state.first_seq <= 1)
+    # Nothing ever left the stream (its limits removed nothing): every chain must start at its
+    # first entry. Otherwise a chain may start after older entries that the limits removed.
+    problems = verify_trail(tenant, raw, starts_at_first=info.state.first_seq <= 1)
     entries = []
-    for seq, data in raw:
+    for seq, _, data in raw:
         try:
             entries.append((seq, AuditEntry.model_validate_json(data)))
         except ValueError:

@@ -118,8 +118,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from corral.nats_server import free_port
-    from corral.system import System
+    from corral.nats_server import BrokerError, free_port
+    from corral.system import StartInterrupted, StateDirBusy, SupervisionError, System
     from services.registry import NAMES
 
     replicas: dict[str, int] = {}
@@ -135,21 +135,33 @@ def _up(args: argparse.Namespace) -> int:
         state_dir, port=port, nats_url=args.nats_url, replicas=replicas, log_dir=args.log_dir, demo=args.demo
     )
 
-    async def run() -> None:
+    async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal must stop the system the same way, not orphan it.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
-        await system.start()
+        try:
+            await system.start(stop=stop)
+        except StartInterrupted as interrupted:  # start() stopped what it had started
+            print(interrupted, flush=True)
+            return 0
         try:
             _print_welcome(system, state_dir)
-            await stop.wait()
+            await system.supervise(stop)
             print("stopping...", flush=True)
+        except SupervisionError as error:
+            print(f"error: {error}\nstopping everything...", file=sys.stderr, flush=True)
+            return EXIT_ERROR
         finally:
             system.stop()
+        return 0
 
-    event_loop.run(run())
-    return 0
+    try:
+        return event_loop.run(run())
+    except (BrokerError, StateDirBusy) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
 
 
 def _print_welcome(system: Any, state_dir: Path) -> None:
@@ -157,7 +169,7 @@ def _print_welcome(system: Any, state_dir: Path) -> None:
     print(f"Corral is up: NATS at {system.url}, state in {state_dir}", flush=True)
     print(f'  try:   corral request{flag} --tenant acme "where is my order?"', flush=True)
     print(f'         corral request{flag} --tenant globex "where is my order?"', flush=True)
-    print("  Ctrl-C stops everything.", flush=True)
+    print("  Ctrl-C stops everything; a process that exits is restarted (docs/operations.md).", flush=True)
 
 
 def _token(args: argparse.Namespace) -> int:

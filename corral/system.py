@@ -3,29 +3,58 @@
 The services are the registry's (``services/registry.py``). Each runs as ``python -m <its
 module>`` with ``CORRAL_*`` environment variables: the same command and environment as in
 ``docker-compose.yml`` (a test keeps the two in step).
+
+:class:`System` owns its state directory while it runs (an ``flock`` on ``corral.lock``, which
+the kernel releases however the owner ends), first stops what a killed predecessor left running
+(``processes.json``), starts the broker and the services, and stops them services first, broker
+last. :meth:`System.supervise` restarts children that exit, with backoff, and gives up on one that
+keeps crashing. Every child has a session of its own, so a terminal's Ctrl-C reaches only the
+owner. The behaviour is described in docs/operations.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 
 from contracts import subjects
-from corral.nats_server import BrokerError, NatsServer
-from corral.state import ADMIN_USER, init_state, write_runtime_info
+from corral.nats_server import BrokerError, NatsServer, tail
+from corral.state import ADMIN_USER, init_state
 from services.registry import BY_NAME, SERVICES
 from services.runtime.credentials import Secrets
 
 READINESS_TENANT = "corral-readiness"
+BROKER = "nats-server"  # the broker's name among the children
+LOCK_FILE = "corral.lock"  # holds the owner's pid; locked while a system runs from the directory
+PROCESSES_FILE = "processes.json"  # the children, from the first spawn until a clean stop
+RUNTIME_FILE = "corral.json"  # for clients: the NATS URL (and the children), once ready
+ORPHAN_GRACE_S = 10.0  # how long a left-over process gets to stop after SIGTERM
+
+
+class StateDirBusy(RuntimeError):
+    """Another system runs from this state directory."""
+
+
+class SupervisionError(RuntimeError):
+    """A child keeps crashing: the supervisor gave up."""
+
+
+class StartInterrupted(RuntimeError):
+    """``start(stop=...)`` was asked to stop before the system was ready (it stopped what it started)."""
 
 
 def service_command(name: str, python: str = sys.executable) -> list[str]:
@@ -38,17 +67,144 @@ def service_environment(nats_url: str, state_dir: Path, **extra: str) -> dict[st
     return {"CORRAL_NATS_URL": nats_url, "CORRAL_STATE_DIR": str(state_dir), **extra}
 
 
+# ---- processes -----------------------------------------------------------------------------
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells a running process apart from a later one given the same pid: its start time.
+
+    None when no such process runs (gone, or a zombie nobody has reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        found = subprocess.run(["ps", "-o", "stat=,lstart=", "-p", str(pid)], capture_output=True, text=True)
+        state, _, started = found.stdout.strip().partition(" ")
+        return None if found.returncode != 0 or state.startswith("Z") else started.strip()
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    if fields[0] in ("Z", "X"):
+        return None
+    return f"{_boot_id()}:{fields[19]}"  # field 22 of proc(5): starttime, in ticks since boot
+
+
+@functools.cache
+def _boot_id() -> str:
+    """Start times count from boot: with the boot's id they stay unique across reboots."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return ""
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+        return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
 @dataclass
 class ServiceProcess:
     name: str
     replica: int
     process: subprocess.Popen
     log_path: Path | None
+    started_at: float = field(default_factory=time.monotonic)
 
     def tail(self, lines: int = 20) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return tail(self.log_path, lines)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a child that exited is started again, and when the supervisor gives up on it."""
+
+    first_delay_s: float = 0.5
+    max_delay_s: float = 10.0
+    stable_after_s: float = 30.0  # a child that ran this long starts again from first_delay_s
+    max_crashes: int = 5  # this many exits of one child within window_s: give up
+    window_s: float = 60.0
+
+
+@dataclass
+class CrashHistory:
+    """One child's recent exits, and the delay before its next start."""
+
+    policy: RestartPolicy
+    exits: list[float] = field(default_factory=list)
+    delay_s: float = 0.0
+
+    def crashed(self, now: float, ran_for: float) -> float | None:
+        """Record an exit; return the delay before restarting, or None to give up."""
+        self.exits = [at for at in self.exits if now - at < self.policy.window_s] + [now]
+        if len(self.exits) >= self.policy.max_crashes:
+            return None
+        if ran_for >= self.policy.stable_after_s or self.delay_s == 0:
+            self.delay_s = self.policy.first_delay_s
+        else:
+            self.delay_s = min(self.policy.max_delay_s, self.delay_s * 2)
+        return self.delay_s
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` at once, so a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    partial.replace(path)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def stop_orphans(state_dir: Path, say: Callable[[str], None] = _say) -> list[str]:
+    """Stop the children a killed owner of ``state_dir`` left running: services first (SIGTERM,
+    then SIGKILL after :data:`ORPHAN_GRACE_S`), then the broker. Only processes whose start time
+    is the one recorded are touched, so a recycled pid is never signalled. Call it holding the
+    directory's lock. Returns what was stopped (``name-replica pid N``), and says so in one line."""
+    path = state_dir / PROCESSES_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except ValueError:
+        recorded = {}
+    left = [
+        child
+        for child in recorded.get("processes", [])
+        if child.get("identity") is not None and process_identity(child["pid"]) == child["identity"]
+    ]
+    stopped: list[str] = []
+    for group in ([c for c in left if c["name"] != BROKER], [c for c in left if c["name"] == BROKER]):
+        for child in group:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child["pid"], signal.SIGTERM)
+        deadline, killed = time.monotonic() + ORPHAN_GRACE_S, False
+        running = list(group)
+        while running:
+            running = [c for c in running if process_identity(c["pid"]) == c["identity"]]
+            if running and time.monotonic() > deadline:
+                if killed:  # stuck in the kernel: go on, the start reports what is in the way
+                    break
+                for child in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child["pid"], signal.SIGKILL)
+                deadline, killed = time.monotonic() + ORPHAN_GRACE_S, True
+            if running:
+                time.sleep(0.05)  # polling for the exits with a deadline
+        stopped += [f"{c['name']}-{c['replica']} pid {c['pid']}" for c in group]
+    if stopped:
+        say(
+            f"corral: stopped {len(stopped)} processes left running by an earlier corral up "
+            f"(pid {recorded.get('pid', '?')}) that ended without stopping them: {', '.join(stopped)}"
+        )
+    path.unlink(missing_ok=True)
+    (state_dir / RUNTIME_FILE).unlink(missing_ok=True)  # its URL is stale: no client should use it
+    return stopped
+
+
+# ---- the system ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -65,6 +221,11 @@ class System:
     demo: bool = True  # copy the demo definitions into a state directory that has none
     broker: NatsServer | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    say: Callable[[str], None] = _say  # supervision notices (one line each)
+    _lock_fd: int | None = field(default=None, repr=False)
+    _broker_started_at: float = field(default=0.0, repr=False)
+    _interrupt: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -73,23 +234,100 @@ class System:
         assert self.broker is not None
         return self.broker.url
 
-    async def start(self, *, timeout: float = 30.0) -> System:
-        self.secrets = init_state(self.state_dir, port=self.port, demo=self.demo)
+    async def start(self, *, timeout: float = 30.0, stop: asyncio.Event | None = None) -> System:
+        """Start everything and wait until it is ready. When ``stop`` is set first, stop what was
+        started and raise :class:`StartInterrupted` (checked between steps rather than by
+        cancelling the task: nats-py's ``close`` swallows a cancellation)."""
+        self._interrupt = stop
+        self.lock()  # before anything is written: a running system's files are left alone
         try:
+            stop_orphans(self.state_dir, self.say)
+            self.secrets = init_state(self.state_dir, port=self.port, demo=self.demo)
             if self.nats_url is None:
                 log_dir = self.log_dir or self.state_dir
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log = log_dir / "nats.log"
-                self.broker = NatsServer(config=self.state_dir / "nats.conf", port=self.port, log_file=log).start()
+                self.broker = NatsServer(config=self.state_dir / "nats.conf", port=self.port, log_file=log)
+                self._start_broker()
             for manifest in SERVICES:
                 for replica in range(self.replicas.get(manifest.name, 1)):
                     self.processes.append(self._spawn(manifest.name, replica))
+                    self._record()
             await self.wait_ready(timeout=timeout)
         except BaseException:
             self.stop()
             raise
-        write_runtime_info(self.state_dir, {"nats_url": self.url, "pid": os.getpid()})
+        finally:
+            self._interrupt = None
+        self._write_runtime_info()
         return self
+
+    # ---- the state directory ---------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the state directory, or raise :class:`StateDirBusy` naming the pid that holds it.
+
+        An ``flock``: the kernel drops it when the owner exits, even by SIGKILL. The descriptor is
+        not inherited, so a child left running does not keep the directory locked."""
+        if self._lock_fd is not None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateDirBusy(
+                f"another corral up (pid {holder}) is running from {self.state_dir}; "
+                "stop it first, or use another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor releases the lock
+            self._lock_fd = None
+
+    def children(self) -> list[dict[str, Any]]:
+        """Every running child: name, replica, pid and identity (see :func:`process_identity`)."""
+        found = []
+        if self.broker is not None and self.broker.process is not None:
+            found.append((BROKER, 0, self.broker.process.pid))
+        found += [(p.name, p.replica, p.process.pid) for p in self.processes]
+        return [
+            {"name": name, "replica": replica, "pid": pid, "identity": process_identity(pid)}
+            for name, replica, pid in found
+        ]
+
+    def _record(self) -> None:
+        """Write the children down, so the next owner can stop them if this one is killed."""
+        _write_json(
+            self.state_dir / PROCESSES_FILE,
+            {"pid": os.getpid(), "identity": process_identity(os.getpid()), "processes": self.children()},
+        )
+
+    def _write_runtime_info(self) -> None:
+        _write_json(
+            self.state_dir / RUNTIME_FILE,
+            {
+                "nats_url": self.url,
+                "pid": os.getpid(),
+                "processes": [{k: c[k] for k in ("name", "replica", "pid")} for c in self.children()],
+            },
+        )
+
+    # ---- children ------------------------------------------------------------------------
+
+    def _start_broker(self) -> None:
+        assert self.broker is not None
+        self._broker_started_at = time.monotonic()
+        try:
+            self.broker.start()
+        finally:
+            self._record()
 
     def _spawn(self, name: str, replica: int) -> ServiceProcess:
         env = {**os.environ, **service_environment(self.url, self.state_dir), **self.env}
@@ -98,9 +336,15 @@ class System:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{name}-{replica}.log"
-            output = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
-        # A session of its own: Ctrl-C reaches only `corral up`, which stops services before the broker.
-        process = subprocess.Popen(service_command(name), env=env, stdout=output, stderr=output, start_new_session=True)
+            output = open(log_path, "ab")  # noqa: SIM115 - closed below; the child has its own copy
+        try:
+            # A session of its own: Ctrl-C reaches only `corral up`, which stops services before the broker.
+            process = subprocess.Popen(
+                service_command(name), env=env, stdout=output, stderr=output, start_new_session=True
+            )
+        finally:
+            if output is not None:
+                output.close()
         return ServiceProcess(name, replica, process, log_path)
 
     async def wait_ready(self, *, timeout: float) -> None:
@@ -110,13 +354,7 @@ class System:
 
         assert self.secrets is not None
         deadline = time.monotonic() + timeout
-        admin = await nats.connect(
-            self.url,
-            user=ADMIN_USER,
-            password=self.secrets.passwords[ADMIN_USER],
-            inbox_prefix=b"_INBOX._admin",
-            connect_timeout=5,
-        )
+        admin = await self._connect_admin(deadline, timeout)
         try:
             for manifest in SERVICES:
                 expected = self.replicas.get(manifest.name, 1)
@@ -126,6 +364,9 @@ class System:
                     self._check_alive()
                     if time.monotonic() > deadline:
                         raise BrokerError(f"service {manifest.name} did not become ready within {timeout}s")
+        except Exception:
+            self._check_alive()  # a child that died explains a failure better than its symptom
+            raise
         finally:
             await admin.close()
         token = mint_dev_token(READINESS_TENANT, key=self.secrets.dev_key, ttl_s=60)
@@ -146,6 +387,25 @@ class System:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"the auth service did not admit a tenant within {timeout}s") from None
 
+    async def _connect_admin(self, deadline: float, timeout: float) -> nats.NATS:
+        assert self.secrets is not None
+        while True:
+            self._check_alive()
+            try:
+                return await nats.connect(
+                    self.url,
+                    user=ADMIN_USER,
+                    password=self.secrets.passwords[ADMIN_USER],
+                    inbox_prefix=b"_INBOX._admin",
+                    connect_timeout=2,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                )
+            except Exception as error:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"could not connect to NATS at {self.url} within {timeout}s: {error}") from None
+                await asyncio.sleep(0.1)  # retrying a connection with a deadline
+
     @staticmethod
     async def _count_pings(admin: nats.NATS, name: str) -> int:
         inbox = admin.new_inbox()
@@ -163,9 +423,85 @@ class System:
         return len(pids)
 
     def _check_alive(self) -> None:
+        if self._interrupt is not None and self._interrupt.is_set():
+            raise StartInterrupted("stopped before the system was ready")
+        if self.broker is not None and self.broker.process is not None and self.broker.process.poll() is not None:
+            raise BrokerError(
+                f"nats-server {describe_exit(self.broker.process.returncode)}; "
+                f"the end of its log:\n{self.broker.tail()}"
+            )
         for proc in self.processes:
             if proc.process.poll() is not None:
                 raise BrokerError(f"service {proc.name} exited with code {proc.process.returncode}\n{proc.tail()}")
+
+    # ---- supervision ---------------------------------------------------------------------
+
+    async def supervise(self, stop: asyncio.Event, *, poll_s: float = 0.2) -> None:
+        """Until ``stop`` is set, start again every child that exits, after the policy's delay,
+        and say so in one line. Raises :class:`SupervisionError` when a child exits
+        ``max_crashes`` times within ``window_s`` (the caller then stops the system)."""
+        histories: dict[tuple[str, int], CrashHistory] = {}
+        due: dict[tuple[str, int], tuple[float, str]] = {}  # child -> (when to restart, what happened)
+        while not stop.is_set():
+            now = time.monotonic()
+            for key, pid, returncode, started_at, log in self._exited():
+                if key in due:
+                    continue
+                who = key[0] if key[0] == BROKER else f"{key[0]} replica {key[1]}"
+                what = f"{who} (pid {pid}) {describe_exit(returncode)}"
+                history = histories.setdefault(key, CrashHistory(self.policy))
+                delay = history.crashed(now, now - started_at)
+                if delay is None:
+                    raise SupervisionError(
+                        f"{key[0]} keeps crashing ({len(history.exits)} exits within "
+                        f"{self.policy.window_s:g} s, the last: {what}); giving up.\n"
+                        + (f"The end of its log ({log}):\n{tail(log)}" if log else "Its output is above.")
+                    )
+                due[key] = (now + delay, f"{what}; restarted after {delay:g} s")
+            for key, (when, what) in list(due.items()):
+                if when <= now and not stop.is_set():
+                    del due[key]
+                    new_pid = await self._restart(key)
+                    if new_pid is not None:
+                        self.say(f"corral: {what} as pid {new_pid}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=poll_s)
+
+    def _exited(self) -> list[tuple[tuple[str, int], int, int, float, Path | None]]:
+        """Children that are not running: (name, replica), pid, exit code, start time, log."""
+        found = []
+        broker = self.broker
+        if broker is not None and broker.process is not None and broker.process.poll() is not None:
+            found.append(
+                ((BROKER, 0), broker.process.pid, broker.process.returncode, self._broker_started_at, broker.log_path)
+            )
+        for proc in self.processes:
+            if proc.process.poll() is not None:
+                key = (proc.name, proc.replica)
+                found.append((key, proc.process.pid, proc.process.returncode, proc.started_at, proc.log_path))
+        return found
+
+    async def _restart(self, key: tuple[str, int]) -> int | None:
+        """Start one child again; its new pid, or None if it failed at once (counted as a crash)."""
+        name, replica = key
+        if name == BROKER:
+            assert self.broker is not None
+            try:
+                # In a thread: the loop keeps answering signals while the broker comes up.
+                await asyncio.to_thread(self._start_broker)
+            except BrokerError as error:
+                self.say(f"corral: {error}")
+                return None
+            pid = self.broker.process.pid if self.broker.process else None
+        else:
+            index = next(i for i, p in enumerate(self.processes) if (p.name, p.replica) == key)
+            self.processes[index] = self._spawn(name, replica)
+            pid = self.processes[index].process.pid
+        self._record()
+        self._write_runtime_info()
+        return pid
+
+    # ---- stopping ------------------------------------------------------------------------
 
     def stop(self, *, timeout: float = 15.0) -> None:
         """Stop services first (they finish in-flight messages), then the broker."""
@@ -181,10 +517,13 @@ class System:
                 proc.process.wait()
         self.processes.clear()
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.close()
             self.broker = None
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / "corral.json").unlink()
+        if self._lock_fd is not None:  # only the owner removes the directory's runtime files
+            for name in (RUNTIME_FILE, PROCESSES_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.state_dir / name).unlink()
+            self._unlock()
 
     async def __aenter__(self) -> System:
         return await self.start()

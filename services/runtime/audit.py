@@ -1,10 +1,12 @@
 """Appending to the tamper-evident audit trail (the ``AUDIT`` JetStream stream).
 
 Recording is a non-blocking call on the hot path; a background task appends what accumulated
-for each tenant as one entry. Several services and replicas append to the same tenant's chain,
-so each append states the sequence it extends (``Nats-Expected-Last-Subject-Sequence`` over the
-tenant's audit subjects): when another writer got there first the server refuses, and the entry
-is re-chained on the new head and sent again. Nothing is dropped: a failed append is tried again,
+for each tenant as one entry. Each service keeps one chain per tenant, on its own subject
+``t.<tenant>.audit.<service>``, and reads back only its own last entries (a direct get scoped to
+that subject by its broker permissions: no service can read another's records). The replicas of
+a service append to the same chain, so each append states the sequence it extends
+(``Nats-Expected-Last-Subject-Sequence``): when another replica got there first the server
+refuses, and the entry is re-chained on the new head and sent again. Nothing is dropped: a failed append is tried again,
 with backoff, until it succeeds; on shutdown what is pending is written before the connection
 closes, and what could not be is reported.
 """
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from contracts import subjects
@@ -31,6 +33,11 @@ MAX_RECORDS_PER_ENTRY = 500
 # A failed append (broker away, chain contended) is tried again with no limit and no deadline:
 # records are never dropped. The pause starts where it always did (0.5 s) and grows to 5 s.
 APPEND_RETRY = RetryPolicy(initial_interval_s=0.5, multiplier=2.0, max_interval_s=5.0, max_attempts=None, jitter=0.2)
+# Bounded so a tenant cannot grow it without limit (a denial of service on the broker's disk):
+# at most MAX_ENTRIES_PER_CHAIN entries per tenant and service, 90 days, MAX_BYTES in all; the
+# oldest go first, and a chain stays verifiable from its oldest kept entry (docs/security.md).
+MAX_ENTRIES_PER_CHAIN = 100_000
+MAX_BYTES = 20 * 1024**3
 STREAM_CONFIG = StreamConfig(
     name=STREAM,
     subjects=[subjects.ALL_AUDIT],
@@ -38,6 +45,10 @@ STREAM_CONFIG = StreamConfig(
     deny_delete=True,  # records cannot be removed through the API
     deny_purge=True,
     max_age=90 * 24 * 3600,
+    max_msgs_per_subject=MAX_ENTRIES_PER_CHAIN,
+    max_bytes=MAX_BYTES,
+    discard=DiscardPolicy.OLD,
+    allow_direct=True,  # a chain's head is read with a direct get of its own subject
 )
 
 
@@ -59,8 +70,11 @@ class AuditTrail:
         self._js = self.nc.jetstream()
         try:
             await self._js.add_stream(STREAM_CONFIG)
-        except APIError as error:  # exists with another configuration: an operator's choice
-            self.log.warning("audit_stream_not_created", reason=str(error))
+        except APIError:  # it exists, from an earlier version: bring its limits up to date
+            try:
+                await self._js.update_stream(STREAM_CONFIG)
+            except APIError as error:  # an operator's own configuration
+                self.log.warning("audit_stream_not_updated", reason=str(error))
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     def record(
@@ -143,14 +157,10 @@ class AuditTrail:
 
     async def _append(self, tenant: str, records: list[dict[str, Any]]) -> None:
         subject = subjects.audit(tenant, self.service)
-        chain = subjects.tenant_audit(tenant)
         for _ in range(50):
-            sequence, previous = self._heads.get(tenant) or await self._head(tenant)
+            sequence, previous = self._heads.get(tenant) or await self._head(subject)
             digest, body = seal_json(tenant, previous, records)
-            headers = {
-                "Nats-Expected-Last-Subject-Sequence": str(sequence),
-                "Nats-Expected-Last-Subject-Sequence-Subject": chain,
-            }
+            headers = {"Nats-Expected-Last-Subject-Sequence": str(sequence)}
             try:
                 ack = await self._js.publish(subject, body, headers=headers, timeout=5)
             except BadRequestError as error:
@@ -162,9 +172,10 @@ class AuditTrail:
             return
         raise RuntimeError("audit chain contended too long")
 
-    async def _head(self, tenant: str) -> tuple[int, str]:
+    async def _head(self, subject: str) -> tuple[int, str]:
+        """(stream sequence, hash) of the last entry of this service's chain for a tenant."""
         try:
-            message = await self._js.get_last_msg(STREAM, subjects.tenant_audit(tenant))
+            message = await self._js.get_last_msg(STREAM, subject, direct=True)
         except NotFoundError:
             return 0, ""
         return message.seq, AuditEntry.model_validate_json(message.data).hash

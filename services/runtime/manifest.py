@@ -37,13 +37,23 @@ from services.runtime.settings import Settings
 APP_ACCOUNT = "APP"
 AUTH_ACCOUNT = "AUTH"
 
-# What a service needs of JetStream to keep the audit chain: create or look up the stream, read a
-# tenant's last entry. Appends are plain publishes to its own audit subject.
+# What a service needs of JetStream to keep its audit chains: create, update or look up the
+# stream, and read the last entry of its own chains only (a direct get names the subject, so the
+# permission can: t.*.audit.<service>). Appends are plain publishes to its own audit subject.
 AUDIT_STREAM_API = (
     f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",
+    f"$JS.API.STREAM.UPDATE.{AUDIT_STREAM}",
     f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
-    f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}",
 )
+
+
+def audit_api(service: str) -> tuple[str, ...]:
+    """A service's audit permissions: its own subjects, the stream, its own chains' heads."""
+    return (
+        subjects.service_audit(service),
+        *AUDIT_STREAM_API,
+        f"$JS.API.DIRECT.GET.{AUDIT_STREAM}.{subjects.service_audit(service)}",
+    )
 
 
 @dataclass(frozen=True)
@@ -169,7 +179,7 @@ class Manifest:
             if isinstance(op, Durable):
                 publish += _durable_api(op.stream, self.durable_name(op))
         if self.audit:
-            publish += [subjects.service_audit(self.name), *AUDIT_STREAM_API]
+            publish += audit_api(self.name)
         subscribe += [
             f"{subjects.service_inbox_prefix(self.name)}.>",
             subjects.ping(self.name),
@@ -184,7 +194,7 @@ class Manifest:
             return (own,)
         # It also answers the service's statistics requests, which come from APP.
         writer = Permissions(
-            publish=(subjects.service_audit(self.name), *AUDIT_STREAM_API),
+            publish=audit_api(self.name),
             subscribe=(f"{subjects.service_inbox_prefix(self.audit_user)}.>", subjects.stats(self.name)),
             allow_responses=True,
         )

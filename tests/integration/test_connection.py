@@ -14,7 +14,7 @@ from contracts import subjects
 from contracts.envelope import Kind, ToolCall, new_envelope_json
 from contracts.replies import decode_reply
 from services.runtime import connection
-from services.runtime.connection import AVAILABLE, SHORTCUTS, Connection, enabled
+from services.runtime.connection import AVAILABLE, SHORTCUTS, SPLITS_AS_THE_BROKER, Connection, enabled
 from services.runtime.manifest import Consume, Manifest
 from services.runtime.requests import Requester
 from services.runtime.service import Request, Service
@@ -24,6 +24,11 @@ from services.runtime.settings import Settings
 def test_the_installed_nats_py_has_what_the_shortcuts_use():
     # Without them the client still works, as plain nats-py: this says an upgrade lost the speed.
     assert AVAILABLE
+
+
+def test_the_installed_nats_py_has_the_message_line_patterns_the_parser_replaces():
+    # Without them the parser is nats-py's, which misreads a subject holding a vertical tab.
+    assert SPLITS_AS_THE_BROKER
 
 
 def test_the_shortcuts_are_on_unless_the_setting_turns_them_off():
@@ -270,6 +275,37 @@ async def test_a_failing_direct_callback_is_reported_and_the_connection_keeps_re
         assert seen == [b"one", b"two"]
         assert [type(error) for error in errors] == [ValueError]
         assert sub.pending_msgs == 0  # the failed message was not handed out a second time
+        assert conn.is_connected
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_queued_callback_is_reported_and_the_connection_keeps_reading(nats_url):
+    errors = []
+
+    async def on_error(error):
+        errors.append(error)
+
+    conn = await connection.connect(nats_url, error_cb=on_error)
+    try:
+        subject = f"broken.{uuid.uuid4().hex}"
+        seen = []
+        last = asyncio.Event()
+
+        async def on_message(msg):
+            if msg.data == b"bad":
+                raise ValueError("a bug in the handler")
+            seen.append(msg.data)
+            if msg.data == b"two":
+                last.set()
+
+        await conn.subscribe(subject, cb=on_message)
+        for data in (b"one", b"bad", b"two"):
+            await conn.publish(subject, data)
+        await asyncio.wait_for(last.wait(), 5)
+        assert seen == [b"one", b"two"]
+        assert [type(error) for error in errors] == [ValueError]
+        assert conn.stats["malformed_frames"] == 0  # a handler's bug is not a frame it could not read
         assert conn.is_connected
     finally:
         await conn.close()

@@ -61,3 +61,16 @@ def test_another_tenants_entry_in_the_chain_is_detected():
 
 def test_garbage_in_the_chain_is_reported_not_raised():
     assert verify_chain("acme", [(1, b"not json")])[0].problem == "unreadable entry"
+
+
+def test_a_trail_is_one_chain_per_service_each_verified_on_its_own():
+    from contracts.audit import verify_trail
+
+    router, tools = chain(), chain()  # two independent chains of the same tenant
+    messages = []
+    for n in range(3):  # interleaved in the stream, as two services write them
+        messages.append((2 * n + 1, "t.acme.audit.router", router[n][1]))
+        messages.append((2 * n + 2, "t.acme.audit.tools", tools[n][1]))
+    assert verify_trail("acme", messages) == []
+    del messages[2]  # a router entry removed from the middle of its chain
+    assert [p.sequence for p in verify_trail("acme", messages)] == [5]

@@ -29,7 +29,7 @@ class FakeJetStream:
     async def add_stream(self, config):
         return None
 
-    async def get_last_msg(self, stream, subject):
+    async def get_last_msg(self, stream, subject, direct=False):
         raise NotFoundError
 
     async def publish(self, subject, body, headers=None, timeout=None):

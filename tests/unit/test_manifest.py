@@ -6,7 +6,7 @@ from contracts import subjects
 from contracts.envelope import Kind, RouterRequest, ToolCall
 from services.registry import BY_NAME, SERVICES
 from services.router.executors import EXECUTORS
-from services.runtime.manifest import AUDIT_STREAM_API, Consume, Durable, Manifest, Publishes, Raw
+from services.runtime.manifest import Consume, Durable, Manifest, Publishes, Raw, audit_api
 from services.runtime.service import Service
 from services.runtime.settings import Settings
 
@@ -27,11 +27,11 @@ def test_a_service_may_publish_exactly_what_it_publishes_requests_and_probes_plu
         subjects.GRAPH_RUNS,
         subjects.ALL_EVENTS,
         subjects.ping("graph"),
-        subjects.service_audit("router"),
-        *AUDIT_STREAM_API,
+        subjects.ping("router"),  # it counts its own replicas, to share each tenant's rate limit
+        *audit_api("router"),
     }
     tools = BY_NAME["tools"].permissions()
-    assert set(tools.publish) == {subjects.service_audit("tools"), *AUDIT_STREAM_API}  # answers only
+    assert set(tools.publish) == set(audit_api("tools"))  # it only answers, and audits
 
 
 def test_no_service_may_publish_tenant_requests_or_read_other_services_inboxes():
@@ -47,7 +47,7 @@ def test_the_callout_responder_lives_outside_app_and_writes_audit_through_its_ow
     assert own.account == "AUTH" and own.permissions.subscribe == (subjects.AUTH_CALLOUT,)
     assert own.permissions.publish == ()
     assert writer.name == "auth-audit" and writer.account == "APP"
-    assert writer.permissions.publish == (subjects.service_audit("auth"), *AUDIT_STREAM_API)
+    assert writer.permissions.publish == audit_api("auth")
 
 
 def test_the_router_watches_and_may_reach_every_executor_of_its_pattern_table():
@@ -99,3 +99,10 @@ def test_publishes_are_declared_with_summaries():
     for manifest in SERVICES:
         for publication in manifest.publishes:
             assert isinstance(publication, Publishes) and publication.summary
+
+
+def test_a_service_reads_back_only_its_own_audit_chains():
+    for manifest in SERVICES:
+        for user in manifest.users():
+            reads = [s for s in user.permissions.publish if ".MSG.GET." in s or ".DIRECT.GET." in s]
+            assert all(s.endswith(f".audit.{manifest.name}") for s in reads), (user.name, reads)
