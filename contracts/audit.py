@@ -110,8 +110,6 @@ def verify_trail(
     for sequence, subject, raw in messages:
         chains.setdefault(subject, []).append((sequence, raw))
     problems = [
-        problem
-        for chain in chains.values()
-        for problem in verify_chain(tenant, chain, starts_at_first=starts_at_first)
+        problem for chain in chains.values() for problem in verify_chain(tenant, chain, starts_at_first=starts_at_first)
     ]
     return sorted(problems, key=lambda problem: problem.sequence)
