@@ -113,6 +113,16 @@ class RateLimit(_Definition):
     burst: int = Field(default=100, ge=1)
 
 
+class ConnectionLimits(_Definition):
+    """What the broker itself enforces on each of the tenant's connections (set in the user JWT
+    the auth service issues): a connection past them is refused by the broker, before any
+    service sees a message."""
+
+    max_subscriptions: int = Field(default=1000, ge=1, le=1_000_000)
+    # The largest message a connection may publish (an envelope: the input plus its fields).
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
+
+
 class TenantPolicy(_Definition):
     """What one tenant may reach: its routes (targets), default route and tools."""
 
@@ -122,11 +132,17 @@ class TenantPolicy(_Definition):
     tools: list[Name] = Field(default_factory=list)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     max_input_bytes: int = Field(default=64 * 1024, gt=0)
+    connection: ConnectionLimits = Field(default_factory=ConnectionLimits)
 
     @model_validator(mode="after")
     def _default_is_a_route(self) -> TenantPolicy:
         if self.default_route is not None and self.default_route not in self.routes:
             raise ValueError(f"tenant {self.tenant!r}: default route {self.default_route!r} is not a route")
+        if self.connection.max_payload_bytes < self.max_input_bytes:
+            raise ValueError(
+                f"tenant {self.tenant!r}: connection.max_payload_bytes ({self.connection.max_payload_bytes}) is "
+                f"below max_input_bytes ({self.max_input_bytes}): no input that large could be sent"
+            )
         return self
 
 

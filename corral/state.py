@@ -32,6 +32,7 @@ from services.runtime.credentials import SECRETS_FILE, Secrets, load_secrets
 from services.runtime.manifest import APP_ACCOUNT, AUTH_ACCOUNT, User
 
 DEFAULT_STATE_DIR = Path(".corral")
+MAX_SUBSCRIPTIONS_PER_CONNECTION = 4096
 ADMIN_USER = "admin"
 # The operator's console: readiness checks and statistics of every service, bench's raw
 # baseline, reading the audit trail.
@@ -151,6 +152,11 @@ def render_nats_config(found: Secrets, *, host: str | None, port: int, jetstream
     config |= {
         "port": port,
         "max_payload": 1024 * 1024,
+        # Per connection, for every connection: a tenant's own limits travel in its user JWT
+        # (services/auth/callout.py), but nats-server 2.15 does not apply those to users an auth
+        # callout issues in this (non-operator) configuration (nats-server issue 5002), so this
+        # is the limit the broker enforces on tenants today.
+        "max_subscriptions": MAX_SUBSCRIPTIONS_PER_CONNECTION,
         "jetstream": {"store_dir": str(jetstream_dir)},
         "accounts": {
             AUTH_ACCOUNT: {"users": account(AUTH_ACCOUNT)},

@@ -1,5 +1,6 @@
 """Wiring of the auth service: ``python -m services.auth``."""
 
+from contracts.definitions import ConnectionLimits, DefinitionError
 from services.auth.callout import CalloutSigner
 from services.auth.denials import DenialAudit
 from services.auth.handlers import register
@@ -7,6 +8,7 @@ from services.auth.jwks import JwksKeys
 from services.auth.manifest import MANIFEST
 from services.auth.settings import AuthSettings
 from services.auth.tokens import TokenVerifier, load_keys
+from services.runtime.catalog import load_catalog
 from services.runtime.service import Service, run_service
 from services.runtime.settings import Settings
 
@@ -39,8 +41,19 @@ def build(base: Settings) -> Service:
         denials = DenialAudit(settings.nats_url, settings.auth_audit_user, settings.auth_audit_password, service.log)
     else:
         service.log.warning("auth_denials_not_audited", reason="no CORRAL_AUTH_AUDIT_PASSWORD or state directory")
-    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks, denials)
+    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks, denials, _connection_limits(service))
     return service
+
+
+def _connection_limits(service: Service) -> dict[str, ConnectionLimits]:
+    """Each tenant's broker limits, from its policy in the definitions (the defaults without any)."""
+    try:
+        path = service.settings.definitions_path()
+    except DefinitionError:
+        service.log.warning("auth_default_connection_limits", reason="no definitions configured")
+        return {}
+    catalog = load_catalog(path)  # the same definitions as the other services: broken ones fail here too
+    return {tenant: policy.connection for tenant, policy in catalog.tenants.items()}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import nacl.exceptions
 import nacl.signing
 import nkeys
 
+from contracts.definitions import ConnectionLimits
 from contracts.permissions import tenant_permissions
 from services.auth.errors import InvalidCalloutRequest
 from services.auth.tokens import Identity
@@ -100,8 +101,11 @@ class CalloutSigner:
         self.keys = nkeys.from_seed(issuer_seed.encode())
         self.issuer = self.keys.public_key.decode()
 
-    def user_jwt(self, request: CalloutRequest, identity: Identity, now: int) -> str:
+    def user_jwt(
+        self, request: CalloutRequest, identity: Identity, now: int, limits: ConnectionLimits | None = None
+    ) -> str:
         permissions = tenant_permissions(identity.tenant, identity.subject)
+        limits = limits or ConnectionLimits()
         claims = {
             "iss": self.issuer,
             "sub": request.user_nkey,
@@ -114,19 +118,27 @@ class CalloutSigner:
                 "version": 2,
                 "pub": {"allow": list(permissions.publish)},
                 "sub": {"allow": list(permissions.subscribe)},
-                "subs": -1,
+                # Enforced by the broker on this connection, from the tenant's policy.
+                "subs": limits.max_subscriptions,
                 "data": -1,
-                "payload": -1,
+                "payload": limits.max_payload_bytes,
             },
         }
         return encode_jwt(claims, self.keys)
 
-    def response(self, request: CalloutRequest, *, identity: Identity | None = None, error: str | None = None) -> bytes:
-        """The authorization response: a user JWT for ``identity``, or ``error``."""
+    def response(
+        self,
+        request: CalloutRequest,
+        *,
+        identity: Identity | None = None,
+        error: str | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> bytes:
+        """The authorization response: a user JWT for ``identity`` (with ``limits``), or ``error``."""
         now = int(time.time())
         nats_claims: dict[str, Any] = {"type": "authorization_response", "version": 2}
         if identity is not None:
-            nats_claims["jwt"] = self.user_jwt(request, identity, now)
+            nats_claims["jwt"] = self.user_jwt(request, identity, now, limits)
         else:
             nats_claims["error"] = error or "not authorized"
         claims = {

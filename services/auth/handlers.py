@@ -6,6 +6,7 @@ import jwt
 from nats.aio.msg import Msg
 
 from contracts import subjects
+from contracts.definitions import ConnectionLimits
 from contracts.errors import CorralError, ErrorCode
 from services.auth.callout import CalloutSigner, decode_request
 from services.auth.denials import DenialAudit
@@ -21,8 +22,11 @@ def register(
     signer: CalloutSigner,
     jwks: JwksKeys | None = None,
     denials: DenialAudit | None = None,
+    limits: dict[str, ConnectionLimits] | None = None,
 ) -> None:
-    """Bind the callout responder on ``service``."""
+    """Bind the callout responder on ``service``; ``limits``: each tenant's broker limits (from
+    its policy; the defaults for a tenant without one)."""
+    limits = limits or {}
     if jwks is not None:
         service.on_start(jwks.refresh)
         service.on_stop(jwks.aclose)
@@ -69,7 +73,8 @@ def register(
             await service.nc.publish(msg.reply, signer.response(request, error="internal error"))
             return None, ErrorCode.INTERNAL.value
         service.log.debug("auth_granted", tenant_id=identity.tenant, principal=identity.subject)
-        await service.nc.publish(msg.reply, signer.response(request, identity=identity))
+        response = signer.response(request, identity=identity, limits=limits.get(identity.tenant))
+        await service.nc.publish(msg.reply, response)
         return identity.tenant, None
 
 
