@@ -292,7 +292,8 @@ class System:
             self._lock_fd = None
 
     def children(self) -> list[dict[str, Any]]:
-        """Every running child: name, replica, pid and identity (see :func:`process_identity`)."""
+        """Every child (one awaiting its restart too): name, replica, pid and identity (see
+        :func:`process_identity`, None once it has exited)."""
         found = []
         if self.broker is not None and self.broker.process is not None:
             found.append((BROKER, 0, self.broker.process.pid))

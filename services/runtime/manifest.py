@@ -82,7 +82,9 @@ class Durable:
     summary: str
     # How long a delivered message may stay unacknowledged before it goes to another replica.
     ack_wait_s: float = 30.0
-    max_deliver: int = -1  # -1: until acknowledged
+    # Deliveries before the broker gives a message up: a message no replica can ever finish (it
+    # kills its handler, or the connection cannot read it) must not come back for ever. -1: no limit.
+    max_deliver: int = 20
     reply: type[BaseModel] = Result
 
 

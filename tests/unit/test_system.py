@@ -83,7 +83,9 @@ def test_a_second_owner_of_a_state_dir_is_told_the_first_ones_pid(tmp_path):
     with pytest.raises(StateDirBusy, match=f"pid {os.getpid()}"):
         System(tmp_path).lock()
     first.stop()  # releases the lock
-    System(tmp_path).lock()
+    second = System(tmp_path)
+    second.lock()
+    second.stop()
 
 
 async def test_a_start_refused_by_the_lock_writes_nothing(tmp_path):
