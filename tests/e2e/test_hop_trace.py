@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -34,3 +35,19 @@ def test_the_dispatch_cost_script_measures_each_service():
     costs = dict(line.split()[:2] for line in result.stdout.splitlines())
     assert set(costs) == {"router", "graph", "tools"}
     assert all(float(cost) > 0 for cost in costs.values())
+
+
+def test_the_noisy_neighbour_script_measures_a_quiet_tenant_under_a_flood():
+    script = SCRIPT.parent / "noisy_neighbour.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--requests", "30", "--rate", "20", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["quiet_lost"] == 0  # the quiet tenant loses nothing, whatever the timings
+    assert report["noisy"]["sent"] > 0 and report["noisy"]["refused"] > 0  # the flood went past its limit
+    assert report["noisy"]["answered"] == report["noisy"]["sent"]  # every refusal is an answer
+    assert report["quiet_p99_ms_flooded"] > 0 and report["p99_ratio"] > 0
