@@ -121,7 +121,9 @@ class CorralClient:
             reconnected_cb=self._on_reconnected,
             closed_cb=self._on_closed,
             name=f"corral-client-{self.tenant}",
-            **self.options,
+            # Short, jittered waits, the first a little later than the services' (the auth
+            # service must be back before a tenant can be let in), unless the caller chose.
+            **{"reconnect_to_server_handler": connection.quick_reconnects(first_s=0.25), **self.options},
         )
         requester = Requester(nc)
         nc.quiet = requester.quiet

@@ -15,6 +15,7 @@ import nats
 from contracts import subjects
 from services.auth.errors import InvalidToken
 from services.runtime.audit import AuditTrail
+from services.runtime.connection import quick_reconnects
 
 
 class DenialAudit:
@@ -31,6 +32,7 @@ class DenialAudit:
             name="corral-auth-audit",
             inbox_prefix=subjects.service_inbox_prefix(self.user).encode(),
             max_reconnect_attempts=-1,
+            reconnect_to_server_handler=quick_reconnects(first_s=0.0, most_s=1.0),
         )
         self.trail = AuditTrail(self.nc, "auth", self.log)
         await self.trail.start()

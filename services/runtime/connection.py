@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
 import types
 from collections.abc import Callable
@@ -265,3 +266,24 @@ async def connect(url: str, **options: Any) -> Connection:
     connection = Connection()
     await connection.connect(url, **options)
     return connection
+
+
+def quick_reconnects(first_s: float, most_s: float = 2.0) -> Callable[[list[Any], dict[str, Any]], tuple[Any, float]]:
+    """nats-py's ``reconnect_to_server_handler``: the next attempt goes to the server tried least
+    since it last worked, after a short wait that doubles per failed attempt up to ``most_s``,
+    jittered (0.5x to 1.5x) so that clients which lost the broker together do not return together.
+
+    nats-py's own wait is a flat ``reconnect_time_wait`` (2 s) after every failure: after a broker
+    restart a tenant refused once (its auth callout was not back yet) then waited 2 s more. The
+    services' first attempt is at once (``first_s=0``): the auth service is back before tenants,
+    whose first attempt waits ``first_s``.
+    """
+
+    def choose(servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+        if not servers:
+            return None, 0.0
+        server = min(servers, key=lambda candidate: candidate.reconnects)
+        base = first_s if server.reconnects == 0 else max(first_s, 0.05) * 2**server.reconnects
+        return server, min(most_s, base) * random.uniform(0.5, 1.5)
+
+    return choose

@@ -166,6 +166,7 @@ class Service:
             inbox_prefix=subjects.service_inbox_prefix(self.name).encode(),
             error_cb=self._on_error,
             max_reconnect_attempts=-1,
+            reconnect_to_server_handler=connection.quick_reconnects(first_s=0.0, most_s=1.0),
             pending_size=8 * 1024 * 1024,
         )
 
