@@ -236,6 +236,7 @@ def new_envelope_json(
     *,
     run_id: str | None = None,
     deadline: datetime | float | None = None,
+    idempotency_key: str | None = None,
 ) -> bytes:
     """A new envelope (caused by nothing) as JSON bytes, the same fields as building the model and
     dumping it would write, without the model: what a client does for every request.
@@ -253,7 +254,7 @@ def new_envelope_json(
         f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
         f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
         f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
-        f'"deadline":{deadline_text},"trace":null,"idempotency_key":null,'
+        f'"deadline":{deadline_text},"trace":null,"idempotency_key":{text(idempotency_key)},'
         f'"payload":{payload.model_dump_json()}}}'
     ).encode()
 

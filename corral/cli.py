@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument("--timeout", type=float, default=30.0)
     request.add_argument("--json", action="store_true", help="machine-readable output")
     request.add_argument(
+        "--idempotency-key", help="safe to run twice: sent once more if the replica running it gives it up"
+    )
+    request.add_argument(
         "--follow",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -227,7 +230,12 @@ def _request(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         try:
             result = await client.request(
-                args.text, target=args.target, timeout=args.timeout, on_event=show, watch=args.follow
+                args.text,
+                target=args.target,
+                timeout=args.timeout,
+                on_event=show,
+                watch=args.follow,
+                idempotency_key=args.idempotency_key,
             )
         finally:
             await client.close()

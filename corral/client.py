@@ -204,16 +204,48 @@ class CorralClient:
         timeout: float = 30.0,
         on_event: OnEvent | None = None,
         watch: bool = True,
+        idempotency_key: str | None = None,
     ) -> RunResult:
         """Send one request to the router and return its result; raises the typed error it ends in.
 
         With ``watch`` the run's events are collected (and passed to ``on_event``) until its
         terminal event, which may arrive just after the reply since it comes from another service.
+
+        A graph run is at most once: a replica that stops (or dies) while running it gives it up.
+        With an ``idempotency_key`` (the caller's promise that running it twice is safe) a request
+        answered ``unavailable`` is sent once more, as a new run, within the same deadline; for
+        work that must never be lost, use the workflow pattern.
         """
+        deadline = time.monotonic() + timeout
+        try:
+            return await self._attempt(text, target, input, timeout, on_event, watch, idempotency_key)
+        except Unavailable:
+            left = deadline - time.monotonic()
+            if idempotency_key is None or left <= 0:
+                raise
+        return await self._attempt(text, target, input, left, on_event, watch, idempotency_key)
+
+    async def _attempt(
+        self,
+        text: str | None,
+        target: str | None,
+        input: dict[str, Any] | None,
+        timeout: float,
+        on_event: OnEvent | None,
+        watch: bool,
+        idempotency_key: str | None,
+    ) -> RunResult:
         run_id = new_id()
         text_input = {"text": text} if text is not None else {}
         payload = RouterRequest(target=target, input={**(input or {}), **text_input}, stream=watch)
-        body = new_envelope_json(Kind.REQUEST, self.tenant, payload, run_id=run_id, deadline=time.time() + timeout)
+        body = new_envelope_json(
+            Kind.REQUEST,
+            self.tenant,
+            payload,
+            run_id=run_id,
+            deadline=time.time() + timeout,
+            idempotency_key=idempotency_key,
+        )
         events: list[RunEvent] = []
         subscription = None
         if watch:

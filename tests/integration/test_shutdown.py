@@ -76,3 +76,30 @@ async def test_a_run_given_up_by_a_stopping_replica_is_answered_unavailable_with
     assert refused.retryable and "stopped before it finished" in refused.message
     failed = [event for event in events if event.type is EventType.FAILED]
     assert [event.data["code"] for event in failed] == ["unavailable"]
+
+
+async def test_a_request_with_an_idempotency_key_is_sent_again_when_its_replica_gives_it_up(secured, tmp_path):
+    (tmp_path / "defs.yaml").write_text(yaml.safe_dump(DEFINITIONS))
+    slow_tool.reset()
+    names = ("auth", "router", "graph", "tools")
+    async with running_services(
+        secured.url, secured.state_dir, names, definitions=tmp_path / "defs.yaml", drain_timeout_s=0.2
+    ) as services:
+        client = await CorralClient.connect(
+            secured.url, tenant="acme", token=mint_dev_token("acme", key=secured.secrets.dev_key)
+        )
+        try:
+            request = asyncio.create_task(client.request("hold on", timeout=60, idempotency_key="order-42"))
+            await asyncio.wait_for(slow_tool.started.wait(), 10)
+            slow_tool.started.clear()
+            async with running_services(
+                secured.url, secured.state_dir, ("graph",), definitions=tmp_path / "defs.yaml"
+            ):
+                await services["graph"].stop()  # gives the run up: the client sends it again
+                await asyncio.wait_for(slow_tool.started.wait(), 10)  # ... to the other replica
+                slow_tool.release.set()
+                result = await asyncio.wait_for(request, 20)
+        finally:
+            slow_tool.release.set()
+            await client.close()
+    assert result.output == {"tenant": "acme", "released": True}
