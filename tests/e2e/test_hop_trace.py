@@ -19,10 +19,13 @@ def test_the_hop_trace_splits_a_run_into_every_process_step():
     lines = result.stdout.splitlines()
     steps = [line for line in lines if re.match(r"^(client|router|graph|tools) ", line)]
     roles = [line.split()[0] for line in steps]
-    # The causal order of the hops: how the processes' marks interleave in between depends on the
-    # machine's speed, so only the order in which each process first appears is asserted.
-    assert list(dict.fromkeys(roles)) == ["client", "router", "graph", "tools"]
-    assert roles[-1] == "client" and roles.count("tools") >= 3  # read, handled, written
+    # How the processes' marks interleave depends on the machine's speed (on a busy one a
+    # process's last mark of the previous run can fall after the client began the next), so
+    # only what holds whatever the timing is asserted: a run begins and ends at the client and
+    # passes through every service, the tools service reading, handling and writing.
+    assert roles[0] == "client" and roles[-1] == "client"
+    assert set(roles) == {"client", "router", "graph", "tools"}
+    assert roles.count("tools") >= 3
     assert "whole run" in result.stdout
     walls = [float(re.findall(r"\d+\.\d", line)[0]) for line in steps]  # wall, then CPU if any
     assert all(wall >= 0 for wall in walls)

@@ -44,6 +44,14 @@ async def tenant_requester(url: str, tenant: str) -> tuple[connection.Connection
     return nc, requester
 
 
+async def tenant_nc(broker, tenant: str) -> nats.NATS:
+    return await nats.connect(
+        broker.url,
+        token=mint_dev_token(tenant, key=broker.secrets.dev_key),
+        inbox_prefix=subjects.inbox_prefix(tenant).encode(),
+    )
+
+
 def call(tenant: str) -> bytes:
     return new_envelope_json(Kind.TOOL_CALL, tenant, ToolCall(tool="gate"), deadline=time.time() + 60)
 
@@ -119,11 +127,7 @@ async def test_the_rate_limit_is_checked_from_the_subject_before_the_body_is_dec
     async with running_services(
         secured.url, secured.state_dir, ("auth", "router", "graph", "tools"), definitions=tmp_path / "defs.yaml"
     ):
-        acme = await nats.connect(
-            secured.url,
-            token=mint_dev_token("acme", key=secured.secrets.dev_key),
-            inbox_prefix=subjects.inbox_prefix("acme").encode(),
-        )
+        acme = await tenant_nc(secured, "acme")
         try:
             good = new_envelope_json(Kind.REQUEST, "acme", RouterRequest(input={"text": "hi"}))
             for _ in range(2):  # the burst
@@ -142,11 +146,7 @@ async def test_the_rate_limit_is_checked_from_the_subject_before_the_body_is_dec
         for reply in flood:  # refused for the rate, never decoded (it would be invalid_request)
             with pytest.raises(RateLimited):
                 decode_reply(reply.data)
-        globex = await nats.connect(
-            secured.url,
-            token=mint_dev_token("globex", key=secured.secrets.dev_key),
-            inbox_prefix=subjects.inbox_prefix("globex").encode(),
-        )
+        globex = await tenant_nc(secured, "globex")
         try:
             request = new_envelope_json(Kind.REQUEST, "globex", RouterRequest(input={"text": "hi"}))
             reply = await globex.request(subjects.router_request("globex", "dev"), request, timeout=5)
@@ -179,11 +179,7 @@ async def test_a_tenants_rate_limit_holds_across_router_replicas(secured, tmp_pa
             while router.replicas.count != 2:  # each counts the other (once a probe interval)
                 router.replicas.counted.clear()
                 await asyncio.wait_for(router.replicas.counted.wait(), 10)
-        acme = await nats.connect(
-            secured.url,
-            token=mint_dev_token("acme", key=secured.secrets.dev_key),
-            inbox_prefix=subjects.inbox_prefix("acme").encode(),
-        )
+        acme = await tenant_nc(secured, "acme")
         try:
             request = new_envelope_json(Kind.REQUEST, "acme", RouterRequest(input={"text": "hi"}))
             replies = await asyncio.gather(
