@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from corral.system import (
+from corral.processes import (
     PROCESSES_FILE,
     RUNTIME_FILE,
     CrashHistory,
     RestartPolicy,
-    StateDirBusy,
-    System,
     describe_exit,
     process_identity,
     stop_orphans,
 )
+from corral.system import StateDirBusy, System
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 
