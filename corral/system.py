@@ -49,6 +49,8 @@ from services.registry import BY_NAME, SERVICES
 from services.runtime.credentials import Secrets
 
 READINESS_TENANT = "corral-readiness"
+# Exit statuses of a child killed by a signal only a terminal sends to a whole process group.
+TERMINAL_SIGNALS = frozenset({-signal.SIGINT, -signal.SIGHUP, -signal.SIGQUIT})
 LOCK_FILE = "corral.lock"  # holds the owner's pid; locked while a system runs from the directory
 
 
@@ -307,6 +309,13 @@ class System:
 
     def _check_alive(self) -> None:
         if self._interrupt is not None and self._interrupt.is_set():
+            raise StartInterrupted("stopped before the system was ready")
+        children = [proc.process for proc in self.processes]
+        if self.broker is not None and self.broker.process is not None:
+            children.append(self.broker.process)
+        if any(child.poll() in TERMINAL_SIGNALS for child in children):
+            # A terminal's Ctrl-C or hangup reached a child in the moment between its start and
+            # its own session: the same signal is on its way to this process, which stops.
             raise StartInterrupted("stopped before the system was ready")
         if self.broker is not None and self.broker.process is not None and self.broker.process.poll() is not None:
             raise BrokerError(
