@@ -232,7 +232,7 @@ class FollowEncoder:
 def new_envelope_json(
     kind: Kind,
     tenant_id: str,
-    payload: BaseModel,
+    payload: BaseModel | bytes,
     *,
     run_id: str | None = None,
     deadline: datetime | float | None = None,
@@ -243,9 +243,10 @@ def new_envelope_json(
 
     ``tenant_id`` must already be a valid tenant id and ``payload`` a validated payload; the
     receiving service validates the whole envelope as it does any other. ``deadline`` may be a
-    datetime or a POSIX timestamp.
+    datetime or a POSIX timestamp. ``payload`` may already be JSON (of a valid payload).
     """
     text = _json_string
+    body = payload if isinstance(payload, bytes) else payload.model_dump_json().encode()
     if isinstance(deadline, float | int):
         deadline_text = f'"{_DEADLINES.at(deadline)}"'
     else:
@@ -254,9 +255,8 @@ def new_envelope_json(
         f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
         f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
         f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
-        f'"deadline":{deadline_text},"trace":null,"idempotency_key":{text(idempotency_key)},'
-        f'"payload":{payload.model_dump_json()}}}'
-    ).encode()
+        f'"deadline":{deadline_text},"trace":null,"idempotency_key":{text(idempotency_key)},"payload":'
+    ).encode() + body + b"}"
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:+\-]*")

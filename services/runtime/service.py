@@ -60,7 +60,7 @@ from services.runtime import loop as event_loop
 from services.runtime.audit import AuditTrail
 from services.runtime.credentials import service_credentials
 from services.runtime.fairness import Admission, FairShare
-from services.runtime.guard import check_reply, check_tenant
+from services.runtime.guard import check_reply, check_tenant, reply_allowed
 from services.runtime.liveness import Liveness, Replicas
 from services.runtime.logging import configure_logging
 from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
@@ -108,6 +108,7 @@ class Service:
         self.admission: Callable[[str], CorralError | None] | None = None
         self.refusals = Refusals(self.log, None)
         self._refusing: set[asyncio.Task[None]] = set()
+        self._refusals_due: list[tuple[Msg, CorralError, bool]] = []
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -246,8 +247,11 @@ class Service:
                 # queue-group share) are still dispatched instead of being dropped.
                 await sub.drain()
         self._subscriptions.clear()
+        stopping = Unavailable(f"the {self.name} replica is stopping; it may be retried")
         for _, (_, msg) in self._fair.drain():  # waiting for their tenant's turn: never started
-            await self._refuse_early(msg, Unavailable(f"the {self.name} replica is stopping; it may be retried"))
+            self._refuse_soon(msg, stopping, tenant_facing=False)
+        if self._refusing:
+            await asyncio.wait(set(self._refusing))
         if self._in_flight:
             _, pending = await asyncio.wait(list(self._in_flight), timeout=self.settings.drain_timeout_s)
             if pending:
@@ -318,14 +322,15 @@ class Service:
             refusal = self.admission(tenant)
             if refusal is not None:
                 stats.refuse(tenant, refusal.code.value)
-                self._refuse_soon(msg, refusal)
+                self._refuse_soon(msg, refusal, op.tenant_facing)
                 return
         verdict = self._fair.admit(tenant, (handle, msg))
         if verdict is Admission.START:
             self._start(handle, msg, tenant)
         elif verdict is Admission.FULL:
             stats.refuse(tenant, ErrorCode.RATE_LIMITED.value)
-            self._refuse_soon(msg, RateLimited(f"too many requests of this tenant in flight on {self.name}"))
+            error = RateLimited(f"too many requests of this tenant in flight on {self.name}")
+            self._refuse_soon(msg, error, op.tenant_facing)
 
     def _start(self, handle: Callable[[Msg], Awaitable[None]], msg: Msg, tenant: str | None) -> None:
         task = asyncio.create_task(handle(msg))
@@ -342,16 +347,32 @@ class Service:
             name, (handle, msg) = following
             self._start(handle, msg, name)
 
-    def _refuse_soon(self, msg: Msg, error: CorralError) -> None:
-        """Refuse a message that was never decoded; from the read loop, so the answer is sent
-        from a task of its own (not counted in flight: it holds no slot)."""
-        task = asyncio.get_running_loop().create_task(self._refuse_early(msg, error))
-        self._refusing.add(task)  # a reference until it is done (the loop keeps only weak ones)
-        task.add_done_callback(self._refusing.discard)
+    def _refuse_soon(self, msg: Msg, error: CorralError, tenant_facing: bool) -> None:
+        """Refuse a message that was never decoded. From the read loop, so the answers are sent
+        by one task per loop turn, for every refusal of the turn (a flood of them costs a list
+        append each here, not a task each); none holds a slot."""
+        self._refusals_due.append((msg, error, tenant_facing))
+        if len(self._refusals_due) == 1:
+            task = asyncio.get_running_loop().create_task(self._refuse_due())
+            self._refusing.add(task)  # a reference until it is done (the loop keeps only weak ones)
+            task.add_done_callback(self._refusing.discard)
 
-    async def _refuse_early(self, msg: Msg, error: CorralError) -> None:
-        tenant = subjects.tenant_token(msg.subject)
-        await self._refuse(msg.subject, msg.reply, tenant if is_tenant_id(tenant) else None, None, error)
+    async def _refuse_due(self) -> None:
+        due, self._refusals_due = self._refusals_due, []
+        bodies: dict[tuple[str, str], bytes] = {}  # the error's JSON, per tenant and message
+        for msg, error, tenant_facing in due:
+            subject, reply = msg.subject, msg.reply
+            tenant = subjects.tenant_token(subject)
+            known = is_tenant_id(tenant)
+            self.refusals.add(tenant if known else None, error.code.value, error.message, subject)
+            if not reply or not known or not reply_allowed(reply, tenant, allow_service_inbox=not tenant_facing):
+                continue  # never answer into another tenant's inbox
+            key = (error.code.value, error.message)
+            payload = bodies.get(key)
+            if payload is None:
+                payload = bodies[key] = ErrorInfo.of(error).model_dump_json().encode()
+            with contextlib.suppress(Exception):
+                await self.nc.publish(reply, new_envelope_json(Kind.ERROR, tenant, payload))
 
     async def _dispatch(
         self,
