@@ -4,7 +4,9 @@ Starts a system on free ports (``corral up``'s processes) with two tenants: ``qu
 ``noisy`` (rate limit ``--rate`` requests/s). The quiet tenant sends ``--requests`` requests one
 after another, first alone and then while the noisy tenant, from a process of its own, sends
 ``--flood-factor`` times its rate limit for as long as the quiet tenant's second round lasts.
-Prints the quiet tenant's p50/p99 in both rounds, their ratio, what it lost, and what the noisy
+A control round sends the same flood to a subject no service reads (the broker drops it): what
+the flood costs the machine (two cores shared by every process) without Corral handling it.
+Prints the quiet tenant's p50/p99 in each round, the ratios, what it lost, and what the noisy
 tenant got through; ``--json`` for one object. The target: the loaded p99 within 2x the unloaded
 one, and nothing lost.
 """
@@ -77,8 +79,12 @@ async def quiet_round(client: CorralClient, requests: int) -> tuple[list[float],
     return latencies, lost
 
 
-async def flood(url: str, token: str, rate: float, seconds: float) -> dict[str, int]:
-    """The noisy tenant: ``rate`` requests a second for ``seconds``, open loop, answers counted."""
+async def flood(url: str, token: str, rate: float, seconds: float, control: bool = False) -> dict[str, int]:
+    """The noisy tenant: ``rate`` requests a second for ``seconds``, open loop, answers counted.
+
+    ``control``: the same messages to a subject no service reads (its workflow signals, while no
+    workflow service runs), so the broker drops them: what the flood costs the machine without
+    Corral handling it, to tell that apart from what handling it costs the quiet tenant."""
     import nats
 
     from contracts import subjects
@@ -98,19 +104,19 @@ async def flood(url: str, token: str, rate: float, seconds: float) -> dict[str, 
 
     inbox = f"{subjects.inbox_prefix('noisy')}.flood"
     await nc.subscribe(f"{inbox}.*", cb=on_reply)
-    subject = subjects.router_request("noisy", "dev")
+    subject = subjects.workflow_signal("noisy", "dev") if control else subjects.router_request("noisy", "dev")
     body = new_envelope_json(Kind.REQUEST, "noisy", RouterRequest(input={"text": "where is my order?"}))
     started = time.monotonic()
     tick = 0.01
     while time.monotonic() - started < seconds:
         due = int((time.monotonic() - started) * rate) - counts["sent"]
         for _ in range(due):
-            await nc.publish(subject, body, reply=f"{inbox}.{counts['sent']}")
+            await nc.publish(subject, body, reply="" if control else f"{inbox}.{counts['sent']}")
             counts["sent"] += 1
         await asyncio.sleep(tick)  # pacing an open-loop load, not synchronising
     done_sending = True
     await nc.flush()
-    if counts["answered"] < counts["sent"]:
+    if not control and counts["answered"] < counts["sent"]:
         with contextlib.suppress(TimeoutError):  # what is still unanswered after 10 s is reported
             await asyncio.wait_for(all_answered.wait(), 10)
     await nc.close()
@@ -134,16 +140,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await quiet_round(client, 50)  # warm-up
                 alone, lost_alone = await quiet_round(client, args.requests)
                 seconds = max(2.0, statistics.fmean(alone) * args.requests / 1000 * 1.5)
-                flood_rate = args.rate * args.flood_factor
-                noisy = await asyncio.create_subprocess_exec(
-                    *(sys.executable, __file__, "--flood", system.url, mint_dev_token("noisy", key=key)),
-                    *("--flood-rate", str(flood_rate), "--flood-seconds", str(seconds)),
-                    stdout=asyncio.subprocess.PIPE,
-                    env={**os.environ, **env},
-                )
-                loaded, lost_loaded = await quiet_round(client, args.requests)
-                out, _ = await asyncio.wait_for(noisy.communicate(), seconds + 60)
-                counts = json.loads(out.decode().strip().splitlines()[-1])
+                flood_rate = args.flood_rate_per_s or args.rate * args.flood_factor
+                token = mint_dev_token("noisy", key=key)
+
+                async def flooded(*control: str) -> tuple[list[float], int, dict[str, int]]:
+                    noisy = await asyncio.create_subprocess_exec(
+                        *(sys.executable, __file__, "--flood", system.url, token, *control),
+                        *("--flood-rate", str(flood_rate), "--flood-seconds", str(seconds)),
+                        stdout=asyncio.subprocess.PIPE,
+                        env={**os.environ, **env},
+                    )
+                    latencies, lost = await quiet_round(client, args.requests)
+                    out, _ = await asyncio.wait_for(noisy.communicate(), seconds + 60)
+                    return latencies, lost, json.loads(out.decode().strip().splitlines()[-1])
+
+                control, lost_control, _ = await flooded("--control")
+                loaded, lost_loaded, counts = await flooded()
             finally:
                 await client.close()
         finally:
@@ -151,16 +163,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "requests": args.requests,
         "noisy_rate_limit": args.rate,
-        "flood_rate": args.rate * args.flood_factor,
+        "flood_rate": args.flood_rate_per_s or args.rate * args.flood_factor,
         "quiet_p50_ms_alone": round(percentile(alone, 0.5), 3),
         "quiet_p99_ms_alone": round(percentile(alone, 0.99), 3),
         "quiet_p50_ms_flooded": round(percentile(loaded, 0.5), 3),
         "quiet_p99_ms_flooded": round(percentile(loaded, 0.99), 3),
-        "quiet_lost": lost_alone + lost_loaded,
+        "quiet_p50_ms_control": round(percentile(control, 0.5), 3),
+        "quiet_p99_ms_control": round(percentile(control, 0.99), 3),
+        "quiet_lost": lost_alone + lost_loaded + lost_control,
         "noisy": counts,
         "event_loop": event_loop.loop_name(),
     }
     report["p99_ratio"] = round(report["quiet_p99_ms_flooded"] / report["quiet_p99_ms_alone"], 2)
+    report["p99_ratio_control"] = round(report["quiet_p99_ms_control"] / report["quiet_p99_ms_alone"], 2)
     return report
 
 
@@ -169,13 +184,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500, help="quiet tenant's requests per round")
     parser.add_argument("--rate", type=float, default=100.0, help="the noisy tenant's rate limit, requests/s")
     parser.add_argument("--flood-factor", type=float, default=10.0, help="the flood, in times the rate limit")
+    parser.add_argument("--flood-rate-per-s", type=float, help="the flood's rate itself (instead of a factor)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--flood", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
     parser.add_argument("--flood-rate", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--flood-seconds", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--control", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood:
-        print(json.dumps(event_loop.run(flood(args.flood[0], args.flood[1], args.flood_rate, args.flood_seconds))))
+        counts = flood(args.flood[0], args.flood[1], args.flood_rate, args.flood_seconds, args.control)
+        print(json.dumps(event_loop.run(counts)))
         return
     report = event_loop.run(run(args))
     if args.json:
@@ -183,6 +201,10 @@ def main() -> None:
         return
     print(f"quiet tenant, {args.requests} requests one after another (ms):")
     print(f"  alone:   p50 {report['quiet_p50_ms_alone']:.2f}  p99 {report['quiet_p99_ms_alone']:.2f}")
+    print(
+        f"  control: p50 {report['quiet_p50_ms_control']:.2f}  p99 {report['quiet_p99_ms_control']:.2f}"
+        f"  (p99 x{report['p99_ratio_control']}: the same flood to a subject nobody reads)"
+    )
     print(
         f"  flooded: p50 {report['quiet_p50_ms_flooded']:.2f}  p99 {report['quiet_p99_ms_flooded']:.2f}"
         f"  (p99 x{report['p99_ratio']})"
