@@ -97,7 +97,8 @@ class Service:
         # Each message's task -> the tenant it was admitted for (None: not admitted per tenant).
         self._in_flight: dict[asyncio.Task[None], str | None] = {}
         self._slots = Slots(self.settings.max_in_flight)
-        self._fair: FairShare[tuple[Callable[[Msg], Awaitable[None]], Msg]] = FairShare(
+        # Waiting messages: (how to handle it, the message, whether its operation is tenant-facing).
+        self._fair: FairShare[tuple[Callable[[Msg], Awaitable[None]], Msg, bool]] = FairShare(
             self._slots,
             per_tenant=self.settings.max_in_flight_per_tenant,
             queue_per_tenant=self.settings.max_queued_per_tenant,
@@ -248,8 +249,8 @@ class Service:
                 await sub.drain()
         self._subscriptions.clear()
         stopping = Unavailable(f"the {self.name} replica is stopping; it may be retried")
-        for _, (_, msg) in self._fair.drain():  # waiting for their tenant's turn: never started
-            self._refuse_soon(msg, stopping, tenant_facing=False)
+        for _, (_, msg, tenant_facing) in self._fair.drain():  # waiting for their turn: never started
+            self._refuse_soon(msg, stopping, tenant_facing)
         if self._refusing:
             await asyncio.wait(set(self._refusing))
         if self._in_flight:
@@ -324,7 +325,7 @@ class Service:
                 stats.refuse(tenant, refusal.code.value)
                 self._refuse_soon(msg, refusal, op.tenant_facing)
                 return
-        verdict = self._fair.admit(tenant, (handle, msg))
+        verdict = self._fair.admit(tenant, (handle, msg, op.tenant_facing))
         if verdict is Admission.START:
             self._start(handle, msg, tenant)
         elif verdict is Admission.FULL:
@@ -344,7 +345,7 @@ class Service:
         """A slot is given back: it goes to the next tenant waiting for one, else it is free."""
         following = self._fair.release(tenant)
         if following is not None:
-            name, (handle, msg) = following
+            name, (handle, msg, _) = following
             self._start(handle, msg, name)
 
     def _refuse_soon(self, msg: Msg, error: CorralError, tenant_facing: bool) -> None:

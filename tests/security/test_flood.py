@@ -196,3 +196,52 @@ async def test_a_tenants_rate_limit_holds_across_router_replicas(secured, tmp_pa
             pass
     # 5 per replica at most; fewer if the queue group gave one replica more than its share.
     assert 1 <= admitted <= 10
+
+
+async def test_a_stopping_replica_answers_its_waiting_messages_but_never_into_a_service_inbox(nats_url):
+    """A tenant-facing message that waited for its tenant's turn was never decoded or guarded:
+    when the replica stops, it is answered `unavailable` only into the tenant's own inbox."""
+    from contracts.errors import Unavailable
+
+    facing = Manifest(
+        "door",
+        "a tenant-facing gate",
+        (Consume("call", "t.*.door.call.*", Kind.TOOL_CALL, ToolCall, "holds calls", tenant_facing=True),),
+        audit=False,
+    )
+    release = asyncio.Event()
+    settings = Settings(nats_url=nats_url, log_level="error", max_in_flight_per_tenant=1, drain_timeout_s=0.2)
+    service = Service(facing, settings)
+
+    @service.handler("call")
+    async def hold(req: Request[ToolCall]) -> str:
+        await release.wait()
+        return "done"
+
+    await service.start()
+    acme_nc, acme = await tenant_requester(nats_url, "acme")
+    spy = await nats.connect(nats_url)
+    try:
+        stolen = await spy.subscribe("_INBOX._graph.>")
+        own = await acme_nc.subscribe("_INBOX.acme.waiting")
+        await spy.flush()
+        await acme_nc.flush()
+        subject = f"t.acme.door.call.{subjects.principal_token('dev')}"
+        held = asyncio.create_task(acme.request(subject, call("acme"), 30))
+        await until(lambda: service._fair.in_flight("acme") == 1)
+        await acme_nc.publish(subject, call("acme"), reply="_INBOX._graph.x.1")  # a tenant aiming at a service
+        await acme_nc.publish(subject, call("acme"), reply="_INBOX.acme.waiting")
+        await acme_nc.flush()
+        await until(lambda: service._fair.waiting("acme") == 2)
+        await service.stop()
+        answer = await own.next_msg(timeout=10)
+        with pytest.raises(Unavailable):
+            decode_reply(answer.data)
+        await spy.flush()
+        assert stolen.pending_msgs == 0
+    finally:
+        release.set()
+        held.cancel()
+        await acme.stop()
+        await acme_nc.close()
+        await spy.close()
