@@ -133,6 +133,9 @@ class TenantPolicy(_Definition):
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     max_input_bytes: int = Field(default=64 * 1024, gt=0)
     connection: ConnectionLimits = Field(default_factory=ConnectionLimits)
+    # Each user (principal) of the tenant sees only its own replies and run events; by default
+    # the users of a tenant share its inbox namespace and events (isolation is between tenants).
+    principal_scoped: bool = False
 
     @model_validator(mode="after")
     def _default_is_a_route(self) -> TenantPolicy:

@@ -252,11 +252,15 @@ def new_envelope_json(
     else:
         deadline_text = text(deadline.isoformat()) if deadline else "null"
     return (
-        f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
-        f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
-        f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
-        f'"deadline":{deadline_text},"trace":null,"idempotency_key":{text(idempotency_key)},"payload":'
-    ).encode() + body + b"}"
+        (
+            f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
+            f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
+            f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
+            f'"deadline":{deadline_text},"trace":null,"idempotency_key":{text(idempotency_key)},"payload":'
+        ).encode()
+        + body
+        + b"}"
+    )
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:+\-]*")

@@ -22,10 +22,14 @@ class Permissions:
     deny_subscribe: tuple[str, ...] = field(default=())
 
 
-def tenant_permissions(tenant: str, principal: str) -> Permissions:
+def tenant_permissions(tenant: str, principal: str, *, principal_scoped: bool = False) -> Permissions:
     """A tenant user: publish requests and signals as its own principal, read its tenant's events
-    and inbox, nothing else."""
+    and inbox (``principal_scoped``: only its own principal's), nothing else."""
+    if principal_scoped:
+        subscribe = (subjects.principal_events(tenant, principal), subjects.tenant_inboxes(tenant, principal))
+    else:
+        subscribe = (subjects.tenant_events(tenant), subjects.tenant_inboxes(tenant))
     return Permissions(
         publish=(subjects.router_request(tenant, principal), subjects.workflow_signal(tenant, principal)),
-        subscribe=(subjects.tenant_events(tenant), subjects.tenant_inboxes(tenant)),
+        subscribe=subscribe,
     )

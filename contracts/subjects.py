@@ -88,13 +88,24 @@ def tool_call(tenant: str, tool: str) -> str:
     return f"t.{validate_tenant_id(tenant)}.tool.{validate_name(tool)}.call"
 
 
-def events(tenant: str, run_id: str) -> str:
-    return f"t.{validate_tenant_id(tenant)}.events.{validate_run_id(run_id)}"
+# The principal token of events of a run no principal asked for (a service's own).
+NO_PRINCIPAL = "_"
+
+
+def events(tenant: str, principal: str | None, run_id: str) -> str:
+    """A run's progress events, under the principal who asked for it (``t.<tenant>.events.<p>.<run>``)."""
+    who = NO_PRINCIPAL if principal is None else principal_token(principal)
+    return f"t.{validate_tenant_id(tenant)}.events.{who}.{validate_run_id(run_id)}"
 
 
 def tenant_events(tenant: str) -> str:
-    """Every run's events of one tenant (what a tenant user may subscribe to)."""
+    """Every run's events of one tenant (what a tenant user may subscribe to, unless scoped)."""
     return f"t.{validate_tenant_id(tenant)}.events.>"
+
+
+def principal_events(tenant: str, principal: str) -> str:
+    """The events of one principal's runs (a principal-scoped tenant user's only ones)."""
+    return f"t.{validate_tenant_id(tenant)}.events.{principal_token(principal)}.>"
 
 
 def audit(tenant: str, service: str) -> str:
@@ -111,13 +122,16 @@ def service_audit(service: str) -> str:
     return f"t.*.audit.{validate_name(service)}"
 
 
-def inbox_prefix(tenant: str) -> str:
-    """The inbox prefix a tenant connection must use (nats-py ``inbox_prefix``)."""
-    return f"{INBOX}.{validate_tenant_id(tenant)}"
+def inbox_prefix(tenant: str, principal: str | None = None) -> str:
+    """The inbox prefix a tenant connection uses (nats-py ``inbox_prefix``): the tenant's, or
+    within it the principal's own (``_INBOX.<tenant>.<p>``), which a principal-scoped tenant's
+    users must use and any may."""
+    prefix = f"{INBOX}.{validate_tenant_id(tenant)}"
+    return prefix if principal is None else f"{prefix}.{principal_token(principal)}"
 
 
-def tenant_inboxes(tenant: str) -> str:
-    return f"{inbox_prefix(tenant)}.>"
+def tenant_inboxes(tenant: str, principal: str | None = None) -> str:
+    return f"{inbox_prefix(tenant, principal)}.>"
 
 
 def service_inbox_prefix(service: str) -> str:
@@ -190,9 +204,11 @@ def _parse(subject: str) -> TenantSubject:
     return TenantSubject(tenant=tenant, area=parts[2], rest=tuple(parts[3:]))
 
 
-def reply_belongs_to(reply: str, tenant: str) -> bool:
-    """True if ``reply`` is inside ``tenant``'s inbox namespace.
+def reply_belongs_to(reply: str, tenant: str, principal: str | None = None) -> bool:
+    """True if ``reply`` is inside ``tenant``'s inbox namespace (``principal``: inside that
+    principal's own).
 
     The server does not check reply subjects against permissions, so every service must.
     """
-    return reply.startswith(f"{INBOX}.{tenant}.") and len(reply) > len(INBOX) + len(tenant) + 2
+    prefix = f"{INBOX}.{tenant}." if principal is None else f"{INBOX}.{tenant}.{principal_token(principal)}."
+    return reply.startswith(prefix) and len(reply) > len(prefix)

@@ -115,7 +115,8 @@ class CorralClient:
         nc = await connection.connect(
             self.url,
             token=self.token,
-            inbox_prefix=subjects.inbox_prefix(self.tenant).encode(),
+            # The principal's own inbox: the one a principal-scoped tenant's users may read.
+            inbox_prefix=subjects.inbox_prefix(self.tenant, self.principal).encode(),
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
@@ -262,7 +263,9 @@ class CorralClient:
                     finished.set()
 
             try:
-                subscription = await self.nc.subscribe(subjects.events(self.tenant, run_id), cb=on_message)
+                subscription = await self.nc.subscribe(
+                    subjects.events(self.tenant, self.principal, run_id), cb=on_message
+                )
             except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
                 raise Unavailable(NOT_CONNECTED) from None
         try:

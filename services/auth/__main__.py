@@ -1,6 +1,6 @@
 """Wiring of the auth service: ``python -m services.auth``."""
 
-from contracts.definitions import ConnectionLimits, DefinitionError
+from contracts.definitions import DefinitionError, TenantPolicy
 from services.auth.callout import CalloutSigner
 from services.auth.denials import DenialAudit
 from services.auth.handlers import register
@@ -41,19 +41,19 @@ def build(base: Settings) -> Service:
         denials = DenialAudit(settings.nats_url, settings.auth_audit_user, settings.auth_audit_password, service.log)
     else:
         service.log.warning("auth_denials_not_audited", reason="no CORRAL_AUTH_AUDIT_PASSWORD or state directory")
-    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks, denials, _connection_limits(service))
+    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks, denials, _policies(service))
     return service
 
 
-def _connection_limits(service: Service) -> dict[str, ConnectionLimits]:
-    """Each tenant's broker limits, from its policy in the definitions (the defaults without any)."""
+def _policies(service: Service) -> dict[str, TenantPolicy]:
+    """Each tenant's policy, from the definitions (for its connections' limits and scope)."""
     try:
         path = service.settings.definitions_path()
     except DefinitionError:
         service.log.warning("auth_default_connection_limits", reason="no definitions configured")
         return {}
     catalog = load_catalog(path)  # the same definitions as the other services: broken ones fail here too
-    return {tenant: policy.connection for tenant, policy in catalog.tenants.items()}
+    return dict(catalog.tenants)
 
 
 if __name__ == "__main__":

@@ -102,9 +102,14 @@ class CalloutSigner:
         self.issuer = self.keys.public_key.decode()
 
     def user_jwt(
-        self, request: CalloutRequest, identity: Identity, now: int, limits: ConnectionLimits | None = None
+        self,
+        request: CalloutRequest,
+        identity: Identity,
+        now: int,
+        limits: ConnectionLimits | None = None,
+        principal_scoped: bool = False,
     ) -> str:
-        permissions = tenant_permissions(identity.tenant, identity.subject)
+        permissions = tenant_permissions(identity.tenant, identity.subject, principal_scoped=principal_scoped)
         limits = limits or ConnectionLimits()
         claims = {
             "iss": self.issuer,
@@ -133,12 +138,14 @@ class CalloutSigner:
         identity: Identity | None = None,
         error: str | None = None,
         limits: ConnectionLimits | None = None,
+        principal_scoped: bool = False,
     ) -> bytes:
-        """The authorization response: a user JWT for ``identity`` (with ``limits``), or ``error``."""
+        """The authorization response: a user JWT for ``identity`` (with ``limits``, and scoped
+        to its principal's inbox and events if asked), or ``error``."""
         now = int(time.time())
         nats_claims: dict[str, Any] = {"type": "authorization_response", "version": 2}
         if identity is not None:
-            nats_claims["jwt"] = self.user_jwt(request, identity, now, limits)
+            nats_claims["jwt"] = self.user_jwt(request, identity, now, limits, principal_scoped)
         else:
             nats_claims["error"] = error or "not authorized"
         claims = {

@@ -6,7 +6,7 @@ import jwt
 from nats.aio.msg import Msg
 
 from contracts import subjects
-from contracts.definitions import ConnectionLimits
+from contracts.definitions import TenantPolicy
 from contracts.errors import CorralError, ErrorCode
 from services.auth.callout import CalloutSigner, decode_request
 from services.auth.denials import DenialAudit
@@ -22,11 +22,11 @@ def register(
     signer: CalloutSigner,
     jwks: JwksKeys | None = None,
     denials: DenialAudit | None = None,
-    limits: dict[str, ConnectionLimits] | None = None,
+    policies: dict[str, TenantPolicy] | None = None,
 ) -> None:
-    """Bind the callout responder on ``service``; ``limits``: each tenant's broker limits (from
-    its policy; the defaults for a tenant without one)."""
-    limits = limits or {}
+    """Bind the callout responder on ``service``; ``policies``: each tenant's, for its broker
+    limits and whether its users are scoped to their own principal (the defaults without one)."""
+    policies = policies or {}
     if jwks is not None:
         service.on_start(jwks.refresh)
         service.on_stop(jwks.aclose)
@@ -73,7 +73,13 @@ def register(
             await service.nc.publish(msg.reply, signer.response(request, error="internal error"))
             return None, ErrorCode.INTERNAL.value
         service.log.debug("auth_granted", tenant_id=identity.tenant, principal=identity.subject)
-        response = signer.response(request, identity=identity, limits=limits.get(identity.tenant))
+        policy = policies.get(identity.tenant)
+        response = signer.response(
+            request,
+            identity=identity,
+            limits=policy.connection if policy else None,
+            principal_scoped=policy.principal_scoped if policy else False,
+        )
         await service.nc.publish(msg.reply, response)
         return identity.tenant, None
 

@@ -13,7 +13,7 @@ MANIFEST = Manifest(
             subjects.ALL_EVENTS,
             "Progress of one run (accepted, started, node, completed, failed); a tenant may subscribe",
             RunEvent,
-            address="t.{tenant}.events.{run_id}",
+            address="t.{tenant}.events.{principal}.{run_id}",
         ),
     ),
     requests=(subjects.TOOL_CALLS,),

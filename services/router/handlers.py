@@ -21,6 +21,8 @@ def register(service: Service, catalog: Catalog) -> Router:
     """Bind the router's operation on ``service``; returns the policy object (for tests)."""
     router = Router(catalog, RateLimiter(shares=lambda: service.replicas.count))
     service.admission = router.admit
+    scoped = frozenset(tenant for tenant, policy in catalog.tenants.items() if policy.principal_scoped)
+    service.principal_scoped = scoped.__contains__
 
     @service.handler("request")
     async def route_request(req: Request[RouterRequest]) -> Any:

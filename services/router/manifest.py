@@ -27,7 +27,7 @@ MANIFEST = Manifest(
             subjects.ALL_EVENTS,
             "Progress of one run (accepted, started, node, completed, failed); a tenant may subscribe",
             RunEvent,
-            address="t.{tenant}.events.{run_id}",
+            address="t.{tenant}.events.{principal}.{run_id}",
         ),
     ),
     # Relayed (not passed on) while no executor answered the last probe: fails at once, typed.

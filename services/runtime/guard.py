@@ -12,19 +12,23 @@ from contracts.errors import Forbidden, TenantMismatch
 SERVICE_INBOXES = f"{subjects.INBOX}._"
 
 
-def reply_allowed(reply: str, tenant: str, *, allow_service_inbox: bool) -> bool:
+def reply_allowed(reply: str, tenant: str, *, allow_service_inbox: bool, principal: str | None = None) -> bool:
     """Whether ``reply`` may be answered for ``tenant`` (see :func:`check_reply`)."""
+    if principal is not None:
+        return subjects.reply_belongs_to(reply, tenant, principal)
     return subjects.reply_belongs_to(reply, tenant) or (allow_service_inbox and reply.startswith(SERVICE_INBOXES))
 
 
-def check_reply(reply: str, tenant: str, *, allow_service_inbox: bool) -> None:
-    """A reply subject must be the tenant's own inbox (or, between services, a service inbox).
+def check_reply(reply: str, tenant: str, *, allow_service_inbox: bool, principal: str | None = None) -> None:
+    """A reply subject must be the tenant's own inbox (or, between services, a service inbox;
+    with ``principal``, that principal's own inbox within the tenant's).
 
     The server does not check reply subjects against permissions: without this a tenant could
-    have a service publish into another tenant's inbox.
+    have a service publish into another tenant's inbox (or one user into another's).
     """
-    if reply and not reply_allowed(reply, tenant, allow_service_inbox=allow_service_inbox):
-        raise Forbidden(f"reply subject is outside tenant {tenant!r}'s inbox")
+    if reply and not reply_allowed(reply, tenant, allow_service_inbox=allow_service_inbox, principal=principal):
+        where = f"principal {principal!r}'s" if principal is not None else f"tenant {tenant!r}'s"
+        raise Forbidden(f"reply subject is outside {where} inbox")
 
 
 def check_tenant(envelope_tenant: str, subject_tenant: str) -> None:

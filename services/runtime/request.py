@@ -110,11 +110,11 @@ class Request(Generic[P]):
         return request
 
     async def emit(self, event: RunEvent) -> None:
-        """Publish a progress event on ``t.<tenant>.events.<run_id>`` (if the run has an id)."""
+        """Publish a progress event on ``t.<tenant>.events.<principal>.<run_id>`` (if the run has an id)."""
         if self.envelope.run_id is None or not self.stream:
             return
         if self._events_subject is None:
-            self._events_subject = subjects.events(self.tenant, self.envelope.run_id)
+            self._events_subject = subjects.events(self.tenant, self.principal, self.envelope.run_id)
         await self.service.nc.publish(self._events_subject, self.encode(Kind.EVENT, event))
 
     async def call_json(self, subject: str, kind: Kind, payload: bytes, *, timeout: float | None = None) -> Any:

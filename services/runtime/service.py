@@ -107,6 +107,9 @@ class Service:
         # A check of the tenant before anything is decoded (the router's rate limit): returns the
         # refusal, or None to go on. Runs in the read loop: it must be cheap and must not block.
         self.admission: Callable[[str], CorralError | None] | None = None
+        # Whether a tenant's users are scoped to their own principal (its policy; the router
+        # knows it): a tenant-facing message's reply must then be its principal's own inbox.
+        self.principal_scoped: Callable[[str], bool] = lambda tenant: False
         self.refusals = Refusals(self.log, None)
         self._refusing: set[asyncio.Task[None]] = set()
         self._refusals_due: list[tuple[Msg, CorralError, bool]] = []
@@ -366,8 +369,15 @@ class Service:
             tenant = subjects.tenant_token(subject)
             known = is_tenant_id(tenant)
             self.refusals.add(tenant if known else None, error.code.value, error.message, subject)
-            if not reply or not known or not reply_allowed(reply, tenant, allow_service_inbox=not tenant_facing):
-                continue  # never answer into another tenant's inbox
+            if tenant_facing and known and self.principal_scoped(tenant):  # only the principal's own inbox
+                principal = _principal_in(subject)
+                allowed = principal is not None and reply_allowed(
+                    reply, tenant, allow_service_inbox=False, principal=principal
+                )
+            else:
+                allowed = known and reply_allowed(reply, tenant, allow_service_inbox=not tenant_facing)
+            if not reply or not allowed:
+                continue  # never answer into another tenant's (or, scoped, another user's) inbox
             key = (error.code.value, error.message)
             payload = bodies.get(key)
             if payload is None:
@@ -395,7 +405,12 @@ class Service:
             tenant = parsed.tenant
             if tenant_facing:  # the subject's last token names the verified principal
                 principal = subjects.principal_of(parsed.rest[-1])
-            check_reply(reply, tenant, allow_service_inbox=not tenant_facing)
+            check_reply(
+                reply,
+                tenant,
+                allow_service_inbox=not tenant_facing,
+                principal=principal if tenant_facing and self.principal_scoped(tenant) else None,
+            )
             envelope = decode_request(msg.data, envelope_type)
             check_tenant(envelope.tenant_id, tenant)
             if envelope.kind != op.kind:
@@ -411,7 +426,7 @@ class Service:
             stats.refuse(tenant, error.code.value)
             if not tenant_facing and envelope is not None:
                 principal = envelope.principal  # as the trusted service before this one wrote it
-            await self._refuse(msg.subject, reply, tenant, envelope, error, principal)
+            await self._refuse(msg.subject, reply, tenant, envelope, error, principal, tenant_facing)
             return
         record = stats.start(tenant)
         started = time.perf_counter()
@@ -422,19 +437,20 @@ class Service:
                 await self.nc.publish(reply, encode_result(request, output))
         except CorralError as error:
             failure = error.code.value
-            await self._refuse(msg.subject, reply, tenant, envelope, error, request.principal)
+            await self._refuse(msg.subject, reply, tenant, envelope, error, request.principal, tenant_facing)
         except Exception:
             failure = ErrorCode.INTERNAL.value
             self.log.exception("handler_failed", subject=msg.subject, tenant_id=tenant)
-            await self._refuse(msg.subject, reply, tenant, envelope, Internal("internal error"), request.principal)
+            failed = Internal("internal error")
+            await self._refuse(msg.subject, reply, tenant, envelope, failed, request.principal, tenant_facing)
         except asyncio.CancelledError:  # given up by a stopping replica (Service.stop)
             failure = ErrorCode.UNAVAILABLE.value
-            await self._abandon(request, msg.subject, reply)
+            await self._abandon(request, msg.subject, reply, tenant_facing)
             raise
         finally:
             stats.finish(record, time.perf_counter() - started, failure)
 
-    async def _abandon(self, request: Request[Any], subject: str, reply: str) -> None:
+    async def _abandon(self, request: Request[Any], subject: str, reply: str, tenant_facing: bool) -> None:
         """A message this replica stops working on: the requester is told so, typed and
         retryable, and a watched run gets its ``failed`` event, instead of waiting out the deadline."""
         error = Unavailable(f"the {self.name} replica handling this stopped before it finished; it may be retried")
@@ -444,7 +460,7 @@ class Service:
                     type=EventType.FAILED, service=self.name, data={"code": error.code.value, "message": error.message}
                 )
             )
-        await self._refuse(subject, reply, request.tenant, request.envelope, error, request.principal)
+        await self._refuse(subject, reply, request.tenant, request.envelope, error, request.principal, tenant_facing)
 
     def _raw(self, handler: RawHandler, stats: OperationStats) -> Callable[[Msg], Awaitable[None]]:
         """A raw operation's subject carries no tenant: its handler may return the ``(tenant, error
@@ -524,6 +540,7 @@ class Service:
         envelope: Envelope[Any] | None,
         error: CorralError,
         principal: str | None = None,
+        tenant_facing: bool = False,
     ) -> None:
         """Count a refusal (logged and audited per window, services/runtime/refusals.py) and answer
         it with a typed error where a reply is possible and safe. ``principal``: the verified one,
@@ -539,10 +556,12 @@ class Service:
         )
         if not reply or tenant is None:
             return
+        # A tenant-facing reply of a principal-scoped tenant goes only to the principal's own inbox.
+        scope = principal if tenant_facing and self.principal_scoped(tenant) else None
         try:
-            check_reply(reply, tenant, allow_service_inbox=True)
+            check_reply(reply, tenant, allow_service_inbox=scope is None, principal=scope)
         except CorralError:
-            return  # never answer into another tenant's inbox
+            return  # never answer into another tenant's inbox (nor, scoped, another user's)
         info = ErrorInfo.of(error)
         if envelope is not None:
             body = FollowEncoder(envelope, principal=principal).encode(Kind.ERROR, info)
@@ -576,6 +595,14 @@ class Service:
 
     async def _on_error(self, error: Exception) -> None:
         self.log.warning("nats_error", error=str(error))
+
+
+def _principal_in(subject: str) -> str | None:
+    """The principal a tenant-facing subject's last token names (None if it names none)."""
+    try:
+        return subjects.principal_of(subject.rsplit(".", 1)[-1])
+    except CorralError:
+        return None
 
 
 async def _keep_in_progress(msg: Msg, every_s: float) -> None:

@@ -154,9 +154,9 @@ async def test_a_tenant_with_a_dev_token_reaches_its_router_subject(acme: Tenant
 async def test_a_tenant_receives_its_own_run_events(acme: Tenant, router: Client) -> None:
     events = await acme.nc.subscribe(subjects.tenant_events("acme"))
     await settled(acme.nc)
-    await router.publish(subjects.events("acme", "run-1"), b"progress")
+    await router.publish(subjects.events("acme", "alice", "run-1"), b"progress")
     message = await events.next_msg(timeout=WAIT_S)
-    assert (message.subject, message.data) == ("t.acme.events.run-1", b"progress")
+    assert (message.subject, message.data) == (subjects.events("acme", "alice", "run-1"), b"progress")
 
 
 async def test_publishing_to_another_tenant_is_a_violation_and_never_delivered(acme: Tenant, router: Client) -> None:

@@ -92,9 +92,7 @@ async def test_a_request_with_an_idempotency_key_is_sent_again_when_its_replica_
             request = asyncio.create_task(client.request("hold on", timeout=60, idempotency_key="order-42"))
             await asyncio.wait_for(slow_tool.started.wait(), 10)
             slow_tool.started.clear()
-            async with running_services(
-                secured.url, secured.state_dir, ("graph",), definitions=tmp_path / "defs.yaml"
-            ):
+            async with running_services(secured.url, secured.state_dir, ("graph",), definitions=tmp_path / "defs.yaml"):
                 await services["graph"].stop()  # gives the run up: the client sends it again
                 await asyncio.wait_for(slow_tool.started.wait(), 10)  # ... to the other replica
                 slow_tool.release.set()

@@ -61,7 +61,7 @@ def test_a_valid_envelope_with_fuzzed_fields_is_refused_cleanly_or_stays_in_its_
         assert is_tenant_id(envelope.tenant_id)
         assert subjects.router_request(envelope.tenant_id, "dev").startswith(f"t.{envelope.tenant_id}.")
         if envelope.run_id is not None:
-            assert subjects.events(envelope.tenant_id, envelope.run_id).count(".") == 3
+            assert subjects.events(envelope.tenant_id, envelope.principal, envelope.run_id).count(".") == 4
 
 
 @settings(max_examples=300)

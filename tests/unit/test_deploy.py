@@ -64,7 +64,7 @@ def test_the_asyncapi_document_lists_every_operation_of_every_manifest():
         "t.{tenant}.router.request.{principal}",
         "t.{tenant}.graph.run",
         "t.{tenant}.tool.{tool}.call",
-        "t.{tenant}.events.{run_id}",
+        "t.{tenant}.events.{principal}.{run_id}",
         "$SYS.REQ.USER.AUTH",
         "corral.stats.{service}",
     } <= addresses

@@ -28,7 +28,8 @@ def test_non_string_tenant_is_refused():
 def test_builders_put_the_tenant_in_the_second_token():
     assert subjects.router_request("acme", "dev") == "t.acme.router.request.mrsxm"
     assert subjects.tool_call("acme", "orders_lookup") == "t.acme.tool.orders_lookup.call"
-    assert subjects.events("acme", "run1") == "t.acme.events.run1"
+    assert subjects.events("acme", "dev", "run1") == "t.acme.events.mrsxm.run1"
+    assert subjects.events("acme", None, "run1") == "t.acme.events._.run1"
     assert subjects.inbox_prefix("acme") == "_INBOX.acme"
 
 
@@ -37,7 +38,7 @@ def test_builders_refuse_wildcards_and_dots_in_every_token(bad):
     with pytest.raises(InvalidRequest):
         subjects.tool_call("acme", bad)
     with pytest.raises(InvalidRequest):
-        subjects.events("acme", bad)
+        subjects.events("acme", "dev", bad)
     with pytest.raises(InvalidRequest):
         subjects.router_request(bad, "dev")
 
