@@ -160,6 +160,9 @@ class Connection(nats_client.Client):
         self._unreported = 0
         self._last_dropped = ("", "")
         self._reporting: set[asyncio.Task[None]] = set()
+        # Told of each message dropped as unreadable: (subscription id, subject, reply), so its
+        # owner can answer it with a typed error where the reply subject itself is readable.
+        self.on_unreadable: Callable[[int, bytes, bytes], None] | None = None
 
     def dispatch_directly(self, subscription: Subscription, callback: DirectCallback) -> None:
         """Hand ``subscription``'s messages to ``callback`` from the read loop.
@@ -200,6 +203,11 @@ class Connection(nats_client.Client):
             await super()._process_msg(sid, subject, reply, data, headers)
         except Exception as error:  # one message must not end the read loop (costs only when raised)
             await self._drop(subject, error)
+            if self.on_unreadable is not None:
+                try:
+                    self.on_unreadable(sid, subject, reply)
+                except Exception:  # nor may its owner's hook
+                    _logger.exception("the unreadable-message hook failed")
 
     async def _drop(self, subject: bytes, error: Exception) -> None:
         """Count a message that could not be read; report the first of a burst, summarise the rest."""

@@ -113,6 +113,7 @@ class Service:
         self.refusals = Refusals(self.log, None)
         self._refusing: set[asyncio.Task[None]] = set()
         self._refusals_due: list[tuple[Msg, CorralError, bool]] = []
+        self._operations_by_sid: dict[int, tuple[Consume, OperationStats]] = {}
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -235,6 +236,8 @@ class Service:
         sub = await self.nc.subscribe(op.subject, queue=self.name, cb=on_message, pending_msgs_limit=65536)
         if isinstance(self.nc, connection.Connection):
             self.nc.dispatch_directly(sub, admit)
+            self._operations_by_sid[sub._id] = (op, stats)
+            self.nc.on_unreadable = self._answer_unreadable
         self._subscriptions.append(sub)
 
     async def stop(self) -> None:
@@ -350,6 +353,24 @@ class Service:
         if following is not None:
             name, (handle, msg, _) = following
             self._start(handle, msg, name)
+
+    def _answer_unreadable(self, sid: int, subject: bytes, reply: bytes) -> None:
+        """A message of one of this service's operations that the connection could not read (it
+        was dropped and counted there): answered with a typed error, like any other refusal,
+        where its subject and reply subject can be read."""
+        found = self._operations_by_sid.get(sid)
+        if found is None or not reply:
+            return
+        try:
+            text_subject, text_reply = subject.decode(), reply.decode()
+        except UnicodeDecodeError:
+            return  # nowhere readable to answer
+        op, stats = found
+        stats.refuse(subjects.tenant_token(text_subject), ErrorCode.INVALID_REQUEST.value)
+        unreadable = Msg(_client=self.nc, subject=text_subject, reply=text_reply, data=b"")
+        self._refuse_soon(
+            unreadable, InvalidRequest("the message could not be read (malformed headers)"), op.tenant_facing
+        )
 
     def _refuse_soon(self, msg: Msg, error: CorralError, tenant_facing: bool) -> None:
         """Refuse a message that was never decoded. From the read loop, so the answers are sent

@@ -396,3 +396,39 @@ async def test_a_malformed_request_to_the_router_stops_it_for_no_tenant(system):
     router = services["router"].nc
     assert router.stats["malformed_frames"] == len(UNREADABLE)
     assert router.stats["reconnects"] == 0
+
+
+async def test_an_unreadable_request_with_a_readable_reply_subject_is_answered_with_a_typed_error(system):
+    """Dropped and counted by the connection, and the router answers it (invalid_request) into the
+    tenant's own inbox, as it answers any other refusal."""
+    from contracts.errors import InvalidRequest
+    from contracts.replies import decode_reply
+
+    broker, services = system
+    token = mint_dev_token("acme", key=broker.secrets.dev_key)
+    listener = await nats.connect(broker.url, token=token, inbox_prefix=subjects.inbox_prefix("acme").encode())
+    graph = await nats.connect(  # the service whose inbox a tenant aims at
+        broker.url, user="graph", password=broker.secrets.passwords["graph"], inbox_prefix=b"_INBOX._graph"
+    )
+    acme = await RawPublisher.connect(broker.url, token=token)
+    try:
+        answers = await listener.subscribe("_INBOX.acme.unreadable")
+        aimed = await graph.subscribe("_INBOX._graph.>")
+        await listener.flush()
+        await graph.flush()
+        # A reply into a service's inbox is never answered, readable or not (sent first: had it been
+        # answered, that answer would reach the broker before the one below).
+        acme.send(Frame(b"NATS/1.0", reply=b"_INBOX._graph.x"), subjects.router_request("acme", "dev").encode())
+        acme.send(Frame(b"NATS/1.0", reply=b"_INBOX.acme.unreadable"), subjects.router_request("acme", "dev").encode())
+        await acme.round_trip()
+        answer = await answers.next_msg(timeout=10)
+        with pytest.raises(InvalidRequest, match="could not be read"):
+            decode_reply(answer.data)
+        await graph.flush()  # after the answer above: had the other been answered, it is here too
+        assert aimed.pending_msgs == 0
+    finally:
+        await acme.close()
+        await listener.close()
+        await graph.close()
+    (endpoint,) = services["router"].stats.snapshot(tenants=["acme"])["endpoints"]
+    assert endpoint["tenants"]["acme"]["refusals"]["invalid_request"] >= 1
