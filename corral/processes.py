@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.state import RUNTIME_FILE
+
 BROKER = "nats-server"  # the broker's name among the children
 PROCESSES_FILE = "processes.json"  # the children, from the first spawn until a clean stop
-RUNTIME_FILE = "corral.json"  # for clients: the NATS URL (and the children), once ready
 ORPHAN_GRACE_S = 10.0  # how long a left-over process gets to stop after SIGTERM
 
 

@@ -32,6 +32,7 @@ from services.runtime.credentials import SECRETS_FILE, Secrets, load_secrets
 from services.runtime.manifest import APP_ACCOUNT, AUTH_ACCOUNT, User
 
 DEFAULT_STATE_DIR = Path(".corral")
+RUNTIME_FILE = "corral.json"  # for clients: the NATS URL (and the children), while a system runs
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 4096
 ADMIN_USER = "admin"
 # The operator's console: readiness checks and statistics of every service, bench's raw
@@ -176,11 +177,11 @@ def render_nats_config(found: Secrets, *, host: str | None, port: int, jetstream
 
 
 def write_runtime_info(state_dir: Path, info: dict[str, Any]) -> None:
-    (state_dir / "corral.json").write_text(json.dumps(info, indent=2) + "\n")
+    (state_dir / RUNTIME_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def read_runtime_info(state_dir: Path) -> dict[str, Any] | None:
-    path = state_dir / "corral.json"
+    path = state_dir / RUNTIME_FILE
     if not path.exists():
         return None
     return json.loads(path.read_text())
