@@ -10,15 +10,24 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from contracts.definitions_base import Definition as _Definition
 from contracts.definitions_base import DefinitionError
 from contracts.graphs import GraphDefinition
 from contracts.models import ModelDefinition
 from contracts.tenants import Name, TenantId
+from contracts.workflows import WorkflowDefinition
 
-__all__ = ["Catalog", "DefinitionError", "DefinitionsFile", "GraphDefinition", "ModelDefinition", "TenantPolicy"]
+__all__ = [
+    "Catalog",
+    "DefinitionError",
+    "DefinitionsFile",
+    "GraphDefinition",
+    "ModelDefinition",
+    "TenantPolicy",
+    "WorkflowDefinition",
+]
 
 
 # ---- tools -------------------------------------------------------------------------------
@@ -101,11 +110,33 @@ class ToolDefinition(_Definition):
 
 class Pattern(StrEnum):
     GRAPH = "graph"
+    WORKFLOW = "workflow"
 
 
 class Route(_Definition):
+    """What a target runs: a graph (``pattern: graph``, the default) or a workflow."""
+
     pattern: Pattern = Pattern.GRAPH
-    graph: Name
+    graph: Name | None = None
+    workflow: Name | None = None
+    # Values the tenant's runs of this route read as ``params`` (a workflow's approval threshold).
+    params: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_what_it_runs(self) -> Route:
+        wanted = {Pattern.GRAPH: "graph", Pattern.WORKFLOW: "workflow"}[self.pattern]
+        for key in ("graph", "workflow"):
+            given = getattr(self, key) is not None
+            if key == wanted and not given:
+                raise ValueError(f"a route of pattern {self.pattern.value!r} needs '{key}'")
+            if key != wanted and given:
+                raise ValueError(f"a route of pattern {self.pattern.value!r} takes no '{key}'")
+        return self
+
+    @property
+    def runs(self) -> str:
+        """The name of the graph or workflow the route runs."""
+        return self.graph or self.workflow or ""
 
 
 class RateLimit(_Definition):
@@ -157,6 +188,7 @@ class DefinitionsFile(_Definition):
     mcp_servers: list[McpServer] = Field(default_factory=list)
     graphs: list[GraphDefinition] = Field(default_factory=list)
     models: list[ModelDefinition] = Field(default_factory=list)
+    workflows: list[WorkflowDefinition] = Field(default_factory=list)
     tenants: list[TenantPolicy] = Field(default_factory=list)
 
 
@@ -170,6 +202,7 @@ class Catalog(BaseModel):
     graphs: dict[str, GraphDefinition]
     models: dict[str, ModelDefinition]
     tenants: dict[str, TenantPolicy]
+    workflows: dict[str, WorkflowDefinition] = Field(default_factory=dict)
 
     @classmethod
     def merge(cls, files: list[DefinitionsFile]) -> Catalog:
@@ -178,7 +211,10 @@ class Catalog(BaseModel):
         models = _unique("model", [m for f in files for m in f.models], lambda m: m.name)
         servers = _unique("MCP server", [m for f in files for m in f.mcp_servers], lambda m: m.name)
         tenants = _unique("tenant", [p for f in files for p in f.tenants], lambda p: p.tenant)
-        catalog = cls(tools=tools, mcp_servers=servers, graphs=graphs, models=models, tenants=tenants)
+        workflows = _unique("workflow", [w for f in files for w in f.workflows], lambda w: w.name)
+        catalog = cls(
+            tools=tools, mcp_servers=servers, graphs=graphs, models=models, tenants=tenants, workflows=workflows
+        )
         catalog._check_references()
         return catalog
 
@@ -195,17 +231,25 @@ class Catalog(BaseModel):
                 for name in sorted(used - set(known)):
                     raise DefinitionError(f"graph {graph.name!r} uses unknown {what} {name!r}")
             self.tools_of(graph.name)  # refuses subgraph cycles
+        for workflow in self.workflows.values():
+            for what, used, known in (
+                ("tool", workflow.tools(), self.tools),
+                ("graph", workflow.graphs(), self.graphs),
+                ("model", workflow.models(), self.models),
+            ):
+                for name in sorted(used - set(known)):
+                    raise DefinitionError(f"workflow {workflow.name!r} uses unknown {what} {name!r}")
         for policy in self.tenants.values():
             for tool in policy.tools:
                 if tool not in self.tools:
                     raise DefinitionError(f"tenant {policy.tenant!r} allows unknown tool {tool!r}")
             for name, route in policy.routes.items():
-                graph = self.graphs.get(route.graph)
-                if graph is None:
+                known = self.workflows if route.pattern is Pattern.WORKFLOW else self.graphs
+                if route.runs not in known:
                     raise DefinitionError(
-                        f"tenant {policy.tenant!r}: route {name!r} uses unknown graph {route.graph!r}"
+                        f"tenant {policy.tenant!r}: route {name!r} uses unknown {route.pattern.value} {route.runs!r}"
                     )
-                missing = self.tools_of(graph.name) - set(policy.tools)
+                missing = self.tools_of_route(route) - set(policy.tools)
                 if missing:
                     raise DefinitionError(
                         f"tenant {policy.tenant!r}: route {name!r} needs tools {sorted(missing)} "
@@ -214,6 +258,33 @@ class Catalog(BaseModel):
 
     def policy(self, tenant: str) -> TenantPolicy | None:
         return self.tenants.get(tenant)
+
+    def tools_of_route(self, route: Route) -> set[str]:
+        """Every tool a route's runs can call (its graph's, or its workflow's and their graphs')."""
+        if route.pattern is Pattern.WORKFLOW:
+            workflow = self.workflows[route.runs]
+            return set().union(workflow.tools(), *(self.tools_of(graph) for graph in workflow.graphs()))
+        return self.tools_of(route.runs)
+
+    def graphs_of(self, tenant: str) -> frozenset[str]:
+        """The graphs a tenant's runs may run: its graph routes', and those its workflows run."""
+        policy = self.tenants.get(tenant)
+        if policy is None:
+            return frozenset()
+        found: set[str] = set()
+        for route in policy.routes.values():
+            if route.pattern is Pattern.WORKFLOW:
+                found |= self.workflows[route.runs].graphs()
+            else:
+                found.add(route.runs)
+        return frozenset(found)
+
+    def workflows_of(self, tenant: str) -> dict[str, Route]:
+        """The workflows a tenant's routes start, with the route (and its params) of each."""
+        policy = self.tenants.get(tenant)
+        if policy is None:
+            return {}
+        return {r.runs: r for r in policy.routes.values() if r.pattern is Pattern.WORKFLOW}
 
     def tools_of(self, graph: str, _within: tuple[str, ...] = ()) -> set[str]:
         """Every tool a graph can call, through its subgraphs too."""

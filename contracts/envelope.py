@@ -77,6 +77,10 @@ class Kind(StrEnum):
     REQUEST = "request"
     GRAPH_RUN = "graph_run"
     TOOL_CALL = "tool_call"
+    WORKFLOW_START = "workflow_start"
+    WORKFLOW_TASK = "workflow_task"
+    WORKFLOW_SIGNAL = "workflow_signal"
+    WORKFLOW_QUERY = "workflow_query"
     RESULT = "result"
     EVENT = "event"
     ERROR = "error"
@@ -101,6 +105,40 @@ class GraphRun(_Payload):
     stream: bool = True
 
 
+class WorkflowStart(_Payload):
+    """A run of a workflow the tenant's routes name (the router sends it)."""
+
+    workflow: Name
+    input: dict[str, JsonValue] = Field(default_factory=dict)
+    stream: bool = True
+
+
+class WorkflowTask(_Payload):
+    """A wake-up of one run (the engine's own, on its work queue)."""
+
+    run_id: RunId
+
+
+class WorkflowSignal(_Payload):
+    """A signal to a run of the sender's tenant: ``signal`` names what a wait step waits for
+    (``cancel`` cancels the run); ``data`` is the wait step's output."""
+
+    run_id: RunId
+    signal: Name
+    data: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class WorkflowQuery(_Payload):
+    """``list`` the tenant's runs (optionally in one ``status``) or ``show`` one run's history."""
+
+    op: Literal["list", "show"]
+    run_id: RunId | None = None
+    status: str | None = Field(default=None, max_length=32)
+    limit: int = Field(default=50, ge=1, le=1000)
+    # ``show``: the events after this many (pages through a long history).
+    after: int = Field(default=0, ge=0)
+
+
 class ToolCall(_Payload):
     tool: Name
     arguments: dict[str, JsonValue] = Field(default_factory=dict)
@@ -118,6 +156,17 @@ class EventType(StrEnum):
     NODE_FAILED = "node_failed"
     COMPLETED = "completed"
     FAILED = "failed"
+    # A workflow run's steps (services/workflow).
+    STEP_STARTED = "step_started"
+    STEP_COMPLETED = "step_completed"
+    STEP_FAILED = "step_failed"
+    STEP_RETRYING = "step_retrying"
+    WAITING = "waiting"
+    SIGNAL_RECEIVED = "signal_received"
+    SLEEPING = "sleeping"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    CANCELLED = "cancelled"
 
 
 class RunEvent(_Payload):
@@ -201,9 +250,16 @@ class FollowEncoder:
 
     __slots__ = ("_shared",)
 
-    def __init__(self, cause: Envelope[Any], until: float | None = None, principal: str | None = None) -> None:
+    def __init__(
+        self,
+        cause: Envelope[Any],
+        until: float | None = None,
+        principal: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> None:
         """``until``: the cause's deadline as a timestamp, if the caller has it (cheaper to write).
-        ``principal``: the verified principal, written instead of the one the cause claims."""
+        ``principal``: the verified principal, written instead of the one the cause claims.
+        ``idempotency_key``: carried on (a request passed on keeps its client's key); else none."""
         text = _json_string
         if until is not None:
             deadline = f'"{_DEADLINES.at(until)}"'
@@ -214,7 +270,7 @@ class FollowEncoder:
             f'"tenant_id":"{cause.tenant_id}","principal":{text(principal)},'  # tenant ids need no escaping
             f'"run_id":{text(cause.run_id)},"correlation_id":{text(cause.correlation_id or cause.id)},'
             f'"causation_id":{text(cause.id)},"deadline":{deadline},'
-            f'"trace":{text(cause.trace)},"idempotency_key":null'
+            f'"trace":{text(cause.trace)},"idempotency_key":{text(idempotency_key)}'
         )
 
     def encode(self, kind: Kind, payload: BaseModel) -> bytes:
@@ -237,6 +293,7 @@ def new_envelope_json(
     run_id: str | None = None,
     deadline: datetime | float | None = None,
     idempotency_key: str | None = None,
+    principal: str | None = None,
 ) -> bytes:
     """A new envelope (caused by nothing) as JSON bytes, the same fields as building the model and
     dumping it would write, without the model: what a client does for every request.
@@ -254,7 +311,7 @@ def new_envelope_json(
     return (
         (
             f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
-            f'"tenant_id":"{tenant_id}","principal":null,"run_id":{text(run_id)},'
+            f'"tenant_id":"{tenant_id}","principal":{text(principal)},"run_id":{text(run_id)},'
             f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
             f'"deadline":{deadline_text},"trace":null,"idempotency_key":{text(idempotency_key)},"payload":'
         ).encode()

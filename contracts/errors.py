@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     TOOL_FAILED = "tool_failed"
     LIMIT_EXCEEDED = "limit_exceeded"
+    CONFLICT = "conflict"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -83,6 +84,13 @@ class LimitExceeded(CorralError):
     code = ErrorCode.LIMIT_EXCEEDED
 
 
+class Conflict(CorralError):
+    """The request contradicts the state it acts on: an idempotency key reused with another input,
+    a signal to a run that is finished or not waiting for it."""
+
+    code = ErrorCode.CONFLICT
+
+
 class Unavailable(CorralError):
     """Nothing serves the request right now (no replica is running, or the one holding it is
     stopping, or the client is not connected): trying again later, or elsewhere, may succeed."""
@@ -107,6 +115,7 @@ _BY_CODE: dict[ErrorCode, type[CorralError]] = {
         DeadlineExceeded,
         ToolFailed,
         LimitExceeded,
+        Conflict,
         Unavailable,
         Internal,
     )

@@ -208,3 +208,17 @@ def compile_arguments(value: Any) -> Callable[[State], Any]:
 def resolve(value: Any, state: State) -> Any:
     """Resolve an argument template: ``"$path"`` reads the state, containers recurse."""
     return compile_arguments(value)(state)
+
+
+def placeholders(template: str) -> list[str]:
+    """The paths a template's ``{path}`` placeholders read, in order."""
+    return _PLACEHOLDER.findall(template)
+
+
+def names_in(source: str) -> set[str]:
+    """The first token of every state path an expression reads (for load-time reference checks)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source, mode="eval")):
+        if isinstance(node, ast.Name) and node.id not in _LITERAL_NAMES:
+            names.add(node.id)
+    return names

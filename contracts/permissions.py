@@ -22,14 +22,27 @@ class Permissions:
     deny_subscribe: tuple[str, ...] = field(default=())
 
 
-def tenant_permissions(tenant: str, principal: str, *, principal_scoped: bool = False) -> Permissions:
-    """A tenant user: publish requests and signals as its own principal, read its tenant's events
-    and inbox (``principal_scoped``: only its own principal's), nothing else."""
+# Scopes of one token granted as signal subjects; more are dropped (a token is not a database).
+MAX_SIGNAL_SCOPES = 32
+
+
+def tenant_permissions(
+    tenant: str, principal: str, *, principal_scoped: bool = False, scopes: frozenset[str] = frozenset()
+) -> Permissions:
+    """A tenant user: publish requests, queries and signals as its own principal (signals also as
+    the holder of each scope its verified token carries), read its tenant's events and inbox
+    (``principal_scoped``: only its own principal's), nothing else."""
     if principal_scoped:
         subscribe = (subjects.principal_events(tenant, principal), subjects.tenant_inboxes(tenant, principal))
     else:
         subscribe = (subjects.tenant_events(tenant), subjects.tenant_inboxes(tenant))
+    held = sorted(scope for scope in scopes if 0 < len(scope.encode()) <= subjects.MAX_PRINCIPAL_BYTES)
     return Permissions(
-        publish=(subjects.router_request(tenant, principal), subjects.workflow_signal(tenant, principal)),
+        publish=(
+            subjects.router_request(tenant, principal),
+            subjects.workflow_signal(tenant, principal),
+            *(subjects.workflow_signal(tenant, principal, scope) for scope in held[:MAX_SIGNAL_SCOPES]),
+            subjects.workflow_query(tenant, principal),
+        ),
         subscribe=subscribe,
     )

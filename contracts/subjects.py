@@ -25,7 +25,13 @@ INBOX = "_INBOX"
 ROUTER_REQUESTS = "t.*.router.request.*"
 GRAPH_RUNS = "t.*.graph.run"
 WORKFLOW_STARTS = "t.*.workflow.start"
-WORKFLOW_SIGNALS = "t.*.workflow.signal.*"
+# t.<tenant>.workflow.signal.<principal>, or .<principal>.<scope> to send as a holder of a scope.
+WORKFLOW_SIGNALS = "t.*.workflow.signal.>"
+WORKFLOW_QUERIES = "t.*.workflow.query.*"
+# The workflow engine's own durable subjects (JetStream; no tenant may publish or read them).
+WORKFLOW_HISTORY = "t.*.workflow.history.*"
+WORKFLOW_TASKS = "t.*.workflow.task.*"
+WORKFLOW_TIMERS = "t.*.workflow.timer.*"
 SWARM_TURNS = "t.*.swarm.turn"
 TOOL_CALLS = "t.*.tool.*.call"
 ALL_EVENTS = "t.*.events.>"
@@ -75,8 +81,40 @@ def workflow_start(tenant: str) -> str:
     return f"t.{validate_tenant_id(tenant)}.workflow.start"
 
 
-def workflow_signal(tenant: str, principal: str) -> str:
-    return f"t.{validate_tenant_id(tenant)}.workflow.signal.{principal_token(principal)}"
+def workflow_signal(tenant: str, principal: str, scope: str | None = None) -> str:
+    """Where ``principal`` sends signals to its tenant's runs; with ``scope``, as a holder of that
+    scope (the broker lets a connection publish there only if its verified token holds it)."""
+    base = f"t.{validate_tenant_id(tenant)}.workflow.signal.{principal_token(principal)}"
+    return base if scope is None else f"{base}.{scope_token(scope)}"
+
+
+def workflow_query(tenant: str, principal: str) -> str:
+    """Where ``principal`` asks about its tenant's runs (list, show)."""
+    return f"t.{validate_tenant_id(tenant)}.workflow.query.{principal_token(principal)}"
+
+
+def workflow_history(tenant: str, run_id: str) -> str:
+    """One run's history: each event one message, in order."""
+    return f"t.{validate_tenant_id(tenant)}.workflow.history.{validate_run_id(run_id)}"
+
+
+def workflow_task(tenant: str, run_id: str) -> str:
+    """A wake-up of one run: taken by one workflow replica, which drives the run on."""
+    return f"t.{validate_tenant_id(tenant)}.workflow.task.{validate_run_id(run_id)}"
+
+
+def workflow_timer(tenant: str, run_id: str) -> str:
+    """One run's timer (a scheduled message, one per run: the next time it must wake)."""
+    return f"t.{validate_tenant_id(tenant)}.workflow.timer.{validate_run_id(run_id)}"
+
+
+def scope_token(scope: str) -> str:
+    """The subject token of a scope (or role) of a verified token: the same encoding as a principal's."""
+    return principal_token(scope)
+
+
+def scope_of(token: str) -> str:
+    return principal_of(token)
 
 
 def swarm_turn(tenant: str) -> str:

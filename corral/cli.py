@@ -62,13 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--tenant", required=True)
     token.add_argument("--sub", default="dev")
     token.add_argument("--ttl", type=int, default=3600, help="seconds")
+    token.add_argument("--scope", action="append", default=[], help="a scope the token holds (repeatable)")
 
     request = command("request", _request, "send a request as a tenant and print its events and result")
-    request.add_argument("text")
-    request.add_argument("--tenant", help="tenant to act as (a development token is minted)")
-    request.add_argument("--token", help="application JWT (its tenant claim decides the tenant)")
+    request.add_argument("text", nargs="?", help="the input's text (input.text)")
+    _identity_flags(request)
     request.add_argument("--target", help="route name (default: the tenant's default route)")
-    request.add_argument("--nats-url")
+    request.add_argument("--input", type=_json_object, default={}, help="the input as a JSON object")
     request.add_argument("--timeout", type=float, default=30.0)
     request.add_argument("--json", action="store_true", help="machine-readable output")
     request.add_argument(
@@ -80,6 +80,34 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="show the run's progress events live (default; --no-follow: only the result)",
     )
+
+    workflow = command("workflow", _workflow, "start, list, show, signal and cancel workflow runs")
+    actions = workflow.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, description=help)
+        sub.add_argument("--state-dir", help="state directory (default: $CORRAL_STATE_DIR, else ./.corral)")
+        _identity_flags(sub)
+        sub.add_argument("--timeout", type=float, default=30.0)
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        return sub
+
+    start = action("start", "start a run of a workflow route and follow it until it ends or waits")
+    start.add_argument("target", help="the route (a workflow route of the tenant)")
+    start.add_argument("--input", type=_json_object, default={}, help="the input as a JSON object")
+    start.add_argument("--idempotency-key", help="the same key and input give back the same run")
+    start.add_argument("--no-follow", dest="follow", action="store_false", help="print the run id and return")
+    listing = action("list", "the tenant's runs, newest first")
+    listing.add_argument("--status", help="only runs in this status (running, waiting, completed, failed, ...)")
+    listing.add_argument("--limit", type=int, default=50)
+    show = action("show", "a run's history as a timeline: steps, attempts, timings, errors, approvals")
+    show.add_argument("run_id")
+    send = action("signal", "send a signal (an approval) to a run; --scope sends it as the holder of a scope")
+    send.add_argument("run_id")
+    send.add_argument("signal")
+    send.add_argument("--data", type=_json_object, default={}, help="the signal's data as a JSON object")
+    cancel = action("cancel", "cancel a run: its completed steps are compensated, in reverse order")
+    cancel.add_argument("run_id")
 
     bench = command("bench", _bench, "measure router -> graph -> tool round trips against a raw nats-py chain")
     bench.add_argument("--nats-url", help="benchmark a running system (its state directory gives credentials)")
@@ -97,6 +125,24 @@ def _parser() -> argparse.ArgumentParser:
     asyncapi = command("asyncapi", _asyncapi, "print the AsyncAPI document of the bus API")
     asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
     return parser
+
+
+def _identity_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", help="tenant to act as (a development token is minted)")
+    parser.add_argument("--token", help="application JWT (its tenant claim decides the tenant)")
+    parser.add_argument("--sub", default="dev", help="the principal of a minted development token")
+    parser.add_argument("--scope", help="a scope the minted token holds, and that a signal is sent as the holder of")
+    parser.add_argument("--nats-url")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _fail(message: str, args: argparse.Namespace) -> None:
@@ -179,7 +225,7 @@ def _token(args: argparse.Namespace) -> int:
     from services.auth.tokens import mint_dev_token
 
     secrets = load_secrets(resolve_state_dir(args.state_dir))
-    print(mint_dev_token(args.tenant, key=secrets.dev_key, sub=args.sub, ttl_s=args.ttl))
+    print(mint_dev_token(args.tenant, key=secrets.dev_key, sub=args.sub, ttl_s=args.ttl, scopes=tuple(args.scope)))
     return 0
 
 
@@ -205,14 +251,26 @@ def _connection(args: argparse.Namespace) -> tuple[str, str, str]:
         return url, tenant, args.token
     if not args.tenant:
         raise SystemExit("error: pass --tenant (or --token)")
-    return url, args.tenant, mint_dev_token(args.tenant, key=load_secrets(state_dir).dev_key)
+    scopes = (args.scope,) if getattr(args, "scope", None) else ()
+    key = load_secrets(state_dir).dev_key
+    return url, args.tenant, mint_dev_token(args.tenant, key=key, sub=getattr(args, "sub", "dev"), scopes=scopes)
 
 
-def _request(args: argparse.Namespace) -> int:
+async def _client(args: argparse.Namespace) -> Any:
+    """A tenant connection from the flags; None (reported) if the broker refused it."""
     from corral.client import CorralClient
 
     url, tenant, token = _connection(args)
+    try:
+        return await CorralClient.connect(
+            url, tenant=tenant, token=token, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0
+        )
+    except Exception as exc:
+        _fail(f"unauthorized: could not connect as tenant {tenant!r} ({exc or type(exc).__name__})", args)
+        return None
 
+
+def _show_event(args: argparse.Namespace) -> Any:
     def show(event: RunEvent) -> None:
         if not args.json:
             where = f" {event.node}" if event.node else ""
@@ -220,20 +278,21 @@ def _request(args: argparse.Namespace) -> int:
             details = f" {json.dumps(event.data)}" if event.data else ""
             print(f"[{event.service}] {event.type.value}{where}{timing}{details}", flush=True)
 
+    return show
+
+
+def _request(args: argparse.Namespace) -> int:
     async def run() -> int:
-        try:
-            client = await CorralClient.connect(
-                url, tenant=tenant, token=token, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0
-            )
-        except Exception as exc:
-            _fail(f"unauthorized: could not connect as tenant {tenant!r} ({exc or type(exc).__name__})", args)
+        client = await _client(args)
+        if client is None:
             return EXIT_ERROR
         try:
             result = await client.request(
                 args.text,
                 target=args.target,
+                input=args.input,
                 timeout=args.timeout,
-                on_event=show,
+                on_event=_show_event(args),
                 watch=args.follow,
                 idempotency_key=args.idempotency_key,
             )
@@ -252,6 +311,52 @@ def _request(args: argparse.Namespace) -> int:
             )
         else:
             print(result.output if isinstance(result.output, str) else json.dumps(result.output, indent=2))
+        return 0
+
+    return event_loop.run(run())
+
+
+def _workflow(args: argparse.Namespace) -> int:
+    from corral.workflow_view import timeline
+
+    async def run() -> int:
+        client = await _client(args)
+        if client is None:
+            return EXIT_ERROR
+        try:
+            if args.action == "start":
+                if not args.json:
+                    print(f"starting {args.target} ...", flush=True)
+                result = await client.request(
+                    target=args.target,
+                    input=args.input,
+                    timeout=args.timeout,
+                    on_event=_show_event(args),
+                    idempotency_key=args.idempotency_key,
+                    follow=args.follow,
+                )
+                answer: Any = {"run_id": result.run_id, "output": result.output}
+            elif args.action == "list":
+                answer = await client.runs(status=args.status, limit=args.limit, timeout=args.timeout)
+            elif args.action == "show":
+                answer = await client.show(args.run_id, timeout=args.timeout)
+            elif args.action == "signal":
+                answer = await client.signal(
+                    args.run_id, args.signal, args.data, scope=args.scope, timeout=args.timeout
+                )
+            else:
+                answer = await client.cancel(args.run_id, scope=args.scope, timeout=args.timeout)
+        finally:
+            await client.close()
+        if args.json:
+            print(json.dumps({"ok": True, "result": answer}))
+        elif args.action == "show":
+            print(timeline(answer))
+        elif args.action == "list":
+            for run in answer:
+                print(f"{run['run_id']}  {run['workflow']:<16} {run['status']:<11} {run.get('principal') or ''}")
+        else:
+            print(json.dumps(answer, indent=2))
         return 0
 
     return event_loop.run(run())

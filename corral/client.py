@@ -26,11 +26,13 @@ from contracts.envelope import (
     Kind,
     RouterRequest,
     RunEvent,
+    WorkflowQuery,
+    WorkflowSignal,
     envelope_of,
     new_envelope_json,
     new_id,
 )
-from contracts.errors import DeadlineExceeded, Unavailable
+from contracts.errors import DeadlineExceeded, Unavailable, error_for
 from contracts.replies import decode_reply
 from contracts.tenants import validate_tenant_id
 from contracts.tokens import subject_of
@@ -39,6 +41,8 @@ from services.runtime.requests import Requester
 
 OnEvent = Callable[[RunEvent], Awaitable[None] | None]
 TERMINAL = (EventType.COMPLETED, EventType.FAILED)
+# A followed workflow run ends (for the client) when it finishes or waits for a signal.
+WORKFLOW_STOPS = (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED, EventType.WAITING)
 NOT_CONNECTED = "not connected to Corral (was the token refused or has it expired?)"
 TokenProvider = Callable[[], str | Awaitable[str]]
 TOKEN_PROVIDER_TIMEOUT_S = 10.0
@@ -206,8 +210,14 @@ class CorralClient:
         on_event: OnEvent | None = None,
         watch: bool = True,
         idempotency_key: str | None = None,
+        follow: bool = True,
     ) -> RunResult:
         """Send one request to the router and return its result; raises the typed error it ends in.
+
+        A workflow route answers at once with the run it started (``{"run_id", "status": "running"}``);
+        with ``follow`` (and ``watch``) the client then watches the run until it finishes (the
+        output is the run's, a failure raises its typed error), waits for a signal (the output says
+        ``"status": "waiting"`` and for what), or the timeout passes (``"status": "running"``).
 
         With ``watch`` the run's events are collected (and passed to ``on_event``) until its
         terminal event, which may arrive just after the reply since it comes from another service.
@@ -219,12 +229,12 @@ class CorralClient:
         """
         deadline = time.monotonic() + timeout
         try:
-            return await self._attempt(text, target, input, timeout, on_event, watch, idempotency_key)
+            return await self._attempt(text, target, input, timeout, on_event, watch, idempotency_key, follow)
         except Unavailable:
             left = deadline - time.monotonic()
             if idempotency_key is None or left <= 0:
                 raise
-        return await self._attempt(text, target, input, left, on_event, watch, idempotency_key)
+        return await self._attempt(text, target, input, left, on_event, watch, idempotency_key, follow)
 
     async def _attempt(
         self,
@@ -235,8 +245,10 @@ class CorralClient:
         on_event: OnEvent | None,
         watch: bool,
         idempotency_key: str | None,
+        follow: bool = True,
     ) -> RunResult:
         run_id = new_id()
+        started = time.monotonic()
         text_input = {"text": text} if text is not None else {}
         payload = RouterRequest(target=target, input={**(input or {}), **text_input}, stream=watch)
         body = new_envelope_json(
@@ -249,8 +261,9 @@ class CorralClient:
         )
         events: list[RunEvent] = []
         subscription = None
+        finished = asyncio.Event()
+        stopped = asyncio.Event()  # a workflow's run finished or began to wait
         if watch:
-            finished = asyncio.Event()
 
             async def on_message(msg: Msg) -> None:
                 event = envelope_of(RunEvent).model_validate_json(msg.data).payload
@@ -261,6 +274,8 @@ class CorralClient:
                         await result
                 if event.type in TERMINAL:
                     finished.set()
+                if event.type in WORKFLOW_STOPS and event.service == "workflow":
+                    stopped.set()
 
             try:
                 subscription = await self.nc.subscribe(
@@ -281,16 +296,95 @@ class CorralClient:
                 ) from None
             except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
                 raise Unavailable(NOT_CONNECTED) from None
-            try:
-                output = decode_reply(msg.data)
-            finally:
-                if subscription is not None:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(finished.wait(), timeout=1.0)
+            output = decode_reply(msg.data)
+            if subscription is not None and _is_workflow_start(output) and output["run_id"] == run_id:
+                if not follow:
+                    return RunResult(run_id=run_id, output=output, events=events)
+                left = timeout - (time.monotonic() - started)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), timeout=max(0.0, left))
+                return RunResult(run_id=run_id, output=_workflow_outcome(output, events), events=events)
+            if subscription is not None and not _is_workflow_start(output):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), timeout=1.0)
             return RunResult(run_id=run_id, output=output, events=events)
         finally:
             if subscription is not None:
                 await subscription.unsubscribe()
+
+    # ---- workflow runs -------------------------------------------------------------
+
+    async def signal(
+        self,
+        run_id: str,
+        signal: str,
+        data: dict[str, Any] | None = None,
+        *,
+        scope: str | None = None,
+        timeout: float = 10.0,
+    ) -> Any:
+        """Send ``signal`` (an approval) to one of the tenant's runs; ``scope``: as the holder of
+        that scope of the token (a wait step may require one; the broker checks the token holds it)."""
+        payload = WorkflowSignal(run_id=run_id, signal=signal, data=data or {})
+        subject = subjects.workflow_signal(self.tenant, self.principal, scope)
+        return await self._call_service(subject, Kind.WORKFLOW_SIGNAL, payload, timeout)
+
+    async def cancel(self, run_id: str, *, scope: str | None = None, timeout: float = 10.0) -> Any:
+        """Cancel a run: its completed steps' compensations run, then it ends ``cancelled``."""
+        return await self.signal(run_id, "cancel", scope=scope, timeout=timeout)
+
+    async def runs(self, *, status: str | None = None, limit: int = 50, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The tenant's workflow runs, newest first."""
+        payload = WorkflowQuery(op="list", status=status, limit=limit)
+        answer = await self._call_service(
+            subjects.workflow_query(self.tenant, self.principal), Kind.WORKFLOW_QUERY, payload, timeout
+        )
+        return list(answer["runs"])
+
+    async def show(self, run_id: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """One run: its summary and its whole history (every event, in order)."""
+        subject = subjects.workflow_query(self.tenant, self.principal)
+        events: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            payload = WorkflowQuery(op="show", run_id=run_id, after=after, limit=500)
+            answer = await self._call_service(subject, Kind.WORKFLOW_QUERY, payload, timeout)
+            events.extend(answer["events"])
+            if answer.get("next") is None:
+                return {"run": answer["run"], "events": events}
+            after = answer["next"]
+
+    async def _call_service(self, subject: str, kind: Kind, payload: Any, timeout: float) -> Any:
+        body = new_envelope_json(kind, self.tenant, payload, deadline=time.time() + timeout)
+        try:
+            msg = await self._requester.request(subject, body, timeout)
+        except NatsTimeout:
+            raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
+        except NoRespondersError:
+            raise Unavailable("no workflow service is running") from None
+        except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
+            raise Unavailable(NOT_CONNECTED) from None
+        return decode_reply(msg.data)
+
+
+def _is_workflow_start(output: Any) -> bool:
+    return isinstance(output, dict) and "run_id" in output and "workflow" in output and "status" in output
+
+
+def _workflow_outcome(start: dict[str, Any], events: list[RunEvent]) -> Any:
+    """What a followed workflow run came to: its output, its typed error, or where it stands."""
+    for event in reversed(events):
+        if event.service != "workflow":
+            continue
+        if event.type is EventType.COMPLETED:
+            return event.data.get("output")
+        if event.type is EventType.FAILED:
+            raise error_for(str(event.data.get("code", "internal")), str(event.data.get("message", "the run failed")))
+        if event.type is EventType.CANCELLED:
+            return {**start, "status": "cancelled"}
+        if event.type is EventType.WAITING:
+            return {**start, "status": "waiting", "waiting_for": event.data.get("signal"), "step": event.node}
+    return start
 
 
 async def _call(callback: Callable[..., Any] | None, *args: Any) -> None:

@@ -13,7 +13,8 @@ from services.graph.manifest import MANIFEST as GRAPH
 from services.router.manifest import MANIFEST as ROUTER
 from services.runtime.manifest import Manifest
 from services.tools.manifest import MANIFEST as TOOLS
+from services.workflow.manifest import MANIFEST as WORKFLOW
 
-SERVICES: tuple[Manifest, ...] = (AUTH, ROUTER, GRAPH, TOOLS)
+SERVICES: tuple[Manifest, ...] = (AUTH, ROUTER, GRAPH, TOOLS, WORKFLOW)
 BY_NAME: dict[str, Manifest] = {manifest.name: manifest for manifest in SERVICES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -109,7 +109,9 @@ class CalloutSigner:
         limits: ConnectionLimits | None = None,
         principal_scoped: bool = False,
     ) -> str:
-        permissions = tenant_permissions(identity.tenant, identity.subject, principal_scoped=principal_scoped)
+        permissions = tenant_permissions(
+            identity.tenant, identity.subject, principal_scoped=principal_scoped, scopes=identity.scopes
+        )
         limits = limits or ConnectionLimits()
         claims = {
             "iss": self.issuer,

@@ -33,6 +33,9 @@ class Identity:
     tenant: str
     subject: str
     expires_at: int  # unix seconds
+    # The token's scopes and roles (``scope``, ``scp``, ``roles``, ``groups``): granted as the
+    # signal subjects a holder may send on (a workflow approval that requires one).
+    scopes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,9 @@ class TokenVerifier:
         subject = str(claims["sub"])
         if not subject or len(subject.encode()) > MAX_PRINCIPAL_BYTES:  # it names the principal in subjects
             raise InvalidToken(f"the token's subject must be 1 to {MAX_PRINCIPAL_BYTES} bytes", tenant=tenant)
-        return Identity(tenant=tenant, subject=subject, expires_at=int(claims["exp"]))
+        return Identity(
+            tenant=tenant, subject=subject, expires_at=int(claims["exp"]), scopes=frozenset(_scopes(claims))
+        )
 
 
 def _scopes(claims: dict[str, Any]) -> set[str]:
@@ -173,9 +178,18 @@ def _scopes(claims: dict[str, Any]) -> set[str]:
     return found
 
 
-def mint_dev_token(tenant: str, *, key: str, sub: str = "dev", ttl_s: int = 3600) -> str:
+def mint_dev_token(tenant: str, *, key: str, sub: str = "dev", ttl_s: int = 3600, scopes: tuple[str, ...] = ()) -> str:
     """A development token for ``tenant`` (HS256 with the state directory's key)."""
     validate_tenant_id(tenant)
     now = int(time.time())
-    claims = {"iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "sub": sub, "tenant_id": tenant, "iat": now, "exp": now + ttl_s}
+    claims: dict[str, Any] = {
+        "iss": DEV_ISSUER,
+        "aud": DEV_AUDIENCE,
+        "sub": sub,
+        "tenant_id": tenant,
+        "iat": now,
+        "exp": now + ttl_s,
+    }
+    if scopes:
+        claims["scope"] = " ".join(scopes)
     return jwt.encode(claims, key, algorithm=DEV_ALGORITHM)

@@ -26,11 +26,10 @@ NODE_EVENTS = {
 def register(service: Service, catalog: Catalog, models: ModelRegistry | None = None) -> None:
     """Bind the graph service's operation on ``service``."""
     graphs = compile_library(catalog.graphs, catalog.tools)
-    # The graphs each tenant's routes name: the executor checks a run against them itself, so a
-    # compromised or confused router cannot run a graph for a tenant whose routes do not name it.
-    allowed = {
-        tenant: frozenset(route.graph for route in policy.routes.values()) for tenant, policy in catalog.tenants.items()
-    }
+    # The graphs each tenant's routes run (directly, or as a step of a workflow): the executor
+    # checks a run against them itself, so a compromised or confused router (or workflow engine)
+    # cannot run a graph for a tenant whose routes do not name it.
+    allowed = {tenant: catalog.graphs_of(tenant) for tenant in catalog.tenants}
     registry = models or ModelRegistry(catalog.models)
     service.on_stop(registry.aclose)
 

@@ -34,6 +34,14 @@ def _graph_run(route: Route, input: dict[str, Any], stream: bool) -> bytes:
     return to_json({"graph": route.graph, "input": input, "stream": stream})
 
 
+def _workflow_start(route: Route, input: dict[str, Any], stream: bool) -> bytes:
+    # The route's params are not sent: the workflow engine reads them from the tenant's route itself.
+    return to_json({"workflow": route.workflow, "input": input, "stream": stream})
+
+
 EXECUTORS: dict[Pattern, Executor] = {
     Pattern.GRAPH: Executor("graph", subjects.GRAPH_RUNS, subjects.graph_run, Kind.GRAPH_RUN, _graph_run),
+    Pattern.WORKFLOW: Executor(
+        "workflow", subjects.WORKFLOW_STARTS, subjects.workflow_start, Kind.WORKFLOW_START, _workflow_start
+    ),
 }

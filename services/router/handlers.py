@@ -51,7 +51,7 @@ def register(service: Service, catalog: Catalog) -> Router:
             # No executor was running at the last probe: relay, so the broker's no-responders
             # (or the executor, if one has just started) answers now rather than at the deadline.
             try:
-                output = await req.call_json(subject, executor.kind, run)
+                output = await req.call_json(subject, executor.kind, run, passed_on=True)
             except CorralError as error:
                 if error.remote:
                     liveness.saw(True)  # an executor answered (with the run's error)

@@ -132,6 +132,8 @@ class Manifest:
     watches: tuple[str, ...] = ()  # services whose liveness it probes (services/runtime/liveness.py)
     # Counts its own running replicas (``Service.replicas``), to share a limit between them.
     counts_replicas: bool = False
+    # JetStream API subjects it uses beyond its durable consumers' (:func:`stream_api`, :func:`kv_api`).
+    jetstream: tuple[str, ...] = ()
     settings: type[Settings] = Settings
     account: str = APP_ACCOUNT
     # Writes audit records. A service outside APP writes them through a second connection in APP,
@@ -180,6 +182,7 @@ class Manifest:
         for op in self.consumes:
             if isinstance(op, Durable):
                 publish += _durable_api(op.stream, self.durable_name(op))
+        publish += self.jetstream
         if self.audit:
             publish += audit_api(self.name)
         subscribe += [
@@ -201,6 +204,27 @@ class Manifest:
             allow_responses=True,
         )
         return own, User(self.audit_user, APP_ACCOUNT, writer)
+
+
+def stream_api(stream: str) -> tuple[str, ...]:
+    """What a service that owns a stream uses of it: create or update it, read it (direct gets),
+    purge a subject of it, and run consumers on it."""
+    return (
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.UPDATE.{stream}",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.PURGE.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+    )
+
+
+def kv_api(bucket: str) -> tuple[str, ...]:
+    """What a service that owns a key-value bucket uses of it: the bucket's stream, and its keys."""
+    return (*stream_api(f"KV_{bucket}"), f"$KV.{bucket}.>")
 
 
 def _durable_api(stream: str, durable: str) -> list[str]:

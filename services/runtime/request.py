@@ -32,6 +32,7 @@ class Request(Generic[P]):
         "_until",
         "envelope",
         "principal",
+        "redeliver",
         "reply",
         "service",
         "size",
@@ -68,6 +69,9 @@ class Request(Generic[P]):
         self._encoder: FollowEncoder | None = None
         self._events_subject: str | None = None
         self._log: Any = None
+        # A durable operation's handler may hand its message back to the broker, to come again
+        # after this many seconds, instead of acknowledging it (the work is not done here).
+        self.redeliver: float | None = None
 
     @property
     def payload(self) -> P:
@@ -117,14 +121,26 @@ class Request(Generic[P]):
             self._events_subject = subjects.events(self.tenant, self.principal, self.envelope.run_id)
         await self.service.nc.publish(self._events_subject, self.encode(Kind.EVENT, event))
 
-    async def call_json(self, subject: str, kind: Kind, payload: bytes, *, timeout: float | None = None) -> Any:
+    async def call_json(
+        self, subject: str, kind: Kind, payload: bytes, *, timeout: float | None = None, passed_on: bool = False
+    ) -> Any:
         """Request another service with an envelope that follows this one and carries ``payload``
-        (the JSON of a valid payload: handlers write it directly); returns the reply's output."""
+        (the JSON of a valid payload: handlers write it directly); returns the reply's output.
+        ``passed_on``: the call is this request itself, relayed (it keeps the client's key)."""
         remaining = self.remaining(self.service.settings.default_timeout_s)
         limit = remaining if timeout is None else min(timeout, remaining)
         if limit <= 0:
             raise DeadlineExceeded("deadline passed before the call")
-        return await self.service.request(subject, self.encode_json(kind, payload), timeout=limit)
+        body = self._passed_on(kind, payload) if passed_on else self.encode_json(kind, payload)
+        return await self.service.request(subject, body, timeout=limit)
+
+    def _passed_on(self, kind: Kind, payload: bytes) -> bytes:
+        """This request as the next hop gets it: it keeps the client's idempotency key, by which
+        the next hop deduplicates (a workflow start); a call of the handler's own never does."""
+        key = self.envelope.idempotency_key
+        if key is None:
+            return self.encode_json(kind, payload)
+        return FollowEncoder(self.envelope, self._until, self.principal, key).encode_json(kind, payload)
 
     async def forward_json(self, subject: str, kind: Kind, payload: bytes) -> Any:
         """Pass the request on to another service, which answers the requester directly.
@@ -137,7 +153,7 @@ class Request(Generic[P]):
         """
         if self.remaining(1.0) <= 0:
             raise DeadlineExceeded("deadline passed before the request could be passed on")
-        await self.service.nc.publish(subject, self.encode_json(kind, payload), reply=self.reply)
+        await self.service.nc.publish(subject, self._passed_on(kind, payload), reply=self.reply)
         return FORWARDED
 
 

@@ -76,6 +76,8 @@ Handler = Callable[[Request[Any]], Awaitable[Any]]
 RawHandler = Callable[[Msg], Awaitable[tuple[str | None, str | None] | None]]
 # Messages a durable consumer pulls at once (bounded by the free in-flight slots as well).
 DURABLE_BATCH = 64
+# When a durable message whose handler failed (retryably, or with a bug) comes back.
+DURABLE_RETRY_S = 1.0
 
 __all__ = ["FORWARDED", "Request", "Service", "catalog_service", "run_service"]
 
@@ -116,6 +118,7 @@ class Service:
         self._operations_by_sid: dict[int, tuple[Consume, OperationStats]] = {}
         self._stopping = asyncio.Event()
         self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._on_draining: list[Callable[[], None]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self.audit = AuditTrail(self.nc, self.name, self.log)  # replaced on start, with the live connection
         self.requester = Requester(self.nc)  # likewise
@@ -147,6 +150,11 @@ class Service:
     def on_start(self, setup: Callable[[], Awaitable[None]]) -> None:
         """Run ``setup`` (connect to MCP servers, ...) after connecting, before taking messages."""
         self._on_start.append(setup)
+
+    def on_draining(self, notice: Callable[[], None]) -> None:
+        """Call ``notice`` when the replica starts stopping, before it waits for what is in flight
+        (the workflow driver then starts no new step)."""
+        self._on_draining.append(notice)
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run ``cleanup`` (close HTTP clients, ...) once in-flight messages are done."""
@@ -242,6 +250,8 @@ class Service:
 
     async def stop(self) -> None:
         """Stop taking messages, finish those in flight, then close the connection."""
+        for notice in self._on_draining:
+            notice()
         for consumer in self._consumers:
             consumer.cancel()
         for consumer in self._consumers:
@@ -414,9 +424,10 @@ class Service:
         stats: OperationStats,
         msg: Msg,
         reply: str,
-    ) -> None:
+    ) -> Request[Any] | None:
         """One message: guard, decode, handle, answer on ``reply`` (the message's reply subject for
-        a core operation; none for a durable one, whose reply subject is the broker's ack)."""
+        a core operation; none for a durable one, whose reply subject is the broker's ack).
+        Returns the request it handled (None: refused before a handler saw it)."""
         tenant = None
         envelope = None
         principal = None
@@ -424,8 +435,10 @@ class Service:
         try:
             parsed = subjects.parse(msg.subject)
             tenant = parsed.tenant
-            if tenant_facing:  # the subject's last token names the verified principal
-                principal = subjects.principal_of(parsed.rest[-1])
+            if tenant_facing:  # the token after the operation's names the verified principal
+                principal = subjects.principal_of(parsed.rest[1]) if len(parsed.rest) > 1 else None
+                if principal is None:
+                    raise InvalidRequest("the subject does not name a principal")
             check_reply(
                 reply,
                 tenant,
@@ -448,8 +461,9 @@ class Service:
             if not tenant_facing and envelope is not None:
                 principal = envelope.principal  # as the trusted service before this one wrote it
             await self._refuse(msg.subject, reply, tenant, envelope, error, principal, tenant_facing)
-            return
+            return None
         record = stats.start(tenant)
+        durable = isinstance(op, Durable)
         started = time.perf_counter()
         failure: str | None = None
         try:
@@ -458,18 +472,24 @@ class Service:
                 await self.nc.publish(reply, encode_result(request, output))
         except CorralError as error:
             failure = error.code.value
+            if durable and error.retryable and request.redeliver is None:
+                request.redeliver = DURABLE_RETRY_S  # the work is not done: the broker brings it back
             await self._refuse(msg.subject, reply, tenant, envelope, error, request.principal, tenant_facing)
         except Exception:
             failure = ErrorCode.INTERNAL.value
             self.log.exception("handler_failed", subject=msg.subject, tenant_id=tenant)
+            if durable:
+                request.redeliver = DURABLE_RETRY_S
             failed = Internal("internal error")
             await self._refuse(msg.subject, reply, tenant, envelope, failed, request.principal, tenant_facing)
         except asyncio.CancelledError:  # given up by a stopping replica (Service.stop)
             failure = ErrorCode.UNAVAILABLE.value
-            await self._abandon(request, msg.subject, reply, tenant_facing)
+            if not durable:  # a durable message simply goes back to the broker, unacknowledged
+                await self._abandon(request, msg.subject, reply, tenant_facing)
             raise
         finally:
             stats.finish(record, time.perf_counter() - started, failure)
+        return request
 
     async def _abandon(self, request: Request[Any], subject: str, reply: str, tenant_facing: bool) -> None:
         """A message this replica stops working on: the requester is told so, typed and
@@ -525,11 +545,14 @@ class Service:
             # In-progress acknowledgements keep a long message from being redelivered while it runs.
             heartbeat = asyncio.create_task(_keep_in_progress(msg, op.ack_wait_s / 2))
             try:
-                await self._dispatch(op, envelope_type, handler, stats, msg, "")
+                request = await self._dispatch(op, envelope_type, handler, stats, msg, "")
             finally:
                 heartbeat.cancel()
             with contextlib.suppress(Exception):  # unacknowledged, it is redelivered: nothing lost
-                await msg.ack()
+                if request is not None and request.redeliver is not None:
+                    await msg.nak(delay=request.redeliver)
+                else:
+                    await msg.ack()
 
         try:
             while True:
@@ -619,9 +642,10 @@ class Service:
 
 
 def _principal_in(subject: str) -> str | None:
-    """The principal a tenant-facing subject's last token names (None if it names none)."""
+    """The principal a tenant-facing subject names (``t.<tenant>.<area>.<op>.<principal>[...]``)."""
+    parts = subject.split(".")
     try:
-        return subjects.principal_of(subject.rsplit(".", 1)[-1])
+        return subjects.principal_of(parts[4]) if len(parts) > 4 else None
     except CorralError:
         return None
 

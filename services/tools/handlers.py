@@ -46,6 +46,7 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
                 run_id=envelope.run_id,
                 principal=envelope.principal,
                 timeout_s=req.remaining(service.settings.default_timeout_s),
+                idempotency_key=envelope.idempotency_key,
             )
             output = await adapter.call(ctx, arguments)
         except CorralError as error:

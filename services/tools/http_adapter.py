@@ -8,6 +8,11 @@ Redirects are not followed (they could carry the tenant header to another host) 
 Idempotent calls are tried again on lost connections and 502/503/504 under the runtime's retry
 policy (``services/runtime/retry.py``), never past what is left of the caller's deadline.
 
+A call with an idempotency key (``ctx.idempotency_key``) sends it as the ``Idempotency-Key``
+header, the runtime's value replacing any configured one. An upstream that honours the header
+acts once per key, so with a key POST and PATCH are tried again too; without one they never are
+(a lost answer does not say whether the first try acted).
+
 Arguments can never move a call to another resource (``services/tools/url_template.py``).
 """
 
@@ -22,14 +27,19 @@ from typing import Any
 import httpx
 
 from contracts.definitions import HttpTool
-from contracts.errors import DeadlineExceeded, ToolFailed
+from contracts.errors import DeadlineExceeded, InvalidRequest, ToolFailed
 from services.runtime.retry import RetryPolicy, call_with_retries
 from services.tools.context import ToolContext
 from services.tools.url_template import UrlTemplate
 
 IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# What an HTTP header value may hold (visible ASCII, inner spaces): a key that is not one is refused,
+# never sent mangled or split into another header.
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 RETRY_STATUSES = frozenset({502, 503, 504})
-# Backoff between tries; the number of tries is each tool's ``retries`` (idempotent methods only).
+# Backoff between tries; the number of tries is each tool's ``retries`` (idempotent methods, or
+# any method when the call has an idempotency key).
 RETRY = RetryPolicy(initial_interval_s=0.05, multiplier=2.0, max_interval_s=1.0, jitter=0.5)
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 TENANT = "tenant_id"
@@ -48,8 +58,8 @@ class HttpAdapter:
         self.config = config
         self.client = client
         self.template = UrlTemplate.parse(name, config.url)
-        tries = 1 + config.retries if config.method in IDEMPOTENT else 1
-        self.retry = replace(RETRY, max_attempts=tries)
+        self.retry = replace(RETRY, max_attempts=1 + config.retries)
+        self.once = replace(RETRY, max_attempts=1)
 
     def build(self, ctx: ToolContext, arguments: dict[str, Any]) -> tuple[httpx.URL, dict[str, Any], dict[str, str]]:
         """(checked url, arguments for the JSON body, headers) for one call."""
@@ -58,13 +68,19 @@ class HttpAdapter:
         )
         headers = dict(self.config.headers)
         if self.config.tenant_header:
-            # Header names are case-insensitive: a configured variant must not travel alongside.
-            wanted = self.config.tenant_header.lower()
-            headers = {key: value for key, value in headers.items() if key.lower() != wanted}
-            headers[self.config.tenant_header] = ctx.tenant_id
+            _set_header(headers, self.config.tenant_header, ctx.tenant_id)
         if ctx.run_id:
             headers["X-Corral-Run"] = ctx.run_id
+        if ctx.idempotency_key:
+            if not _HEADER_VALUE.fullmatch(ctx.idempotency_key):
+                raise InvalidRequest(f"tool {self.name!r}: the idempotency key cannot be sent as an HTTP header")
+            _set_header(headers, IDEMPOTENCY_HEADER, ctx.idempotency_key)
         return url, remaining, headers
+
+    def retry_policy(self, ctx: ToolContext) -> RetryPolicy:
+        """Idempotent methods are tried again; POST and PATCH only under an idempotency key, which
+        lets the upstream recognise the second try of a call that did act the first time."""
+        return self.retry if self.config.method in IDEMPOTENT or ctx.idempotency_key else self.once
 
     async def call(self, ctx: ToolContext, arguments: dict[str, Any]) -> Any:
         url, remaining, headers = self.build(ctx, arguments)
@@ -87,7 +103,10 @@ class HttpAdapter:
             return self._result(status, content, content_type)
 
         return await call_with_retries(
-            attempt, self.retry, retry_if=lambda error: isinstance(error, UpstreamUnavailable), deadline=deadline
+            attempt,
+            self.retry_policy(ctx),
+            retry_if=lambda error: isinstance(error, UpstreamUnavailable),
+            deadline=deadline,
         )
 
     async def _send(
@@ -118,6 +137,14 @@ class HttpAdapter:
             except json.JSONDecodeError:
                 raise ToolFailed(f"tool {self.name!r} answered invalid JSON") from None
         return text
+
+
+def _set_header(headers: dict[str, str], name: str, value: str) -> None:
+    """Set the runtime's header: names are case-insensitive, so a configured variant must not travel alongside."""
+    wanted = name.lower()
+    for key in [key for key in headers if key.lower() == wanted]:
+        del headers[key]
+    headers[name] = value
 
 
 def _status_failure(tool: str, status: int, content: bytes) -> str:

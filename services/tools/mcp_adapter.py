@@ -7,6 +7,9 @@ call's ``_meta`` and, when configured, as the tool argument ``tenant_argument``.
 the arguments hold, no key that names the tenant (``tenant_argument`` or any of
 ``TENANT_KEYS``, in any case or spelling a server might bind, at any depth) reaches the server:
 the runtime's value is the only one it can read.
+
+A call with an idempotency key carries it in ``_meta`` too (``corral/idempotency_key``): a call
+retried after a crash comes with the same key, so a server can recognise it and not act twice.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = structlog.get_logger()
 
 META_TENANT = "corral/tenant_id"
 META_RUN = "corral/run_id"
+META_IDEMPOTENCY_KEY = "corral/idempotency_key"
 
 
 class McpConnection:
@@ -156,6 +160,8 @@ class McpAdapter:
         if tenant_argument:
             arguments[tenant_argument] = ctx.tenant_id
         meta = {META_TENANT: ctx.tenant_id, META_RUN: ctx.run_id}
+        if ctx.idempotency_key:
+            meta[META_IDEMPOTENCY_KEY] = ctx.idempotency_key
         try:
             result = await asyncio.wait_for(
                 session.call_tool(

@@ -1,4 +1,9 @@
-"""Python callables as tools: ``function(ctx, **arguments)``, sync or async."""
+"""Python callables as tools: ``function(ctx, **arguments)``, sync or async.
+
+``ctx`` is the runtime's :class:`~services.tools.context.ToolContext`. A tool with a side effect
+should key it on ``ctx.idempotency_key`` when that is set: a call retried after a crash arrives
+again with the same key, and a tool that remembers the key can answer without acting twice.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The workflow engine: durable, audited runs of declared steps on JetStream (docs/workflows.md)."""

@@ -1,0 +1,206 @@
+"""The workflow service's bus layer: start runs, take signals and queries, drive runs on wake-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import jsonschema
+
+from contracts import subjects
+from contracts.definitions import Catalog
+from contracts.envelope import EventType, RunEvent, WorkflowQuery, WorkflowSignal, WorkflowStart, WorkflowTask, new_id
+from contracts.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unavailable
+from contracts.workflows import CANCEL_SIGNAL
+from services.llm import ModelRegistry
+from services.runtime.service import Request, Service
+from services.workflow.driver import Driver, Library, summary
+from services.workflow.engine import Ev, RunState, started, waiting_step
+from services.workflow.settings import WorkflowSettings
+from services.workflow.store import RUNS_BUCKET, StaleHistory, Store, input_hash
+
+# Tries of a signal whose run moved on between reading it and appending (each reads it again).
+SIGNAL_TRIES = 5
+MAX_SHOWN_OUTPUT = 4096
+
+
+def register(service: Service, catalog: Catalog, models: ModelRegistry | None = None) -> Driver:
+    """Bind the workflow service's operations on ``service``; returns the driver (for tests)."""
+    library = Library(catalog.workflows)
+    registry = models or ModelRegistry(catalog.models)
+    store = Store(history_max_bytes=WorkflowSettings.of(service.settings).workflow_history_max_bytes)
+    driver = Driver(service, store, library, registry)
+    scoped = frozenset(tenant for tenant, policy in catalog.tenants.items() if policy.principal_scoped)
+    service.principal_scoped = scoped.__contains__
+    schemas = {
+        name: jsonschema.validators.validator_for(w.input_schema)(w.input_schema)
+        for name, w in catalog.workflows.items()
+        if w.input_schema is not None
+    }
+
+    async def setup() -> None:
+        await store.setup(service.nc)
+
+    def draining() -> None:
+        driver.stopping = True
+
+    service.on_start(setup)
+    service.on_draining(draining)
+    service.on_stop(registry.aclose)
+
+    @service.handler("start")
+    async def start(req: Request[WorkflowStart]) -> Any:
+        payload, tenant = req.payload, req.tenant
+        route = catalog.workflows_of(tenant).get(payload.workflow)
+        if route is None:  # the same answer for a workflow that does not exist and one not the tenant's
+            raise NotFound(f"workflow {payload.workflow!r} is not defined for tenant {tenant!r}")
+        compiled = library.current[payload.workflow]
+        schema = schemas.get(payload.workflow)
+        if schema is not None:
+            problem = next(iter(schema.iter_errors(payload.input)), None)
+            if problem is not None:
+                where = ".".join(str(p) for p in problem.absolute_path) or "input"
+                raise InvalidRequest(f"input of workflow {payload.workflow!r}: {where}: {problem.message}")
+        run_id = req.envelope.run_id or new_id()
+        key = req.envelope.idempotency_key
+        if key is not None:
+            claimed = await store.claim(tenant, key, run_id, input_hash([payload.workflow, payload.input]))
+            if claimed is not None:
+                if claimed["input"] != input_hash([payload.workflow, payload.input]):
+                    raise Conflict("this idempotency key started a run with another input; use a new key")
+                existing = await store.get(RUNS_BUCKET, f"{tenant}.{claimed['run_id']}")
+                if existing is not None:
+                    return {**_shown(existing), "deduplicated": True}
+                run_id = claimed["run_id"]  # claimed by a start that did not get further: finish it
+        event = {
+            "type": Ev.RUN_STARTED,
+            "run_id": run_id,
+            "workflow": payload.workflow,
+            "digest": compiled.digest,
+            "definition": compiled.definition.model_dump(mode="json", by_alias=True),
+            "input": payload.input,
+            "params": route.params,
+            "principal": req.principal,
+            "idempotency_key": key,
+            "at": time.time(),
+        }
+        try:
+            seq = await store.append(tenant, run_id, event, 0)
+        except StaleHistory:
+            if key is not None:  # a concurrent start with the same key got there first
+                return {"run_id": run_id, "workflow": payload.workflow, "status": "running", "deduplicated": True}
+            raise Conflict(f"run id {run_id!r} is already in use") from None
+        state = started(event, tenant, seq)
+        driver.remember(state)
+        await asyncio.gather(store.index(tenant, run_id, summary(state)), store.wake(tenant, run_id))
+        req.audit("workflow_start", "accepted", workflow=payload.workflow, digest=compiled.digest)
+        req.stream = payload.stream
+        if req.stream:
+            await req.emit(RunEvent(type=EventType.STARTED, service=service.name, data={"workflow": payload.workflow}))
+        return {"run_id": run_id, "workflow": payload.workflow, "digest": compiled.digest, "status": "running"}
+
+    @service.handler("signal")
+    async def signal(req: Request[WorkflowSignal]) -> Any:
+        payload, tenant, principal = req.payload, req.tenant, req.principal
+        rest = req.subject.rest  # ("signal", <principal>[, <scope>])
+        scope = subjects.scope_of(rest[2]) if len(rest) > 2 else None
+        if len(rest) > 3:
+            raise InvalidRequest("a signal subject names a principal and at most one scope")
+        for _ in range(SIGNAL_TRIES):
+            state = await _run_of(driver, tenant, payload.run_id, principal, scoped)
+            if state.finished:
+                raise Conflict(f"run {payload.run_id!r} is {state.finished}; it takes no more signals")
+            workflow = library.of(state)
+            if payload.signal == CANCEL_SIGNAL:
+                needed = workflow.definition.cancel_scope
+                if needed is not None and scope != needed:
+                    req.audit("workflow_cancel", "refused", needs=needed)
+                    raise Forbidden(f"cancelling this run needs scope {needed!r}; send the signal as its holder")
+                if state.cancel is not None:
+                    return {"run_id": state.run_id, "signal": CANCEL_SIGNAL, "status": "cancelling"}
+                event: dict[str, Any] = {"type": Ev.CANCEL_REQUESTED, "by": principal, "scope": scope}
+            else:
+                step = waiting_step(state, workflow, payload.signal)
+                if step is None:
+                    waiting = sorted({workflow.steps[name].signal for name in state.waits if name not in state.outputs})
+                    raise Conflict(
+                        f"run {payload.run_id!r} is not waiting for signal {payload.signal!r}"
+                        + (f" (it waits for {', '.join(waiting)})" if waiting else "")
+                    )
+                if step.scope is not None and scope != step.scope:
+                    req.audit("workflow_signal", "refused", step=step.name, needs=step.scope)
+                    raise Forbidden(
+                        f"signal {payload.signal!r} of step {step.name!r} needs scope {step.scope!r}; "
+                        "send it as a holder of that scope"
+                    )
+                event = {
+                    "type": Ev.SIGNAL_RECEIVED,
+                    "step": step.name,
+                    "signal": payload.signal,
+                    "by": principal,
+                    "scope": scope,
+                    "data": payload.data,
+                }
+            event["at"] = time.time()
+            try:
+                await store.append(tenant, state.run_id, event, state.seq)
+            except StaleHistory:
+                continue  # the run moved on meanwhile: read it again and check again
+            break
+        else:
+            raise Unavailable(f"run {payload.run_id!r} kept changing; send the signal again")
+        await store.wake(tenant, state.run_id)
+        detail = {"step": event.get("step"), "scope": scope}
+        req.audit("workflow_signal", "accepted", signal=payload.signal, **{k: v for k, v in detail.items() if v})
+        return {"run_id": state.run_id, "signal": payload.signal, "step": event.get("step"), "accepted": True}
+
+    @service.handler("query")
+    async def query(req: Request[WorkflowQuery]) -> Any:
+        payload, tenant = req.payload, req.tenant
+        if payload.op == "list":
+            runs = await store.runs(tenant, limit=1000)
+            if tenant in scoped:
+                runs = [run for run in runs if run.get("principal") == req.principal]
+            if payload.status is not None:
+                runs = [run for run in runs if run.get("status") == payload.status]
+            return {"runs": [_shown(run) for run in runs[: payload.limit]]}
+        if payload.run_id is None:
+            raise InvalidRequest("show needs a run_id")
+        state = await _run_of(driver, tenant, payload.run_id, req.principal, scoped)
+        events = await store.read(tenant, payload.run_id)
+        page = events[payload.after : payload.after + payload.limit]
+        shown = [{"seq": seq, **_trimmed(event)} for seq, event in page]
+        more = payload.after + len(page) < len(events)
+        return {"run": summary(state), "events": shown, "next": payload.after + len(page) if more else None}
+
+    @service.handler("task")
+    async def task(req: Request[WorkflowTask]) -> Any:
+        delay = await driver.drive(req.tenant, req.payload.run_id)
+        if delay is not None:
+            req.redeliver = delay
+        return None
+
+    return driver
+
+
+async def _run_of(driver: Driver, tenant: str, run_id: str, principal: str | None, scoped: frozenset[str]) -> RunState:
+    """The run of this tenant (and, for a principal-scoped tenant, of this principal), or a
+    not-found error that says the same for a run that does not exist and one that is not theirs."""
+    state = await driver.load(tenant, run_id)
+    if state is None or (tenant in scoped and state.principal != principal):
+        raise NotFound(f"no run {run_id!r} for this tenant")
+    return state
+
+
+def _shown(run: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in run.items() if key != "digest"}
+
+
+def _trimmed(event: dict[str, Any]) -> dict[str, Any]:
+    """A history event as ``show`` returns it: large values (definitions, outputs) cut short."""
+    shown = {key: value for key, value in event.items() if key != "definition"}
+    for key in ("output", "input", "data"):
+        if key in shown and len(repr(shown[key])) > MAX_SHOWN_OUTPUT:
+            shown[key] = {"truncated": True, "size": len(repr(shown[key]))}
+    return shown

@@ -1,0 +1,183 @@
+"""The workflow engine over a real broker configured as in production: runs, retries, validation,
+approvals by scope, sagas, timers, idempotent starts, queries and tenant isolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from contracts.errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
+from corral.client import CorralClient
+from services.auth.tokens import mint_dev_token
+from tests.support import workflow_tools
+from tests.support.services import running_services
+
+DEFINITIONS = Path(__file__).resolve().parent.parent / "support" / "workflows"
+ALL = ("auth", "router", "tools", "workflow")
+
+
+@pytest.fixture
+async def system(secured):
+    workflow_tools.reset()
+    async with running_services(secured.url, secured.state_dir, ALL, definitions=DEFINITIONS) as services:
+        yield secured, services
+
+
+async def client_for(broker, tenant, sub="dev", scopes=()):
+    token = mint_dev_token(tenant, key=broker.secrets.dev_key, sub=sub, scopes=tuple(scopes))
+    return await CorralClient.connect(broker.url, tenant=tenant, token=token)
+
+
+async def test_a_five_step_run_completes_and_its_history_is_recorded(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request(target="five", input={"value": 1})
+        assert result.output == 6
+        shown = await acme.show(result.run_id)
+    finally:
+        await acme.close()
+    types = [event["type"] for event in shown["events"]]
+    assert types[0] == "run_started" and types[-1] == "run_completed"
+    assert types.count("step_completed") == 5
+    assert shown["run"]["status"] == "completed"
+    keys = workflow_tools.CALLS[("acme", "step")]
+    assert keys == [f"{result.run_id}:s{i}" for i in range(1, 6)]
+    assert [e.type.value for e in result.events if e.service == "workflow"][-1] == "completed"
+
+
+async def test_an_input_outside_the_schema_is_refused_before_a_run_starts(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    try:
+        with pytest.raises(InvalidRequest, match="value"):
+            await acme.request(target="five", input={"nope": 1})
+        assert await acme.runs() == []
+    finally:
+        await acme.close()
+
+
+async def test_a_failing_step_is_retried_with_the_same_idempotency_key(system):
+    broker, _ = system
+    workflow_tools.FAILURES["*"] = 2
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request(target="approval", input={"amount": 50})
+    finally:
+        await acme.close()
+    assert result.output == 102
+    keys = workflow_tools.CALLS[("acme", "flaky")]
+    assert keys == [f"{result.run_id}:pay"] * 3
+    assert [e.type.value for e in result.events].count("step_retrying") == 2
+
+
+async def test_a_saga_compensates_completed_steps_in_reverse_when_a_step_fails_for_good(system):
+    broker, _ = system
+    workflow_tools.FAILURES["*"] = 10
+    acme = await client_for(broker, "acme")
+    try:
+        with pytest.raises(ToolFailed):
+            await acme.request(target="saga")
+    finally:
+        await acme.close()
+    undone = workflow_tools.CALLS[("acme", "undo")]
+    assert [key.rsplit(":", 2)[1] for key in undone] == ["b", "a"]
+
+
+async def test_an_approval_needs_the_scope_and_records_who_approved(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    clerk = await client_for(broker, "acme", sub="clerk")
+    manager = await client_for(broker, "acme", sub="manager", scopes=["refund:approve"])
+    try:
+        waiting = await acme.request(target="approval", input={"amount": 500})
+        assert waiting.output["status"] == "waiting" and waiting.output["waiting_for"] == "approve"
+        run_id = waiting.run_id
+        with pytest.raises(Forbidden, match="refund:approve"):
+            await clerk.signal(run_id, "approve", {"ok": True})
+        with pytest.raises(Conflict, match="not waiting for signal 'other'"):
+            await manager.signal(run_id, "other", scope="refund:approve")
+        answer = await manager.signal(run_id, "approve", {"ok": True}, scope="refund:approve")
+        assert answer["accepted"] is True
+        shown = await waitfor_status(acme, run_id, "completed")
+        with pytest.raises(Conflict, match="completed"):
+            await manager.signal(run_id, "approve", scope="refund:approve")
+    finally:
+        for client in (acme, clerk, manager):
+            await client.close()
+    approvals = [e for e in shown["events"] if e["type"] == "signal_received"]
+    assert len(approvals) == 1 and approvals[0]["by"] == "manager" and approvals[0]["scope"] == "refund:approve"
+
+
+async def test_a_scope_the_token_does_not_hold_cannot_even_be_presented(system):
+    broker, _ = system
+    clerk = await client_for(broker, "acme", sub="clerk")
+    try:
+        with pytest.raises(DeadlineExceeded):  # the broker refuses the publish: nothing answers
+            await clerk.signal("nope", "approve", scope="refund:approve", timeout=1.0)
+    finally:
+        await clerk.close()
+
+
+async def test_another_tenants_run_cannot_be_seen_or_signalled(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    globex = await client_for(broker, "globex", scopes=["refund:approve"])
+    try:
+        waiting = await acme.request(target="approval", input={"amount": 500})
+        run_id = waiting.run_id
+        with pytest.raises(NotFound):
+            await globex.signal(run_id, "approve", scope="refund:approve")
+        with pytest.raises(NotFound):
+            await globex.show(run_id)
+        assert all(run["run_id"] != run_id for run in await globex.runs())
+        await acme.cancel(run_id)
+        shown = await waitfor_status(acme, run_id, "cancelled")
+        assert shown["run"]["status"] == "cancelled"
+    finally:
+        await acme.close()
+        await globex.close()
+
+
+async def test_the_same_idempotency_key_returns_the_same_run_and_another_input_conflicts(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    try:
+        first = await acme.request(target="five", input={"value": 1}, idempotency_key="order-7")
+        again = await acme.request(target="five", input={"value": 1}, idempotency_key="order-7")
+        assert again.output["run_id"] == first.run_id and again.output["deduplicated"] is True
+        with pytest.raises(Conflict):
+            await acme.request(target="five", input={"value": 2}, idempotency_key="order-7")
+    finally:
+        await acme.close()
+    assert len(workflow_tools.CALLS[("acme", "step")]) == 5
+
+
+async def test_durable_timers_sleep_and_time_out_and_parallel_branches_join(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request(target="timers", timeout=20)
+        shown = await waitfor_status(acme, result.run_id, "completed")
+    finally:
+        await acme.close()
+    outputs = {e["step"]: e.get("output") for e in shown["events"] if e["type"] == "step_completed"}
+    assert outputs["both"] == {"left": {"value": 11, "tenant": "acme"}, "right": {"value": 21, "tenant": "acme"}}
+    types = [e["type"] for e in shown["events"]]
+    assert "sleeping" in types and "wait_timed_out" in types
+
+
+async def waitfor_status(client, run_id, status, timeout=20.0):
+    """The run's history once its index says ``status`` (polling the query: the test's clock)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = await client.show(run_id)
+        if shown["run"]["status"] == status:
+            return shown
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {run_id} is {shown['run']['status']}, not {status}")
+        await asyncio.sleep(0.1)

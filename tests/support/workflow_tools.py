@@ -1,0 +1,44 @@
+"""Python tools for the workflow tests: each records what it was asked, keyed by idempotency key."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+from services.tools.context import ToolContext
+
+# (tenant, tool) -> idempotency keys seen, in order (a key twice is a retry of the same call).
+CALLS: dict[tuple[str, str], list[str | None]] = defaultdict(list)
+FAILURES: dict[str, int] = {}  # key -> failures left before it succeeds
+GATE: asyncio.Event | None = None
+
+
+def reset() -> None:
+    CALLS.clear()
+    FAILURES.clear()
+
+
+async def step(ctx: ToolContext, value: int = 0) -> dict[str, Any]:
+    CALLS[(ctx.tenant_id, "step")].append(ctx.idempotency_key)
+    return {"value": value + 1, "tenant": ctx.tenant_id}
+
+
+async def flaky(ctx: ToolContext, value: int = 0) -> dict[str, Any]:
+    """Fails (a tool failure) as often as FAILURES says for its key, then succeeds."""
+    CALLS[(ctx.tenant_id, "flaky")].append(ctx.idempotency_key)
+    key = ctx.idempotency_key or ""
+    left = FAILURES.get(key, FAILURES.get("*", 0))
+    if left > 0:
+        FAILURES[key] = left - 1
+        raise RuntimeError("the payment provider is down")
+    return {"value": value + 1}
+
+
+async def undo(ctx: ToolContext, value: Any = None) -> dict[str, Any]:
+    CALLS[(ctx.tenant_id, "undo")].append(ctx.idempotency_key)
+    return {"undone": value}
+
+
+def double(value: int) -> int:
+    return value * 2
