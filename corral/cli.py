@@ -109,7 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     cancel = action("cancel", "cancel a run: its completed steps are compensated, in reverse order")
     cancel.add_argument("run_id")
 
-    bench = command("bench", _bench, "measure router -> graph -> tool round trips against a raw nats-py chain")
+    bench = command(
+        "bench",
+        _bench,
+        "measure router -> graph -> tool round trips against a raw nats-py chain; "
+        "`corral bench workflow`: workflow runs against Temporal, DBOS and raw JetStream",
+    )
+    bench.add_argument("what", nargs="?", choices=("requests", "workflow"), default="requests")
+    bench.add_argument("--quick", action="store_true", help="workflow: small counts (a smoke run)")
     bench.add_argument("--nats-url", help="benchmark a running system (its state directory gives credentials)")
     bench.add_argument("--requests", type=int, default=2000)
     bench.add_argument("--concurrency", type=int, default=64)
@@ -363,6 +370,12 @@ def _workflow(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.what == "workflow":
+        from corral.bench.workflow import run_workflow_bench, table
+
+        report = event_loop.run(run_workflow_bench(quick=args.quick, quiet=args.json))
+        print(json.dumps(report) if args.json else table(report))
+        return 0
     from corral.bench import run_bench
 
     report = event_loop.run(

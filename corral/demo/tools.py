@@ -85,3 +85,13 @@ async def lookup_incidents(ctx: ToolContext, category: str | None = None) -> dic
     ]
     titles = "; ".join(incident["title"] for incident in incidents) or "none"
     return {"open": len(incidents), "incidents": incidents, "summary": titles}
+
+
+async def bench_step(ctx: ToolContext, value: int = 0, delay_ms: float = 0) -> dict[str, Any]:
+    """One step of ``corral bench workflow``'s five-step workflow: the same trivial step the other
+    engines run (add one), optionally slowed (the recovery measurement's runs are mid-way)."""
+    if delay_ms:
+        import asyncio
+
+        await asyncio.sleep(delay_ms / 1000)
+    return {"value": value + 1}

@@ -116,15 +116,22 @@ class Driver:
         # Runs this replica drove last, with the sequence it saw: a wake-up that comes back here
         # need not read the history again (an append that finds it moved on reads the rest).
         self._cache: OrderedDict[tuple[str, str], RunState] = OrderedDict()
+        self._fresh: set[tuple[str, str]] = set()
         self._functions: dict[str, Callable[..., Any]] = {}
         self.stopping = False
 
-    def remember(self, state: RunState) -> None:
+    def remember(self, state: RunState, *, fresh: bool = False) -> None:
+        """Keep a run's state for its next wake-up here. ``fresh``: just started and not yet
+        driven, so its first plan appends before it can do anything (and an append that finds
+        the history moved on reads what is new): no need to read the history first."""
         key = (state.tenant, state.run_id)
+        self._fresh.discard(key)
+        if fresh:
+            self._fresh.add(key)
         self._cache[key] = state
         self._cache.move_to_end(key)
         while len(self._cache) > CACHED_RUNS:
-            self._cache.popitem(last=False)
+            self._fresh.discard(self._cache.popitem(last=False)[0])
 
     async def load(self, tenant: str, run_id: str) -> RunState | None:
         """The run's state from its snapshot and the history after it (None: no such run)."""
@@ -152,7 +159,9 @@ class Driver:
         keeper = asyncio.create_task(self._keep(lease, ttl))
         try:
             state = self._cache.pop((tenant, run_id), None)
-            if state is not None:  # what was appended since (a signal, a cancellation), one round trip
+            fresh = (tenant, run_id) in self._fresh
+            self._fresh.discard((tenant, run_id))
+            if state is not None and not fresh:  # what was appended since (a signal, ...), one round trip
                 for seq, event in await self.store.read(tenant, run_id, after=state.seq):
                     apply(state, event, seq)
             else:
@@ -251,6 +260,7 @@ class _Run:
                     continue
                 if until is not None:
                     await self.store.wake_at(state.tenant, state.run_id, until)
+                    state.timer = True
                 await self._index("waiting" if step_plan.waiting_for else "sleeping", waiting_for=step_plan.waiting_for)
                 return
         finally:
@@ -260,12 +270,11 @@ class _Run:
                 await asyncio.wait(set(self.running.values()))
 
     async def _start(self, action: RunStep | RunCompensation) -> None:
-        """Record that an attempt starts, then run it in its own task (which records its outcome)."""
-        kind = Ev.COMPENSATION_STARTED if isinstance(action, RunCompensation) else Ev.STEP_STARTED
-        try:
-            await self.append({"type": kind, "step": action.step, "attempt": action.attempt})
-        except StaleHistory:
-            return
+        """Start an attempt in its own task, which records that it started and, once that record
+        is written, its outcome. The call itself begins as the start record is written (one round
+        trip less per step): an attempt is at least once with its idempotency key anyway (a
+        replica may die mid-call), and if the record is refused (the history moved on) the call
+        is cancelled and planned again."""
         task = asyncio.create_task(self._attempt(action))
         self.running[action.step] = task
         task.add_done_callback(lambda done: self._done(action.step, done))
@@ -278,6 +287,22 @@ class _Run:
             self.failed = task.exception()
 
     async def _attempt(self, action: RunStep | RunCompensation) -> None:
+        kind = Ev.COMPENSATION_STARTED if isinstance(action, RunCompensation) else Ev.STEP_STARTED
+        call = asyncio.ensure_future(self._outcome(action))
+        try:
+            await self.append({"type": kind, "step": action.step, "attempt": action.attempt})
+        except BaseException as error:
+            call.cancel()
+            with contextlib.suppress(BaseException):
+                await call
+            if isinstance(error, StaleHistory):
+                return  # planned again with what is new
+            raise
+        outcome = await call
+        await self.append(outcome, retry=True)
+
+    async def _outcome(self, action: RunStep | RunCompensation) -> dict[str, Any]:
+        """Run the attempt; the ``step_completed`` or ``step_failed`` (or compensation) event."""
         state, workflow, step = self.state, self.workflow, self.workflow.steps[action.step]
         started_at = time.perf_counter()
         try:
@@ -302,7 +327,7 @@ class _Run:
             failure = compensation_failure if isinstance(action, RunCompensation) else step_failure
             outcome = failure(state, workflow, step.name, action.attempt, known.code.value, known.message)
         outcome["ms"] = round((time.perf_counter() - started_at) * 1000, 2)
-        await self.append(outcome, retry=True)
+        return outcome
 
     async def _execute(self, step: Any, attempt: int) -> tuple[Any, int]:
         """One attempt of a leaf step, with its output validated: an output outside the schema is
@@ -452,7 +477,8 @@ class _Run:
     async def _finished(self) -> None:
         state = self.state
         await self._index(state.finished or "finished")
-        await self.store.cancel_timer(state.tenant, state.run_id)
+        if state.timer:  # a timer left behind would only wake the finished run once more
+            await self.store.cancel_timer(state.tenant, state.run_id)
 
     async def _index(self, status: str, **extra: Any) -> None:
         await self.store.index(self.state.tenant, self.state.run_id, summary(self.state, status, **extra))

@@ -117,6 +117,9 @@ class RunState:
     finished_at: float | None = None
     events: int = 0
     seq: int = 0  # the history's last sequence folded in
+    timer: bool = False  # a broker timer was set for the run (purged when it finishes)
+    # Per list of steps (by its first step's name), how many of its steps are done (a cache).
+    cursors: dict[str, int] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -347,13 +350,20 @@ def plan(
 def _sequence(
     steps: list[Any], state: RunState, wf: CompiledWorkflow, now: float, running: frozenset[str], out: Plan
 ) -> Any:
-    """A list of steps: done when every step is, else whatever its first unfinished step needs."""
-    last: Any = None
-    for step in steps:
-        outcome = _step(step, state, wf, now, running, out)
+    """A list of steps: done when every step is, else whatever its first unfinished step needs.
+
+    Where the list's completed prefix ends is kept in the state (outputs are never taken back):
+    planning a long run does not walk every finished step again at each step."""
+    key = steps[0].name if steps else ""
+    start = state.cursors.get(key, 0)
+    last: Any = state.outputs.get(steps[start - 1].name) if start else None
+    for index in range(start, len(steps)):
+        outcome = _step(steps[index], state, wf, now, running, out)
         if not isinstance(outcome, _Done):
             return outcome
         last = outcome.output
+        if steps[index].name in state.outputs:
+            state.cursors[key] = index + 1
     return _Done(last)
 
 

@@ -92,7 +92,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
                 return {"run_id": run_id, "workflow": payload.workflow, "status": "running", "deduplicated": True}
             raise Conflict(f"run id {run_id!r} is already in use") from None
         state = started(event, tenant, seq)
-        driver.remember(state)
+        driver.remember(state, fresh=True)
         await asyncio.gather(store.index(tenant, run_id, summary(state)), store.wake(tenant, run_id))
         req.audit("workflow_start", "accepted", workflow=payload.workflow, digest=compiled.digest)
         req.stream = payload.stream

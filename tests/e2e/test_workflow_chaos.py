@@ -81,8 +81,11 @@ def definitions(folder: Path, api: str) -> Path:
             }
         ],
         "tenants": [
-            {"tenant": "acme", "routes": {"order": {"pattern": "workflow", "workflow": "order"}},
-             "tools": ["charge", "ship", "notify"]}
+            {
+                "tenant": "acme",
+                "routes": {"order": {"pattern": "workflow", "workflow": "order"}},
+                "tools": ["charge", "ship", "notify"],
+            }
         ],
     }
     (folder / "chaos.yaml").write_text(yaml.safe_dump(document))

@@ -3,6 +3,7 @@
 import pytest
 
 from contracts import subjects
+from contracts.audit import STREAM as AUDIT_STREAM
 from contracts.envelope import Kind, RouterRequest, ToolCall
 from services.registry import BY_NAME, SERVICES
 from services.router.executors import EXECUTORS
@@ -25,8 +26,10 @@ def test_a_service_may_publish_exactly_what_it_publishes_requests_and_probes_plu
     router = BY_NAME["router"].permissions()
     assert set(router.publish) == {
         subjects.GRAPH_RUNS,
+        subjects.WORKFLOW_STARTS,
         subjects.ALL_EVENTS,
         subjects.ping("graph"),
+        subjects.ping("workflow"),
         subjects.ping("router"),  # it counts its own replicas, to share each tenant's rate limit
         *audit_api("router"),
     }
@@ -101,8 +104,20 @@ def test_publishes_are_declared_with_summaries():
             assert isinstance(publication, Publishes) and publication.summary
 
 
-def test_a_service_reads_back_only_its_own_audit_chains():
+def test_a_service_reads_back_only_its_own_audit_chains_and_the_streams_it_declares():
     for manifest in SERVICES:
         for user in manifest.users():
             reads = [s for s in user.permissions.publish if ".MSG.GET." in s or ".DIRECT.GET." in s]
-            assert all(s.endswith(f".audit.{manifest.name}") for s in reads), (user.name, reads)
+            audit = [s for s in reads if f".{AUDIT_STREAM}" in s]
+            assert all(s.endswith(f".audit.{manifest.name}") for s in audit), (user.name, audit)
+            # Any other read is of a stream of its own, declared in its manifest.
+            assert set(reads) - set(audit) <= set(manifest.jetstream), (user.name, reads)
+
+
+def test_no_tenant_subject_of_the_workflow_engines_state_is_a_tenants_to_publish_or_read():
+    from contracts.permissions import tenant_permissions
+
+    granted = tenant_permissions("acme", "dev", scopes=frozenset({"refund:approve"}))
+    for pattern in (subjects.WORKFLOW_HISTORY, subjects.WORKFLOW_TASKS, subjects.WORKFLOW_TIMERS):
+        area = pattern.replace("t.*.", "t.acme.").rsplit(".", 1)[0]
+        assert not any(s.startswith(area) for s in granted.publish + granted.subscribe)

@@ -1,0 +1,160 @@
+"""``corral bench workflow``: the same five-step workflow on Corral and, in the same run, on
+Temporal, DBOS and the raw JetStream floor (:mod:`corral.bench.workflow_others`).
+
+Corral's side runs the demo's ``bench_wf`` workflow (five tool steps, each a trivial Python
+tool called over the bus through the tools service) on a system started here with two workflow
+replicas: per run one at a time (start through the router, every step recorded in the history,
+the client following the run's events until ``completed``), runs per second with 32 in flight,
+and the time to finish all runs after a kill -9 of one workflow replica mid-way (the other
+replica takes the runs over once their lease and wake-up expire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from corral.bench import TENANT, percentile
+from corral.bench.workflow_others import QUICK, Counts, run_others_async
+from corral.nats_server import free_port
+from services.runtime.credentials import load_secrets
+
+
+async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, Any]:
+    from corral.client import CorralClient
+    from corral.system import System
+    from services.auth.tokens import mint_dev_token
+
+    with tempfile.TemporaryDirectory(prefix="corral-bench-wf-") as scratch:
+        state_dir = Path(scratch) / "state"
+        system = await System(
+            state_dir,
+            port=free_port(),
+            replicas={"workflow": 2},
+            log_dir=Path(scratch) / "logs",
+            env={"CORRAL_LOG_LEVEL": "warning"},
+        ).start()
+        try:
+            secrets = load_secrets(state_dir)
+            client = await CorralClient.connect(
+                system.url, tenant=TENANT, token=mint_dev_token(TENANT, key=secrets.dev_key, ttl_s=3600)
+            )
+            try:
+
+                async def run(delay_ms: float = 0, on_event: Any = None) -> Any:
+                    result = await client.request(
+                        target="bench_wf", input={"value": 0, "delay_ms": delay_ms}, timeout=60, on_event=on_event
+                    )
+                    if result.output != 5:
+                        raise RuntimeError(f"the workflow answered {result.output!r}, not 5")
+                    return result
+
+                for _ in range(counts.warmup):
+                    await run()
+                samples = []
+                for _ in range(counts.latency_runs):
+                    started = time.perf_counter()
+                    await run()
+                    samples.append((time.perf_counter() - started) * 1000)
+                rps = await _throughput(run, counts.throughput_runs, counts.concurrency)
+                recovery = await _recovery(system, run, counts)
+            finally:
+                await client.close()
+        finally:
+            system.stop()
+    return {
+        "p50_ms": percentile(samples, 0.5),
+        "p99_ms": percentile(samples, 0.99),
+        "rps": rps,
+        "recovery_s": recovery,
+        "runs": counts.latency_runs,
+        "notes": "five tool steps over the bus (router, workflow engine, tools service); every step's start "
+        "and outcome appended to the run's JetStream history before the run goes on; recovery: one of two "
+        "workflow replicas killed with SIGKILL mid-way, the other takes its runs over (lease and wake-up: 2 s)",
+    }
+
+
+async def _throughput(run: Any, count: int, concurrency: int) -> float:
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await run()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return count / (time.perf_counter() - started)
+
+
+async def _recovery(system: Any, run: Any, counts: Counts) -> float:
+    """Start ``recovery_runs`` slowed runs, kill -9 a workflow replica once two fifths of their
+    steps are done, and time from the kill until every run has completed."""
+    steps_done = 0
+    mid_way = asyncio.Event()
+    target = max(1, counts.recovery_runs * 5 * 2 // 5)
+
+    def on_event(event: Any) -> None:
+        nonlocal steps_done
+        if event.type.value == "step_completed":
+            steps_done += 1
+            if steps_done >= target:
+                mid_way.set()
+
+    runs = [asyncio.create_task(run(counts.step_delay_s * 1000, on_event)) for _ in range(counts.recovery_runs)]
+    await mid_way.wait()
+    victim = next(p for p in system.processes if p.name == "workflow")
+    killed = time.perf_counter()
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    await asyncio.gather(*runs)
+    return time.perf_counter() - killed
+
+
+async def run_workflow_bench(
+    *, quick: bool = False, sides: tuple[str, ...] = ("floor", "temporal", "dbos"), quiet: bool = False
+) -> dict[str, Any]:
+    """Every side, one after another; the report has each side's figures and the flat keys
+    ``<side>_wf_p50_ms`` and ``<side>_wf_rps``, and Corral's ratios to the floor."""
+    counts = QUICK if quick else Counts()
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    say("corral: starting a system with two workflow replicas...")
+    results: dict[str, Any] = {"corral": await corral_side(counts, quiet=quiet)}
+    say(f"corral: p50 {results['corral']['p50_ms']:.2f} ms, {results['corral']['rps']:.0f} runs/s")
+    results.update(await run_others_async(sides=sides, quick=quick))
+    report: dict[str, Any] = {"sides": results}
+    for side, figures in results.items():
+        if "p50_ms" in figures:
+            report[f"{side}_wf_p50_ms"] = round(figures["p50_ms"], 3)
+            report[f"{side}_wf_rps"] = round(figures["rps"], 1)
+            report[f"{side}_wf_recovery_s"] = figures.get("recovery_s")
+    floor = results.get("floor", {})
+    if "p50_ms" in floor:
+        report["corral_vs_floor_p50"] = round(results["corral"]["p50_ms"] / floor["p50_ms"], 2)
+        report["corral_vs_floor_rps"] = round(results["corral"]["rps"] / floor["rps"], 3)
+    temporal = results.get("temporal", {})
+    if "rps" in temporal:
+        report["corral_vs_temporal_rps"] = round(results["corral"]["rps"] / temporal["rps"], 1)
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{'side':<10} {'p50 ms':>9} {'p99 ms':>9} {'runs/s':>9} {'recovery s':>11}"]
+    for side, figures in report["sides"].items():
+        if "error" in figures:
+            lines.append(f"{side:<10} error: {figures['error']}")
+            continue
+        recovery = figures.get("recovery_s")
+        shown = f"{recovery:.2f}" if isinstance(recovery, int | float) else "n/a"
+        lines.append(
+            f"{side:<10} {figures['p50_ms']:>9.2f} {figures['p99_ms']:>9.2f} {figures['rps']:>9.0f} {shown:>11}"
+        )
+    for key in ("corral_vs_floor_p50", "corral_vs_floor_rps", "corral_vs_temporal_rps"):
+        if key in report:
+            lines.append(f"{key}: {report[key]}")
+    return "\n".join(lines)
