@@ -18,6 +18,7 @@ import pytest
 from corral.client import CorralClient
 from corral.nats_server import free_port
 from services.auth.tokens import mint_dev_token
+from services.registry import NAMES
 from services.runtime.credentials import load_secrets
 from services.runtime.loop import loop_name
 
@@ -151,7 +152,7 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path):
             process.kill()
     assert not (tmp_path / "corral.json").exists()
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.log") if p.name != "nats.log"}
-    assert set(logs) == {"auth-0.log", "router-0.log", "graph-0.log", "tools-0.log"}
+    assert set(logs) == {f"{name}-0.log" for name in NAMES}
     assert all("service_stopped" in text for text in logs.values()), logs
 
 

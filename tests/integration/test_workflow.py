@@ -181,3 +181,58 @@ async def waitfor_status(client, run_id, status, timeout=20.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"run {run_id} is {shown['run']['status']}, not {status}")
         await asyncio.sleep(0.1)
+
+
+async def test_the_demo_refund_waits_for_a_manager_above_the_threshold(secured):
+    async with running_services(secured.url, secured.state_dir, ALL):  # the demo definitions
+        acme = await client_for(secured, "acme")
+        manager = await client_for(secured, "acme", sub="manager", scopes=["refund:approve"])
+        try:
+            small = await acme.request(target="refund", input={"order_id": "A-1001", "reason": "broken"})
+            assert small.output == {"notified": "A-1001", "message": "Your refund is on its way."}
+            large = await acme.request(target="refund", input={"order_id": "A-1002", "reason": "late"})
+            assert large.output["status"] == "waiting"
+            await manager.signal(large.run_id, "approve", {"note": "ok"}, scope="refund:approve")
+            shown = await waitfor_status(acme, large.run_id, "completed")
+        finally:
+            await acme.close()
+            await manager.close()
+    refunded = [e for e in shown["events"] if e["type"] == "step_completed" and e["step"] == "refund"]
+    assert refunded[0]["output"]["amount"] == 250
+
+
+async def test_a_running_run_keeps_its_definition_when_the_definitions_change(secured, tmp_path):
+    first = tmp_path / "v1"
+    first.mkdir()
+    (first / "w.yaml").write_text((DEFINITIONS / "basic.yaml").read_text())
+    second = tmp_path / "v2"
+    second.mkdir()
+    changed = (
+        (DEFINITIONS / "basic.yaml")
+        .read_text()
+        .replace(
+            "      - {name: done, kind: function,",
+            "      - {name: extra, kind: sleep, seconds: 0.1}\n      - {name: done, kind: function,",
+        )
+    )
+    (second / "w.yaml").write_text(changed)
+    async with running_services(secured.url, secured.state_dir, ALL, definitions=first):
+        acme = await client_for(secured, "acme")
+        try:
+            waiting = await acme.request(target="approval", input={"amount": 500})
+            assert waiting.output["status"] == "waiting"
+        finally:
+            await acme.close()
+    async with running_services(secured.url, secured.state_dir, ALL, definitions=second):
+        acme = await client_for(secured, "acme")
+        manager = await client_for(secured, "acme", sub="manager", scopes=["refund:approve"])
+        try:
+            await manager.signal(waiting.run_id, "approve", scope="refund:approve")
+            old = await waitfor_status(acme, waiting.run_id, "completed")
+            fresh = await acme.request(target="approval", input={"amount": 50})
+            new = await waitfor_status(acme, fresh.run_id, "completed")
+        finally:
+            await acme.close()
+            await manager.close()
+    assert "extra" not in {e.get("step") for e in old["events"]}  # pinned to the definition it started with
+    assert "extra" in {e.get("step") for e in new["events"]}  # new runs take the new one
