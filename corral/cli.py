@@ -225,6 +225,10 @@ def _print_welcome(system: Any, state_dir: Path) -> None:
     print(f"Corral is up: NATS at {system.url}, state in {state_dir}", flush=True)
     print(f'  try:   corral request{flag} --tenant acme "where is my order?"', flush=True)
     print(f'         corral request{flag} --tenant globex "where is my order?"', flush=True)
+    print(
+        f'         corral workflow start{flag} --tenant acme refund --input \'{{"order_id": "A-1002"}}\'',
+        flush=True,
+    )
     print("  Ctrl-C stops everything; a process that exits is restarted (docs/operations.md).", flush=True)
 
 

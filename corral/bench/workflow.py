@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.bench import TENANT, percentile
-from corral.bench.workflow_others import QUICK, Counts, run_others_async
+from corral.bench.workflow_others import QUICK, Counts, measure_latencies, measure_throughput, run_others_async
 from corral.nats_server import free_port
 from services.runtime.credentials import load_secrets
 
@@ -54,14 +54,8 @@ async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, Any]:
                         raise RuntimeError(f"the workflow answered {result.output!r}, not 5")
                     return result
 
-                for _ in range(counts.warmup):
-                    await run()
-                samples = []
-                for _ in range(counts.latency_runs):
-                    started = time.perf_counter()
-                    await run()
-                    samples.append((time.perf_counter() - started) * 1000)
-                rps = await _throughput(run, counts.throughput_runs, counts.concurrency)
+                samples = await measure_latencies(run, counts)
+                rps = await measure_throughput(run, counts)
                 recovery = await _recovery(system, run, counts)
             finally:
                 await client.close()
@@ -77,20 +71,6 @@ async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, Any]:
         "and outcome appended to the run's JetStream history before the run goes on; recovery: one of two "
         "workflow replicas killed with SIGKILL mid-way, the other takes its runs over (lease and wake-up: 2 s)",
     }
-
-
-async def _throughput(run: Any, count: int, concurrency: int) -> float:
-    remaining = count
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await run()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return count / (time.perf_counter() - started)
 
 
 async def _recovery(system: Any, run: Any, counts: Counts) -> float:

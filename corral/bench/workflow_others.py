@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.bench import percentile
 from corral.nats_server import NatsServer, free_port, tail
 from services.runtime import loop as event_loop
 
@@ -67,13 +68,7 @@ class SideError(RuntimeError):
 # --- measuring ---
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    """Nearest rank, as ``corral.bench.percentile``, so the figures compare with Corral's."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def _latencies(run: Run, counts: Counts) -> list[float]:
+async def measure_latencies(run: Run, counts: Counts) -> list[float]:
     """Milliseconds per run, one at a time, after ``counts.warmup`` untimed runs."""
     for _ in range(counts.warmup):
         await run()
@@ -85,7 +80,7 @@ async def _latencies(run: Run, counts: Counts) -> list[float]:
     return samples
 
 
-async def _throughput(run: Run, counts: Counts) -> float:
+async def measure_throughput(run: Run, counts: Counts) -> float:
     """Runs per second with ``counts.concurrency`` in flight."""
     remaining = counts.throughput_runs
 
@@ -123,8 +118,8 @@ def _figures(
     latencies: list[float], rps: float, recovery_s: float | None, counts: Counts, notes: str
 ) -> dict[str, Any]:
     return {
-        "p50_ms": round(_percentile(latencies, 0.5), 3),
-        "p99_ms": round(_percentile(latencies, 0.99), 3),
+        "p50_ms": round(percentile(latencies, 0.5), 3),
+        "p99_ms": round(percentile(latencies, 0.99), 3),
         "rps": round(rps, 1),
         "recovery_s": None if recovery_s is None else round(recovery_s, 3),
         "runs": counts.latency_runs,
@@ -256,8 +251,8 @@ async def floor_side(counts: Counts) -> dict[str, Any]:
                 async def run() -> Any:
                     return await workers.floor_run(js, kv, uuid.uuid4().hex)
 
-                latencies = await _latencies(run, counts)
-                rps = await _throughput(run, counts)
+                latencies = await measure_latencies(run, counts)
+                rps = await measure_throughput(run, counts)
                 run_ids = _run_ids("recovery", counts.recovery_runs)
                 args = [server.url, str(counts.step_delay_s), *run_ids]
                 log = Path(scratch) / "worker.log"
@@ -361,8 +356,8 @@ async def temporal_side(counts: Counts) -> dict[str, Any]:
                 )
 
             async with workers.temporal_worker(client, "corral-bench"):
-                latencies = await _latencies(run, counts)
-                rps = await _throughput(run, counts)
+                latencies = await measure_latencies(run, counts)
+                rps = await measure_throughput(run, counts)
             recovery_s = await _temporal_recovery(client, server.address, counts, Path(scratch) / "worker.log")
         finally:
             server.stop()

@@ -76,6 +76,6 @@ def test_the_shipped_demo_data_differs_per_tenant():
     globex = json.loads((folder / "globex" / "orders.json").read_text())
     for orders in (acme, globex):
         assert 3 <= len(orders) <= 4
-        assert all(set(order) == {"id", "item", "status", "eta", "placed_at"} for order in orders)
+        assert all(set(order) == {"id", "amount", "item", "status", "eta", "placed_at"} for order in orders)
     assert not {o["item"] for o in acme} & {o["item"] for o in globex}
     assert all(o["id"].startswith("A-") for o in acme) and all(o["id"].startswith("G-") for o in globex)
