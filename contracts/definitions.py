@@ -49,7 +49,8 @@ class HttpTool(_Definition):
     tenant_header: str | None = "X-Corral-Tenant"
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     max_response_bytes: int = Field(default=1024 * 1024, gt=0)
-    # Retried on connection errors and 502/503/504, for idempotent methods only (never POST/PATCH).
+    # Retried on connection errors and 502/503/504, for idempotent methods (POST and PATCH only
+    # when the call carries an idempotency key: services/tools/http_adapter.py).
     retries: int = Field(default=2, ge=0, le=10)
 
 
