@@ -33,8 +33,8 @@ import jsonschema
 from pydantic_core import to_json
 
 from contracts import subjects
-from contracts.envelope import EventType, GraphRun, Kind, RunEvent, new_envelope_json, new_id
-from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Internal, InvalidRequest
+from contracts.envelope import EventType, GraphRun, Kind, RunEvent, new_envelope_json
+from contracts.errors import CorralError, ErrorCode, Internal, InvalidRequest
 from contracts.workflows import FunctionStep, GraphStep, ModelStep, ToolStep, WorkflowDefinition
 from services.llm import ModelRegistry
 from services.runtime.service import Service
@@ -503,6 +503,3 @@ def summary(state: RunState, status: str | None = None, **extra: Any) -> dict[st
         "events": state.events,
         **extra,
     }
-
-
-__all__ = ["DeadlineExceeded", "Driver", "Library", "new_id", "summary"]
