@@ -163,6 +163,7 @@ class EventType(StrEnum):
     STEP_RETRYING = "step_retrying"
     WAITING = "waiting"
     SIGNAL_RECEIVED = "signal_received"
+    SIGNAL_BUFFERED = "signal_buffered"  # sent before the run reached its wait: kept for it
     SLEEPING = "sleeping"
     COMPENSATING = "compensating"
     COMPENSATED = "compensated"

@@ -15,6 +15,7 @@ _PHRASES = {
     "branch_chosen": "took the {arm!s} branch",
     "waiting": "waiting for signal {signal!r}",
     "signal_received": "signal {signal!r} from {by}",
+    "signal_buffered": "signal {signal!r} from {by} kept for a wait ahead",
     "wait_timed_out": "timed out waiting for {signal!r}",
     "sleeping": "sleeping",
     "run_failing": "run failed at {step}: {code}: {message}; compensating",

@@ -98,6 +98,7 @@ class Service:
         self._consumers: list[asyncio.Task[None]] = []
         # Each message's task -> the tenant it was admitted for (None: not admitted per tenant).
         self._in_flight: dict[asyncio.Task[None], str | None] = {}
+        self._kept: set[asyncio.Task[Any]] = set()
         self._slots = Slots(self.settings.max_in_flight)
         # Waiting messages: (how to handle it, the message, whether its operation is tenant-facing).
         self._fair: FairShare[tuple[Callable[[Msg], Awaitable[None]], Msg, bool]] = FairShare(
@@ -155,6 +156,13 @@ class Service:
         """Call ``notice`` when the replica starts stopping, before it waits for what is in flight
         (the workflow driver then starts no new step)."""
         self._on_draining.append(notice)
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Work a handler goes on with after its reply (a workflow run driven from its start):
+        a stopping replica waits for it as for a message in flight (up to the drain timeout,
+        after notifying :meth:`on_draining`), then cancels it."""
+        self._kept.add(task)
+        task.add_done_callback(self._kept.discard)
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run ``cleanup`` (close HTTP clients, ...) once in-flight messages are done."""
@@ -269,8 +277,9 @@ class Service:
             self._refuse_soon(msg, stopping, tenant_facing)
         if self._refusing:
             await asyncio.wait(set(self._refusing))
-        if self._in_flight:
-            _, pending = await asyncio.wait(list(self._in_flight), timeout=self.settings.drain_timeout_s)
+        if self._in_flight or self._kept:
+            working = [*self._in_flight, *self._kept]
+            _, pending = await asyncio.wait(working, timeout=self.settings.drain_timeout_s)
             if pending:
                 self.log.warning(
                     "in_flight_abandoned", count=len(pending), drain_timeout_s=self.settings.drain_timeout_s

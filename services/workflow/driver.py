@@ -33,7 +33,7 @@ import jsonschema
 from pydantic_core import to_json
 
 from contracts import subjects
-from contracts.envelope import EventType, GraphRun, Kind, RunEvent, new_envelope_json
+from contracts.envelope import EventType, GraphRun, Kind, new_envelope_json
 from contracts.errors import CorralError, ErrorCode, Internal, InvalidRequest
 from contracts.workflows import FunctionStep, GraphStep, ModelStep, ToolStep, WorkflowDefinition
 from services.llm import ModelRegistry
@@ -60,6 +60,7 @@ EVENTS = {
     Ev.STEP_COMPLETED: EventType.STEP_COMPLETED,
     Ev.WAITING: EventType.WAITING,
     Ev.SIGNAL_RECEIVED: EventType.SIGNAL_RECEIVED,
+    Ev.SIGNAL_BUFFERED: EventType.SIGNAL_BUFFERED,
     Ev.SLEEPING: EventType.SLEEPING,
     Ev.RUN_FAILING: EventType.COMPENSATING,
     Ev.CANCEL_REQUESTED: EventType.COMPENSATING,
@@ -81,6 +82,10 @@ AUDITED = {
     Ev.RUN_CANCELLED: ("workflow_run", "cancelled"),
 }
 CACHED_RUNS = 4096
+# A run driven on from its start is woken elsewhere this long after its lease lapses.
+RECOVERY_MARGIN_S = 0.1
+# A run driven on from its start is listed once it has run this long (or ends, or waits).
+INDEX_AFTER_S = 0.5
 
 
 class LeaseLost(Exception):
@@ -118,7 +123,57 @@ class Driver:
         self._cache: OrderedDict[tuple[str, str], RunState] = OrderedDict()
         self._fresh: set[tuple[str, str]] = set()
         self._functions: dict[str, Callable[..., Any]] = {}
+        # Runs driven on from the start that created them (no wake-up in between), per tenant.
+        self._inline: dict[str, int] = {}
         self.stopping = False
+
+    @property
+    def recovery_s(self) -> float:
+        """How long after its last lease renewal a run whose replica died is woken elsewhere."""
+        return self.settings.workflow_lease_s + RECOVERY_MARGIN_S
+
+    def can_drive_inline(self, tenant: str) -> bool:
+        """Whether a run just started here may be driven on at once: not while stopping, and
+        within this replica's share of in-flight work (total and the tenant's); otherwise it
+        goes through the work queue like any wake-up, where the same limits hold."""
+        settings = self.service.settings
+        return (
+            not self.stopping
+            and sum(self._inline.values()) < settings.max_in_flight
+            and self._inline.get(tenant, 0) < settings.max_in_flight_per_tenant
+        )
+
+    def drive_inline(self, state: RunState, lease: Lease, index: dict[str, Any]) -> None:
+        """Drive a run this replica has just started, in the background of its start's reply.
+        Its line in the run index (``index``) is written once it has run for
+        :data:`INDEX_AFTER_S` (a short run is indexed once, as it ends or waits).
+
+        Its recovery timer (set with its first record) wakes it on another replica if this one
+        dies; the lease's renewals push that timer on while the run is driven here."""
+        tenant = state.tenant
+        self._inline[tenant] = self._inline.get(tenant, 0) + 1
+
+        async def index_later() -> None:
+            await asyncio.sleep(INDEX_AFTER_S)
+            await self.store.index(tenant, state.run_id, index)
+
+        async def go() -> None:
+            indexed = asyncio.ensure_future(index_later())
+            try:
+                handed_back = await self._drive(state, lease, recovering=True, indexed=indexed)
+                if handed_back:  # stopping: another replica goes on with it at once
+                    await self.store.wake(tenant, state.run_id)
+            except Exception:
+                # The run stops here and goes on elsewhere from its history (its timer).
+                self.service.log.exception("workflow_drive_failed", tenant_id=tenant, run_id=state.run_id)
+            finally:
+                with contextlib.suppress(Exception):
+                    await indexed
+                self._inline[tenant] -= 1
+                if not self._inline[tenant]:
+                    del self._inline[tenant]
+
+        self.service.keep(asyncio.create_task(go(), name=f"workflow-{state.run_id}"))
 
     def remember(self, state: RunState, *, fresh: bool = False) -> None:
         """Keep a run's state for its next wake-up here. ``fresh``: just started and not yet
@@ -148,15 +203,14 @@ class Driver:
         return state
 
     async def drive(self, tenant: str, run_id: str) -> float | None:
-        """Drive the run as far as it goes now. Returns None when done with it (finished, waiting
-        on a timer or a signal, or given up to another replica), or a delay after which the
-        wake-up should come back (the run's lease is held elsewhere: that replica may be about
-        to let it go)."""
+        """Drive the run of a wake-up as far as it goes now. Returns None when done with it
+        (finished, waiting on a timer or a signal, or given up to another replica), or a delay
+        after which the wake-up should come back (the run's lease is held elsewhere: that
+        replica may be about to let it go; or this replica is stopping: at once)."""
         ttl = self.settings.workflow_lease_s
         lease = await self.store.lease(tenant, run_id, self.owner, ttl)
         if lease is None:
             return ttl / 2
-        keeper = asyncio.create_task(self._keep(lease, ttl))
         try:
             state = self._cache.pop((tenant, run_id), None)
             fresh = (tenant, run_id) in self._fresh
@@ -166,31 +220,48 @@ class Driver:
                     apply(state, event, seq)
             else:
                 state = await self.load(tenant, run_id)
-            if state is None:
-                return None  # a wake-up for a run that was never written: nothing to do
-            run = _Run(self, state, self.library.of(state), lease)
+        except BaseException:
+            await self.store.release(lease)
+            raise
+        if state is None:
+            await self.store.release(lease)
+            return None  # a wake-up for a run that was never written: nothing to do
+        return 0.0 if await self._drive(state, lease) else None
+
+    async def _drive(
+        self, state: RunState, lease: Lease, *, recovering: bool = False, indexed: asyncio.Future[None] | None = None
+    ) -> bool:
+        """Drive ``state``'s run under ``lease`` until it finishes, waits or is handed back
+        (returns True: this replica is stopping and another should go on with it now).
+        ``recovering``: the run has a recovery timer to keep ahead of the lease. ``indexed``:
+        the write of its first line in the run index, which the next one must follow."""
+        ttl = self.settings.workflow_lease_s
+        keeper = asyncio.create_task(self._keep(lease, ttl, state if recovering else None))
+        run = _Run(self, state, self.library.of(state), lease, indexed)
+        try:
             try:
                 await run.go()
             except LeaseLost:
-                self.service.log.warning("workflow_lease_lost", tenant_id=tenant, run_id=run_id)
-                return None
-            if not state.finished:
-                self.remember(state)
-            if run.handed_back:
-                return 0.0
-            return None
+                self.service.log.warning("workflow_lease_lost", tenant_id=state.tenant, run_id=state.run_id)
+                return False
+            if not run.state.finished:
+                self.remember(run.state)
+            return run.handed_back
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            await self.store.release(lease)
+            if not run.state.finished:  # a finished run's lease key goes by itself (LEASE_KEY_MAX_AGE_S)
+                await self.store.release(lease)
 
-    async def _keep(self, lease: Lease, ttl: float) -> None:
-        """Renew the lease a third of the way through, until cancelled or lost."""
+    async def _keep(self, lease: Lease, ttl: float, recovering: RunState | None) -> None:
+        """Renew the lease a third of the way through, until cancelled or lost (and push the
+        run's recovery timer on past the renewed lease)."""
         while not lease.lost:
             await asyncio.sleep(ttl / 3)
             with contextlib.suppress(Exception):  # a failed renewal is retried; expiry is the bound
-                await self.store.renew(lease, ttl)
+                if await self.store.renew(lease, ttl) and recovering is not None:
+                    await self.store.wake_at(recovering.tenant, recovering.run_id, lease.until + RECOVERY_MARGIN_S)
 
     def function(self, target: str) -> Callable[..., Any]:
         found = self._functions.get(target)
@@ -205,55 +276,69 @@ class Driver:
 
 
 class _Run:
-    """One run being driven by this replica."""
+    """One run being driven by this replica.
 
-    def __init__(self, driver: Driver, state: RunState, workflow: CompiledWorkflow, lease: Lease) -> None:
+    Every write is one append of what happened since the last: a step's outcome, the decisions
+    that follow from it, and the start of the next steps, whose calls begin as the append is
+    written (a call is at least once with its idempotency key anyway: a replica may die
+    mid-call). The state is ahead of the history only while an append is on its way; if the
+    append is refused (a signal or a cancellation came in between), the calls it started are
+    cancelled, the state is read again, and the outcomes are appended after what came in."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        state: RunState,
+        workflow: CompiledWorkflow,
+        lease: Lease,
+        indexed: asyncio.Future[None] | None = None,
+    ) -> None:
         self.driver = driver
+        self._indexed = indexed
         self.state = state
         self.workflow = workflow
         self.lease = lease
         self.store = driver.store
         self.service = driver.service
-        self.lock = asyncio.Lock()
-        self.running: dict[str, asyncio.Task[None]] = {}
+        self.running: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self.handed_back = False
-        self.failed: BaseException | None = None
+        self._pending: list[dict[str, Any]] = []  # applied to the state, not yet appended
+        self._launched: list[str] = []  # steps whose start is among them
+        self._outcomes: list[dict[str, Any]] = []  # attempts' outcomes among them
         self._events_subject = subjects.events(state.tenant, state.principal, state.run_id)
         self._since_snapshot = 0
 
     async def go(self) -> None:
-        state, workflow = self.state, self.workflow
         inline = self.driver.settings.workflow_inline_wait_s
         try:
             while True:
                 if self.lease.lost:
                     raise LeaseLost
-                if self.failed is not None:
-                    raise self.failed
+                state, workflow = self.state, self.workflow
                 step_plan = plan(state, workflow, running=frozenset(self.running))
                 if step_plan.records:
-                    try:
-                        for record in step_plan.records:
-                            await self.append(record)
-                    except StaleHistory:
-                        pass  # folded in what was new: plan again
+                    for record in step_plan.records:
+                        self._record(record)
                     continue
+                if not step_plan.finished and not self.driver.stopping:
+                    for action in step_plan.runs:
+                        if action.step not in self.running:
+                            self._start(action)
+                if self._pending and not await self._write():
+                    continue  # refused: the state was read again, plan again
                 if step_plan.finished:
                     await self._finished()
                     return
-                if self.driver.stopping:
-                    if not self.running:
-                        self.handed_back = True
-                        return
-                else:
-                    for action in step_plan.runs:
-                        if action.step not in self.running:
-                            await self._start(action)
+                if self.driver.stopping and not self.running:
+                    self.handed_back = True
+                    return
                 if self.running:
-                    await asyncio.wait(set(self.running.values()), return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(set(self.running.values()), return_when=asyncio.FIRST_COMPLETED)
+                    for step in sorted(step for step, task in self.running.items() if task in done):
+                        outcome = self.running.pop(step).result()
+                        self._record(outcome)
+                        self._outcomes.append(outcome)
                     continue
-                if step_plan.runs:
-                    continue  # a start was refused as stale: plan again with what is new
                 until = step_plan.until
                 if until is not None and until - time.time() <= inline and not step_plan.waiting_for:
                     await asyncio.sleep(max(0.0, until - time.time()))
@@ -261,6 +346,9 @@ class _Run:
                 if until is not None:
                     await self.store.wake_at(state.tenant, state.run_id, until)
                     state.timer = True
+                elif state.timer:  # the recovery timer of a run driven from its start
+                    await self.store.cancel_timer(state.tenant, state.run_id)
+                    state.timer = False
                 await self._index("waiting" if step_plan.waiting_for else "sleeping", waiting_for=step_plan.waiting_for)
                 return
         finally:
@@ -269,37 +357,57 @@ class _Run:
             if self.running:
                 await asyncio.wait(set(self.running.values()))
 
-    async def _start(self, action: RunStep | RunCompensation) -> None:
-        """Start an attempt in its own task, which records that it started and, once that record
-        is written, its outcome. The call itself begins as the start record is written (one round
-        trip less per step): an attempt is at least once with its idempotency key anyway (a
-        replica may die mid-call), and if the record is refused (the history moved on) the call
-        is cancelled and planned again."""
-        task = asyncio.create_task(self._attempt(action))
-        self.running[action.step] = task
-        task.add_done_callback(lambda done: self._done(action.step, done))
+    def _record(self, event: dict[str, Any]) -> None:
+        """Take ``event`` into the state now; it is appended with the next write."""
+        event.setdefault("at", time.time())
+        apply(self.state, event, self.state.seq)
+        self._pending.append(event)
 
-    def _done(self, step: str, task: asyncio.Task[None]) -> None:
-        self.running.pop(step, None)
-        if not task.cancelled() and task.exception() is not None:
-            # The outcome could not be recorded (the lease was lost, the broker is away): the
-            # run stops here and goes on from its history, where this attempt has no outcome.
-            self.failed = task.exception()
-
-    async def _attempt(self, action: RunStep | RunCompensation) -> None:
+    def _start(self, action: RunStep | RunCompensation) -> None:
+        """Start an attempt in its own task: its start is recorded with the next write."""
         kind = Ev.COMPENSATION_STARTED if isinstance(action, RunCompensation) else Ev.STEP_STARTED
-        call = asyncio.ensure_future(self._outcome(action))
+        self._record({"type": kind, "step": action.step, "attempt": action.attempt})
+        self.running[action.step] = asyncio.create_task(self._outcome(action))
+        self._launched.append(action.step)
+
+    async def _write(self) -> bool:
+        """Append what is pending in one message. False if the history had moved on: then the
+        attempts this write started are cancelled, the state is read again with what came in,
+        and the outcomes it carried are taken into it again, to be appended next."""
+        state, events = self.state, self._pending
         try:
-            await self.append({"type": kind, "step": action.step, "attempt": action.attempt})
-        except BaseException as error:
-            call.cancel()
-            with contextlib.suppress(BaseException):
-                await call
-            if isinstance(error, StaleHistory):
-                return  # planned again with what is new
-            raise
-        outcome = await call
-        await self.append(outcome, retry=True)
+            seq = await self.store.append(state.tenant, state.run_id, events, state.seq)
+        except StaleHistory:
+            await self._refused()
+            return False
+        self._pending, self._launched, self._outcomes = [], [], []
+        state.seq = seq
+        for event in events:
+            await self._publish(event)
+        self._since_snapshot += len(events)
+        if self._since_snapshot >= SNAPSHOT_EVERY:
+            self._since_snapshot = 0
+            await self.store.save_snapshot(state.tenant, state.run_id, state.to_json())
+        return True
+
+    async def _refused(self) -> None:
+        state, outcomes = self.state, self._outcomes
+        for _, new in await self.store.read(state.tenant, state.run_id, after=state.seq):
+            if new.get("type") in DRIVER_EVENTS:
+                self.lease.lost = True
+                raise LeaseLost  # another replica drives the run
+        launched = [self.running.pop(step) for step in self._launched if step in self.running]
+        for task in launched:
+            task.cancel()
+        if launched:
+            await asyncio.wait(launched)
+        reloaded = await self.driver.load(state.tenant, state.run_id)
+        if reloaded is None:
+            raise LeaseLost  # the run's history is gone (purged): nothing more to write
+        reloaded.timer = state.timer
+        self.state, self._pending, self._launched, self._outcomes = reloaded, [], [], outcomes
+        for outcome in outcomes:
+            self._record(outcome)
 
     async def _outcome(self, action: RunStep | RunCompensation) -> dict[str, Any]:
         """Run the attempt; the ``step_completed`` or ``step_failed`` (or compensation) event."""
@@ -416,35 +524,6 @@ class _Run:
 
     # ---- recording ----------------------------------------------------------------
 
-    async def append(self, event: dict[str, Any], retry: bool = False) -> None:
-        """Record ``event`` after what this replica last saw. If the history moved on (a signal,
-        a cancellation), the new events are folded in first; then an outcome (``retry``) is
-        appended anyway, and a decision raises :class:`StaleHistory` to be planned again."""
-        state = self.state
-        event.setdefault("at", time.time())
-        async with self.lock:
-            while True:
-                if self.lease.lost:
-                    raise LeaseLost
-                try:
-                    seq = await self.store.append(state.tenant, state.run_id, event, state.seq)
-                except StaleHistory:
-                    for seq_new, new in await self.store.read(state.tenant, state.run_id, after=state.seq):
-                        if new.get("type") in DRIVER_EVENTS:
-                            self.lease.lost = True
-                            raise LeaseLost from None  # another replica drives the run
-                        apply(state, new, seq_new)
-                    if retry:
-                        continue
-                    raise
-                apply(state, event, seq)
-                break
-        await self._publish(event)
-        self._since_snapshot += 1
-        if self._since_snapshot >= SNAPSHOT_EVERY:
-            self._since_snapshot = 0
-            await self.store.save_snapshot(state.tenant, state.run_id, state.to_json())
-
     async def _publish(self, event: dict[str, Any]) -> None:
         """The watchers' event and the audit record of a recorded history event."""
         state, kind = self.state, event["type"]
@@ -458,8 +537,15 @@ class _Run:
             data = {k: v for k, v in event.items() if k not in ("type", "step", "at", "ms", "output")}
             if kind in (Ev.STEP_COMPLETED, Ev.RUN_COMPLETED):
                 data["output"] = event.get("output")
-            run_event = RunEvent(
-                type=shown, service="workflow", node=event.get("step"), elapsed_ms=event.get("ms"), data=data
+            # A RunEvent's JSON, written directly (every step publishes two).
+            run_event = to_json(
+                {
+                    "type": shown.value,
+                    "service": "workflow",
+                    "node": event.get("step"),
+                    "elapsed_ms": event.get("ms"),
+                    "data": data,
+                }
             )
             body = new_envelope_json(
                 Kind.EVENT, state.tenant, run_event, run_id=state.run_id, principal=state.principal
@@ -481,6 +567,11 @@ class _Run:
             await self.store.cancel_timer(state.tenant, state.run_id)
 
     async def _index(self, status: str, **extra: Any) -> None:
+        if self._indexed is not None:  # the run's first line, if on its way, goes first
+            self._indexed.cancel()  # (what was sent of it is ahead on the same connection)
+            with contextlib.suppress(BaseException):
+                await self._indexed
+            self._indexed = None
         await self.store.index(self.state.tenant, self.state.run_id, summary(self.state, status, **extra))
 
 

@@ -37,6 +37,8 @@ from contracts.workflows import (
 
 # Attempts of one step cut short by a dying replica before the run gives the step up.
 MAX_INTERRUPTIONS = 10
+# Signals a run keeps for waits it has not reached yet.
+MAX_BUFFERED_SIGNALS = 16
 
 
 class Ev:
@@ -49,6 +51,7 @@ class Ev:
     BRANCH_CHOSEN = "branch_chosen"
     WAITING = "waiting"
     SIGNAL_RECEIVED = "signal_received"
+    SIGNAL_BUFFERED = "signal_buffered"  # arrived before its wait: taken when the run gets there
     WAIT_TIMED_OUT = "wait_timed_out"
     SLEEPING = "sleeping"
     RUN_FAILING = "run_failing"  # the run failed; compensations follow
@@ -107,6 +110,7 @@ class RunState:
     waits: dict[str, float] = field(default_factory=dict)  # wait step -> when it times out
     sleeps: dict[str, float] = field(default_factory=dict)  # sleep step -> when it ends
     approvals: dict[str, dict[str, Any]] = field(default_factory=dict)  # wait step -> who signalled
+    buffered: list[dict[str, Any]] = field(default_factory=list)  # signals sent before their wait
     failure: dict[str, Any] | None = None  # why the run failed (then it compensates)
     cancel: dict[str, Any] | None = None  # who asked to cancel it
     compensated: list[str] = field(default_factory=list)
@@ -179,7 +183,11 @@ def apply(state: RunState, event: dict[str, Any], seq: int) -> None:
         state.arms[step] = event["arm"]
     elif kind == Ev.WAITING:
         state.waits[step] = event["until"]
+    elif kind == Ev.SIGNAL_BUFFERED:
+        state.buffered.append({k: event.get(k) for k in ("signal", "by", "scope", "data", "at")})
     elif kind == Ev.SIGNAL_RECEIVED:
+        if event.get("buffered") is not None:  # taken from the buffer: it leaves it
+            state.buffered.pop(event["buffered"])
         approval = {"by": event.get("by"), "scope": event.get("scope"), "at": event.get("at")}
         state.approvals[step] = approval
         if step not in state.outputs:
@@ -388,6 +396,19 @@ def _step(step: Any, state: RunState, wf: CompiledWorkflow, now: float, running:
     if isinstance(step, ParallelStep):
         return _parallel(step, state, wf, now, running, out)
     if isinstance(step, WaitStep):
+        kept = buffered_for(state, step)
+        if kept is not None:  # its signal came before the run got here
+            signal = state.buffered[kept]
+            out.records.append(
+                {
+                    "type": Ev.SIGNAL_RECEIVED,
+                    "step": name,
+                    **{k: signal.get(k) for k in ("signal", "by", "scope", "data")},
+                    "buffered": kept,
+                    "signalled_at": signal.get("at"),
+                }
+            )
+            return None
         until = state.waits.get(name)
         if until is None:
             out.records.append({"type": Ev.WAITING, "step": name, "signal": step.signal, "until": now + step.timeout_s})
@@ -511,6 +532,44 @@ def compensation_failure(
     else:
         event["final"] = True
     return event
+
+
+def buffered_for(state: RunState, step: WaitStep) -> int | None:
+    """The position in the buffer of the first signal sent early that ``step`` takes (its name,
+    and the step's scope if it needs one)."""
+    for index, signal in enumerate(state.buffered):
+        if signal["signal"] == step.signal and (step.scope is None or signal.get("scope") == step.scope):
+            return index
+    return None
+
+
+def later_waits(state: RunState, workflow: CompiledWorkflow, signal: str) -> list[WaitStep]:
+    """The wait steps for ``signal`` the run has not reached yet and still may (not in a branch
+    arm it did not take, nor in a step already done)."""
+    return [
+        step
+        for step in _ahead(workflow.definition.steps, state)
+        if isinstance(step, WaitStep)
+        and step.signal == signal
+        and step.name not in state.waits
+        and not state.last_failure.get(step.name, {}).get("final")
+    ]
+
+
+def _ahead(steps: list[Any], state: RunState) -> Any:
+    for step in steps:
+        if step.name in state.outputs:
+            continue
+        yield step
+        if isinstance(step, BranchStep):
+            arm = state.arms.get(step.name)
+            if arm != "else":
+                yield from _ahead(step.then, state)
+            if arm != "then":
+                yield from _ahead(step.otherwise, state)
+        elif isinstance(step, ParallelStep):
+            for branch in step.branches.values():
+                yield from _ahead(branch, state)
 
 
 def waiting_step(state: RunState, workflow: CompiledWorkflow, signal: str) -> WaitStep | None:

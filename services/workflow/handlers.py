@@ -16,9 +16,9 @@ from contracts.workflows import CANCEL_SIGNAL
 from services.llm import ModelRegistry
 from services.runtime.service import Request, Service
 from services.workflow.driver import Driver, Library, summary
-from services.workflow.engine import Ev, RunState, started, waiting_step
+from services.workflow.engine import MAX_BUFFERED_SIGNALS, Ev, RunState, later_waits, started, waiting_step
 from services.workflow.settings import WorkflowSettings
-from services.workflow.store import RUNS_BUCKET, StaleHistory, Store, input_hash
+from services.workflow.store import RUNS_BUCKET, Lease, StaleHistory, Store, input_hash
 
 # Tries of a signal whose run moved on between reading it and appending (each reads it again).
 SIGNAL_TRIES = 5
@@ -71,6 +71,8 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
                     raise Conflict("this idempotency key started a run with another input; use a new key")
                 existing = await store.get(RUNS_BUCKET, f"{tenant}.{claimed['run_id']}")
                 if existing is not None:
+                    if existing.get("status") == "running":  # in case its start stopped short of its wake-up
+                        await store.wake(tenant, claimed["run_id"])
                     return {**_shown(existing), "deduplicated": True}
                 run_id = claimed["run_id"]  # claimed by a start that did not get further: finish it
         event = {
@@ -85,15 +87,39 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             "idempotency_key": key,
             "at": time.time(),
         }
-        try:
-            seq = await store.append(tenant, run_id, event, 0)
-        except StaleHistory:
-            if key is not None:  # a concurrent start with the same key got there first
+        state = started(event, tenant, 0)
+        # Driven on here at once when there is room (no wake-up to wait for): the lease and the
+        # run's recovery timer (another replica takes it over if this one dies) are written
+        # together with its first event. Otherwise a wake-up through the work queue.
+        lease: Lease | None = None
+        if driver.can_drive_inline(tenant):
+            appended, lease, timer = await asyncio.gather(
+                store.append(tenant, run_id, [event], 0),
+                store.lease(tenant, run_id, driver.owner, driver.settings.workflow_lease_s),
+                store.wake_at(tenant, run_id, time.time() + driver.recovery_s),
+                return_exceptions=True,
+            )
+            if isinstance(lease, BaseException):
+                lease = None
+            state.timer = not isinstance(timer, BaseException)
+        else:
+            appended = await asyncio.gather(store.append(tenant, run_id, [event], 0), return_exceptions=True)
+            appended = appended[0]
+        if isinstance(appended, BaseException):
+            if lease is not None:
+                await store.release(lease)
+            if not isinstance(appended, StaleHistory):
+                raise appended
+            if key is not None:  # a start with the same key got there first (or stopped short of its wake-up)
+                await store.wake(tenant, run_id)
                 return {"run_id": run_id, "workflow": payload.workflow, "status": "running", "deduplicated": True}
             raise Conflict(f"run id {run_id!r} is already in use") from None
-        state = started(event, tenant, seq)
-        driver.remember(state, fresh=True)
-        await asyncio.gather(store.index(tenant, run_id, summary(state)), store.wake(tenant, run_id))
+        state.seq = appended
+        if lease is not None:
+            driver.drive_inline(state, lease, index=summary(state))
+        else:
+            driver.remember(state, fresh=True)
+            await asyncio.gather(store.index(tenant, run_id, summary(state)), store.wake(tenant, run_id))
         req.audit("workflow_start", "accepted", workflow=payload.workflow, digest=compiled.digest)
         req.stream = payload.stream
         if req.stream:
@@ -123,37 +149,38 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             else:
                 step = waiting_step(state, workflow, payload.signal)
                 if step is None:
-                    waiting = sorted({workflow.steps[name].signal for name in state.waits if name not in state.outputs})
-                    raise Conflict(
-                        f"run {payload.run_id!r} is not waiting for signal {payload.signal!r}"
-                        + (f" (it waits for {', '.join(waiting)})" if waiting else "")
-                    )
-                if step.scope is not None and scope != step.scope:
-                    req.audit("workflow_signal", "refused", step=step.name, needs=step.scope)
-                    raise Forbidden(
-                        f"signal {payload.signal!r} of step {step.name!r} needs scope {step.scope!r}; "
-                        "send it as a holder of that scope"
-                    )
-                event = {
-                    "type": Ev.SIGNAL_RECEIVED,
-                    "step": step.name,
-                    "signal": payload.signal,
-                    "by": principal,
-                    "scope": scope,
-                    "data": payload.data,
-                }
+                    event = _early(state, workflow, payload, principal, scope, req)
+                else:
+                    if step.scope is not None and scope != step.scope:
+                        req.audit("workflow_signal", "refused", step=step.name, needs=step.scope)
+                        raise Forbidden(
+                            f"signal {payload.signal!r} of step {step.name!r} needs scope {step.scope!r}; "
+                            "send it as a holder of that scope"
+                        )
+                    event = {
+                        "type": Ev.SIGNAL_RECEIVED,
+                        "step": step.name,
+                        "signal": payload.signal,
+                        "by": principal,
+                        "scope": scope,
+                        "data": payload.data,
+                    }
             event["at"] = time.time()
             try:
-                await store.append(tenant, state.run_id, event, state.seq)
+                await store.append(tenant, state.run_id, [event], state.seq)
             except StaleHistory:
                 continue  # the run moved on meanwhile: read it again and check again
             break
         else:
             raise Unavailable(f"run {payload.run_id!r} kept changing; send the signal again")
-        await store.wake(tenant, state.run_id)
+        buffered = event["type"] == Ev.SIGNAL_BUFFERED
+        if not buffered:  # a buffered signal is taken when the run gets to its wait: nothing to wake
+            await store.wake(tenant, state.run_id)
         detail = {"step": event.get("step"), "scope": scope}
-        req.audit("workflow_signal", "accepted", signal=payload.signal, **{k: v for k, v in detail.items() if v})
-        return {"run_id": state.run_id, "signal": payload.signal, "step": event.get("step"), "accepted": True}
+        outcome = "buffered" if buffered else "accepted"
+        req.audit("workflow_signal", outcome, signal=payload.signal, **{k: v for k, v in detail.items() if v})
+        answer = {"run_id": state.run_id, "signal": payload.signal, "step": event.get("step"), "accepted": True}
+        return {**answer, "buffered": True} if buffered else answer
 
     @service.handler("query")
     async def query(req: Request[WorkflowQuery]) -> Any:
@@ -191,6 +218,35 @@ async def _run_of(driver: Driver, tenant: str, run_id: str, principal: str | Non
     if state is None or (tenant in scoped and state.principal != principal):
         raise NotFound(f"no run {run_id!r} for this tenant")
     return state
+
+
+def _early(
+    state: RunState, workflow: Any, payload: WorkflowSignal, principal: str | None, scope: str | None, req: Request[Any]
+) -> dict[str, Any]:
+    """A signal for a wait the run has not reached yet: kept in its history until it gets there
+    (refused if no wait ahead takes it, or none takes it from this sender's scope)."""
+    ahead = later_waits(state, workflow, payload.signal)
+    if not ahead:
+        waiting = sorted({workflow.steps[name].signal for name in state.waits if name not in state.outputs})
+        raise Conflict(
+            f"run {payload.run_id!r} has no wait ahead for signal {payload.signal!r}"
+            + (f" (it waits for {', '.join(waiting)})" if waiting else "")
+        )
+    if not any(step.scope is None or step.scope == scope for step in ahead):
+        needed = sorted({step.scope for step in ahead if step.scope})
+        req.audit("workflow_signal", "refused", needs=",".join(needed))
+        raise Forbidden(
+            f"signal {payload.signal!r} needs scope {' or '.join(map(repr, needed))}; send it as a holder of that scope"
+        )
+    if len(state.buffered) >= MAX_BUFFERED_SIGNALS:
+        raise Conflict(f"run {payload.run_id!r} already keeps {MAX_BUFFERED_SIGNALS} signals for waits ahead")
+    return {
+        "type": Ev.SIGNAL_BUFFERED,
+        "signal": payload.signal,
+        "by": principal,
+        "scope": scope,
+        "data": payload.data,
+    }
 
 
 def _shown(run: dict[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,18 @@
 """The workflow engine's durable state on JetStream, every key and subject partitioned by tenant.
 
-- ``WORKFLOW_HISTORY``: one subject per run (``t.<tenant>.workflow.history.<run_id>``), each event
-  one message. Appends carry ``Nats-Expected-Last-Subject-Sequence``: a writer whose view of the
-  run is stale (a replica that lost its lease) cannot commit. No cap on a run's length; a
-  snapshot every :data:`SNAPSHOT_EVERY` events bounds what recovery reads.
+- ``WORKFLOW_HISTORY``: one subject per run (``t.<tenant>.workflow.history.<run_id>``); each
+  message is a JSON list of the events one append records together (a step's outcome and the
+  start of the next, a decision and what follows it), all or nothing. Appends carry
+  ``Nats-Expected-Last-Subject-Sequence``: a writer whose view of the run is stale (a replica
+  that lost its lease) cannot commit. No cap on a run's length; a snapshot every
+  :data:`SNAPSHOT_EVERY` events bounds what recovery reads.
 - ``WORKFLOW_TASKS``: work-queue stream of wake-ups (``t.<tenant>.workflow.task.<run_id>``) taken
   by the replicas' durable consumer, and one timer per run (``...workflow.timer.<run_id>``), a
   scheduled message (``Nats-Schedule``) that the broker turns into a wake-up when it is due:
-  durable sleeps, wait timeouts and retry backoffs with no poller.
-- KV ``WORKFLOW_RUNS`` (the run index for listing), ``WORKFLOW_LEASES`` (who drives a run now),
+  durable sleeps, wait timeouts, retry backoffs and the recovery of a run whose replica died,
+  with no poller.
+- KV ``WORKFLOW_RUNS`` (the run index for listing), ``WORKFLOW_LEASES`` (who drives a run now;
+  a key not renewed for :data:`LEASE_KEY_MAX_AGE_S` goes by itself),
   ``WORKFLOW_KEYS`` (idempotency keys of starts), ``WORKFLOW_SNAPSHOTS``: keys ``<tenant>.<...>``.
 
 No tenant can reach any of these: tenant users may publish only their requests, signals and
@@ -37,6 +41,7 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
     NotFoundError,
 )
+from pydantic_core import to_json
 
 from contracts import subjects
 from contracts.envelope import Kind, new_envelope_json
@@ -53,6 +58,9 @@ STREAMS = (HISTORY_STREAM, TASKS_STREAM)
 SNAPSHOT_EVERY = 500
 WRONG_LAST_SEQUENCE = 10071
 READ_BATCH = 1000
+# A lease key is rewritten at every renewal; one left behind by a finished run (whose driver
+# does not spend a round trip deleting it) goes by itself after this long.
+LEASE_KEY_MAX_AGE_S = 300.0
 
 
 class StaleHistory(Exception):
@@ -104,8 +112,9 @@ class Store:
             try:
                 self.kv[bucket] = await self.js.key_value(bucket)
             except (BucketNotFoundError, NotFoundError):
+                ttl = LEASE_KEY_MAX_AGE_S if bucket == LEASES_BUCKET else None
                 self.kv[bucket] = await self.js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, direct=True)
+                    KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, direct=True, ttl=ttl)
                 )
 
     async def _stream(self, config: StreamConfig) -> None:
@@ -117,11 +126,11 @@ class Store:
 
     # ---- history --------------------------------------------------------------------
 
-    async def append(self, tenant: str, run_id: str, event: dict[str, Any], expected: int) -> int:
-        """Append one event after sequence ``expected`` of the run (0: the run's first event);
-        :class:`StaleHistory` if the run has moved on since."""
+    async def append(self, tenant: str, run_id: str, events: list[dict[str, Any]], expected: int) -> int:
+        """Append ``events`` (one message: all or none of them) after sequence ``expected`` of the
+        run (0: the run's first message); :class:`StaleHistory` if the run has moved on since."""
         subject = subjects.workflow_history(tenant, run_id)
-        body = json.dumps(event, separators=(",", ":"), default=str).encode()
+        body = to_json(events, fallback=str)
         try:
             ack = await self.js.publish(
                 subject, body, headers={"Nats-Expected-Last-Subject-Sequence": str(expected)}, timeout=5
@@ -133,8 +142,9 @@ class Store:
         return ack.seq
 
     async def read(self, tenant: str, run_id: str, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
-        """The run's events after stream sequence ``after``, in order (batched direct gets: one
-        round trip per thousand events, no consumer)."""
+        """The run's events after stream sequence ``after``, in order, each with the sequence of
+        the message that holds it (batched direct gets: one round trip per thousand messages,
+        no consumer)."""
         subject = subjects.workflow_history(tenant, run_id)
         events: list[tuple[int, dict[str, Any]]] = []
         start = after + 1
@@ -148,7 +158,11 @@ class Store:
     async def _batch(self, subject: str, start: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:
         request = {"seq": start, "next_by_subj": subject, "batch": READ_BATCH}
         found, pending = await self._direct(HISTORY_STREAM, request)
-        return [(seq, json.loads(data)) for seq, _, data in found], pending
+        events: list[tuple[int, dict[str, Any]]] = []
+        for seq, _, data in found:
+            recorded = json.loads(data)
+            events.extend((seq, event) for event in (recorded if isinstance(recorded, list) else [recorded]))
+        return events, pending
 
     async def _direct(
         self, stream: str, request: dict[str, Any]
@@ -274,9 +288,9 @@ class Store:
         await self.js.publish(subjects.workflow_task(tenant, run_id), body, timeout=5)
 
     async def wake_at(self, tenant: str, run_id: str, at: float) -> None:
-        """Wake the run at ``at`` (replacing its earlier timer: one per run)."""
-        # Whole seconds, rounded up: a wake a little late is fine, one early only replans.
-        stamp = datetime.fromtimestamp(int(at) + 1, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        """Wake the run at ``at`` (replacing its earlier timer: one per run). The broker fires
+        it within a few milliseconds of ``at``; one a little early only plans again."""
+        stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = new_envelope_json(Kind.WORKFLOW_TASK, tenant, _json({"run_id": run_id}), run_id=run_id)
         headers = {"Nats-Schedule": f"@at {stamp}", "Nats-Schedule-Target": subjects.workflow_task(tenant, run_id)}
         await self.js.publish(subjects.workflow_timer(tenant, run_id), body, headers=headers, timeout=5)
@@ -299,7 +313,7 @@ class Store:
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), default=str).encode()
+    return to_json(value, fallback=str)
 
 
 def input_hash(value: Any) -> str:

@@ -16,6 +16,7 @@ from services.workflow.engine import (
     RunCompensation,
     RunStep,
     apply,
+    later_waits,
     plan,
     started,
     step_failure,
@@ -272,3 +273,47 @@ def test_a_workflow_route_must_name_known_workflows_and_allowed_tools():
         DefinitionsFile.model_validate(
             {"tenants": [{"tenant": "a", "routes": {"x": {"pattern": "workflow", "workflow": "w", "graph": "g"}}}]}
         )
+
+
+EARLY = """
+name: early
+steps:
+  - {name: first, kind: wait, signal: first, timeout_s: 60}
+  - name: gate
+    kind: branch
+    if: "input.big"
+    then: [{name: boss, kind: wait, signal: approve, scope: "refund:approve", timeout_s: 60}]
+    else: [{name: anyone, kind: wait, signal: approve, timeout_s: 60}]
+"""
+
+
+def test_a_signal_kept_from_before_its_wait_is_taken_when_the_run_gets_there():
+    run = Run(workflow(EARLY), {"big": True})
+    run.record(**run.plan().records[0])  # waiting at `first`
+    assert [step.name for step in later_waits(run.state, run.workflow, "approve")] == ["boss", "anyone"]
+    run.record(type=Ev.SIGNAL_BUFFERED, signal="approve", by="clerk", scope=None, data={"n": 1})
+    run.record(type=Ev.SIGNAL_BUFFERED, signal="approve", by="boss", scope="refund:approve", data={"n": 2})
+    run.record(type=Ev.SIGNAL_RECEIVED, step="first", signal="first", by="clerk", scope=None, data={})
+    run.record(**run.plan().records[0])  # the branch takes `then`
+    taken = run.plan().records[0]
+    # `boss` needs the scope: the clerk's signal stays, the manager's (second in the buffer) is taken.
+    assert taken["type"] == Ev.SIGNAL_RECEIVED and taken["step"] == "boss" and taken["buffered"] == 1
+    assert taken["by"] == "boss" and taken["data"] == {"n": 2}
+    run.record(**taken)
+    assert [signal["by"] for signal in run.state.buffered] == ["clerk"]
+    assert run.state.approvals["boss"]["by"] == "boss"
+    # The arm not taken is no longer ahead: a signal only its wait would take has nowhere to go.
+    assert later_waits(run.state, run.workflow, "approve") == []
+
+
+def test_a_signal_kept_for_a_wait_is_taken_without_the_run_waiting():
+    run = Run(workflow(EARLY), {"big": False})
+    run.record(type=Ev.SIGNAL_BUFFERED, signal="approve", by="clerk", scope=None, data={})
+    run.record(type=Ev.SIGNAL_RECEIVED, step="first", signal="first", by="clerk", scope=None, data={})
+    run.record(**run.plan().records[0])  # the branch takes `else`
+    taken = run.plan().records[0]
+    assert taken["step"] == "anyone" and taken["buffered"] == 0
+    run.record(**taken)
+    run.record(**run.plan().records[0])  # the branch completes
+    assert run.plan().records[0]["type"] == Ev.RUN_COMPLETED
+    assert "anyone" not in run.state.waits  # it never waited
