@@ -59,16 +59,16 @@ class Requester:
         """At most one request waiting for its reply."""
         return len(self._pending) <= 1
 
-    async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
-        """Publish ``payload`` with a reply subject and return the reply; raises nats-py's
-        ``TimeoutError`` or ``NoRespondersError`` as ``nc.request`` does."""
+    async def request(self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None) -> Msg:
+        """Publish ``payload`` (with ``headers``, if any) with a reply subject and return the
+        reply; raises nats-py's ``TimeoutError`` or ``NoRespondersError`` as ``nc.request`` does."""
         loop = asyncio.get_running_loop()
         token = str(next(self._counter))
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = future
         timer = loop.call_later(timeout, _expire, future)
         try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token)
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await future
         finally:
             timer.cancel()

@@ -34,7 +34,7 @@ from pydantic_core import to_json
 
 from contracts import subjects
 from contracts.envelope import EventType, GraphRun, Kind, new_envelope_json
-from contracts.errors import CorralError, ErrorCode, Internal, InvalidRequest
+from contracts.errors import CorralError, ErrorCode, InvalidRequest
 from contracts.workflows import FunctionStep, GraphStep, ModelStep, ToolStep, WorkflowDefinition
 from services.llm import ModelRegistry
 from services.runtime.service import Service
@@ -46,7 +46,6 @@ from services.workflow.engine import (
     RunState,
     RunStep,
     apply,
-    compensation_failure,
     plan,
     started,
     step_failure,
@@ -424,16 +423,17 @@ class _Run:
                     outcome["validation_attempts"] = tries
         except asyncio.CancelledError:
             raise  # stopping: no outcome recorded, the attempt runs again elsewhere
-        except TimeoutError:
-            failure = compensation_failure if isinstance(action, RunCompensation) else step_failure
-            message = f"step {step.name!r} took longer than its timeout_s ({step.timeout_s:g} s)"
-            outcome = failure(state, workflow, step.name, action.attempt, ErrorCode.DEADLINE_EXCEEDED.value, message)
         except Exception as error:
-            known = error if isinstance(error, CorralError) else Internal(f"{type(error).__name__}: {error}"[:500])
-            if not isinstance(error, CorralError):
+            if isinstance(error, TimeoutError):
+                code = ErrorCode.DEADLINE_EXCEEDED.value
+                message = f"step {step.name!r} took longer than its timeout_s ({step.timeout_s:g} s)"
+            elif isinstance(error, CorralError):
+                code, message = error.code.value, error.message
+            else:
                 self.service.log.exception("workflow_step_crashed", step=step.name, run_id=state.run_id)
-            failure = compensation_failure if isinstance(action, RunCompensation) else step_failure
-            outcome = failure(state, workflow, step.name, action.attempt, known.code.value, known.message)
+                code, message = ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}"[:500]
+            compensation = isinstance(action, RunCompensation)
+            outcome = step_failure(state, workflow, step.name, action.attempt, code, message, compensation=compensation)
         outcome["ms"] = round((time.perf_counter() - started_at) * 1000, 2)
         return outcome
 

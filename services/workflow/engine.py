@@ -491,46 +491,26 @@ def step_failure(
     code: str,
     message: str,
     now: float | None = None,
+    *,
+    compensation: bool = False,
 ) -> dict[str, Any]:
     """The ``step_failed`` event of an attempt that ended with ``code``: retried after its
-    policy's backoff if the policy retries the code and attempts are left, else final."""
+    policy's backoff if the policy retries the code and attempts are left, else final.
+
+    ``compensation``: the ``compensation_failed`` event of a compensation instead, retried under
+    its step's policy whatever the code (undoing must be tried hard), then given up (the next
+    compensation goes on)."""
     now = time.time() if now is None else now
     policy = workflow.steps[step].retry
-    failed = state.failed.get(step, 0) + 1
-    event: dict[str, Any] = {"type": Ev.STEP_FAILED, "step": step, "attempt": attempt, "code": code, "message": message}
-    if policy.retries(code, failed):
+    if compensation:
+        kind, failed, retried = Ev.COMPENSATION_FAILED, attempt, attempt < policy.max_attempts
+    else:
+        failed = state.failed.get(step, 0) + 1
+        kind, retried = Ev.STEP_FAILED, policy.retries(code, failed)
+    event: dict[str, Any] = {"type": kind, "step": step, "attempt": attempt, "code": code, "message": message}
+    if retried:
         event["retry_at"] = now + policy.delay_s(failed)
-        event["final"] = False
-    else:
-        event["final"] = True
-    return event
-
-
-def compensation_failure(
-    state: RunState,
-    workflow: CompiledWorkflow,
-    step: str,
-    attempt: int,
-    code: str,
-    message: str,
-    now: float | None = None,
-) -> dict[str, Any]:
-    """A compensation that failed: retried under its step's policy (whatever the code: undoing must
-    be tried hard), then given up and recorded, and the next compensation goes on."""
-    now = time.time() if now is None else now
-    policy = workflow.steps[step].retry
-    event: dict[str, Any] = {
-        "type": Ev.COMPENSATION_FAILED,
-        "step": step,
-        "attempt": attempt,
-        "code": code,
-        "message": message,
-    }
-    if attempt < policy.max_attempts:
-        event["retry_at"] = now + policy.delay_s(attempt)
-        event["final"] = False
-    else:
-        event["final"] = True
+    event["final"] = not retried
     return event
 
 

@@ -40,7 +40,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     }
 
     async def setup() -> None:
-        await store.setup(service.nc)
+        await store.setup(service.nc, service.requester)
 
     def draining() -> None:
         driver.stopping = True

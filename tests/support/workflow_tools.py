@@ -42,3 +42,7 @@ async def undo(ctx: ToolContext, value: Any = None) -> dict[str, Any]:
 
 def double(value: int) -> int:
     return value * 2
+
+
+async def add_one(value: int) -> int:
+    return value + 1
