@@ -43,7 +43,8 @@ class HttpTool(_Definition):
     """An HTTP/REST endpoint; the tenant is injected by the runtime, never by the caller."""
 
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
-    # May contain {tenant_id} (filled by the runtime) and {argument} placeholders.
+    # May contain {tenant_id} (filled by the runtime) and {argument} placeholders, and ${NAME}
+    # environment variables (filled in when the tools service builds the tool; unset is an error).
     url: str
     headers: dict[str, str] = Field(default_factory=dict)
     tenant_header: str | None = "X-Corral-Tenant"
@@ -146,13 +147,17 @@ class RateLimit(_Definition):
 
 
 class ConnectionLimits(_Definition):
-    """What the broker itself enforces on each of the tenant's connections (set in the user JWT
-    the auth service issues): a connection past them is refused by the broker, before any
-    service sees a message."""
+    """Limits of the tenant's connections to the broker. The subscription and payload limits are
+    written into each user JWT the auth service issues (nats-server 2.15 does not apply them to
+    callout-issued users yet: docs/security.md); the connection count is the auth service's to
+    enforce, and a connection past it is refused at connect."""
 
     max_subscriptions: int = Field(default=1000, ge=1, le=1_000_000)
     # The largest message a connection may publish (an envelope: the input plus its fields).
     max_payload_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
+    # Connections the tenant may hold open at once, all its users together. Enforced by the auth
+    # service at connect, from the broker's connect and disconnect events (docs/security.md).
+    max_connections: int = Field(default=64, ge=1, le=65_536)
 
 
 class TenantPolicy(_Definition):

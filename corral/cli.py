@@ -229,6 +229,8 @@ def _print_welcome(system: Any, state_dir: Path) -> None:
         f'         corral workflow start{flag} --tenant acme refund --input \'{{"order_id": "A-1002"}}\'',
         flush=True,
     )
+    if system.payments_url:
+        print(f"  refunds reach the demo payments API: curl {system.payments_url}/v1/acme/refunds", flush=True)
     print("  Ctrl-C stops everything; a process that exits is restarted (docs/operations.md).", flush=True)
 
 

@@ -4,7 +4,7 @@
 valid across restarts. Secrets are written with mode 0600. Layout::
 
     secrets.json   service passwords, the auth-callout issuer seed, the development signing key
-    nats.conf      server configuration (auth callout, AUTH and APP accounts, JetStream)
+    nats.conf      server configuration (auth callout, AUTH, APP and SYS accounts, JetStream)
     definitions/   tools, graphs and tenants (the demo's, copied once; the services read it)
     corral.json    written by a running `corral up`: the NATS URL clients should use
 
@@ -29,7 +29,7 @@ from contracts.permissions import Permissions
 from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
 from services.registry import SERVICES
 from services.runtime.credentials import SECRETS_FILE, Secrets, load_secrets
-from services.runtime.manifest import APP_ACCOUNT, AUTH_ACCOUNT, User
+from services.runtime.manifest import APP_ACCOUNT, AUTH_ACCOUNT, SYSTEM_ACCOUNT, User
 
 DEFAULT_STATE_DIR = Path(".corral")
 RUNTIME_FILE = "corral.json"  # for clients: the NATS URL (and the children), while a system runs
@@ -156,13 +156,18 @@ def render_nats_config(found: Secrets, *, host: str | None, port: int, jetstream
         # Per connection, for every connection: a tenant's own limits travel in its user JWT
         # (services/auth/callout.py), but nats-server 2.15 does not apply those to users an auth
         # callout issues in this (non-operator) configuration (nats-server issue 5002), so this
-        # is the limit the broker enforces on tenants today.
+        # is the limit the broker enforces on tenants today. (Connections per tenant are counted
+        # by the auth service, from the system account's events: services/auth/connections.py.)
         "max_subscriptions": MAX_SUBSCRIPTIONS_PER_CONNECTION,
         "jetstream": {"store_dir": str(jetstream_dir)},
         "accounts": {
             AUTH_ACCOUNT: {"users": account(AUTH_ACCOUNT)},
             APP_ACCOUNT: {"jetstream": "enabled", "users": account(APP_ACCOUNT)},
+            # The broker's events and monitoring; its only user is the auth service's, which may
+            # read APP's connect and disconnect events and list and close APP's connections.
+            SYSTEM_ACCOUNT: {"users": account(SYSTEM_ACCOUNT)},
         },
+        "system_account": SYSTEM_ACCOUNT,
         "authorization": {
             "timeout": 2,
             "auth_callout": {

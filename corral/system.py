@@ -2,7 +2,9 @@
 
 The services are the registry's (``services/registry.py``). Each runs as ``python -m <its
 module>`` with ``CORRAL_*`` environment variables: the same command and environment as in
-``docker-compose.yml`` (a test keeps the two in step).
+``docker-compose.yml`` (a test keeps the two in step). With the demo, the demo payments API
+(``corral/demo/payments.py``) runs too, on a free loopback port, and the services are given its
+URL as ``CORRAL_DEMO_PAYMENTS_URL`` (the demo refund tool's URL names that variable).
 
 :class:`System` owns its state directory while it runs (an ``flock`` on ``corral.lock``, which
 the kernel releases however the owner ends), first stops what a killed predecessor left running
@@ -31,7 +33,8 @@ from typing import Any
 import nats
 
 from contracts import subjects
-from corral.nats_server import BrokerError, NatsServer, tail
+from corral.demo.payments import URL_VARIABLE as PAYMENTS_URL_VARIABLE
+from corral.nats_server import BrokerError, NatsServer, free_port, tail
 from corral.processes import (
     BROKER,
     PROCESSES_FILE,
@@ -52,6 +55,9 @@ READINESS_TENANT = "corral-readiness"
 # Exit statuses of a child killed by a signal only a terminal sends to a whole process group.
 TERMINAL_SIGNALS = frozenset({-signal.SIGINT, -signal.SIGHUP, -signal.SIGQUIT})
 LOCK_FILE = "corral.lock"  # holds the owner's pid; locked while a system runs from the directory
+PAYMENTS = "payments"  # the demo payments API's name among the children
+PAYMENTS_MODULE = "corral.demo.payments"
+PAYMENTS_STATE_FILE = "demo-payments.json"  # its refunds, kept across restarts
 
 
 class StateDirBusy(RuntimeError):
@@ -74,6 +80,11 @@ def service_command(name: str, python: str = sys.executable) -> list[str]:
 def service_environment(nats_url: str, state_dir: Path, **extra: str) -> dict[str, str]:
     """The ``CORRAL_*`` variables a service needs (credentials come from the state directory)."""
     return {"CORRAL_NATS_URL": nats_url, "CORRAL_STATE_DIR": str(state_dir), **extra}
+
+
+def payments_command(port: int, state_file: Path, python: str = sys.executable, host: str = "127.0.0.1") -> list[str]:
+    """The command that runs the demo payments API."""
+    return [python, "-m", PAYMENTS_MODULE, "--host", host, "--port", str(port), "--state", str(state_file)]
 
 
 # ---- processes -----------------------------------------------------------------------------
@@ -102,7 +113,8 @@ class System:
     log_dir: Path | None = None  # None: services log to this process's terminal
     env: dict[str, str] = field(default_factory=dict)
     secrets: Secrets | None = None
-    demo: bool = True  # copy the demo definitions into a state directory that has none
+    demo: bool = True  # copy the demo definitions into a state directory that has none; run the payments API
+    payments_port: int | None = None  # the demo payments API's (a free one, chosen at start)
     broker: NatsServer | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
     policy: RestartPolicy = field(default_factory=RestartPolicy)
@@ -117,6 +129,11 @@ class System:
             return self.nats_url
         assert self.broker is not None
         return self.broker.url
+
+    @property
+    def payments_url(self) -> str | None:
+        """The demo payments API's base URL, when the demo runs."""
+        return f"http://127.0.0.1:{self.payments_port}" if self.payments_port else None
 
     async def start(self, *, timeout: float = 30.0, stop: asyncio.Event | None = None) -> System:
         """Start everything and wait until it is ready. When ``stop`` is set first, stop what was
@@ -133,6 +150,10 @@ class System:
                 log = log_dir / "nats.log"
                 self.broker = NatsServer(config=self.state_dir / "nats.conf", port=self.port, log_file=log)
                 self._start_broker()
+            if self.demo:  # before the services, which are given its URL
+                self.payments_port = self.payments_port or free_port()
+                self.processes.append(self._spawn(PAYMENTS, 0))
+                self._record()
             for manifest in SERVICES:
                 for replica in range(self.replicas.get(manifest.name, 1)):
                     self.processes.append(self._spawn(manifest.name, replica))
@@ -195,14 +216,14 @@ class System:
         )
 
     def _write_runtime_info(self) -> None:
-        write_json(
-            self.state_dir / RUNTIME_FILE,
-            {
-                "nats_url": self.url,
-                "pid": os.getpid(),
-                "processes": [{k: c[k] for k in ("name", "replica", "pid")} for c in self.children()],
-            },
-        )
+        info: dict[str, Any] = {
+            "nats_url": self.url,
+            "pid": os.getpid(),
+            "processes": [{k: c[k] for k in ("name", "replica", "pid")} for c in self.children()],
+        }
+        if self.payments_url:
+            info["payments_url"] = self.payments_url
+        write_json(self.state_dir / RUNTIME_FILE, info)
 
     # ---- children ------------------------------------------------------------------------
 
@@ -215,7 +236,14 @@ class System:
             self._record()
 
     def _spawn(self, name: str, replica: int) -> ServiceProcess:
-        env = {**os.environ, **service_environment(self.url, self.state_dir), **self.env}
+        if name == PAYMENTS:
+            assert self.payments_port is not None
+            command = payments_command(self.payments_port, self.state_dir / PAYMENTS_STATE_FILE)
+            env = {**os.environ, **self.env}
+        else:
+            demo = {PAYMENTS_URL_VARIABLE: self.payments_url} if self.payments_url else {}
+            command = service_command(name)
+            env = {**os.environ, **service_environment(self.url, self.state_dir, **demo), **self.env}
         log_path = None
         output = None
         if self.log_dir is not None:
@@ -224,9 +252,7 @@ class System:
             output = open(log_path, "ab")  # noqa: SIM115 - closed below; the child has its own copy
         try:
             # A session of its own: Ctrl-C reaches only `corral up`, which stops services before the broker.
-            process = subprocess.Popen(
-                service_command(name), env=env, stdout=output, stderr=output, start_new_session=True
-            )
+            process = subprocess.Popen(command, env=env, stdout=output, stderr=output, start_new_session=True)
         finally:
             if output is not None:
                 output.close()
@@ -239,6 +265,8 @@ class System:
 
         assert self.secrets is not None
         deadline = time.monotonic() + timeout
+        if self.payments_port is not None:
+            await self._wait_listening(self.payments_port, PAYMENTS, deadline, timeout)
         admin = await self._connect_admin(deadline, timeout)
         try:
             for manifest in SERVICES:
@@ -290,6 +318,22 @@ class System:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"could not connect to NATS at {self.url} within {timeout}s: {error}") from None
                 await asyncio.sleep(0.1)  # retrying a connection with a deadline
+
+    async def _wait_listening(self, port: int, name: str, deadline: float, timeout: float) -> None:
+        """Until something accepts connections on the loopback ``port`` (a child that is not a service)."""
+        while True:
+            self._check_alive()
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"{name} did not listen on 127.0.0.1:{port} within {timeout}s") from None
+                await asyncio.sleep(0.05)  # polling for the listener with a deadline
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
 
     @staticmethod
     async def _count_pings(admin: nats.NATS, name: str) -> int:
@@ -396,17 +440,20 @@ class System:
     # ---- stopping ------------------------------------------------------------------------
 
     def stop(self, *, timeout: float = 15.0) -> None:
-        """Stop services first (they finish in-flight messages), then the broker."""
-        for proc in self.processes:
-            if proc.process.poll() is None:
-                proc.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.processes:
-            try:
-                proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.process.kill()
-                proc.process.wait()
+        """Stop services first (they finish in-flight messages and the tool calls they make), then
+        the demo payments API, then the broker."""
+        services = [proc for proc in self.processes if proc.name != PAYMENTS]
+        for group in (services, [proc for proc in self.processes if proc.name == PAYMENTS]):
+            for proc in group:
+                if proc.process.poll() is None:
+                    proc.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in group:
+                try:
+                    proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.process.kill()
+                    proc.process.wait()
         self.processes.clear()
         if self.broker is not None:
             self.broker.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ from pydantic_core import to_json
 from contracts import subjects
 from contracts.envelope import GraphRun, Kind, RouterRequest, ToolCall, envelope_of, new_envelope_json
 from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
+from corral.demo.payments import URL_VARIABLE as PAYMENTS_URL_VARIABLE
 from services.registry import BY_NAME
 from services.runtime import loop as event_loop
 from services.runtime.catalog import load_catalog
@@ -72,6 +74,8 @@ class _NoStats:
 
 
 async def _service(name: str, answer: bytes = b"") -> Service:
+    # The demo refund tool's URL needs its payments API's; no call here reaches it.
+    os.environ.setdefault(PAYMENTS_URL_VARIABLE, "http://127.0.0.1:9")
     settings = Settings(log_level="warning", definitions=DEMO_DEFINITIONS)
     service = Service(dataclasses.replace(BY_NAME[name], audit=False), settings)
     register = importlib.import_module(f"services.{name}.handlers").register

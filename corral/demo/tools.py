@@ -98,10 +98,9 @@ async def bench_step(ctx: ToolContext, value: int = 0, delay_ms: float = 0) -> d
 
 
 # ---- the refund workflow's tools -----------------------------------------------------------
-# Stand-ins for a tenant's order system and payment provider, kept in the tools process. Each
-# honours the call's idempotency key the way a payment API does: the same key gets the first
-# answer back and is never applied twice (the workflow engine retries with the same key).
-_REFUNDS: dict[tuple[str, str], dict[str, Any]] = {}
+# Stand-ins for a tenant's order system, kept in the tools process. The refund itself is an HTTP
+# tool: a POST to the demo payments API (corral/demo/payments.py), which honours the call's
+# idempotency key the way a payment API does.
 _HOLDS: dict[tuple[str, str], str] = {}
 
 
@@ -122,21 +121,6 @@ async def release_order(ctx: ToolContext, order_id: str) -> dict[str, Any]:
     """The compensation of ``hold_order``."""
     _HOLDS.pop((ctx.tenant_id, order_id), None)
     return {"released": order_id}
-
-
-async def issue_refund(ctx: ToolContext, order_id: str, amount: float) -> dict[str, Any]:
-    """Refund the order through the (stand-in) payment provider, once per idempotency key.
-
-    The provider refuses refunds over 1000 (as a real one refuses a limit): the workflow then
-    compensates what it did before (the hold is released)."""
-    key = (ctx.tenant_id, ctx.idempotency_key or f"{order_id}:{amount}")
-    if key in _REFUNDS:
-        return _REFUNDS[key]
-    if amount > 1000:
-        raise ValueError(f"the payment provider refused a refund of {amount}: over its limit")
-    refund = {"refund_id": f"rf-{len(_REFUNDS) + 1:04d}", "order_id": order_id, "amount": amount}
-    _REFUNDS[key] = refund
-    return refund
 
 
 async def notify_customer(ctx: ToolContext, order_id: str, message: str) -> dict[str, Any]:

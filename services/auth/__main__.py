@@ -1,6 +1,7 @@
 """Wiring of the auth service: ``python -m services.auth``."""
 
 from contracts.definitions import DefinitionError, TenantPolicy
+from services.auth.broker_connections import BrokerConnections
 from services.auth.callout import CalloutSigner
 from services.auth.denials import DenialAudit
 from services.auth.handlers import register
@@ -41,7 +42,15 @@ def build(base: Settings) -> Service:
         denials = DenialAudit(settings.nats_url, settings.auth_audit_user, settings.auth_audit_password, service.log)
     else:
         service.log.warning("auth_denials_not_audited", reason="no CORRAL_AUTH_AUDIT_PASSWORD or state directory")
-    register(service, verifier, CalloutSigner(settings.auth_issuer_seed), jwks, denials, _policies(service))
+    connections = None
+    if settings.auth_system_password:
+        connections = BrokerConnections(
+            settings.nats_url, settings.auth_system_user, settings.auth_system_password, service.log, denials
+        )
+    else:
+        service.log.warning("auth_connections_not_limited", reason="no CORRAL_AUTH_SYSTEM_PASSWORD or state directory")
+    signer = CalloutSigner(settings.auth_issuer_seed)
+    register(service, verifier, signer, jwks, denials, _policies(service), connections)
     return service
 
 

@@ -45,6 +45,9 @@ class CalloutRequest:
     server_id: str
     token: str
     client_name: str
+    # The connection's client id on that server: with ``server_id`` it names the connection in
+    # the broker's CONNECT/DISCONNECT events (services/auth/connections.py).
+    client_id: int = 0
 
 
 def _public_key(encoded: str, prefix: int) -> nacl.signing.VerifyKey:
@@ -69,11 +72,13 @@ def decode_request(data: bytes) -> CalloutRequest:
         nats_claims = claims["nats"]
         if claims.get("aud") != REQUEST_AUDIENCE or nats_claims.get("type") != "authorization_request":
             raise InvalidCalloutRequest("not an authorization request")
+        client_info = nats_claims.get("client_info") or {}
         return CalloutRequest(
             user_nkey=str(nats_claims["user_nkey"]),
             server_id=str(nats_claims["server_id"]["id"]),
             token=str((nats_claims.get("connect_opts") or {}).get("auth_token") or ""),
-            client_name=str((nats_claims.get("client_info") or {}).get("name") or ""),
+            client_name=str(client_info.get("name") or ""),
+            client_id=int(client_info.get("id") or 0),
         )
     except InvalidCalloutRequest:
         raise
@@ -117,6 +122,8 @@ class CalloutSigner:
             "iss": self.issuer,
             "sub": request.user_nkey,
             "aud": APP_ACCOUNT,
+            # The connection's user name on the broker: its CONNECT/DISCONNECT events and CONNZ
+            # carry it, which is how the tenant's connections are counted (tenant ids hold no "/").
             "name": f"{identity.tenant}/{identity.subject}"[:200],
             "iat": now,
             "exp": min(identity.expires_at, now + MAX_USER_TTL_S),
@@ -125,7 +132,8 @@ class CalloutSigner:
                 "version": 2,
                 "pub": {"allow": list(permissions.publish)},
                 "sub": {"allow": list(permissions.subscribe)},
-                # Enforced by the broker on this connection, from the tenant's policy.
+                # From the tenant's policy, for the broker to enforce on this connection; nats-server
+                # 2.15 does not apply them to callout-issued users yet (docs/security.md).
                 "subs": limits.max_subscriptions,
                 "data": -1,
                 "payload": limits.max_payload_bytes,

@@ -13,7 +13,7 @@ from typing import Any
 import nats
 
 from contracts import subjects
-from services.auth.errors import InvalidToken
+from services.auth.errors import Denied
 from services.runtime.audit import AuditTrail
 from services.runtime.connection import quick_reconnects
 
@@ -37,7 +37,7 @@ class DenialAudit:
         self.trail = AuditTrail(self.nc, "auth", self.log)
         await self.trail.start()
 
-    def record(self, error: InvalidToken, client: str) -> None:
+    def record(self, error: Denied, client: str) -> None:
         if error.tenant is not None and self.trail is not None:
             self.trail.record(error.tenant, "auth_denied", "refused", reason=error.message, client=client)
 

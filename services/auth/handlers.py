@@ -6,11 +6,12 @@ import jwt
 from nats.aio.msg import Msg
 
 from contracts import subjects
-from contracts.definitions import TenantPolicy
+from contracts.definitions import ConnectionLimits, TenantPolicy
 from contracts.errors import CorralError, ErrorCode
+from services.auth.broker_connections import BrokerConnections
 from services.auth.callout import CalloutSigner, decode_request
 from services.auth.denials import DenialAudit
-from services.auth.errors import InvalidToken
+from services.auth.errors import Denied
 from services.auth.jwks import JwksKeys
 from services.auth.tokens import TokenVerifier
 from services.runtime.service import Service
@@ -23,10 +24,13 @@ def register(
     jwks: JwksKeys | None = None,
     denials: DenialAudit | None = None,
     policies: dict[str, TenantPolicy] | None = None,
+    connections: BrokerConnections | None = None,
 ) -> None:
     """Bind the callout responder on ``service``; ``policies``: each tenant's, for its broker
-    limits and whether its users are scoped to their own principal (the defaults without one)."""
+    limits and whether its users are scoped to their own principal (the defaults without one);
+    ``connections``: the tenants' open connections, to admit each within its tenant's limit."""
     policies = policies or {}
+    defaults = ConnectionLimits()
     if jwks is not None:
         service.on_start(jwks.refresh)
         service.on_stop(jwks.aclose)
@@ -39,6 +43,10 @@ def register(
 
         service.on_start(start_denials)
         service.on_stop(denials.stop)
+    if connections is not None:
+        # Counted before the callout is served: a restarted replica refuses from its first answer.
+        service.on_start(connections.start)
+        service.on_stop(connections.stop)
 
     @service.handler("callout")
     async def authorize(msg: Msg) -> tuple[str | None, str | None] | None:
@@ -59,13 +67,17 @@ def register(
                 if kid is not None:
                     await jwks.refresh_if_unknown(kid)
             identity = verifier.verify(request.token)
+            policy = policies.get(identity.tenant)
+            limits = policy.connection if policy else defaults
+            if connections is not None:
+                connections.admit(identity.tenant, request.server_id, request.client_id, limits.max_connections)
         except CorralError as error:
             client = request.client_name[:64]
-            tenant = error.tenant if isinstance(error, InvalidToken) else None
+            tenant = error.tenant if isinstance(error, Denied) else None
             # Answer first: the server holds the client until it hears back.
             await service.nc.publish(msg.reply, signer.response(request, error=error.message))
             service.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
-            if denials is not None and isinstance(error, InvalidToken):
+            if denials is not None and isinstance(error, Denied):
                 denials.record(error, client)
             return tenant, error.code.value
         except Exception:
@@ -73,12 +85,8 @@ def register(
             await service.nc.publish(msg.reply, signer.response(request, error="internal error"))
             return None, ErrorCode.INTERNAL.value
         service.log.debug("auth_granted", tenant_id=identity.tenant, principal=identity.subject)
-        policy = policies.get(identity.tenant)
         response = signer.response(
-            request,
-            identity=identity,
-            limits=policy.connection if policy else None,
-            principal_scoped=policy.principal_scoped if policy else False,
+            request, identity=identity, limits=limits, principal_scoped=policy.principal_scoped if policy else False
         )
         await service.nc.publish(msg.reply, response)
         return identity.tenant, None

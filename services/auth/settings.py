@@ -25,10 +25,15 @@ class AuthSettings(Settings):
     # The APP-account user that writes refusals to tenants' audit trails (else from the state dir).
     auth_audit_user: str = "auth-audit"
     auth_audit_password: str | None = None
+    # The system-account user that follows the tenants' connections, to enforce each tenant's
+    # connection.max_connections (else from the state directory; without it, not enforced).
+    auth_system_user: str = "auth-system"
+    auth_system_password: str | None = None
 
     def resolved(self) -> AuthSettings:
-        """These settings with the issuer seed and dev key taken from the state directory if unset."""
-        if (self.auth_issuer_seed and self.auth_dev_key and self.auth_audit_password) or self.state_dir is None:
+        """These settings with the issuer seed, dev key and passwords from the state directory if unset."""
+        secret = (self.auth_issuer_seed, self.auth_dev_key, self.auth_audit_password, self.auth_system_password)
+        if all(secret) or self.state_dir is None:
             return self
         secrets = load_secrets(self.state_dir)
         return self.model_copy(
@@ -36,5 +41,6 @@ class AuthSettings(Settings):
                 "auth_issuer_seed": self.auth_issuer_seed or secrets.issuer_seed,
                 "auth_dev_key": self.auth_dev_key or secrets.dev_key,
                 "auth_audit_password": self.auth_audit_password or secrets.passwords.get(self.auth_audit_user),
+                "auth_system_password": self.auth_system_password or secrets.passwords.get(self.auth_system_user),
             }
         )

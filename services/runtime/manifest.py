@@ -22,7 +22,7 @@ Three ways of consuming:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from pydantic import BaseModel
 
@@ -33,9 +33,11 @@ from contracts.permissions import Permissions
 from services.runtime.settings import Settings
 
 # Accounts of the broker: tenants and services share APP (per-user permissions keep them apart);
-# AUTH holds the auth-callout responder, which the callout requires to be in an account of its own.
+# AUTH holds the auth-callout responder, which the callout requires to be in an account of its own;
+# SYS is the broker's system account (its events and monitoring requests).
 APP_ACCOUNT = "APP"
 AUTH_ACCOUNT = "AUTH"
+SYSTEM_ACCOUNT = "SYS"
 
 # What a service needs of JetStream to keep its audit chains: create, update or look up the
 # stream, and read the last entry of its own chains only (a direct get names the subject, so the
@@ -106,9 +108,11 @@ class Publishes:
 
     subject: str
     summary: str
-    payload: type[BaseModel] | None = None  # the envelope's payload, for the AsyncAPI document
+    # The envelope's payload, for the AsyncAPI document (with ``envelope=False``, the whole body).
+    payload: Any = None
     # The AsyncAPI address, where the wildcards' names are not obvious (``events.>`` is one run's id).
     address: str | None = None
+    envelope: bool = True  # False: the body is not an envelope (a run's history, for one)
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,9 @@ class Manifest:
     # as the user ``<name>-audit`` (the auth service's refusals of signed tokens), which also
     # answers its statistics requests.
     audit: bool = True
+    # What the service needs of the broker's system account, as the user ``<name>-system`` (the
+    # auth service's view of the tenants' connections); ``None``: no such user.
+    system: Permissions | None = None
     module: str = field(default="")  # run as ``python -m <module>``; default ``services.<name>``
 
     def __post_init__(self) -> None:
@@ -159,6 +166,11 @@ class Manifest:
     def audit_user(self) -> str | None:
         """The second user through which a service outside APP writes its audit records."""
         return f"{self.name}-audit" if self.audit and not self.in_app else None
+
+    @property
+    def system_user(self) -> str | None:
+        """The service's user in the broker's system account, if it declares one."""
+        return f"{self.name}-system" if self.system is not None else None
 
     def durable_name(self, op: Durable) -> str:
         return f"{self.name}-{op.name}"
@@ -193,17 +205,20 @@ class Manifest:
         return Permissions(publish=_unique(publish), subscribe=_unique(subscribe), allow_responses=True)
 
     def users(self) -> tuple[User, ...]:
-        """The broker users of this service: its own, and its audit writer's if it has one."""
-        own = User(self.name, self.account, self.permissions())
-        if self.audit_user is None:
-            return (own,)
-        # It also answers the service's statistics requests, which come from APP.
-        writer = Permissions(
-            publish=audit_api(self.name),
-            subscribe=(f"{subjects.service_inbox_prefix(self.audit_user)}.>", subjects.stats(self.name)),
-            allow_responses=True,
-        )
-        return own, User(self.audit_user, APP_ACCOUNT, writer)
+        """The broker users of this service: its own, its audit writer's and its system-account
+        user's, for those it has."""
+        users = [User(self.name, self.account, self.permissions())]
+        if self.audit_user is not None:
+            # It also answers the service's statistics requests, which come from APP.
+            writer = Permissions(
+                publish=audit_api(self.name),
+                subscribe=(f"{subjects.service_inbox_prefix(self.audit_user)}.>", subjects.stats(self.name)),
+                allow_responses=True,
+            )
+            users.append(User(self.audit_user, APP_ACCOUNT, writer))
+        if self.system_user is not None and self.system is not None:
+            users.append(User(self.system_user, SYSTEM_ACCOUNT, self.system))
+        return tuple(users)
 
 
 def stream_api(stream: str) -> tuple[str, ...]:

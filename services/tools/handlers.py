@@ -11,9 +11,12 @@ from contracts.errors import CorralError, ErrorCode, InvalidRequest
 from services.runtime.service import Request, Service
 from services.tools.arguments import check_arguments, strip_tenant
 from services.tools.context import ToolContext
+from services.tools.isolation import LoopIsolation
+from services.tools.python_adapter import PythonAdapter
 from services.tools.registry import ToolRegistry
 from services.tools.settings import ToolsSettings
 from services.tools.threads import ThreadBulkhead
+from services.tools.watchdog import LoopWatchdog
 
 REFUSED = frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND, ErrorCode.INVALID_REQUEST})
 
@@ -23,8 +26,19 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
     aliases = frozenset(service.settings.tenant_argument_aliases)
     settings = ToolsSettings.of(service.settings)
     threads = ThreadBulkhead(threads=settings.tool_threads, per_tenant=settings.tool_threads_per_tenant)
-    tools = registry or ToolRegistry(catalog, tenant_keys=aliases, threads=threads)
+    isolation = LoopIsolation(
+        block_s=settings.tool_loop_block_ms / 1000,
+        isolated=settings.tool_isolated,
+        loops=settings.tool_isolation_loops,
+        per_tenant=settings.tool_isolated_calls_per_tenant,
+        log=service.log,
+    )
+    tools = registry or ToolRegistry(catalog, tenant_keys=aliases, threads=threads, isolation=isolation)
+    _check_isolated(service, tools, settings.tool_isolated)
+    watchdog = LoopWatchdog(tools.isolation, log=service.log)
     service.on_start(tools.discover)
+    service.on_start(watchdog.start)
+    service.on_stop(watchdog.stop)
     service.on_stop(tools.aclose)
 
     @service.handler("call")
@@ -59,6 +73,18 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
         return output
 
     return tools
+
+
+def _check_isolated(service: Service, tools: ToolRegistry, named: tuple[str, ...]) -> None:
+    """Say so at start when ``CORRAL_TOOL_ISOLATED`` names what it cannot isolate (a typo would
+    otherwise leave the tool on the service's loop without a word)."""
+    ignored = [
+        name
+        for name in named
+        if name != "*" and not (isinstance(adapter := tools.adapters.get(name), PythonAdapter) and adapter.is_async)
+    ]
+    if ignored:
+        service.log.warning("tool_isolated_ignored", tools=ignored, reason="not an async Python tool")
 
 
 def _ms_since(started: float) -> float:

@@ -13,7 +13,8 @@ header, the runtime's value replacing any configured one. An upstream that honou
 acts once per key, so with a key POST and PATCH are tried again too; without one they never are
 (a lost answer does not say whether the first try acted).
 
-Arguments can never move a call to another resource (``services/tools/url_template.py``).
+Arguments can never move a call to another resource (``services/tools/url_template.py``). The
+URL's ``${NAME}`` environment variables are filled in once, when the adapter is built.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from contracts.definitions import HttpTool
 from contracts.errors import DeadlineExceeded, InvalidRequest, ToolFailed
 from services.runtime.retry import RetryPolicy, call_with_retries
 from services.tools.context import ToolContext
-from services.tools.url_template import UrlTemplate
+from services.tools.url_template import UrlTemplate, expand_variables
 
 IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -57,7 +58,7 @@ class HttpAdapter:
         self.name = name
         self.config = config
         self.client = client
-        self.template = UrlTemplate.parse(name, config.url)
+        self.template = UrlTemplate.parse(name, expand_variables(name, config.url))
         self.retry = replace(RETRY, max_attempts=1 + config.retries)
         self.once = replace(RETRY, max_attempts=1)
 

@@ -3,31 +3,47 @@
 ``ctx`` is the runtime's :class:`~services.tools.context.ToolContext`. A tool with a side effect
 should key it on ``ctx.idempotency_key`` when that is set: a call retried after a crash arrives
 again with the same key, and a tool that remembers the key can answer without acting twice.
+
+An async tool runs on the service's event loop, each step (the code between two awaits) timed: a
+step that holds the loop longer than the isolation's ``block_s`` quarantines the tool, whose later
+calls run on their tenant's own isolation loop (services/tools/isolation.py). A quarantined tool
+runs on another event loop than the service's: loop-bound objects it keeps between calls (a
+client, a lock) must be made per loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from contracts.definitions import PythonTool
-from contracts.errors import CorralError, DeadlineExceeded, ToolFailed
+from contracts.errors import CorralError, DeadlineExceeded, ToolFailed, Unavailable
 from services.tools.context import ToolContext
+from services.tools.isolation import LoopIsolation, TimedSteps, clock
 from services.tools.threads import ThreadBulkhead
 
 
 class PythonAdapter:
-    """Imports the callable once; async functions run on the loop, sync ones in a worker thread
-    of the tenant's share (services/tools/threads.py)."""
+    """Imports the callable once; async functions run on the loop (their tenant's isolation loop
+    once quarantined, services/tools/isolation.py), sync ones in a worker thread of the tenant's
+    share (services/tools/threads.py)."""
 
-    def __init__(self, name: str, config: PythonTool, threads: ThreadBulkhead | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: PythonTool,
+        threads: ThreadBulkhead | None = None,
+        isolation: LoopIsolation | None = None,
+    ) -> None:
         self.name = name
         self.threads = threads or ThreadBulkhead(threads=8, per_tenant=4)
+        self.isolation = isolation or LoopIsolation()
         module_name, _, attribute = config.callable.partition(":")
         try:
             self.function: Callable[..., Any] = getattr(importlib.import_module(module_name), attribute)
@@ -37,6 +53,8 @@ class PythonAdapter:
         self.is_async = inspect.iscoroutinefunction(self.function) or inspect.iscoroutinefunction(
             type(self.function).__call__
         )
+        if self.is_async and self.isolation.isolated_from_start(name):
+            self.isolation.isolated.add(name)
         try:
             self.signature: inspect.Signature | None = inspect.signature(self.function)
         except (TypeError, ValueError):  # some builtins have no signature: let the call decide
@@ -53,24 +71,53 @@ class PythonAdapter:
             except TypeError as exc:
                 raise ToolFailed(f"tool {self.name!r} rejected its arguments: {exc}") from None
         timer = None
+        steps = None
+        time_left = ctx.timeout_s
         try:
-            if self.is_async:
+            isolation = self.isolation
+            if not self.is_async:
+                # A sync tool that overruns keeps its worker thread until it returns (Python cannot
+                # stop a thread), counted against its tenant's share; the caller still gets its
+                # answer at the deadline.
+                call = self.threads.run(ctx.tenant_id, self.name, self.function, ctx, **arguments)
+            elif self.name in isolation.isolated:
+                start = functools.partial(self.function, ctx, **arguments)
+                call = isolation.run(ctx.tenant_id, self.name, start)
+            else:
                 call = self.function(ctx, **arguments)
                 if inspect.iscoroutine(call):
                     # The first step runs now, as awaiting it would. A tool that finishes in it
                     # (no I/O: a lookup, a computation) needs no timer: none could have cut it
                     # short. One that waits runs on under the deadline from where it waits.
+                    started = clock()
+                    isolation.step = (self.name, ctx.tenant_id, started)
                     try:
                         waiting_on = call.send(None)
                     except StopIteration as done:
+                        isolation.step = None
+                        took = clock() - started
+                        if took > isolation.block_s:
+                            isolation.quarantine(self.name, ctx.tenant_id, took)
+                            if took > ctx.timeout_s:  # it held the loop past its deadline: the caller gave up
+                                raise _late(self.name, ctx) from None
                         return done.value
-                    call = _Rest(call, waiting_on)
-            else:
-                # A sync tool that overruns keeps its worker thread until it returns (Python cannot
-                # stop a thread), counted against its tenant's share; the caller still gets its
-                # answer at the deadline.
-                call = self.threads.run(ctx.tenant_id, self.name, self.function, ctx, **arguments)
-            timer = asyncio.timeout(ctx.timeout_s)
+                    except BaseException:
+                        isolation.step = None
+                        if (took := clock() - started) > isolation.block_s:
+                            isolation.quarantine(self.name, ctx.tenant_id, took)
+                        raise
+                    isolation.step = None
+                    took = clock() - started
+                    time_left -= took
+                    steps = _MainLoopSteps(self, call, waiting_on, ctx.tenant_id)
+                    if took > isolation.block_s:
+                        isolation.quarantine(self.name, ctx.tenant_id, took)
+                        if time_left > 0:
+                            steps.blocked_s, time_left = took, 0.0  # stopped at its first await
+                    call = steps
+            timer = asyncio.timeout(time_left)
+            if steps is not None:
+                steps.timer = timer
             async with timer:
                 return await call
         except CorralError:
@@ -78,41 +125,48 @@ class PythonAdapter:
         except Exception as exc:
             # A TimeoutError of the tool's own (a socket, say) is a failure, not our deadline.
             if isinstance(exc, TimeoutError) and timer is not None and timer.expired():
-                raise DeadlineExceeded(f"tool {self.name!r} did not finish within {ctx.timeout_s:.1f}s") from None
+                if steps is not None and steps.blocked_s is not None:
+                    raise Unavailable(
+                        f"tool {self.name!r} blocked the event loop for {steps.blocked_s:.1f}s and was stopped; "
+                        "its calls now run isolated, so this one may be retried"
+                    ) from None
+                raise _late(self.name, ctx) from None
             # The detail (message, traceback) stays in the log; the wire gets the exception's type only.
             # A fresh logger picks up the process's configuration (a rare path: its cost is irrelevant).
             structlog.get_logger().exception("tool_raised", tool=self.name, tenant_id=ctx.tenant_id, run_id=ctx.run_id)
             raise ToolFailed(f"tool {self.name!r} failed: {type(exc).__name__}") from None
 
 
-class _Rest:
-    """Awaiting it resumes a coroutine whose first step has already run, from the future it is
-    waiting on: ``yield from`` by hand, so sends, throws (cancellation) and close reach it."""
+def _late(tool: str, ctx: ToolContext) -> DeadlineExceeded:
+    return DeadlineExceeded(f"tool {tool!r} did not finish within {ctx.timeout_s:.1f}s")
 
-    __slots__ = ("_coroutine", "_waiting_on")
 
-    def __init__(self, coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
-        self._coroutine = coroutine
-        self._waiting_on = waiting_on
+class _MainLoopSteps(TimedSteps):
+    """The steps of an async tool on the service's own loop: one that blocks it quarantines the
+    tool, and the call is stopped at its next await (unless its deadline does that already)."""
 
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coroutine, waiting_on = self._coroutine, self._waiting_on
-        while True:
-            try:
-                sent = yield waiting_on
-            except GeneratorExit:
-                coroutine.close()
-                raise
-            except BaseException as error:
-                try:
-                    waiting_on = coroutine.throw(error)
-                except StopIteration as done:
-                    return done.value
-            else:
-                try:
-                    waiting_on = coroutine.send(sent)
-                except StopIteration as done:
-                    return done.value
+    __slots__ = ("adapter", "blocked_s", "timer")
+
+    def __init__(self, adapter: PythonAdapter, coroutine: Any, waiting_on: Any, tenant: str) -> None:
+        # The fields of TimedSteps set here rather than through its __init__: this is on the
+        # path of every async tool call that waits.
+        isolation = adapter.isolation
+        self._coroutine, self._waiting_on, self._tracker = coroutine, waiting_on, isolation
+        self.tool, self.tenant, self._block_s = adapter.name, tenant, isolation.block_s
+        self.adapter = adapter
+        self.blocked_s: float | None = None  # set when this call is stopped for blocking the loop
+        self.timer: asyncio.Timeout | None = None  # the call's deadline, set once it is entered
+
+    def blocked(self, took: float) -> None:
+        self.adapter.isolation.quarantine(self.tool, self.tenant, took)
+        timer = self.timer
+        if timer is None or timer.expired() or self.blocked_s is not None:
+            return
+        now = asyncio.get_running_loop().time()
+        when = timer.when()
+        if when is None or when > now:
+            self.blocked_s = took
+            timer.reschedule(now)
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -12,6 +12,7 @@ from contracts.errors import CorralError, Forbidden, NotFound
 from services.tools.arguments import TENANT_KEYS, compile_schema, is_tenant_key
 from services.tools.context import ToolContext
 from services.tools.http_adapter import HttpAdapter
+from services.tools.isolation import LoopIsolation
 from services.tools.mcp_adapter import McpAdapter, McpConnection, model_schema
 from services.tools.python_adapter import PythonAdapter
 from services.tools.threads import ThreadBulkhead
@@ -31,9 +32,11 @@ class ToolRegistry:
         http: httpx.AsyncClient | None = None,
         tenant_keys: frozenset[str] = TENANT_KEYS,
         threads: ThreadBulkhead | None = None,
+        isolation: LoopIsolation | None = None,
     ) -> None:
         self.catalog = catalog
         self.threads = threads or ThreadBulkhead(threads=16, per_tenant=4)
+        self.isolation = isolation or LoopIsolation()
         self.http = http or httpx.AsyncClient(follow_redirects=False)
         self.connections = {name: McpConnection(server) for name, server in catalog.mcp_servers.items()}
         self.adapters: dict[str, Adapter] = {}
@@ -43,7 +46,7 @@ class ToolRegistry:
             _refuse_tenant_parameters(tool, tenant_keys)
             self._set_parameters(tool.name, tool.parameters)
             if tool.python is not None:
-                self.adapters[tool.name] = PythonAdapter(tool.name, tool.python, self.threads)
+                self.adapters[tool.name] = PythonAdapter(tool.name, tool.python, self.threads, self.isolation)
             elif tool.http is not None:
                 self.adapters[tool.name] = HttpAdapter(tool.name, tool.http, self.http)
             else:
@@ -98,6 +101,7 @@ class ToolRegistry:
             await connection.close()
         await self.http.aclose()
         self.threads.close()
+        self.isolation.close()
 
 
 def _refuse_tenant_parameters(tool: ToolDefinition, tenant_keys: frozenset[str]) -> None:

@@ -12,6 +12,15 @@ class ToolsSettings(Settings):
     # (calls past their deadline included: a thread cannot be stopped), services/tools/threads.py.
     tool_threads: int = Field(default=16, ge=1)
     tool_threads_per_tenant: int = Field(default=4, ge=1)
+    # Async Python tools (services/tools/isolation.py): one whose step (the code between two
+    # awaits) holds the service's event loop longer than this is quarantined, its later calls run
+    # on an event loop of the calling tenant's own, in a thread; the tools named here ("*": every
+    # async tool; a JSON list in the env) run there from their first call. At most this many such
+    # loops at once, and this many calls on one tenant's (calls past their deadline included).
+    tool_loop_block_ms: float = Field(default=100.0, gt=0)
+    tool_isolated: tuple[str, ...] = ()
+    tool_isolation_loops: int = Field(default=32, ge=1)
+    tool_isolated_calls_per_tenant: int = Field(default=8, ge=1)
 
     @classmethod
     def of(cls, settings: Settings) -> ToolsSettings:

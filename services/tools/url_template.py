@@ -3,13 +3,19 @@
 The host is the template's, a path argument is exactly one segment (never empty, a dot segment
 or a separator, however encoded), query arguments never replace a parameter the template sets,
 and the URL httpx will send is checked against the template before it is sent.
+
+A template may name environment variables as ``${NAME}`` (the parts that differ between
+deployments, such as an API's base URL): :func:`expand_variables` fills them in once, when the
+tools service builds the tool, before the template is parsed and checked.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import unicodedata
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
@@ -21,6 +27,7 @@ from contracts.errors import Forbidden, InvalidRequest
 from services.tools.arguments import canonical_key
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 TENANT = "tenant_id"
 
 
@@ -28,6 +35,11 @@ class UnsafeUrlArgument(InvalidRequest):
     """An argument that would make the URL name another resource than its template: a path
     segment that is empty, a dot segment or holds a separator (in any encoding), or a query
     argument named like a parameter the template sets. The tool is not called."""
+
+
+class UnsetUrlVariable(DefinitionError):
+    """An HTTP tool's URL names an environment variable (``${NAME}``) that is not set, or is empty:
+    the tools service does not start (as for any other broken definition)."""
 
 
 class UrlOutsideTemplate(Forbidden):
@@ -42,6 +54,32 @@ _ASCII_UNSAFE = re.compile(r"[/\\?#\x00-\x1f\x7f]")
 _IIS_ESCAPE = re.compile(r"%u([0-9a-fA-F]{4})")
 # How many percent-decodings deep an argument is checked; a value still changing after that is refused.
 _DECODINGS = 4
+
+
+def expand_variables(tool: str, url: str, environ: Mapping[str, str] = os.environ) -> str:
+    """``url`` with every ``${NAME}`` replaced by the environment variable ``NAME``.
+
+    Unset or empty is an :class:`UnsetUrlVariable` naming it. A value may not hold ``{`` or
+    ``}``: what a variable brings in is never a placeholder an argument would fill."""
+    if "${" not in url:
+        return url
+    if url.count("${") != len(_VARIABLE.findall(url)):
+        raise DefinitionError(f"tool {tool!r}: a '${{' in its URL does not start a variable ${{NAME}}")
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        found = environ.get(name, "")
+        if not found:
+            raise UnsetUrlVariable(
+                f"tool {tool!r}: its URL uses ${{{name}}}, and the environment variable {name} is not set"
+            )
+        if "{" in found or "}" in found:
+            raise DefinitionError(
+                f"tool {tool!r}: the environment variable {name} holds '{{' or '}}', which a URL may not take from it"
+            )
+        return found
+
+    return _VARIABLE.sub(value, url)
 
 
 def path_segment(tool: str, name: str, value: str) -> str:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
 
@@ -141,6 +142,24 @@ async def test_a_tenant_connection_cannot_reach_another_tenants_subjects(corral_
         await nc.close()
 
 
+async def test_the_refund_walk_through_refunds_once_through_the_demo_payments_api(corral_up):
+    state_dir, _, _ = corral_up
+    info = json.loads((state_dir / "corral.json").read_text())
+    key = load_secrets(state_dir).dev_key
+    acme = await CorralClient.connect(info["nats_url"], tenant="acme", token=mint_dev_token("acme", key=key))
+    try:
+        run = await acme.request(target="refund", input={"order_id": "A-1001", "reason": "broken"})
+    finally:
+        await acme.close()
+    assert run.output == {"notified": "A-1001", "message": "Your refund is on its way."}
+    async with httpx.AsyncClient(base_url=info["payments_url"], timeout=10) as payments:
+        refunds = (await payments.get("/v1/acme/refunds")).json()["refunds"]
+        globex = (await payments.get("/v1/globex/refunds")).json()["refunds"]
+    mine = [refund for refund in refunds if refund["idempotency_key"] == f"{run.run_id}:refund"]
+    assert len(mine) == 1 and mine[0]["order_id"] == "A-1001" and mine[0]["amount"] == 40
+    assert globex == []
+
+
 def test_ctrl_c_stops_every_process_cleanly(tmp_path):
     _, process = start_corral_up(tmp_path)
     try:
@@ -152,8 +171,9 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path):
             process.kill()
     assert not (tmp_path / "corral.json").exists()
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.log") if p.name != "nats.log"}
-    assert set(logs) == {f"{name}-0.log" for name in NAMES}
-    assert all("service_stopped" in text for text in logs.values()), logs
+    assert set(logs) == {f"{name}-0.log" for name in NAMES} | {"payments-0.log"}  # the demo payments API
+    assert all("service_stopped" in logs[f"{name}-0.log"] for name in NAMES), logs
+    assert "payments_stopped" in logs["payments-0.log"]
 
 
 def test_no_follow_prints_only_the_result(corral_up):

@@ -9,6 +9,7 @@ import pytest
 
 from contracts.errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
 from corral.client import CorralClient
+from corral.demo.payments import URL_VARIABLE, PaymentsError, RefundLedger, serve_in_thread
 from services.auth.tokens import mint_dev_token
 from tests.support import workflow_tools
 from tests.support.services import running_services
@@ -96,7 +97,7 @@ async def test_an_approval_needs_the_scope_and_records_who_approved(system):
         run_id = waiting.run_id
         with pytest.raises(Forbidden, match="refund:approve"):
             await clerk.signal(run_id, "approve", {"ok": True})
-        with pytest.raises(Conflict, match="not waiting for signal 'other'"):
+        with pytest.raises(Conflict, match="no wait ahead for signal 'other'"):
             await manager.signal(run_id, "other", scope="refund:approve")
         answer = await manager.signal(run_id, "approve", {"ok": True}, scope="refund:approve")
         assert answer["accepted"] is True
@@ -111,13 +112,18 @@ async def test_an_approval_needs_the_scope_and_records_who_approved(system):
 
 
 async def test_a_scope_the_token_does_not_hold_cannot_even_be_presented(system):
-    broker, _ = system
+    broker, services = system
     clerk = await client_for(broker, "acme", sub="clerk")
     try:
         with pytest.raises(DeadlineExceeded):  # the broker refuses the publish: nothing answers
             await clerk.signal("nope", "approve", scope="refund:approve", timeout=1.0)
+        errors = [str(error).lower() for error in clerk.errors]
     finally:
         await clerk.close()
+    # The broker said why, to this connection only, and the workflow service never saw it.
+    assert any("permissions violation" in error and "workflow.signal" in error for error in errors), errors
+    endpoints = {e["name"]: e for e in services["workflow"].stats.snapshot(detail=False)["endpoints"]}
+    assert endpoints["signal"]["num_requests"] == 0 and endpoints["signal"]["num_refusals"] == 0
 
 
 async def test_another_tenants_run_cannot_be_seen_or_signalled(system):
@@ -183,22 +189,60 @@ async def waitfor_status(client, run_id, status, timeout=20.0):
         await asyncio.sleep(0.1)
 
 
-async def test_the_demo_refund_waits_for_a_manager_above_the_threshold(secured):
-    async with running_services(secured.url, secured.state_dir, ALL):  # the demo definitions
-        acme = await client_for(secured, "acme")
-        manager = await client_for(secured, "acme", sub="manager", scopes=["refund:approve"])
-        try:
-            small = await acme.request(target="refund", input={"order_id": "A-1001", "reason": "broken"})
-            assert small.output == {"notified": "A-1001", "message": "Your refund is on its way."}
-            large = await acme.request(target="refund", input={"order_id": "A-1002", "reason": "late"})
-            assert large.output["status"] == "waiting"
-            await manager.signal(large.run_id, "approve", {"note": "ok"}, scope="refund:approve")
-            shown = await waitfor_status(acme, large.run_id, "completed")
-        finally:
-            await acme.close()
-            await manager.close()
+class LostAnswer(PaymentsError):
+    status = 500
+    code = "internal"
+
+
+class LosesItsFirstAnswer(RefundLedger):
+    """The demo payments API that refunds on the first try and then fails to answer it (a 500),
+    as a provider can: the step is retried, with the same idempotency key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries: list[str | None] = []
+
+    def refund(self, tenant, key, body):
+        self.tries.append(key)
+        answer = super().refund(tenant, key, body)
+        if len(self.tries) == 1:
+            raise LostAnswer("the refund was made, but its answer was lost")
+        return answer
+
+
+async def test_the_demo_refund_goes_through_the_payments_api_once_per_run_even_when_retried(secured, monkeypatch):
+    ledger = LosesItsFirstAnswer()
+    with serve_in_thread(ledger) as payments:
+        monkeypatch.setenv(URL_VARIABLE, payments.url)
+        async with running_services(secured.url, secured.state_dir, ALL):  # the demo definitions
+            acme = await client_for(secured, "acme")
+            manager = await client_for(secured, "acme", sub="manager", scopes=["refund:approve"])
+            try:
+                small = await acme.request(target="refund", input={"order_id": "A-1001", "reason": "broken"})
+                assert small.output == {"notified": "A-1001", "message": "Your refund is on its way."}
+                large = await acme.request(target="refund", input={"order_id": "A-1002", "reason": "late"})
+                assert large.output["status"] == "waiting"
+                assert len(ledger.refunds("acme")) == 1  # nothing is refunded before the approval
+                await manager.signal(large.run_id, "approve", {"note": "ok"}, scope="refund:approve")
+                shown = await waitfor_status(acme, large.run_id, "completed")
+                retried = await acme.show(small.run_id)
+            finally:
+                await acme.close()
+                await manager.close()
+    refunds = {refund["idempotency_key"]: refund for refund in ledger.refunds("acme")}
+    assert set(refunds) == {f"{small.run_id}:refund", f"{large.run_id}:refund"}  # one refund per run
+    assert ledger.tries == [f"{small.run_id}:refund", f"{small.run_id}:refund", f"{large.run_id}:refund"]
+    tries = [e for e in retried["events"] if e.get("step") == "refund"]
+    assert [(e["type"], e.get("attempt")) for e in tries if e["type"].startswith("step_")] == [
+        ("step_started", 1),
+        ("step_failed", 1),
+        ("step_started", 2),
+        ("step_completed", 2),
+    ]
     refunded = [e for e in shown["events"] if e["type"] == "step_completed" and e["step"] == "refund"]
-    assert refunded[0]["output"]["amount"] == 250
+    assert refunded[0]["output"] == refunds[f"{large.run_id}:refund"]
+    assert refunded[0]["output"]["amount"] == 250 and refunded[0]["output"]["status"] == "succeeded"
+    assert ledger.refunds("globex") == []
 
 
 async def test_a_running_run_keeps_its_definition_when_the_definitions_change(secured, tmp_path):

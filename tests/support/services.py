@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from unittest import mock
 
 from corral.demo import DEFINITIONS as DEFAULT_DEFINITIONS
+from corral.demo.payments import URL_VARIABLE, serve_in_thread
 from services.runtime.service import Service
 from services.runtime.settings import Settings
 
@@ -19,13 +22,26 @@ async def running_services(
     """Start each named service (built by its ``__main__.build``) and stop them all afterwards."""
     config = Settings(nats_url=url, state_dir=state_dir, definitions=definitions, log_level="warning", **settings)
     started: dict[str, Service] = {}
-    try:
-        for name in names:
-            build = importlib.import_module(f"services.{name}.__main__").build
-            service = build(config)
-            await service.start()
-            started[name] = service
-        yield started
-    finally:
-        for service in reversed(started.values()):
-            await service.stop()
+    with demo_payments(definitions):
+        try:
+            for name in names:
+                build = importlib.import_module(f"services.{name}.__main__").build
+                service = build(config)
+                await service.start()
+                started[name] = service
+            yield started
+        finally:
+            for service in reversed(started.values()):
+                await service.stop()
+
+
+@contextlib.contextmanager
+def demo_payments(definitions: Path) -> Iterator[None]:
+    """The demo payments API that the demo definitions' refund tool calls, as `corral up` runs
+    it: served on a free loopback port for the block, its URL in the environment (unless the
+    test has set one, to watch the refunds itself)."""
+    if definitions != DEFAULT_DEFINITIONS or os.environ.get(URL_VARIABLE):
+        yield
+        return
+    with serve_in_thread() as server, mock.patch.dict(os.environ, {URL_VARIABLE: server.url}):
+        yield

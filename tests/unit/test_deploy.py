@@ -6,8 +6,9 @@ from pathlib import Path
 import yaml
 
 from corral.asyncapi import CHECKED_IN, render_asyncapi
+from corral.demo.payments import URL_VARIABLE
 from corral.state import ADMIN_USER, generate_secrets, render_nats_config
-from corral.system import service_command, service_environment
+from corral.system import payments_command, service_command, service_environment
 from services.registry import NAMES, SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +34,17 @@ def test_compose_gives_services_the_environment_corral_up_gives():
         assert services[name]["environment"]["CORRAL_STATE_DIR"] == "/state"
 
 
-def test_compose_services_other_than_nats_and_init_are_exactly_the_registry():
-    assert set(compose()["services"]) - {"nats", "init"} == set(NAMES)
+def test_compose_services_other_than_nats_init_and_the_demo_payments_api_are_exactly_the_registry():
+    assert set(compose()["services"]) - {"nats", "init", "payments"} == set(NAMES)
+
+
+def test_compose_runs_the_demo_payments_api_as_corral_up_does_and_gives_the_services_its_url():
+    services = compose()["services"]
+    command = services["payments"]["command"]
+    assert command[:3] == ["python", *payments_command(1, Path("/state/x.json"))[1:3]]
+    port = command[command.index("--port") + 1]
+    for name in NAMES:
+        assert services[name]["environment"][URL_VARIABLE] == f"http://payments:{port}"
 
 
 def test_services_scale_by_queue_group_so_compose_sets_no_fixed_names_or_ports():
@@ -79,7 +89,9 @@ def test_the_generated_server_config_routes_every_non_service_user_through_the_c
     callout = config["authorization"]["auth_callout"]
     app_users = {user["user"] for user in config["accounts"]["APP"]["users"]}
     auth_users = {user["user"] for user in config["accounts"]["AUTH"]["users"]}
-    assert set(callout["auth_users"]) == app_users | auth_users
+    system_users = {user["user"] for user in config["accounts"]["SYS"]["users"]}
+    assert set(callout["auth_users"]) == app_users | auth_users | system_users
+    assert config["system_account"] == "SYS" and system_users == {"auth-system"}
     assert callout["issuer"].startswith("A")
     assert config["accounts"]["APP"]["jetstream"] == "enabled"
 

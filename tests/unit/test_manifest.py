@@ -46,11 +46,12 @@ def test_no_service_may_publish_tenant_requests_or_read_other_services_inboxes()
 
 def test_the_callout_responder_lives_outside_app_and_writes_audit_through_its_own_user():
     auth = BY_NAME["auth"]
-    own, writer = auth.users()
+    own, writer, system = auth.users()
     assert own.account == "AUTH" and own.permissions.subscribe == (subjects.AUTH_CALLOUT,)
     assert own.permissions.publish == ()
     assert writer.name == "auth-audit" and writer.account == "APP"
     assert writer.permissions.publish == audit_api("auth")
+    assert system.name == "auth-system" and system.account == "SYS"  # tests/security/test_connection_limits.py
 
 
 def test_the_router_watches_and_may_reach_every_executor_of_its_pattern_table():
