@@ -1,8 +1,12 @@
 """Schemas of what operators declare as data: tools, graphs and per-tenant routing rules.
 
-A definitions file (YAML or JSON) may hold any of the top-level lists ``tools``, ``graphs`` and
-``tenants``; :class:`Catalog` merges them and checks every cross-reference once, at load time,
-so a bad definition fails before the first request rather than in the middle of one.
+A definitions file (YAML or JSON) may hold any of the top-level lists of :class:`DefinitionsFile`
+(``tools``, ``mcp_servers``, ``models``, ``graphs``, ``workflows``, ``tenants``, ``python_paths``);
+:class:`Catalog` merges them and checks every cross-reference once, at load time, so a bad
+definition fails before the first request rather than in the middle of one. Every problem is a
+:class:`~contracts.definitions_base.Problem` at a path into its file, so the loader can name the line.
+The reference of the format, ``docs/definitions.md``, and the JSON Schema for editors,
+``contracts/definitions.schema.json``, are generated from these models.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
+from contracts.agents import AgentDefinition, Guardrail, SwarmDefinition
 from contracts.definitions_base import Definition as _Definition
-from contracts.definitions_base import DefinitionError
+from contracts.definitions_base import DefinitionError, Location, Problem, Problems, did_you_mean
+from contracts.errors import CorralError
+from contracts.expressions import compile_expression
 from contracts.graphs import GraphDefinition
 from contracts.models import ModelDefinition
-from contracts.tenants import Name, TenantId
+from contracts.tenants import TENANT_ID_PATTERN, Name, TenantId
 from contracts.workflows import WorkflowDefinition
 
 __all__ = [
@@ -36,40 +43,60 @@ __all__ = [
 class PythonTool(_Definition):
     """A Python callable ``module:function``, called as ``function(ctx, **arguments)``."""
 
-    callable: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    callable: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`module:function`, importable by the tools service (see `python_paths`).",
+    )
 
 
 class HttpTool(_Definition):
     """An HTTP/REST endpoint; the tenant is injected by the runtime, never by the caller."""
 
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = Field(
+        default="GET", description="GET sends the arguments in the query; the others as a JSON body."
+    )
     # May contain {tenant_id} (filled by the runtime) and {argument} placeholders, and ${NAME}
     # environment variables (filled in when the tools service builds the tool; unset is an error).
-    url: str
+    url: str = Field(
+        description="May hold `{tenant_id}` (the runtime's), `{argument}` placeholders and `${NAME}` environment "
+        "variables (filled in when the tools service starts; unset, it does not start)."
+    )
     headers: dict[str, str] = Field(default_factory=dict)
-    tenant_header: str | None = "X-Corral-Tenant"
+    tenant_header: str | None = Field(
+        default="X-Corral-Tenant", description="The header that carries the tenant (null: none)."
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=300)
-    max_response_bytes: int = Field(default=1024 * 1024, gt=0)
+    max_response_bytes: int = Field(default=1024 * 1024, gt=0, description="A larger response fails the call.")
     # Retried on connection errors and 502/503/504, for idempotent methods (POST and PATCH only
     # when the call carries an idempotency key: services/tools/http_adapter.py).
-    retries: int = Field(default=2, ge=0, le=10)
+    retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Retries on connection errors and 502/503/504, for idempotent methods (POST and PATCH only "
+        "with an idempotency key).",
+    )
 
 
 class McpTool(_Definition):
     """A tool of an MCP server declared under ``mcp_servers``."""
 
-    server: Name
-    tool: str = Field(min_length=1, max_length=128)  # the tool's name on that server
+    server: Name = Field(description="The name of a server under `mcp_servers`.")
+    tool: str = Field(min_length=1, max_length=128, description="The tool's name on that server.")
 
 
 class McpStdio(_Definition):
-    command: str
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    """An MCP server started as a subprocess, spoken to over its stdin and stdout."""
+
+    command: str = Field(description="The program to run.")
+    args: list[str] = Field(default_factory=list, description="Its arguments.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables it is given.")
 
 
 class McpHttp(_Definition):
-    url: str  # the streamable HTTP endpoint, e.g. http://localhost:8000/mcp
+    """An MCP server reached over streamable HTTP."""
+
+    url: str = Field(description="The streamable HTTP endpoint, e.g. `http://localhost:8000/mcp`.")
     headers: dict[str, str] = Field(default_factory=dict)
 
 
@@ -77,10 +104,12 @@ class McpServer(_Definition):
     """An MCP server the tools service connects to (stdio subprocess or streamable HTTP)."""
 
     name: Name
-    stdio: McpStdio | None = None
-    http: McpHttp | None = None
+    stdio: McpStdio | None = Field(default=None, description="A subprocess (exactly one of `stdio` or `http`).")
+    http: McpHttp | None = Field(default=None, description="A streamable HTTP endpoint.")
     # The tool argument that carries the tenant, filled by the runtime (also sent in _meta).
-    tenant_argument: str | None = "tenant_id"
+    tenant_argument: str | None = Field(
+        default="tenant_id", description="The tool argument the runtime fills with the tenant (also sent in `_meta`)."
+    )
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
     @model_validator(mode="after")
@@ -91,14 +120,20 @@ class McpServer(_Definition):
 
 
 class ToolDefinition(_Definition):
+    """A tool: exactly one of ``python``, ``http`` or ``mcp``, and the JSON schema of its arguments."""
+
     name: Name
-    description: str = ""
+    description: str = Field(default="", description="Shown to a model that may call the tool.")
     # JSON schema of the arguments a caller (or a model) may pass; never contains the tenant.
     # For an MCP tool left at the default, the server's own schema is used once listed.
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
-    python: PythonTool | None = None
-    http: HttpTool | None = None
-    mcp: McpTool | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"},
+        description="The JSON schema of the arguments (never the tenant, which the runtime injects); an MCP "
+        "tool left at the default takes its server's.",
+    )
+    python: PythonTool | None = Field(default=None, description="A Python callable.")
+    http: HttpTool | None = Field(default=None, description="An HTTP endpoint.")
+    mcp: McpTool | None = Field(default=None, description="A tool of an MCP server.")
 
     @model_validator(mode="after")
     def _exactly_one_adapter(self) -> ToolDefinition:
@@ -113,21 +148,49 @@ class ToolDefinition(_Definition):
 class Pattern(StrEnum):
     GRAPH = "graph"
     WORKFLOW = "workflow"
+    SWARM = "swarm"
+    ORCHESTRATOR = "orchestrator"
+
+
+# The key of a route that names what its pattern runs.
+RUNS_KEY = {Pattern.GRAPH: "graph", Pattern.WORKFLOW: "workflow", Pattern.SWARM: "swarm", Pattern.ORCHESTRATOR: "agent"}
 
 
 class Route(_Definition):
     """What a target runs: a graph (``pattern: graph``, the default) or a workflow."""
 
-    pattern: Pattern = Pattern.GRAPH
-    graph: Name | None = None
-    workflow: Name | None = None
+    pattern: Pattern = Field(default=Pattern.GRAPH, description="What kind of run the route starts.")
+    graph: Name | None = Field(default=None, description="The graph it runs (pattern `graph`).")
+    workflow: Name | None = Field(default=None, description="The workflow it runs (pattern `workflow`).")
+    swarm: Name | None = Field(default=None, description="The swarm a conversation talks to (pattern `swarm`).")
+    agent: Name | None = Field(
+        default=None, description="The one agent a conversation talks to (pattern `orchestrator`)."
+    )
+    when: str | None = Field(
+        default=None,
+        description="A condition (the safe expression language) over the request's `input` and the verified "
+        "`principal` (`principal.id`, `principal.scopes`): with no target named, the routes that have one are tried "
+        "in order and the first that holds serves the request (else `default_route`); a target named directly is "
+        "served only if its condition holds.",
+    )
     # Values the tenant's runs of this route read as ``params`` (a workflow's approval threshold).
-    params: dict[str, JsonValue] = Field(default_factory=dict)
+    params: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Values the workflow's steps read as `params` (`params.threshold`)."
+    )
+
+    @model_validator(mode="after")
+    def _when_parses(self) -> Route:
+        if self.when is not None:
+            try:
+                compile_expression(self.when)
+            except CorralError as error:  # an ExpressionError: reported at the route's key
+                raise ValueError(f"when: {error.message}") from None
+        return self
 
     @model_validator(mode="after")
     def _names_what_it_runs(self) -> Route:
-        wanted = {Pattern.GRAPH: "graph", Pattern.WORKFLOW: "workflow"}[self.pattern]
-        for key in ("graph", "workflow"):
+        wanted = RUNS_KEY[self.pattern]
+        for key in RUNS_KEY.values():
             given = getattr(self, key) is not None
             if key == wanted and not given:
                 raise ValueError(f"a route of pattern {self.pattern.value!r} needs '{key}'")
@@ -137,13 +200,15 @@ class Route(_Definition):
 
     @property
     def runs(self) -> str:
-        """The name of the graph or workflow the route runs."""
-        return self.graph or self.workflow or ""
+        """The name of the graph, workflow, swarm or agent the route runs."""
+        return self.graph or self.workflow or self.swarm or self.agent or ""
 
 
 class RateLimit(_Definition):
-    per_second: float = Field(default=50.0, gt=0)
-    burst: int = Field(default=100, ge=1)
+    """A token bucket, shared by the router replicas."""
+
+    per_second: float = Field(default=50.0, gt=0, description="Requests per second, on average.")
+    burst: int = Field(default=100, ge=1, description="Requests admitted at once after a quiet spell.")
 
 
 class ConnectionLimits(_Definition):
@@ -163,26 +228,44 @@ class ConnectionLimits(_Definition):
 class TenantPolicy(_Definition):
     """What one tenant may reach: its routes (targets), default route and tools."""
 
-    tenant: TenantId
-    default_route: Name | None = None
-    routes: dict[Name, Route] = Field(default_factory=dict)
-    tools: list[Name] = Field(default_factory=list)
-    rate_limit: RateLimit = Field(default_factory=RateLimit)
-    max_input_bytes: int = Field(default=64 * 1024, gt=0)
-    connection: ConnectionLimits = Field(default_factory=ConnectionLimits)
+    tenant: TenantId = Field(
+        description="The tenant id, as its tokens carry it.",
+        json_schema_extra={"pattern": f"^{TENANT_ID_PATTERN.pattern}$"},
+    )
+    default_route: Name | None = Field(default=None, description="The route of a request that names no target.")
+    routes: dict[Name, Route] = Field(
+        default_factory=dict, description="Targets a request may name, each a graph or a workflow."
+    )
+    tools: list[Name] = Field(default_factory=list, description="The tools the tenant's runs may call.")
+    rate_limit: RateLimit = Field(default_factory=RateLimit, description="Requests over it are `rate_limited`.")
+    max_input_bytes: int = Field(
+        default=64 * 1024, gt=0, description="The largest request input, in bytes of its JSON."
+    )
+    connection: ConnectionLimits = Field(
+        default_factory=ConnectionLimits, description="Limits of the tenant's connections to the broker."
+    )
     # Each user (principal) of the tenant sees only its own replies and run events; by default
     # the users of a tenant share its inbox namespace and events (isolation is between tenants).
-    principal_scoped: bool = False
+    principal_scoped: bool = Field(
+        default=False, description="Each user sees only its own replies and run events (default: the tenant's)."
+    )
 
     @model_validator(mode="after")
     def _default_is_a_route(self) -> TenantPolicy:
+        problems = []
         if self.default_route is not None and self.default_route not in self.routes:
-            raise ValueError(f"tenant {self.tenant!r}: default route {self.default_route!r} is not a route")
-        if self.connection.max_payload_bytes < self.max_input_bytes:
-            raise ValueError(
-                f"tenant {self.tenant!r}: connection.max_payload_bytes ({self.connection.max_payload_bytes}) is "
-                f"below max_input_bytes ({self.max_input_bytes}): no input that large could be sent"
+            message = f"default route {self.default_route!r} is not a route" + did_you_mean(
+                self.default_route, self.routes
             )
+            problems.append(Problem(("default_route",), message))
+        if self.connection.max_payload_bytes < self.max_input_bytes:
+            message = (
+                f"connection.max_payload_bytes ({self.connection.max_payload_bytes}) is below max_input_bytes "
+                f"({self.max_input_bytes}): no input that large could be sent"
+            )
+            problems.append(Problem(("connection", "max_payload_bytes"), message))
+        if problems:
+            raise Problems(f"tenant {self.tenant!r}", problems)
         return self
 
 
@@ -190,12 +273,22 @@ class TenantPolicy(_Definition):
 
 
 class DefinitionsFile(_Definition):
-    tools: list[ToolDefinition] = Field(default_factory=list)
-    mcp_servers: list[McpServer] = Field(default_factory=list)
-    graphs: list[GraphDefinition] = Field(default_factory=list)
-    models: list[ModelDefinition] = Field(default_factory=list)
-    workflows: list[WorkflowDefinition] = Field(default_factory=list)
-    tenants: list[TenantPolicy] = Field(default_factory=list)
+    """One definitions file: any of these lists (every file of a folder is merged into one catalog)."""
+
+    tools: list[ToolDefinition] = Field(default_factory=list, description="Tools, by `name`.")
+    mcp_servers: list[McpServer] = Field(default_factory=list, description="MCP servers that `mcp` tools use.")
+    graphs: list[GraphDefinition] = Field(default_factory=list, description="Graphs, by `name`.")
+    models: list[ModelDefinition] = Field(default_factory=list, description="Models that model nodes and steps ask.")
+    workflows: list[WorkflowDefinition] = Field(default_factory=list, description="Workflows, by `name`.")
+    agents: list[AgentDefinition] = Field(default_factory=list, description="Agents, by `name`.")
+    swarms: list[SwarmDefinition] = Field(default_factory=list, description="Swarms of agents, by `name`.")
+    guardrails: list[Guardrail] = Field(default_factory=list, description="Guardrails agents name, by `name`.")
+    tenants: list[TenantPolicy] = Field(default_factory=list, description="Tenants, by `tenant`.")
+    python_paths: list[str] = Field(
+        default_factory=list,
+        description="Folders, relative to this file, added to the services' import path (after the installed "
+        "packages), so that `python` tools and `function` nodes there import without PYTHONPATH.",
+    )
 
 
 class Catalog(BaseModel):
@@ -209,64 +302,191 @@ class Catalog(BaseModel):
     models: dict[str, ModelDefinition]
     tenants: dict[str, TenantPolicy]
     workflows: dict[str, WorkflowDefinition] = Field(default_factory=dict)
+    agents: dict[str, AgentDefinition] = Field(default_factory=dict)
+    swarms: dict[str, SwarmDefinition] = Field(default_factory=dict)
+    guardrails: dict[str, Guardrail] = Field(default_factory=dict)
 
     @classmethod
     def merge(cls, files: list[DefinitionsFile]) -> Catalog:
-        tools = _unique("tool", [t for f in files for t in f.tools], lambda t: t.name)
-        graphs = _unique("graph", [g for f in files for g in f.graphs], lambda g: g.name)
-        models = _unique("model", [m for f in files for m in f.models], lambda m: m.name)
-        servers = _unique("MCP server", [m for f in files for m in f.mcp_servers], lambda m: m.name)
-        tenants = _unique("tenant", [p for f in files for p in f.tenants], lambda p: p.tenant)
-        workflows = _unique("workflow", [w for f in files for w in f.workflows], lambda w: w.name)
+        """One catalog of every file's definitions. Raises :class:`DefinitionError` with every
+        problem (a name defined twice, a reference to something undefined), each at its place:
+        ``Problem.file`` is the index in ``files``, ``where`` a path into that file's data."""
+        problems: list[Problem] = []
+        origins: dict[tuple[str, str], tuple[int, int]] = {}
+
+        def collect(what: str, key: str, name_of: Any) -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            for file, definitions in enumerate(files):
+                for index, item in enumerate(getattr(definitions, key)):
+                    name = name_of(item)
+                    if name in found:
+                        where = (key, index, "tenant" if key == "tenants" else "name")
+                        problems.append(Problem(where, f"{what} {name!r} is defined twice", file))
+                        continue
+                    found[name] = item
+                    origins[(key, name)] = (file, index)
+            return found
+
         catalog = cls(
-            tools=tools, mcp_servers=servers, graphs=graphs, models=models, tenants=tenants, workflows=workflows
+            tools=collect("tool", "tools", lambda t: t.name),
+            mcp_servers=collect("MCP server", "mcp_servers", lambda m: m.name),
+            graphs=collect("graph", "graphs", lambda g: g.name),
+            models=collect("model", "models", lambda m: m.name),
+            tenants=collect("tenant", "tenants", lambda p: p.tenant),
+            workflows=collect("workflow", "workflows", lambda w: w.name),
+            agents=collect("agent", "agents", lambda a: a.name),
+            swarms=collect("swarm", "swarms", lambda s: s.name),
+            guardrails=collect("guardrail", "guardrails", lambda g: g.name),
         )
-        catalog._check_references()
+        problems += catalog._reference_problems(origins)
+        if problems:
+            raise DefinitionError("; ".join(problem.message for problem in problems), problems)
         return catalog
 
-    def _check_references(self) -> None:
+    def _reference_problems(self, origins: dict[tuple[str, str], tuple[int, int]]) -> list[Problem]:
+        problems: list[Problem] = []
+
+        def add(key: str, name: str, where: Location, message: str, unknown: str | None = None) -> None:
+            file, index = origins[(key, name)]
+            problems.append(Problem((key, index, *where), message, file, unknown))
+
+        known: dict[str, dict[str, Any]] = {
+            "tool": self.tools,
+            "graph": self.graphs,
+            "model": self.models,
+            "workflow": self.workflows,
+            "agent": self.agents,
+            "guardrail": self.guardrails,
+        }
         for tool in self.tools.values():
             if tool.mcp is not None and tool.mcp.server not in self.mcp_servers:
-                raise DefinitionError(f"tool {tool.name!r} uses unknown MCP server {tool.mcp.server!r}")
+                message = f"tool {tool.name!r} uses unknown MCP server {tool.mcp.server!r}"
+                hint = did_you_mean(tool.mcp.server, self.mcp_servers)
+                add("tools", tool.name, ("mcp", "server"), message + hint, tool.mcp.server)
+        for key, owner, definitions in (
+            ("graphs", "graph", self.graphs),
+            ("workflows", "workflow", self.workflows),
+            ("agents", "agent", self.agents),
+            ("swarms", "swarm", self.swarms),
+        ):
+            for definition in definitions.values():
+                for what, name, where in definition.uses():
+                    if name not in known[what]:
+                        message = f"{owner} {definition.name!r} uses unknown {what} {name!r}"
+                        add(key, definition.name, where, message + did_you_mean(name, known[what]), name)
+        for swarm in self.swarms.values():
+            for index, agent in enumerate(swarm.members):
+                for target in self.agents[agent].handoffs if agent in self.agents else ():
+                    if target not in swarm.members:
+                        message = f"swarm {swarm.name!r}: its member {agent!r} hands off to {target!r}, not a member"
+                        add("swarms", swarm.name, ("members", index), message)
         for graph in self.graphs.values():
-            for what, used, known in (
-                ("tool", graph.tools(), self.tools),
-                ("graph", graph.subgraphs(), self.graphs),
-                ("model", graph.models(), self.models),
-            ):
-                for name in sorted(used - set(known)):
-                    raise DefinitionError(f"graph {graph.name!r} uses unknown {what} {name!r}")
-            self.tools_of(graph.name)  # refuses subgraph cycles
-        for workflow in self.workflows.values():
-            for what, used, known in (
-                ("tool", workflow.tools(), self.tools),
-                ("graph", workflow.graphs(), self.graphs),
-                ("model", workflow.models(), self.models),
-            ):
-                for name in sorted(used - set(known)):
-                    raise DefinitionError(f"workflow {workflow.name!r} uses unknown {what} {name!r}")
+            try:
+                self.tools_of(graph.name)
+            except DefinitionError as cycle:
+                add("graphs", graph.name, (), cycle.message)
         for policy in self.tenants.values():
-            for tool in policy.tools:
+            for index, tool in enumerate(policy.tools):
                 if tool not in self.tools:
-                    raise DefinitionError(f"tenant {policy.tenant!r} allows unknown tool {tool!r}")
+                    message = f"tenant {policy.tenant!r} allows unknown tool {tool!r}" + did_you_mean(tool, self.tools)
+                    add("tenants", policy.tenant, ("tools", index), message, tool)
             for name, route in policy.routes.items():
-                known = self.workflows if route.pattern is Pattern.WORKFLOW else self.graphs
-                if route.runs not in known:
-                    raise DefinitionError(
+                runnable = self._runnable(route.pattern)
+                if route.runs not in runnable:
+                    message = (
                         f"tenant {policy.tenant!r}: route {name!r} uses unknown {route.pattern.value} {route.runs!r}"
                     )
-                missing = self.tools_of_route(route) - set(policy.tools)
+                    where = ("routes", name, RUNS_KEY[route.pattern])
+                    add("tenants", policy.tenant, where, message + did_you_mean(route.runs, runnable), route.runs)
+                    continue
+                try:
+                    missing = self.tools_of_route(route) - set(policy.tools)
+                except (DefinitionError, KeyError):  # a subgraph cycle or an unknown graph: reported above
+                    continue
                 if missing:
-                    raise DefinitionError(
+                    message = (
                         f"tenant {policy.tenant!r}: route {name!r} needs tools {sorted(missing)} "
                         "the tenant is not allowed"
                     )
+                    add("tenants", policy.tenant, ("routes", name), message)
+                if route.pattern is Pattern.ORCHESTRATOR and self.agents[route.runs].handoffs:
+                    message = (
+                        f"tenant {policy.tenant!r}: route {name!r}: an orchestrator's agent hands off to nobody "
+                        f"({route.runs!r} lists handoffs; make the route a swarm)"
+                    )
+                    add("tenants", policy.tenant, ("routes", name, "agent"), message)
+            if policy.tenant in self.tenants:
+                started = {r.runs for r in policy.routes.values() if r.pattern is Pattern.WORKFLOW}
+                for workflow in sorted(self._agent_reach(policy)[2] - started):
+                    message = (
+                        f"tenant {policy.tenant!r}: its agents start workflow {workflow!r}, which none of its "
+                        "routes names (a route gives the workflow its params)"
+                    )
+                    add("tenants", policy.tenant, ("routes",), message)
+        return problems
 
     def policy(self, tenant: str) -> TenantPolicy | None:
         return self.tenants.get(tenant)
 
+    def _runnable(self, pattern: Pattern) -> dict[str, Any]:
+        return {
+            Pattern.GRAPH: self.graphs,
+            Pattern.WORKFLOW: self.workflows,
+            Pattern.SWARM: self.swarms,
+            Pattern.ORCHESTRATOR: self.agents,
+        }[pattern]
+
+    def agents_of_route(self, route: Route) -> set[str]:
+        """The agents a conversation of a route may reach: a swarm's members or the orchestrator's
+        agent, and every agent those call as tools (transitively)."""
+        if route.pattern is Pattern.SWARM:
+            pending = list(self.swarms[route.runs].members)
+        elif route.pattern is Pattern.ORCHESTRATOR:
+            pending = [route.runs]
+        else:
+            return set()
+        found: set[str] = set()
+        while pending:
+            name = pending.pop()
+            if name in found or name not in self.agents:
+                continue
+            found.add(name)
+            pending += self.agents[name].agents
+        return found
+
+    def _agent_reach(self, policy: TenantPolicy) -> tuple[set[str], set[str], set[str]]:
+        """The tools, graphs and workflows a tenant's agents may call, through all its routes."""
+        tools: set[str] = set()
+        graphs: set[str] = set()
+        workflows: set[str] = set()
+        for route in policy.routes.values():
+            for name in self.agents_of_route(route):
+                agent = self.agents[name]
+                tools |= set(agent.tools)
+                graphs |= {g for g in agent.graphs if g in self.graphs}
+                workflows |= {w for w in agent.workflows if w in self.workflows}
+        return tools, graphs, workflows
+
+    def agents_of(self, tenant: str) -> frozenset[str]:
+        """Every agent a tenant's conversations may reach (its routes' swarms and orchestrators)."""
+        policy = self.tenants.get(tenant)
+        if policy is None:
+            return frozenset()
+        return frozenset(name for route in policy.routes.values() for name in self.agents_of_route(route))
+
     def tools_of_route(self, route: Route) -> set[str]:
-        """Every tool a route's runs can call (its graph's, or its workflow's and their graphs')."""
+        """Every tool a route's runs can call (its graph's, or its workflow's and their graphs', or
+        those of the agents of its conversations, their graphs' and workflows')."""
+        if route.pattern in (Pattern.SWARM, Pattern.ORCHESTRATOR):
+            tools: set[str] = set()
+            for name in self.agents_of_route(route):
+                agent = self.agents[name]
+                tools |= set(agent.tools)
+                tools |= set().union(*(self.tools_of(g) for g in agent.graphs if g in self.graphs))
+                for workflow in agent.workflows:
+                    if workflow in self.workflows:
+                        tools |= self.tools_of_route(Route(pattern=Pattern.WORKFLOW, workflow=workflow))
+            return tools
         if route.pattern is Pattern.WORKFLOW:
             workflow = self.workflows[route.runs]
             return set().union(workflow.tools(), *(self.tools_of(graph) for graph in workflow.graphs()))
@@ -281,8 +501,12 @@ class Catalog(BaseModel):
         for route in policy.routes.values():
             if route.pattern is Pattern.WORKFLOW:
                 found |= self.workflows[route.runs].graphs()
-            else:
+            elif route.pattern is Pattern.GRAPH:
                 found.add(route.runs)
+        _, graphs, workflows = self._agent_reach(policy)  # graphs agents run as tools, and workflows'
+        found |= graphs
+        for workflow in workflows:
+            found |= self.workflows[workflow].graphs()
         return frozenset(found)
 
     def workflows_of(self, tenant: str) -> dict[str, Route]:
@@ -299,15 +523,6 @@ class Catalog(BaseModel):
         definition = self.graphs[graph]
         tools = set(definition.tools())
         for child in definition.subgraphs():
-            tools |= self.tools_of(child, (*_within, graph))
+            if child in self.graphs:  # an unknown subgraph is a problem of its own
+                tools |= self.tools_of(child, (*_within, graph))
         return tools
-
-
-def _unique(what: str, items: list[Any], key: Any) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for item in items:
-        name = key(item)
-        if name in result:
-            raise DefinitionError(f"{what} {name!r} is defined twice")
-        result[name] = item
-    return result

@@ -14,14 +14,17 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from contracts.errors import CorralError, ErrorCode
+from contracts.errors import CorralError, ErrorCode, InvalidRequest
 from contracts.tenants import WireName as Name
 from contracts.tenants import WireRunId as RunId
 from contracts.tenants import WireTenantId as TenantId
+
+# A conversation's id: chosen by the client or the service, kept under the tenant's own keys.
+SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 SCHEMA_VERSION = 1
 # The largest body a service accepts; the server's max_payload is set to the same value.
@@ -81,6 +84,7 @@ class Kind(StrEnum):
     WORKFLOW_TASK = "workflow_task"
     WORKFLOW_SIGNAL = "workflow_signal"
     WORKFLOW_QUERY = "workflow_query"
+    SWARM_TURN = "swarm_turn"
     RESULT = "result"
     EVENT = "event"
     ERROR = "error"
@@ -95,6 +99,8 @@ class RouterRequest(_Payload):
 
     target: Name | None = None
     input: dict[str, JsonValue] = Field(default_factory=dict)
+    # The conversation a turn belongs to (routes of pattern swarm and orchestrator; None: a new one).
+    session: SessionId | None = None
     # Publish progress events on t.<tenant>.events.<run_id> (the client subscribes first).
     stream: bool = True
 
@@ -110,6 +116,20 @@ class WorkflowStart(_Payload):
 
     workflow: Name
     input: dict[str, JsonValue] = Field(default_factory=dict)
+    stream: bool = True
+
+
+class SwarmTurn(_Payload):
+    """One turn of a conversation: a user's message to a swarm (or to one agent, the
+    orchestrator's, or an agent called as a tool), in a session (None: a new one)."""
+
+    swarm: Name | None = None
+    agent: Name | None = None
+    message: str = Field(max_length=1_000_000)
+    session: SessionId | None = None
+    # False: an agent called as a tool by another (nothing is kept of its conversation).
+    keep: bool = True
+    depth: int = Field(default=0, ge=0, le=8)  # agents calling agents as tools, nested
     stream: bool = True
 
 
@@ -168,6 +188,12 @@ class EventType(StrEnum):
     COMPENSATING = "compensating"
     COMPENSATED = "compensated"
     CANCELLED = "cancelled"
+    # A conversation's turn (services/swarm).
+    AGENT_STARTED = "agent_started"
+    TOOL_CALLED = "tool_called"
+    HANDOFF = "handoff"
+    MESSAGE = "message"
+    LIMIT_REACHED = "limit_reached"
 
 
 class RunEvent(_Payload):
@@ -345,6 +371,35 @@ def envelope_of(payload_type: Any) -> type[Envelope[Any]]:
 
 def deadline_in(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
+
+
+# The payload each kind of envelope carries (what a reader validates it with).
+PAYLOADS: dict[Kind, type[BaseModel]] = {
+    Kind.REQUEST: RouterRequest,
+    Kind.GRAPH_RUN: GraphRun,
+    Kind.TOOL_CALL: ToolCall,
+    Kind.WORKFLOW_START: WorkflowStart,
+    Kind.WORKFLOW_TASK: WorkflowTask,
+    Kind.WORKFLOW_SIGNAL: WorkflowSignal,
+    Kind.WORKFLOW_QUERY: WorkflowQuery,
+    Kind.SWARM_TURN: SwarmTurn,
+    Kind.RESULT: Result,
+    Kind.EVENT: RunEvent,
+    Kind.ERROR: ErrorInfo,
+}
+
+
+def decode_envelope(data: bytes | str) -> Envelope[Any]:
+    """Any envelope, validated strictly, its payload as the payload of its ``kind`` (for tools and
+    tests; a service validates the one kind each operation takes)."""
+    try:
+        kind = Kind(json.loads(data)["kind"])
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequest("not an envelope: no known kind") from None
+    try:
+        return envelope_of(PAYLOADS[kind]).model_validate_json(data)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise InvalidRequest(f"invalid {kind.value} envelope: {error}") from None
 
 
 # Replies are results or errors; decoded loosely first, then by kind.

@@ -215,6 +215,38 @@ def placeholders(template: str) -> list[str]:
     return _PLACEHOLDER.findall(template)
 
 
+def argument_paths(value: Any, where: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every ``$path`` of an argument template, with where it is inside ``value`` (for load-time checks)."""
+    if isinstance(value, str) and value.startswith("$") and len(value) > 1:
+        return [(where, value[1:])]
+    if isinstance(value, Mapping):
+        return [found for key, item in value.items() for found in argument_paths(item, (*where, key))]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in argument_paths(item, (*where, index))]
+    return []
+
+
+def paths_in(source: str) -> list[str]:
+    """Every state path an expression reads, in full (``lookup.order.id``), in order of appearance."""
+    found: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.Name | ast.Attribute | ast.Subscript):
+            try:
+                path = _path_of(node, source)
+            except ExpressionError:
+                path = None
+            if path is not None:
+                if path[0] not in _LITERAL_NAMES:
+                    found.append(".".join(path))
+                return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source.strip(), mode="eval"))
+    return found
+
+
 def names_in(source: str) -> set[str]:
     """The first token of every state path an expression reads (for load-time reference checks)."""
     names: set[str] = set()

@@ -40,6 +40,7 @@ def tenant_permissions(
     return Permissions(
         publish=(
             subjects.router_request(tenant, principal),
+            *((subjects.router_request(tenant, principal, scopes),) if subjects.scopes_token(scopes) else ()),
             subjects.workflow_signal(tenant, principal),
             *(subjects.workflow_signal(tenant, principal, scope) for scope in held[:MAX_SIGNAL_SCOPES]),
             subjects.workflow_query(tenant, principal),

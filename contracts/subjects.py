@@ -22,7 +22,8 @@ INBOX = "_INBOX"
 # Subscription patterns for the services (queue groups named after the service). The subjects a
 # tenant publishes to end with its principal's token (:func:`principal_token`): the broker lets a
 # connection publish only with its own, so a service reads the principal from the subject.
-ROUTER_REQUESTS = "t.*.router.request.*"
+# t.<tenant>.router.request.<principal>, or .<principal>.<scopes> to send with the token's scopes.
+ROUTER_REQUESTS = "t.*.router.request.>"
 GRAPH_RUNS = "t.*.graph.run"
 WORKFLOW_STARTS = "t.*.workflow.start"
 # t.<tenant>.workflow.signal.<principal>, or .<principal>.<scope> to send as a holder of a scope.
@@ -68,9 +69,35 @@ def principal_of(token: str) -> str:
     return principal
 
 
-def router_request(tenant: str, principal: str) -> str:
-    """Where ``principal`` of ``tenant`` sends requests (the only subject it may publish to but one)."""
-    return f"t.{validate_tenant_id(tenant)}.router.request.{principal_token(principal)}"
+def router_request(tenant: str, principal: str, scopes: frozenset[str] = frozenset()) -> str:
+    """Where ``principal`` of ``tenant`` sends requests; with the ``scopes`` of its verified token
+    (:func:`scopes_token`), where the router's ``when`` rules see them (the broker lets a
+    connection publish there only with exactly its token's scopes)."""
+    subject = f"t.{validate_tenant_id(tenant)}.router.request.{principal_token(principal)}"
+    token = scopes_token(scopes)
+    return f"{subject}.{token}" if token else subject
+
+
+# The scopes of one token, joined, that a request subject may carry; a token with more presents none.
+MAX_SCOPES_BYTES = 512
+
+
+def scopes_token(scopes: frozenset[str]) -> str | None:
+    """The subject token of a set of scopes: base32 of the sorted scopes joined by spaces (None:
+    no scopes, or more than :data:`MAX_SCOPES_BYTES` of them)."""
+    raw = " ".join(sorted(scopes)).encode()
+    if not raw or len(raw) > MAX_SCOPES_BYTES:
+        return None
+    return base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+def scopes_of(token: str) -> frozenset[str]:
+    """The scopes a request subject's last token carries (:func:`scopes_token`)."""
+    try:
+        raw = base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+        return frozenset(raw.decode().split())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the request subject's scopes token is not one") from None
 
 
 def graph_run(tenant: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import AfterValidator, StringConstraints, WithJsonSchema
 
 from contracts.errors import InvalidRequest
 
@@ -60,7 +60,12 @@ def _as_value_error(check):  # pydantic wants ValueError from validators
 
 
 TenantId = Annotated[str, AfterValidator(_as_value_error(validate_tenant_id))]
-Name = Annotated[str, AfterValidator(_as_value_error(validate_name))]
+# Its JSON Schema states the grammar, so that an editor checks names in definitions files.
+Name = Annotated[
+    str,
+    AfterValidator(_as_value_error(validate_name)),
+    WithJsonSchema({"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$"}),
+]
 RunId = Annotated[str, AfterValidator(_as_value_error(validate_run_id))]
 
 

@@ -27,6 +27,18 @@ def unverified_claims(token: str) -> dict[str, Any]:
     return claims
 
 
+def scopes_in(claims: dict[str, Any]) -> frozenset[str]:
+    """The scopes and roles a token's claims carry (``scope``, ``scp``, ``roles``, ``groups``)."""
+    found: set[str] = set()
+    for name in ("scope", "scp", "roles", "groups"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            found.update(value.split())
+        elif isinstance(value, list):
+            found.update(str(item) for item in value)
+    return frozenset(found)
+
+
 def subject_of(token: str) -> str:
     """The ``sub`` claim of a token: the principal it names."""
     subject = unverified_claims(token).get("sub")

@@ -29,10 +29,19 @@ from typing import Annotated, Any, Literal
 import jsonschema
 from pydantic import ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from contracts.definitions_base import Definition
+from contracts.definitions_base import Definition, Location, Problem, Problems, did_you_mean
 from contracts.errors import ErrorCode
-from contracts.expressions import ExpressionError, compile_expression, names_in, placeholders
+from contracts.expressions import ExpressionError, compile_expression
 from contracts.graphs import CALLABLE_PATTERN
+from contracts.references import (
+    Reference,
+    argument_references,
+    argument_slips,
+    condition_references,
+    input_field_problem,
+    template_references,
+    template_slips,
+)
 from contracts.tenants import Name
 
 # Names the run state uses for itself: a step may not take them.
@@ -68,11 +77,13 @@ DEFAULT_RETRY_ON = (
 class RetryPolicy(Definition):
     """How a failed attempt is retried: exponential backoff, capped, for the listed error codes."""
 
-    initial_interval_s: float = Field(default=0.2, gt=0, le=3600)
-    backoff: float = Field(default=2.0, ge=1, le=10)
-    max_interval_s: float = Field(default=30.0, gt=0, le=86_400)
-    max_attempts: int = Field(default=3, ge=1, le=1000)
-    retry_on: list[ErrorCode] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    initial_interval_s: float = Field(default=0.2, gt=0, le=3600, description="Seconds before the second attempt.")
+    backoff: float = Field(default=2.0, ge=1, le=10, description="Each wait is this many times the one before.")
+    max_interval_s: float = Field(default=30.0, gt=0, le=86_400, description="The longest wait.")
+    max_attempts: int = Field(default=3, ge=1, le=1000, description="Attempts in all, the first included.")
+    retry_on: list[ErrorCode] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_ON), description="The error codes worth another attempt."
+    )
 
     def delay_s(self, attempt: int) -> float:
         """The wait before attempt ``attempt + 1``, after ``attempt`` (1-based) failed."""
@@ -85,24 +96,29 @@ class RetryPolicy(Definition):
 class Compensation(Definition):
     """The tool call that undoes a completed step; ``args`` may read the run state (``$step.x``)."""
 
-    tool: Name
-    args: dict[str, JsonValue] = Field(default_factory=dict)
+    tool: Name = Field(description="The tool that undoes the step.")
+    args: dict[str, JsonValue] = Field(default_factory=dict, description="Its arguments; `$path` reads the state.")
 
 
 class _Step(Definition):
-    name: Name
+    name: Name = Field(description="Unique in the workflow: the run state keeps the step's output under it.")
     description: str = ""
-    # The time one attempt may take.
-    timeout_s: float = Field(default=30.0, gt=0, le=86_400)
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    compensate: Compensation | None = None
+    timeout_s: float = Field(default=30.0, gt=0, le=86_400, description="Seconds one attempt may take.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="How a failed attempt is tried again.")
+    compensate: Compensation | None = Field(
+        default=None, description="The tool call that undoes the step when the run fails later (a saga)."
+    )
 
 
 class _Validated(_Step):
     # A JSON schema the step's output must match; an output outside it is tried again up to
     # ``validation_attempts`` times, a budget of its own (a model is re-asked, told what was wrong).
-    output_schema: dict[str, Any] | None = None
-    validation_attempts: int = Field(default=3, ge=1, le=20)
+    output_schema: dict[str, Any] | None = Field(
+        default=None, description="A JSON schema the output must match (a model is asked again, told why)."
+    )
+    validation_attempts: int = Field(
+        default=3, ge=1, le=20, description="Outputs outside `output_schema` tried before the step fails."
+    )
 
     @field_validator("output_schema")
     @classmethod
@@ -119,33 +135,37 @@ class ToolStep(_Validated):
     """Calls a tool; argument values starting with ``$`` read the run state (``$input.order_id``)."""
 
     kind: Literal[StepKind.TOOL] = StepKind.TOOL
-    tool: Name
-    args: dict[str, JsonValue] = Field(default_factory=dict)
+    tool: Name = Field(description="The tool to call (the tenant must be allowed it).")
+    args: dict[str, JsonValue] = Field(
+        default_factory=dict, description="The call's arguments; a string `$path` reads the state (`$input.order_id`)."
+    )
 
 
 class ModelStep(_Validated):
     """Asks a model; ``prompt`` and ``system`` are templates with ``{path}`` placeholders."""
 
     kind: Literal[StepKind.MODEL] = StepKind.MODEL
-    model: Name | None = None  # None: the workflow's model
-    system: str | None = None
-    prompt: str
+    model: Name | None = Field(default=None, description="The model to ask (default: the workflow's `model`).")
+    system: str | None = Field(default=None, description="The system message: a template.")
+    prompt: str = Field(description="The user message: a template with `{path}` placeholders.")
 
 
 class GraphStep(_Validated):
     """Runs a declared graph over the bus with ``input`` (resolved from the run state)."""
 
     kind: Literal[StepKind.GRAPH] = StepKind.GRAPH
-    graph: Name
-    input: dict[str, JsonValue] = Field(default_factory=dict)
+    graph: Name = Field(description="The graph to run.")
+    input: dict[str, JsonValue] = Field(default_factory=dict, description="Its input; `$path` reads the state.")
 
 
 class FunctionStep(_Validated):
     """An operator-supplied Python function ``module:function``, called with the resolved args."""
 
     kind: Literal[StepKind.FUNCTION] = StepKind.FUNCTION
-    callable: str = Field(pattern=CALLABLE_PATTERN)
-    args: dict[str, JsonValue] = Field(default_factory=dict)
+    callable: str = Field(
+        pattern=CALLABLE_PATTERN, description="`module:function`, importable by the workflow service."
+    )
+    args: dict[str, JsonValue] = Field(default_factory=dict, description="Keyword arguments; `$path` reads the state.")
 
 
 class OnTimeout(StrEnum):
@@ -161,10 +181,14 @@ class WaitStep(_Step):
     """
 
     kind: Literal[StepKind.WAIT] = StepKind.WAIT
-    signal: Name
-    scope: str | None = Field(default=None, min_length=1, max_length=128)
-    timeout_s: float = Field(default=WEEK_S, gt=0, le=365 * 86_400)
-    on_timeout: OnTimeout = OnTimeout.FAIL
+    signal: Name = Field(description="The signal to wait for (`corral workflow signal RUN approve`).")
+    scope: str | None = Field(
+        default=None, min_length=1, max_length=128, description="A scope the sender's token must hold."
+    )
+    timeout_s: float = Field(default=WEEK_S, gt=0, le=365 * 86_400, description="Seconds to wait.")
+    on_timeout: OnTimeout = Field(
+        default=OnTimeout.FAIL, description="`fail` the run, or `continue` with a null output."
+    )
 
     @field_validator("signal")
     @classmethod
@@ -178,7 +202,7 @@ class SleepStep(_Step):
     """A durable timer: the run goes on ``seconds`` after the step starts, across restarts."""
 
     kind: Literal[StepKind.SLEEP] = StepKind.SLEEP
-    seconds: float = Field(gt=0, le=365 * 86_400)
+    seconds: float = Field(gt=0, le=365 * 86_400, description="Seconds to wait, kept across restarts.")
 
 
 class BranchStep(_Step):
@@ -188,9 +212,9 @@ class BranchStep(_Step):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     kind: Literal[StepKind.BRANCH] = StepKind.BRANCH
-    condition: str = Field(alias="if")
-    then: list[Step] = Field(default_factory=list)
-    otherwise: list[Step] = Field(default_factory=list, alias="else")
+    condition: str = Field(alias="if", description="A condition over the state (`check.eligible == true`).")
+    then: list[Step] = Field(default_factory=list, description="The steps run when it holds.")
+    otherwise: list[Step] = Field(default_factory=list, alias="else", description="The steps run when it does not.")
 
     @field_validator("condition")
     @classmethod
@@ -209,8 +233,8 @@ class Join(StrEnum):
 
 class ParallelStep(_Step):
     kind: Literal[StepKind.PARALLEL] = StepKind.PARALLEL
-    branches: dict[Name, list[Step]] = Field(min_length=2)
-    join: Join = Join.ALL
+    branches: dict[Name, list[Step]] = Field(min_length=2, description="Lists of steps run at once, by name.")
+    join: Join = Field(default=Join.ALL, description="Go on when `all` branches finished, or `any` first.")
 
 
 Step = Annotated[
@@ -221,27 +245,68 @@ LEAF_KINDS = (ToolStep, ModelStep, GraphStep, FunctionStep)
 
 
 class WorkflowDefinition(Definition):
+    """Durable steps run in order; the run state holds ``input``, ``params`` and each step's output."""
+
     name: Name
     description: str = ""
-    # A JSON schema of the input; a start whose input does not match is refused.
-    input_schema: dict[str, Any] | None = None
-    steps: list[Step] = Field(min_length=1)
-    # A path into the final state (``refund.id``); default: the last step's output.
-    output: str | None = None
-    model: Name | None = None  # default model of the model steps
-    # A scope a principal must hold to cancel a run (default: any user of the tenant).
-    cancel_scope: str | None = Field(default=None, min_length=1, max_length=128)
+    input_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON schema of the input: a start outside it is refused, and steps may read only the "
+        "fields it declares.",
+    )
+    steps: list[Step] = Field(min_length=1, description="The steps, run in order; each has a `kind`.")
+    output: str | None = Field(
+        default=None, description="A path into the final state (`refund.id`; default: the last step's output)."
+    )
+    model: Name | None = Field(default=None, description="The model of model steps that name none.")
+    cancel_scope: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="A scope a principal must hold to cancel a run (default: any user of the tenant).",
+    )
+
+    @field_validator("input_schema")
+    @classmethod
+    def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                jsonschema.validators.validator_for(value).check_schema(value)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"input_schema is not a valid JSON schema: {exc.message}") from None
+        return value
 
     @model_validator(mode="after")
     def _well_formed(self) -> WorkflowDefinition:
         problems = _problems(self)
         if problems:
-            raise ValueError(f"workflow {self.name!r}: " + "; ".join(problems))
+            raise Problems(f"workflow {self.name!r}", problems)
         return self
 
     def walk(self) -> list[Any]:
         """Every step, depth first in declaration order."""
+        return [step for _, step in _walk(self.steps)]
+
+    def located(self) -> list[tuple[Location, Any]]:
+        """Every step with where it is in the definition (``steps, 2, then, 0``), depth first."""
         return list(_walk(self.steps))
+
+    def uses(self) -> list[tuple[str, str, Location]]:
+        """Every tool, graph and model the workflow names: (what, name, where in the workflow)."""
+        found: list[tuple[str, str, Location]] = []
+        for where, step in self.located():
+            if isinstance(step, ToolStep):
+                found.append(("tool", step.tool, (*where, "tool")))
+            if isinstance(step, GraphStep):
+                found.append(("graph", step.graph, (*where, "graph")))
+            if isinstance(step, ModelStep):
+                if step.model is not None:
+                    found.append(("model", step.model, (*where, "model")))
+                elif self.model is not None:
+                    found.append(("model", self.model, ("model",)))
+            if step.compensate is not None:
+                found.append(("tool", step.compensate.tool, (*where, "compensate", "tool")))
+        return found
 
     def tools(self) -> set[str]:
         found = {step.tool for step in self.walk() if isinstance(step, ToolStep)}
@@ -259,71 +324,85 @@ class WorkflowDefinition(Definition):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _walk(steps: list[Any]) -> Any:
-    for step in steps:
-        yield step
+def _walk(steps: list[Any], where: Location = ("steps",)) -> Any:
+    for index, step in enumerate(steps):
+        here = (*where, index)
+        yield here, step
         if isinstance(step, BranchStep):
-            yield from _walk(step.then)
-            yield from _walk(step.otherwise)
+            yield from _walk(step.then, (*here, "then"))
+            yield from _walk(step.otherwise, (*here, "else"))
         elif isinstance(step, ParallelStep):
-            for branch in step.branches.values():
-                yield from _walk(branch)
+            for name, branch in step.branches.items():
+                yield from _walk(branch, (*here, "branches", name))
 
 
-def _problems(workflow: WorkflowDefinition) -> list[str]:
-    problems: list[str] = []
-    steps = workflow.walk()
+def _problems(workflow: WorkflowDefinition) -> list[Problem]:
+    problems: list[Problem] = []
+    steps = workflow.located()
     if len(steps) > MAX_STEPS:
-        problems.append(f"{len(steps)} steps is more than {MAX_STEPS}")
+        problems.append(Problem(("steps",), f"{len(steps)} steps is more than {MAX_STEPS}"))
     seen: set[str] = set()
-    for step in steps:
+    for where, step in steps:
         if step.name in RESERVED_STEP_NAMES:
-            problems.append(f"step name {step.name!r} is reserved ({', '.join(sorted(RESERVED_STEP_NAMES))})")
+            message = f"step name {step.name!r} is reserved ({', '.join(sorted(RESERVED_STEP_NAMES))})"
+            problems.append(Problem((*where, "name"), message))
         if step.name in seen:
-            problems.append(f"step name {step.name!r} is used twice")
+            problems.append(Problem((*where, "name"), f"step name {step.name!r} is used twice"))
         seen.add(step.name)
         if isinstance(step, ModelStep) and step.model is None and workflow.model is None:
-            problems.append(f"model step {step.name!r} names no model and the workflow has no default model")
+            message = f"model step {step.name!r} names no model and the workflow has no default model"
+            problems.append(Problem(where, message))
     # References into the run state must name the input, the params or a step declared before.
+    names = {"input", "params", "run", *seen}
     known = {"input", "params", "run"}
-    for step in steps:
-        for reference in _references(step):
-            if reference not in known:
-                problems.append(
-                    f"step {step.name!r} reads {reference!r}, which is neither input, params "
-                    "nor a step declared before it"
-                )
+
+    def check(reference: Reference, known: set[str], message: str) -> None:
+        if reference.name == "input":
+            found = input_field_problem(reference, workflow.input_schema)
+            if found is not None:
+                problems.append(found)
+        elif reference.name not in known:
+            hint = did_you_mean(reference.name, known - {"run"})
+            problems.append(Problem(reference.where, message.format(name=reference.name) + hint))
+
+    for where, step in steps:
+        problems += _slips(step, where, names)
+        for reference in _references(step, where):
+            check(
+                reference,
+                known,
+                f"step {step.name!r} reads {{name!r}}, which is neither input, params nor a step declared before it",
+            )
         known.add(step.name)
         if step.compensate is not None:  # a compensation runs after its step: it may read its output
-            for reference in _references_of_args(step.compensate.args) - known:
-                problems.append(f"the compensation of step {step.name!r} reads {reference!r}, not a step before it")
+            for reference in argument_references(step.compensate.args, (*where, "compensate", "args")):
+                check(
+                    reference, known, f"the compensation of step {step.name!r} reads {{name!r}}, not a step before it"
+                )
     if workflow.output is not None and workflow.output.split(".")[0] not in known:
-        problems.append(f"output {workflow.output!r} does not start with a step name, input or params")
+        message = f"output {workflow.output!r} does not start with a step name, input or params"
+        problems.append(Problem(("output",), message + did_you_mean(workflow.output.split(".")[0], known - {"run"})))
     return problems
 
 
-def _references_of_args(value: Any) -> set[str]:
-    """The first path token of every ``$path`` in an argument template."""
-    if isinstance(value, str) and value.startswith("$") and len(value) > 1:
-        return {value[1:].split(".")[0]}
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        return set().union(*(_references_of_args(item) for item in value))
-    return set()
-
-
-def _references(step: Any) -> set[str]:
-    """The first path token of every state reference a step makes (args, templates, condition)."""
-    found: set[str] = set()
+def _references(step: Any, where: Location) -> list[Reference]:
+    """Every state reference a step makes (args, input, templates, condition), with where it is."""
+    found: list[Reference] = []
     for field in ("args", "input"):
-        found |= _references_of_args(getattr(step, field, None))
+        found += argument_references(getattr(step, field, None), (*where, field))
     for field in ("prompt", "system"):
-        text = getattr(step, field, None)
-        if isinstance(text, str):
-            found.update(path.split(".")[0] for path in placeholders(text))
+        found += template_references(getattr(step, field, None), (*where, field))
     if isinstance(step, BranchStep):
-        found.update(names_in(step.condition))
+        found += condition_references(step.condition, (*where, "if"))
+    return found
+
+
+def _slips(step: Any, where: Location, names: set[str]) -> list[Problem]:
+    found: list[Problem] = []
+    for field in ("args", "input"):
+        found += argument_slips(getattr(step, field, None), (*where, field), names)
+    for field in ("prompt", "system"):
+        found += template_slips(getattr(step, field, None), (*where, field), names)
     return found
 
 

@@ -26,19 +26,24 @@ async def read_trail(url: str, user: str, password: str, tenant: str) -> AuditRe
     """Every entry of ``tenant``'s chain in stream order, and what is wrong with the chain."""
     nc = await nats.connect(url, user=user, password=password, inbox_prefix=b"_INBOX._admin")
     try:
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        raw: list[tuple[int, str, bytes]] = []
-        sequence = 0
-        while True:
-            try:
-                message = await js.get_msg(STREAM, seq=sequence + 1, subject=subjects.tenant_audit(tenant), next=True)
-            except NotFoundError:
-                break
-            sequence = message.seq
-            raw.append((message.seq, message.subject, message.data))
+        return await read_trail_on(nc, tenant)
     finally:
         await nc.close()
+
+
+async def read_trail_on(nc: nats.NATS, tenant: str) -> AuditReport:
+    """The same, on an open connection of the operator's (``corral audit`` opens its own)."""
+    js = nc.jetstream()
+    info = await js.stream_info(STREAM)
+    raw: list[tuple[int, str, bytes]] = []
+    sequence = 0
+    while True:
+        try:
+            message = await js.get_msg(STREAM, seq=sequence + 1, subject=subjects.tenant_audit(tenant), next=True)
+        except NotFoundError:
+            break
+        sequence = message.seq
+        raw.append((message.seq, message.subject, message.data))
     # Nothing ever left the stream (its limits removed nothing): every chain must start at its
     # first entry. Otherwise a chain may start after older entries that the limits removed.
     problems = verify_trail(tenant, raw, starts_at_first=info.state.first_seq <= 1)

@@ -1,38 +1,91 @@
-"""The ``corral`` command: run the system, mint development tokens, send requests, benchmark."""
+"""The corral command: run the system, mint development tokens, send requests, benchmark.
+
+Every error ends in one line on standard error (``error: <code>: <message>``; with ``--json``,
+``{"ok": false, "error": {"code", "message"}}`` on standard output) and a non-zero exit status,
+never in a traceback (``CORRAL_DEBUG=1`` shows it)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from contracts import subjects
 from contracts.envelope import RunEvent
-from contracts.errors import CorralError
-from corral.state import ADMIN_USER, init_state, read_runtime_info, resolve_state_dir, write_runtime_info
+from contracts.errors import (
+    CorralError,
+    Forbidden,
+    Internal,
+    InvalidRequest,
+    NotFound,
+    TenantMismatch,
+    Unauthorized,
+    Unavailable,
+)
+from corral.state import (
+    ADMIN_USER,
+    RUNTIME_FILE,
+    existing_state_dir,
+    init_state,
+    read_runtime_info,
+    resolve_state_dir,
+    write_runtime_info,
+)
+from services.registry import NAMES as SERVICE_NAMES
 from services.runtime import loop as event_loop
 from services.runtime.credentials import load_secrets
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process that SIGPIPE ended (128 + 13)
+DESCRIPTION = "Corral: a multi-tenant runtime for AI agents. Run the system, send requests, inspect it."
+NATS_URL_HELP = "the broker (default: $CORRAL_NATS_URL, else the running system's, from corral.json)"
+TIMEOUT_HELP = "seconds before giving up, connecting included (default: 30)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return status
     except CorralError as error:
-        _fail(f"{error.code.value}: {error.message}", args)
+        _fail(error, args)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`corral audit --json | head`): stop quietly, as `cat` would.
+        # Python flushes stdout again at exit, so point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug, or something unforeseen: still one line, not a traceback
+        if os.environ.get("CORRAL_DEBUG"):
+            raise
+        _fail(Internal(f"{type(error).__name__}: {error} (CORRAL_DEBUG=1 shows the traceback)"), args)
+        return EXIT_ERROR
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("corral")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral", description=__doc__)
+    parser = argparse.ArgumentParser(prog="corral", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"corral {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
@@ -46,10 +99,10 @@ def _parser() -> argparse.ArgumentParser:
         _init,
         "write keys, credentials, the NATS configuration and the demo definitions into the state directory",
     )
-    init.add_argument("--port", type=int, default=4222)
+    init.add_argument("--port", type=int, default=4222, help="the port nats.conf makes the broker listen on")
     init.add_argument("--no-demo", dest="demo", action="store_false", help="do not copy the demo definitions")
     init.add_argument("--listen", default="127.0.0.1", help="address the broker listens on")
-    init.add_argument("--client-url", help="URL clients should use (written for `corral request`)")
+    init.add_argument("--client-url", help="the broker's URL as clients reach it (written for corral request)")
 
     up = command("up", _up, "start the broker and every service; Ctrl-C stops them")
     up.add_argument("--port", type=int, default=4222, help="broker port (0 picks a free one)")
@@ -59,17 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-demo", dest="demo", action="store_false", help="do not copy the demo definitions")
 
     token = command("token", _token, "mint a development token for a tenant")
-    token.add_argument("--tenant", required=True)
-    token.add_argument("--sub", default="dev")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds")
+    token.add_argument("--tenant", required=True, help="the tenant the token is for")
+    token.add_argument("--sub", default="dev", help="the token's principal, its sub (default: dev)")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default: 3600)")
     token.add_argument("--scope", action="append", default=[], help="a scope the token holds (repeatable)")
 
     request = command("request", _request, "send a request as a tenant and print its events and result")
     request.add_argument("text", nargs="?", help="the input's text (input.text)")
     _identity_flags(request)
     request.add_argument("--target", help="route name (default: the tenant's default route)")
+    request.add_argument("--session", help="a conversation's session (swarm and orchestrator routes) to go on with")
     request.add_argument("--input", type=_json_object, default={}, help="the input as a JSON object")
-    request.add_argument("--timeout", type=float, default=30.0)
+    request.add_argument("--timeout", type=float, default=30.0, help=TIMEOUT_HELP)
     request.add_argument("--json", action="store_true", help="machine-readable output")
     request.add_argument(
         "--idempotency-key", help="safe to run twice: sent once more if the replica running it gives it up"
@@ -81,6 +135,30 @@ def _parser() -> argparse.ArgumentParser:
         help="show the run's progress events live (default; --no-follow: only the result)",
     )
 
+    chat = command("chat", _chat, "talk with a swarm or an orchestrator route, turn by turn, in one session")
+    _identity_flags(chat)
+    chat.add_argument("--target", help="the route (default: the tenant's default route)")
+    chat.add_argument("--session", help="go on with this session (default: a new one)")
+    chat.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each turn (default: 120)")
+
+    route = command("route", _route, "route rules: which route a request would take, and why")
+    route_actions = route.add_subparsers(dest="action", required=True, metavar="ACTION")
+    explain = route_actions.add_parser(
+        "explain",
+        help="the route a request would take, and every rule tried",
+        description="the route a "
+        "request would take from the definitions (no broker needed), every rule tried on the way",
+    )
+    explain.add_argument("text", nargs="?", help="the input's text (input.text)")
+    explain.add_argument("--state-dir", help="state directory (default: $CORRAL_STATE_DIR, else ./.corral)")
+    explain.add_argument("--tenant", required=True, help="the tenant whose rules decide")
+    explain.add_argument("--target", help="a target named directly")
+    explain.add_argument("--input", type=_json_object, default={}, help="the input as a JSON object")
+    explain.add_argument("--sub", default="dev", help="the principal (principal.id)")
+    explain.add_argument("--scope", action="append", default=[], help="a scope of the token (repeatable)")
+    explain.add_argument("--definitions", help="definitions paths (default: the state directory's, CORRAL_DEFINITIONS)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
     workflow = command("workflow", _workflow, "start, list, show, signal and cancel workflow runs")
     actions = workflow.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -88,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help, description=help)
         sub.add_argument("--state-dir", help="state directory (default: $CORRAL_STATE_DIR, else ./.corral)")
         _identity_flags(sub)
-        sub.add_argument("--timeout", type=float, default=30.0)
+        sub.add_argument("--timeout", type=float, default=30.0, help=TIMEOUT_HELP)
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         return sub
 
@@ -99,38 +177,78 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--no-follow", dest="follow", action="store_false", help="print the run id and return")
     listing = action("list", "the tenant's runs, newest first")
     listing.add_argument("--status", help="only runs in this status (running, waiting, completed, failed, ...)")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=int, default=50, help="at most this many runs (default: 50)")
     show = action("show", "a run's history as a timeline: steps, attempts, timings, errors, approvals")
-    show.add_argument("run_id")
+    show.add_argument("run_id", help="the run (its id, as start and list print it)")
     send = action("signal", "send a signal (an approval) to a run; --scope sends it as the holder of a scope")
-    send.add_argument("run_id")
-    send.add_argument("signal")
+    send.add_argument("run_id", help="the run (its id, as start and list print it)")
+    send.add_argument("signal", help="the signal's name, the one its wait step waits for (approve)")
     send.add_argument("--data", type=_json_object, default={}, help="the signal's data as a JSON object")
     cancel = action("cancel", "cancel a run: its completed steps are compensated, in reverse order")
-    cancel.add_argument("run_id")
+    cancel.add_argument("run_id", help="the run (its id, as start and list print it)")
 
     bench = command(
         "bench",
         _bench,
         "measure router -> graph -> tool round trips against a raw nats-py chain; "
-        "`corral bench workflow`: workflow runs against Temporal, DBOS and raw JetStream",
+        "corral bench workflow: workflow runs against Temporal, DBOS and raw JetStream; "
+        "corral bench swarm: a three-agent conversation against the OpenAI Agents SDK and Strands",
     )
-    bench.add_argument("what", nargs="?", choices=("requests", "workflow"), default="requests")
-    bench.add_argument("--quick", action="store_true", help="workflow: small counts (a smoke run)")
+    bench.add_argument(
+        "what",
+        nargs="?",
+        choices=("requests", "workflow", "swarm"),
+        default="requests",
+        help="what to measure (requests)",
+    )
+    bench.add_argument("--quick", action="store_true", help="workflow, swarm: small counts (a smoke run)")
     bench.add_argument("--nats-url", help="benchmark a running system (its state directory gives credentials)")
-    bench.add_argument("--requests", type=int, default=2000)
-    bench.add_argument("--concurrency", type=int, default=64)
+    bench.add_argument("--requests", type=int, default=2000, help="requests per throughput phase (2000)")
+    bench.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (64)")
     bench.add_argument("--rounds", type=int, default=5, help="rounds of both contenders, back to back")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
     audit = command("audit", _audit, "list a tenant's audit records and verify their hash chain")
-    audit.add_argument("--tenant", required=True)
+    audit.add_argument("--tenant", required=True, help="whose records")
     audit.add_argument("--verify", action="store_true", help="check the chain; exit non-zero if it is broken")
-    audit.add_argument("--nats-url")
-    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--nats-url", help=NATS_URL_HELP)
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ping = command(
+        "ping",
+        _ping,
+        "ask a service's replicas whether they are up (exit 0 if one answers): the compose file's health check",
+    )
+    ping.add_argument("service", help=f"the service: {', '.join(SERVICE_NAMES)}")
+    ping.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for answers (default: 2)")
+    ping.add_argument("--nats-url", help=NATS_URL_HELP)
+    ping.add_argument("--json", action="store_true", help="machine-readable output")
+
+    validate = command(
+        "validate",
+        _validate,
+        "check definitions: every problem at once, each as file:line: path.to.key: message; nothing when all is well",
+    )
+    validate.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="definitions files or folders (default: $CORRAL_DEFINITIONS, else the state directory's definitions/)",
+    )
+
+    schema = command("schema", _schema, "print the JSON Schema of a definitions file (for editors)")
+    schema.add_argument("--reference", action="store_true", help="print the generated Markdown reference instead")
 
     asyncapi = command("asyncapi", _asyncapi, "print the AsyncAPI document of the bus API")
-    asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    asyncapi.add_argument("--format", choices=("yaml", "json"), default="yaml", help="the document's format (yaml)")
+    asyncapi.add_argument(
+        "--definitions",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help="also show the input schema of each graph these definitions route to (repeatable)",
+    )
     return parser
 
 
@@ -139,7 +257,7 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="application JWT (its tenant claim decides the tenant)")
     parser.add_argument("--sub", default="dev", help="the principal of a minted development token")
     parser.add_argument("--scope", help="a scope the minted token holds, and that a signal is sent as the holder of")
-    parser.add_argument("--nats-url")
+    parser.add_argument("--nats-url", help=NATS_URL_HELP)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -152,11 +270,82 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _fail(message: str, args: argparse.Namespace) -> None:
+def _fail(error: CorralError | str, args: argparse.Namespace) -> None:
+    """Report an error: one line on stderr, or with ``--json`` one object on stdout (a plain
+    message is reported as ``invalid_request``)."""
+    if isinstance(error, str):
+        error = InvalidRequest(error)
     if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "error": message}))
+        print(json.dumps({"ok": False, "error": {"code": error.code.value, "message": error.message}}), flush=True)
     else:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error.code.value}: {error.message}", file=sys.stderr, flush=True)
+
+
+def _secrets(state_dir: Path) -> Any:
+    """The state directory's secrets, or a clear error when they cannot be read."""
+    try:
+        return load_secrets(state_dir)
+    except PermissionError:
+        raise Forbidden(
+            f"cannot read {state_dir}/secrets.json: permission denied (was it written by another user, a"
+            " container's root? see docs/docker.md)"
+        ) from None
+    except (OSError, ValueError, KeyError) as error:
+        raise NotFound(f"cannot read the secrets in {state_dir}: {error}") from None
+
+
+def _broker_url(args: argparse.Namespace) -> tuple[str, str]:
+    """The broker's URL, and where it came from: ``--nats-url``, else ``$CORRAL_NATS_URL``, else
+    the ``corral.json`` a running ``corral up`` writes into its state directory."""
+    if getattr(args, "nats_url", None):
+        return args.nats_url, "--nats-url"
+    if os.environ.get("CORRAL_NATS_URL"):
+        return os.environ["CORRAL_NATS_URL"], "$CORRAL_NATS_URL"
+    state_dir = existing_state_dir(args.state_dir)
+    try:
+        info = read_runtime_info(state_dir)
+    except (OSError, ValueError) as error:
+        raise NotFound(f"cannot read {state_dir / RUNTIME_FILE}: {error}") from None
+    if not info or not info.get("nats_url"):
+        raise NotFound(
+            f"no running system found in {state_dir} (no {RUNTIME_FILE}: corral up writes it while it runs);"
+            " start one with `corral up`, or pass --nats-url"
+        )
+    return str(info["nats_url"]), str(state_dir / RUNTIME_FILE)
+
+
+# A command's connection: one attempt (and one retry 50 ms later), never a reconnection. nats-py
+# retries for ever with max_reconnect_attempts=0, so a dead URL used to hang the command.
+ONE_SHOT: dict[str, Any] = {"allow_reconnect": False, "max_reconnect_attempts": 1, "reconnect_time_wait": 0.05}
+
+
+def _connect_failure(url: str, source: str, error: BaseException, seen: list[Exception]) -> CorralError:
+    """What a failed connection to the broker means, as a typed error with one clear line."""
+    if isinstance(error, CorralError):  # the client's own finding (a token of another tenant)
+        return error
+    causes = [*seen, error]
+    if any("authorization violation" in str(cause).lower() for cause in causes):
+        return Unauthorized(f"the broker at {url} refused the token (Authorization Violation)")
+    cause = next((c for c in reversed(causes) if isinstance(c, OSError) and str(c)), None)
+    reason = str(cause) if cause is not None else (str(error) or type(error).__name__)
+    if isinstance(error, TimeoutError) and cause is None:
+        reason = "no answer in time"
+    stale = "; is the corral up that wrote it still running?" if source.endswith(RUNTIME_FILE) else ""
+    return Unavailable(f"cannot reach the broker at {url} (from {source}): {reason}{stale}")
+
+
+async def _connect(url: str, source: str, timeout: float, connect: Any) -> Any:
+    """Run ``connect(options)`` (one-shot options, with an error callback), within ``timeout``."""
+    seen: list[Exception] = []
+
+    async def noted(error: Exception) -> None:
+        seen.append(error)
+
+    options = {**ONE_SHOT, "connect_timeout": max(0.1, min(5.0, timeout)), "error_cb": noted}
+    try:
+        return await asyncio.wait_for(connect(options), timeout=max(0.1, timeout))
+    except (Exception, TimeoutError) as error:
+        raise _connect_failure(url, source, error, seen) from None
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -175,7 +364,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from corral.nats_server import BrokerError, free_port
-    from corral.system import StartInterrupted, StateDirBusy, SupervisionError, System
+    from corral.system import DefinitionsInvalid, StartInterrupted, StateDirBusy, SupervisionError, System
     from services.registry import NAMES
 
     replicas: dict[str, int] = {}
@@ -218,6 +407,10 @@ def _up(args: argparse.Namespace) -> int:
     except (BrokerError, StateDirBusy) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_ERROR
+    except DefinitionsInvalid as invalid:
+        problems = f"{invalid.count} problem{'s' if invalid.count > 1 else ''}"
+        print(f"error: the definitions have {problems}; nothing was started:\n{invalid}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
 
 
 def _print_welcome(system: Any, state_dir: Path) -> None:
@@ -237,50 +430,57 @@ def _print_welcome(system: Any, state_dir: Path) -> None:
 def _token(args: argparse.Namespace) -> int:
     from services.auth.tokens import mint_dev_token
 
-    secrets = load_secrets(resolve_state_dir(args.state_dir))
+    secrets = _secrets(existing_state_dir(args.state_dir))
     print(mint_dev_token(args.tenant, key=secrets.dev_key, sub=args.sub, ttl_s=args.ttl, scopes=tuple(args.scope)))
     return 0
 
 
-def _connection(args: argparse.Namespace) -> tuple[str, str, str]:
-    """(url, tenant, token) from flags, falling back to the running system's state directory."""
+def _connection(args: argparse.Namespace) -> tuple[str, str, str, str]:
+    """(url, where it came from, tenant, token) from the flags and the state directory."""
     import jwt
 
+    from contracts.tenants import validate_tenant_id
     from services.auth.tokens import mint_dev_token
 
-    state_dir = resolve_state_dir(args.state_dir)
-    info = read_runtime_info(state_dir) or {}
-    url = args.nats_url or info.get("nats_url")
-    if url is None:
-        raise SystemExit(
-            f"error: no running system found in {state_dir}; start one with `corral up` or pass --nats-url"
-        )
+    if args.tenant:
+        validate_tenant_id(args.tenant)
     if args.token:
         # The tenant only picks the inbox prefix; the broker grants permissions from the verified token.
-        claims = jwt.decode(args.token, options={"verify_signature": False})
-        tenant = args.tenant or claims.get("tenant_id")
-        if not tenant:
-            raise SystemExit("error: pass --tenant with a token whose tenant claim is not 'tenant_id'")
-        return url, tenant, args.token
+        try:
+            claims = jwt.decode(args.token, options={"verify_signature": False})
+        except jwt.PyJWTError as error:
+            raise Unauthorized(f"--token is not a JWT ({error})") from None
+        claimed = claims.get("tenant_id")
+        if args.tenant and isinstance(claimed, str) and claimed != args.tenant:
+            raise TenantMismatch(
+                f"the token is for tenant {claimed!r}, not {args.tenant!r}: leave out --tenant, or use a token"
+                f" of {args.tenant!r}"
+            )
+        tenant = args.tenant or claimed
+        if not isinstance(tenant, str) or not tenant:
+            raise InvalidRequest("pass --tenant with a token whose tenant claim is not 'tenant_id'")
+        url, source = _broker_url(args)
+        return url, source, validate_tenant_id(tenant), args.token
     if not args.tenant:
-        raise SystemExit("error: pass --tenant (or --token)")
+        raise InvalidRequest("pass --tenant (or --token)")
+    url, source = _broker_url(args)
     scopes = (args.scope,) if getattr(args, "scope", None) else ()
-    key = load_secrets(state_dir).dev_key
-    return url, args.tenant, mint_dev_token(args.tenant, key=key, sub=getattr(args, "sub", "dev"), scopes=scopes)
+    key = _secrets(existing_state_dir(args.state_dir)).dev_key
+    token = mint_dev_token(args.tenant, key=key, sub=getattr(args, "sub", "dev"), scopes=scopes)
+    return url, source, args.tenant, token
 
 
 async def _client(args: argparse.Namespace) -> Any:
-    """A tenant connection from the flags; None (reported) if the broker refused it."""
+    """A tenant connection from the flags, within ``--timeout``; a typed error if there is none."""
     from corral.client import CorralClient
 
-    url, tenant, token = _connection(args)
-    try:
-        return await CorralClient.connect(
-            url, tenant=tenant, token=token, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0
-        )
-    except Exception as exc:
-        _fail(f"unauthorized: could not connect as tenant {tenant!r} ({exc or type(exc).__name__})", args)
-        return None
+    url, source, tenant, token = _connection(args)
+    return await _connect(
+        url,
+        source,
+        args.timeout,
+        lambda options: CorralClient.connect(url, tenant=tenant, token=token, **options),
+    )
 
 
 def _show_event(args: argparse.Namespace) -> Any:
@@ -297,8 +497,6 @@ def _show_event(args: argparse.Namespace) -> Any:
 def _request(args: argparse.Namespace) -> int:
     async def run() -> int:
         client = await _client(args)
-        if client is None:
-            return EXIT_ERROR
         try:
             result = await client.request(
                 args.text,
@@ -308,6 +506,7 @@ def _request(args: argparse.Namespace) -> int:
                 on_event=_show_event(args),
                 watch=args.follow,
                 idempotency_key=args.idempotency_key,
+                session=args.session,
             )
         finally:
             await client.close()
@@ -329,13 +528,96 @@ def _request(args: argparse.Namespace) -> int:
     return event_loop.run(run())
 
 
+def _chat(args: argparse.Namespace) -> int:
+    """One conversation in the terminal: each line typed is a turn; who speaks, the tools it
+    calls, the handoffs and the tokens are shown as they happen."""
+
+    def shown(event: Any) -> None:
+        data, kind = event.data, event.type.value
+        if kind == "agent_started":
+            print(f"  [{data.get('agent')}]", flush=True)
+        elif kind == "tool_called":
+            print(f"  [{data.get('agent')}] calls {data.get('tool')}", flush=True)
+        elif kind == "handoff":
+            reason = f": {data['reason']}" if data.get("reason") else ""
+            print(f"  [{data.get('from')}] hands off to {data.get('to')}{reason}", flush=True)
+        elif kind == "limit_reached":
+            print(f"  limit reached ({data.get('limit')}): {data.get('message')}", flush=True)
+
+    async def run() -> int:
+        client = await _client(args)
+        session = args.session
+        try:
+            print("Type a message and press Enter; an empty line or Ctrl-D ends the conversation.", flush=True)
+            while True:
+                try:
+                    text = await asyncio.to_thread(input, "you> ")
+                except EOFError:
+                    break
+                if not text.strip():
+                    break
+                try:
+                    result = await client.request(
+                        text, target=args.target, timeout=args.timeout, on_event=shown, session=session
+                    )
+                except CorralError as error:
+                    print(f"  error ({error.code.value}): {error.message}", flush=True)
+                    continue
+                answer = result.output if isinstance(result.output, dict) else {"message": result.output}
+                session = answer.get("session", session)
+                print(f"{answer.get('agent', 'corral')}> {answer.get('message')}", flush=True)
+                print(f"  (session {session}, {answer.get('tokens', 0)} tokens)", flush=True)
+        finally:
+            await client.close()
+        return 0
+
+    return event_loop.run(run())
+
+
+def _route(args: argparse.Namespace) -> int:
+    """``corral route explain``: the router's decision for a request, from the definitions alone."""
+    from services.router.policy import Router
+    from services.runtime.catalog import load_catalog
+    from services.runtime.settings import split_paths
+
+    if args.definitions:
+        paths = split_paths(args.definitions)
+    elif os.environ.get("CORRAL_DEFINITIONS"):
+        paths = split_paths(os.environ["CORRAL_DEFINITIONS"])
+    else:
+        paths = [existing_state_dir(args.state_dir) / "definitions"]
+    catalog = load_catalog(paths)
+    router = Router(catalog)
+    policy = router.policy_for(args.tenant)
+    text_input = {"text": args.text} if args.text is not None else {}
+    facts_input = {**args.input, **text_input}
+    decision = router.decide(args.tenant, args.target, facts_input, principal=args.sub, scopes=frozenset(args.scope))
+    tried = [{"route": name, "when": policy.routes[name].when, "holds": False} for name in decision.passed]
+    if decision.chosen_by == "when":
+        tried.append({"route": decision.target, "when": decision.route.when, "holds": True})
+    answer = {
+        "tenant": args.tenant,
+        "target": decision.target,
+        "pattern": decision.route.pattern.value,
+        "runs": decision.route.runs,
+        "chosen_by": decision.chosen_by,
+        "tried": tried,
+    }
+    if args.json:
+        print(json.dumps(answer))
+        return 0
+    for step in tried:
+        print(f"  {'holds' if step['holds'] else 'no   '}  {step['route']}: when {step['when']}")
+    why = {"target": "named by the request", "when": "its rule holds", "default_route": "the tenant's default route"}
+    print(f"{decision.target} ({decision.route.pattern.value} {decision.route.runs}): {why[decision.chosen_by]}")
+    return 0
+
+
 def _workflow(args: argparse.Namespace) -> int:
     from corral.workflow_view import timeline
 
     async def run() -> int:
         client = await _client(args)
-        if client is None:
-            return EXIT_ERROR
         try:
             if args.action == "start":
                 if not args.json:
@@ -382,11 +664,18 @@ def _bench(args: argparse.Namespace) -> int:
         report = event_loop.run(run_workflow_bench(quick=args.quick, quiet=args.json))
         print(json.dumps(report) if args.json else table(report))
         return 0
+    if args.what == "swarm":
+        from corral.bench.swarm import run_swarm_bench
+        from corral.bench.swarm import table as swarm_table
+
+        report = event_loop.run(run_swarm_bench(quick=args.quick, quiet=args.json))
+        print(json.dumps(report) if args.json else swarm_table(report))
+        return 0
     from corral.bench import run_bench
 
     report = event_loop.run(
         run_bench(
-            state_dir=resolve_state_dir(args.state_dir) if args.nats_url else None,
+            state_dir=existing_state_dir(args.state_dir) if args.nats_url else None,
             nats_url=args.nats_url,
             requests=args.requests,
             concurrency=args.concurrency,
@@ -401,14 +690,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from contracts.tenants import validate_tenant_id
-    from corral.audit_reader import read_trail
+    from corral.audit_reader import read_trail_on
 
     validate_tenant_id(args.tenant)
-    state_dir = resolve_state_dir(args.state_dir)
-    url = args.nats_url or (read_runtime_info(state_dir) or {}).get("nats_url")
-    if url is None:
-        raise SystemExit(f"error: no running system found in {state_dir}; pass --nats-url")
-    report = event_loop.run(read_trail(url, "admin", load_secrets(state_dir).passwords[ADMIN_USER], args.tenant))
+
+    async def read() -> Any:
+        nc = await _admin(args, timeout=10.0)
+        try:
+            return await read_trail_on(nc, args.tenant)
+        finally:
+            await nc.close()
+
+    report = event_loop.run(read())
     if args.json:
         print(
             json.dumps(
@@ -433,10 +726,111 @@ def _audit(args: argparse.Namespace) -> int:
     return EXIT_ERROR if args.verify and report.problems else 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from services.runtime.catalog import check_definitions, configured_paths
+
+    setting = os.environ.get("CORRAL_DEFINITIONS")
+    paths = args.paths or configured_paths(setting, resolve_state_dir(args.state_dir))
+    if not args.paths and not setting and not paths[0].exists():
+        _fail(f"no definitions at {paths[0]}: `corral init` copies the demo's there; or pass a PATH", args)
+        return EXIT_ERROR
+    checked = check_definitions(paths, imports=True)
+    for problem in checked.problems:
+        print(problem)
+    if checked.problems:
+        count = len(checked.problems)
+        print(f"{count} problem{'s' if count > 1 else ''} in the definitions", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from corral.definitions_reference import render_reference, render_schema
+
+    print(render_reference() if args.reference else render_schema(), end="")
+    return 0
+
+
+async def _admin(args: argparse.Namespace, *, timeout: float) -> Any:
+    """The operator's connection (the state directory's ``admin`` user), within ``timeout``."""
+    import nats
+
+    url, source = _broker_url(args)
+    password = _secrets(existing_state_dir(args.state_dir)).passwords[ADMIN_USER]
+    return await _connect(
+        url,
+        source,
+        timeout,
+        lambda options: nats.connect(
+            url, user=ADMIN_USER, password=password, inbox_prefix=subjects.service_inbox_prefix(ADMIN_USER), **options
+        ),
+    )
+
+
+def _ping(args: argparse.Namespace) -> int:
+    """Ping a service's replicas; exit 0 if one answered within the timeout."""
+    if args.service not in SERVICE_NAMES:
+        raise InvalidRequest(f"no service {args.service!r}; the services are {', '.join(SERVICE_NAMES)}")
+
+    async def run() -> list[dict[str, Any]]:
+        started = time.monotonic()
+        nc = await _admin(args, timeout=args.timeout)
+        try:
+            left = max(0.05, args.timeout - (time.monotonic() - started))
+            return await ping_replicas(nc, args.service, left)
+        finally:
+            await nc.close()
+
+    replicas = event_loop.run(run())
+    if not replicas:
+        raise Unavailable(f"no replica of {args.service} answered within {args.timeout:g} s")
+    if args.json:
+        print(json.dumps({"ok": True, "service": args.service, "replicas": replicas}))
+    else:
+        for replica in replicas:
+            name = replica.get("name") or f"{args.service}-{replica.get('pid')}"
+            print(f"{name}  pid {replica.get('pid')}  in flight {replica.get('in_flight')}  {replica['ms']:.1f} ms")
+    return 0
+
+
+async def ping_replicas(nc: Any, service: str, timeout: float, settle: float = 0.2) -> list[dict[str, Any]]:
+    """Every replica of ``service`` that answers its ping: waits for the first answer up to
+    ``timeout``, then ``settle`` seconds more for the others (each reply names its replica)."""
+    inbox = nc.new_inbox()
+    answers: list[dict[str, Any]] = []
+    first = asyncio.Event()
+    sent = time.monotonic()
+
+    async def on_answer(msg: Any) -> None:
+        if not msg.data:  # an empty message is the broker's "no responders" status
+            return
+        with contextlib.suppress(ValueError):
+            answer = json.loads(msg.data)
+            if isinstance(answer, dict):
+                answers.append({**answer, "ms": (time.monotonic() - sent) * 1000})
+                first.set()
+
+    subscription = await nc.subscribe(inbox, cb=on_answer)
+    try:
+        await nc.flush()
+        await nc.flush()  # the subscription is in place before the ping goes out
+        sent = time.monotonic()
+        await nc.publish(subjects.ping(service), b"", reply=inbox)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(first.wait(), timeout=timeout)
+            await asyncio.sleep(min(settle, max(0.0, timeout - (time.monotonic() - sent))))  # the others' answers
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+    return sorted(answers, key=lambda answer: str(answer.get("name") or answer.get("pid")))
+
+
 def _asyncapi(args: argparse.Namespace) -> int:
     from corral.asyncapi import render_asyncapi
+    from services.runtime.catalog import load_catalog
 
-    print(render_asyncapi(args.format), end="")
+    catalog = load_catalog(args.definitions) if args.definitions else None
+    print(render_asyncapi(args.format, catalog), end="")
     return 0
 
 

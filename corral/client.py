@@ -32,10 +32,10 @@ from contracts.envelope import (
     new_envelope_json,
     new_id,
 )
-from contracts.errors import DeadlineExceeded, Unavailable, error_for
+from contracts.errors import DeadlineExceeded, TenantMismatch, Unavailable, error_for
 from contracts.replies import decode_reply
 from contracts.tenants import validate_tenant_id
-from contracts.tokens import subject_of
+from contracts.tokens import scopes_in, subject_of, unverified_claims
 from services.runtime import connection
 from services.runtime.requests import Requester
 
@@ -132,7 +132,21 @@ class CorralClient:
         )
         requester = Requester(nc)
         nc.quiet = requester.quiet
+        seen = len(self.errors)
         await requester.start()
+        # A token of another tenant may not read this tenant's inbox. The broker says so only
+        # asynchronously, to the error callback; after two round trips (a first PING may overtake
+        # the SUB) it has, so such a token fails here rather than each request at its deadline.
+        await nc.flush()
+        await nc.flush()
+        if any(_refused_inbox(error) for error in self.errors[seen:]):
+            self._closing = True
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise TenantMismatch(
+                f"this token may not act as tenant {self.tenant!r} (the broker refused it the tenant's inbox);"
+                " is it another tenant's token?"
+            )
         self._requester = requester
         return nc
 
@@ -158,7 +172,9 @@ class CorralClient:
         """Requests go to the subject that names the token's principal (its ``sub``): the only
         one the broker lets this connection publish requests to."""
         self.principal = subject_of(token)
-        self._router_subject = subjects.router_request(self.tenant, self.principal)
+        # With the token's scopes, so that the tenant's route rules (``when``) see them.
+        self.scopes = scopes_in(unverified_claims(token))
+        self._router_subject = subjects.router_request(self.tenant, self.principal, self.scopes)
 
     async def _on_error(self, error: Exception) -> None:
         self.errors.append(error)
@@ -211,8 +227,12 @@ class CorralClient:
         watch: bool = True,
         idempotency_key: str | None = None,
         follow: bool = True,
+        session: str | None = None,
     ) -> RunResult:
         """Send one request to the router and return its result; raises the typed error it ends in.
+
+        A conversation's turn (a swarm or orchestrator route) is ``text`` in ``session`` (None:
+        a new conversation); the output has the ``session`` to continue it with.
 
         A workflow route answers at once with the run it started (``{"run_id", "status": "running"}``);
         with ``follow`` (and ``watch``) the client then watches the run until it finishes (the
@@ -229,12 +249,12 @@ class CorralClient:
         """
         deadline = time.monotonic() + timeout
         try:
-            return await self._attempt(text, target, input, timeout, on_event, watch, idempotency_key, follow)
+            return await self._attempt(text, target, input, timeout, on_event, watch, idempotency_key, follow, session)
         except Unavailable:
             left = deadline - time.monotonic()
             if idempotency_key is None or left <= 0:
                 raise
-        return await self._attempt(text, target, input, left, on_event, watch, idempotency_key, follow)
+        return await self._attempt(text, target, input, left, on_event, watch, idempotency_key, follow, session)
 
     async def _attempt(
         self,
@@ -246,11 +266,12 @@ class CorralClient:
         watch: bool,
         idempotency_key: str | None,
         follow: bool = True,
+        session: str | None = None,
     ) -> RunResult:
         run_id = new_id()
         started = time.monotonic()
         text_input = {"text": text} if text is not None else {}
-        payload = RouterRequest(target=target, input={**(input or {}), **text_input}, stream=watch)
+        payload = RouterRequest(target=target, input={**(input or {}), **text_input}, session=session, stream=watch)
         body = new_envelope_json(
             Kind.REQUEST,
             self.tenant,
@@ -365,6 +386,12 @@ class CorralClient:
         except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
             raise Unavailable(NOT_CONNECTED) from None
         return decode_reply(msg.data)
+
+
+def _refused_inbox(error: Exception) -> bool:
+    """Whether an error the broker reported is its refusal of this connection's inbox subscription."""
+    text = str(error).lower()
+    return "permissions violation" in text and "subscription" in text and f'"{subjects.INBOX.lower()}.' in text
 
 
 def _is_workflow_start(output: Any) -> bool:

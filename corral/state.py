@@ -25,7 +25,9 @@ import nkeys
 
 from contracts import subjects
 from contracts.audit import STREAM as AUDIT_STREAM
+from contracts.errors import NotFound
 from contracts.permissions import Permissions
+from corral.definitions_reference import SCHEMA_FILE, SCHEMA_LINE
 from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
 from services.registry import SERVICES
 from services.runtime.credentials import SECRETS_FILE, Secrets, load_secrets
@@ -63,6 +65,28 @@ def resolve_state_dir(explicit: str | Path | None = None) -> Path:
     """``--state-dir``, else ``CORRAL_STATE_DIR``, else ``.corral/`` in the current directory."""
     chosen = explicit or os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR
     return Path(chosen).resolve()
+
+
+class StateDirNotFound(NotFound):
+    """No state directory (or none written yet) where :func:`resolve_state_dir` looks."""
+
+
+def existing_state_dir(explicit: str | Path | None = None) -> Path:
+    """The state directory a command reads (its secrets, the running system's URL), found as
+    :func:`resolve_state_dir` finds it; one message says where it looked when there is none."""
+    state_dir = resolve_state_dir(explicit)
+    if not (state_dir / SECRETS_FILE).is_file():
+        if explicit:
+            how = "from --state-dir"
+        elif os.environ.get("CORRAL_STATE_DIR"):
+            how = "from $CORRAL_STATE_DIR"
+        else:
+            how = "in the current folder"
+        raise StateDirNotFound(
+            f"no Corral state directory at {state_dir} ({how}): `corral up` or `corral init` writes one;"
+            " --state-dir or $CORRAL_STATE_DIR names another"
+        )
+    return state_dir
 
 
 def generate_secrets() -> Secrets:
@@ -112,8 +136,20 @@ def init_state(
     _write_private(state_dir / "nats.conf", config)
     definitions = state_dir / "definitions"
     if demo and not definitions.exists():
-        shutil.copytree(DEMO_DEFINITIONS, definitions)
+        copy_demo_definitions(definitions)
     return found
+
+
+def copy_demo_definitions(target: Path) -> None:
+    """Copy the demo definitions to ``target``, each file's ``yaml-language-server`` line pointed
+    at the installed JSON Schema (the shipped files name it relative to themselves), so that an
+    editor checks the copies too."""
+    shutil.copytree(DEMO_DEFINITIONS, target)
+    for path in sorted(target.glob("*.yaml")):
+        text = path.read_text()
+        if text.startswith(SCHEMA_LINE):
+            rest = text.partition("\n")[2]
+            path.write_text(f"{SCHEMA_LINE}{SCHEMA_FILE}\n{rest}")
 
 
 def _permissions_block(permissions: Permissions) -> dict[str, Any]:

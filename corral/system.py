@@ -72,6 +72,16 @@ class StartInterrupted(RuntimeError):
     """``start(stop=...)`` was asked to stop before the system was ready (it stopped what it started)."""
 
 
+class DefinitionsInvalid(RuntimeError):
+    """The definitions the services would read have problems: nothing was started.
+
+    ``str()`` is every problem, one ``file:line: path.to.key: message`` per line (as ``corral validate``)."""
+
+    def __init__(self, report: str, count: int) -> None:
+        super().__init__(report)
+        self.count = count
+
+
 def service_command(name: str, python: str = sys.executable) -> list[str]:
     """The command that runs one replica of a service."""
     return [python, "-m", BY_NAME[name].module]
@@ -144,6 +154,7 @@ class System:
         try:
             stop_orphans(self.state_dir, self.say)
             self.secrets = init_state(self.state_dir, port=self.port, demo=self.demo)
+            self._check_definitions()  # before any process: one report instead of a crash per service
             if self.nats_url is None:
                 log_dir = self.log_dir or self.state_dir
                 log_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +236,16 @@ class System:
             info["payments_url"] = self.payments_url
         write_json(self.state_dir / RUNTIME_FILE, info)
 
+    def _check_definitions(self) -> None:
+        """Check the definitions the services will read, as ``corral validate`` does (Python
+        callables imported too); raise :class:`DefinitionsInvalid` listing every problem."""
+        from services.runtime.catalog import check_definitions, configured_paths
+
+        setting = {**os.environ, **self.env}.get("CORRAL_DEFINITIONS")
+        checked = check_definitions(configured_paths(setting, self.state_dir), imports=True)
+        if checked.problems:
+            raise DefinitionsInvalid(checked.report(), len(checked.problems))
+
     # ---- children ------------------------------------------------------------------------
 
     def _start_broker(self) -> None:
@@ -244,6 +265,7 @@ class System:
             demo = {PAYMENTS_URL_VARIABLE: self.payments_url} if self.payments_url else {}
             command = service_command(name)
             env = {**os.environ, **service_environment(self.url, self.state_dir, **demo), **self.env}
+        env["CORRAL_REPLICA"] = str(replica)  # its name in logs: graph-2
         log_path = None
         output = None
         if self.log_dir is not None:

@@ -278,7 +278,7 @@ def serve_in_thread(ledger: RefundLedger | None = None, host: str = "127.0.0.1")
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m corral.demo.payments``: serve until SIGTERM or SIGINT, then exit 0."""
-    from services.runtime.logging import configure_logging
+    from services.runtime.logging import configure_logging, replica_name
 
     # Taken by sigwait below, never by a handler (which could interrupt a thread holding a lock);
     # blocked first, so a stop that comes while starting waits, and the serving thread inherits it.
@@ -290,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logger = configure_logging(
         "payments",
-        fmt=os.environ.get("CORRAL_LOG_FORMAT", "console"),
+        fmt=os.environ.get("CORRAL_LOG_FORMAT", "auto"),
         level=os.environ.get("CORRAL_LOG_LEVEL", "info"),
+        replica=replica_name("payments", os.environ.get("CORRAL_REPLICA"), os.getpid(), socket.gethostname()),
     )
     try:
         server = PaymentsServer((args.host, args.port), RefundLedger(args.state))

@@ -40,6 +40,11 @@ def register(
             await denials.start()
             # The callout's own account has no pings or statistics: they are answered from APP.
             await denials.nc.subscribe(subjects.stats(service.name), cb=service.answer_stats)
+            await denials.nc.subscribe(subjects.ping(service.name), cb=answer_ping)
+
+        async def answer_ping(msg: Msg) -> None:
+            if service.nc.is_connected:  # a probe asks about the callout's own connection
+                await service.answer_ping(msg)
 
         service.on_start(start_denials)
         service.on_stop(denials.stop)

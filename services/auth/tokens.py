@@ -20,6 +20,7 @@ import yaml
 from contracts.errors import InvalidRequest
 from contracts.subjects import MAX_PRINCIPAL_BYTES
 from contracts.tenants import is_tenant_id, validate_tenant_id
+from contracts.tokens import scopes_in
 from services.auth.errors import InvalidToken
 
 DEV_ALGORITHM = "HS256"
@@ -157,25 +158,12 @@ class TokenVerifier:
             validate_tenant_id(tenant)
         except InvalidRequest:
             raise InvalidToken(f"token's tenant claim is not a valid tenant id: {str(tenant)[:80]!r}") from None
-        if self.required_scope is not None and self.required_scope not in _scopes(claims):
+        if self.required_scope is not None and self.required_scope not in scopes_in(claims):
             raise InvalidToken(f"token lacks the required scope {self.required_scope!r}", tenant=tenant)
         subject = str(claims["sub"])
         if not subject or len(subject.encode()) > MAX_PRINCIPAL_BYTES:  # it names the principal in subjects
             raise InvalidToken(f"the token's subject must be 1 to {MAX_PRINCIPAL_BYTES} bytes", tenant=tenant)
-        return Identity(
-            tenant=tenant, subject=subject, expires_at=int(claims["exp"]), scopes=frozenset(_scopes(claims))
-        )
-
-
-def _scopes(claims: dict[str, Any]) -> set[str]:
-    found: set[str] = set()
-    for name in ("scope", "scp", "roles", "groups"):
-        value = claims.get(name)
-        if isinstance(value, str):
-            found.update(value.split())
-        elif isinstance(value, list):
-            found.update(str(item) for item in value)
-    return found
+        return Identity(tenant=tenant, subject=subject, expires_at=int(claims["exp"]), scopes=scopes_in(claims))
 
 
 def mint_dev_token(tenant: str, *, key: str, sub: str = "dev", ttl_s: int = 3600, scopes: tuple[str, ...] = ()) -> str:

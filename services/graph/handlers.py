@@ -14,6 +14,7 @@ from contracts.errors import CorralError, Internal
 from services.graph.errors import GraphNotFound
 from services.graph.executor import compile_library
 from services.llm import Completion, ModelRegistry
+from services.runtime.logging import run_targets
 from services.runtime.service import Request, Service
 
 NODE_EVENTS = {
@@ -32,6 +33,17 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     allowed = {tenant: catalog.graphs_of(tenant) for tenant in catalog.tenants}
     registry = models or ModelRegistry(catalog.models)
     service.on_stop(registry.aclose)
+    # The routes that run each graph, per tenant, to name the target in a run's log line (none:
+    # the graph runs as a step of the tenant's workflows).
+    targets = run_targets(catalog, "graph")
+    runs = service.runs
+
+    def log_run(req: Request[GraphRun], outcome: str, started: float) -> None:
+        if runs.wanted(outcome == "ok"):  # nothing is built for a run that is not logged
+            graph = req.payload.graph
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            target = targets.get(req.tenant, {}).get(graph)
+            runs.finished(req.tenant, req.envelope.run_id, "graph", target, outcome, elapsed_ms, graph)
 
     @service.handler("run")
     async def run_graph(req: Request[GraphRun]) -> Any:
@@ -52,11 +64,13 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
                 dict(payload.input), bus, timeout=req.remaining(service.settings.default_timeout_s)
             )
         except Exception as error:
+            known = error if isinstance(error, CorralError) else Internal("internal error")
             if stream:  # watchers always see how a run ended; the runtime turns the error into the reply
-                known = error if isinstance(error, CorralError) else Internal("internal error")
                 data = {"code": known.code.value, "message": known.message}
                 await req.emit(_finished(service, EventType.FAILED, started, data))
+            log_run(req, known.code.value, started)
             raise
+        log_run(req, "ok", started)
         if bus.tokens:
             req.log.info("model_usage", tokens=bus.tokens, graph=graph.definition.name)
         if stream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from contracts import subjects
 from contracts.definitions import Catalog
 from contracts.envelope import EventType, RouterRequest, RunEvent, new_id
 from contracts.errors import CorralError, NotFound
@@ -23,6 +24,8 @@ def register(service: Service, catalog: Catalog) -> Router:
     service.admission = router.admit
     scoped = frozenset(tenant for tenant, policy in catalog.tenants.items() if policy.principal_scoped)
     service.principal_scoped = scoped.__contains__
+    # A request with a reply subject outside the tenant's inbox gets its error on its run's events.
+    service.misdirected_to_events = True
 
     @service.handler("request")
     async def route_request(req: Request[RouterRequest]) -> Any:
@@ -30,20 +33,28 @@ def register(service: Service, catalog: Catalog) -> Router:
         if req.envelope.run_id is None:
             req = req.with_run_id(new_id())
         try:
-            decision = router.decide(req.tenant, req.payload.target, req.size)
+            rest = req.subject.rest  # ("request", <principal>[, <scopes>]): the broker checked both
+            scopes = subjects.scopes_of(rest[2]) if len(rest) > 2 else frozenset()
+            payload = req.payload
+            decision = router.decide(req.tenant, payload.target, payload.input, req.size, req.principal, scopes)
             pattern = decision.route.pattern
             if req.stream:  # built only when the client watches: nobody else listens to events
                 await req.emit(
                     RunEvent(
                         type=EventType.ACCEPTED,
                         service=service.name,
-                        data={"target": decision.target, "pattern": pattern.value},
+                        data={
+                            "target": decision.target,
+                            "pattern": pattern.value,
+                            "chosen_by": decision.chosen_by,
+                            "passed": list(decision.passed),
+                        },
                     )
                 )
             executor = EXECUTORS.get(pattern)
             if executor is None:
                 raise NotFound(f"no executor serves pattern {pattern.value!r} in this deployment")
-            run = executor.payload(decision.route, req.payload.input, req.stream)
+            run = executor.payload(decision.route, req.payload, req.stream)
             subject = executor.subject(req.tenant)
             liveness = service.watched[executor.service]
             if liveness.up:

@@ -2,7 +2,7 @@
 
 from contracts import subjects
 from contracts.envelope import Kind, RouterRequest, RunEvent
-from services.router.executors import EXECUTORS
+from services.router.executors import SERVED
 from services.runtime.manifest import Consume, Manifest, Publishes
 
 MANIFEST = Manifest(
@@ -20,8 +20,8 @@ MANIFEST = Manifest(
     ),
     publishes=(
         *(
-            Publishes(executor.runs, f"A run passed on to the {executor.service} executor, with the client's reply")
-            for executor in EXECUTORS.values()
+            Publishes(runs, f"A run passed on to the {service} executor, with the client's reply")
+            for service, runs in SERVED.items()
         ),
         Publishes(
             subjects.ALL_EVENTS,
@@ -31,8 +31,8 @@ MANIFEST = Manifest(
         ),
     ),
     # Relayed (not passed on) while no executor answered the last probe: fails at once, typed.
-    requests=tuple(executor.runs for executor in EXECUTORS.values()),
-    watches=tuple(executor.service for executor in EXECUTORS.values()),
+    requests=tuple(SERVED.values()),
+    watches=tuple(SERVED),
     # Each replica takes its share of a tenant's rate limit (services/router/policy.py).
     counts_replicas=True,
 )

@@ -6,12 +6,17 @@ No NATS here; the handler feeds it the tenant from the subject and the validated
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from contracts.definitions import Catalog, RateLimit, Route, TenantPolicy
+from pydantic_core import to_json
+
+from contracts.definitions import Catalog, Pattern, RateLimit, Route, TenantPolicy
 from contracts.errors import CorralError, Forbidden, InvalidRequest, NotFound, RateLimited
+from contracts.expressions import compile_expression, evaluate
 from contracts.tenants import is_tenant_id
+from services.runtime.json_schema import CompiledSchema
 
 
 @dataclass
@@ -50,6 +55,10 @@ class RateLimiter:
 class Decision:
     target: str
     route: Route
+    # Why this route: "target" (named by the request), "when" (its condition held) or "default_route".
+    chosen_by: str = "target"
+    # The routes whose conditions were tried first and did not hold (chosen_by "when" or "default_route").
+    passed: tuple[str, ...] = ()
 
 
 class Router:
@@ -58,6 +67,17 @@ class Router:
     def __init__(self, catalog: Catalog, limiter: RateLimiter | None = None) -> None:
         self.catalog = catalog
         self.limiter = limiter or RateLimiter()
+        # Each tenant's route conditions, compiled once, in the order its routes are declared.
+        self._conditions = {
+            tenant: tuple((name, compile_expression(r.when)) for name, r in policy.routes.items() if r.when)
+            for tenant, policy in catalog.tenants.items()
+        }
+        # The input schemas of the graphs, compiled once (a workflow checks its own at start).
+        self._inputs = {
+            name: CompiledSchema(graph.input_schema)
+            for name, graph in catalog.graphs.items()
+            if graph.input_schema is not None
+        }
 
     def policy_for(self, tenant: str) -> TenantPolicy:
         policy = self.catalog.policy(tenant)
@@ -78,17 +98,58 @@ class Router:
             return error
         return None
 
-    def decide(self, tenant: str, target: str | None, input_bytes: int) -> Decision:
-        """Which route serves an admitted request (the rate limit was :meth:`admit`'s)."""
+    def decide(
+        self,
+        tenant: str,
+        target: str | None,
+        input: Mapping[str, Any],
+        message_bytes: int | None = None,
+        principal: str | None = None,
+        scopes: frozenset[str] = frozenset(),
+    ) -> Decision:
+        """Which route serves an admitted request (the rate limit was :meth:`admit`'s), once its
+        input is within the tenant's size limit and the route's graph's input schema.
+
+        The limit counts the input's JSON, not the envelope around it; ``message_bytes`` (the
+        whole message) saves measuring an input whose message is within the limit already.
+
+        With no ``target``, the tenant's routes that carry a ``when`` are tried in their order over
+        the input and the verified ``principal`` and ``scopes`` (from the request's subject: never
+        what the input says); the first that holds serves it, else the default route. A target
+        named directly is served only if its own ``when`` holds (the same ``not_found`` as an
+        unknown one otherwise). No model is asked."""
         policy = self.policy_for(tenant)
-        if input_bytes > policy.max_input_bytes:
-            raise InvalidRequest(f"input of {input_bytes} bytes is over the tenant's limit of {policy.max_input_bytes}")
-        name = target or policy.default_route
-        if name is None:
-            raise InvalidRequest("no target given and the tenant has no default route")
+        if message_bytes is None or message_bytes > policy.max_input_bytes:
+            size = len(to_json(input))
+            if size > policy.max_input_bytes:
+                raise InvalidRequest(f"input of {size} bytes is over the tenant's limit of {policy.max_input_bytes}")
+        facts = {"input": input, "principal": {"id": principal, "scopes": sorted(scopes)}}
+        conditions = self._conditions.get(tenant, ())
+        chosen_by, passed = "target", []
+        if target is None:
+            name = None
+            for candidate, condition in conditions:
+                if evaluate(condition, facts):
+                    name, chosen_by = candidate, "when"
+                    break
+                passed.append(candidate)
+            if name is None:
+                name, chosen_by = policy.default_route, "default_route"
+                if name in passed:  # the default route's own condition did not hold either
+                    name = None
+            if name is None:
+                raise InvalidRequest("no route's condition holds and the tenant has no default route")
+        else:
+            name = target
         route = policy.routes.get(name)
-        if route is None:
-            # The same answer whether or not another tenant has a target of that name: a tenant
-            # cannot learn other tenants' graph names by asking.
+        held = chosen_by != "target" or all(n != name or evaluate(c, facts) for n, c in conditions)
+        if route is None or not held:
+            # The same answer whether or not another tenant has a target of that name (a tenant
+            # cannot learn other tenants' graph names by asking), or its condition does not hold.
             raise NotFound(f"unknown target {name!r}")
-        return Decision(target=name, route=route)
+        if route.pattern is Pattern.GRAPH and route.runs in self._inputs:
+            error = self._inputs[route.runs].first_error(input)
+            if error is not None:
+                where = "".join(f"[{step!r}]" for step in error.absolute_path)
+                raise InvalidRequest(f"the input of {name!r} does not match its schema: input{where}: {error.message}")
+        return Decision(target=name, route=route, chosen_by=chosen_by, passed=tuple(passed))

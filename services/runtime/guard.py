@@ -12,6 +12,11 @@ from contracts.errors import Forbidden, TenantMismatch
 SERVICE_INBOXES = f"{subjects.INBOX}._"
 
 
+class ReplyOutsideInbox(Forbidden):
+    """A reply subject that is not the tenant's own inbox (nor, scoped, the principal's): the
+    request cannot be answered on it (services/runtime/service.py says where it is told instead)."""
+
+
 def reply_allowed(reply: str, tenant: str, *, allow_service_inbox: bool, principal: str | None = None) -> bool:
     """Whether ``reply`` may be answered for ``tenant`` (see :func:`check_reply`)."""
     if principal is not None:
@@ -28,7 +33,8 @@ def check_reply(reply: str, tenant: str, *, allow_service_inbox: bool, principal
     """
     if reply and not reply_allowed(reply, tenant, allow_service_inbox=allow_service_inbox, principal=principal):
         where = f"principal {principal!r}'s" if principal is not None else f"tenant {tenant!r}'s"
-        raise Forbidden(f"reply subject is outside {where} inbox")
+        prefix = subjects.inbox_prefix(tenant, principal)
+        raise ReplyOutsideInbox(f"reply subject is outside {where} inbox: connect with inbox_prefix {prefix!r}")
 
 
 def check_tenant(envelope_tenant: str, subject_tenant: str) -> None:

@@ -209,10 +209,14 @@ class Manifest:
         user's, for those it has."""
         users = [User(self.name, self.account, self.permissions())]
         if self.audit_user is not None:
-            # It also answers the service's statistics requests, which come from APP.
+            # It also answers the service's pings and statistics requests, which come from APP.
             writer = Permissions(
                 publish=audit_api(self.name),
-                subscribe=(f"{subjects.service_inbox_prefix(self.audit_user)}.>", subjects.stats(self.name)),
+                subscribe=(
+                    f"{subjects.service_inbox_prefix(self.audit_user)}.>",
+                    subjects.ping(self.name),
+                    subjects.stats(self.name),
+                ),
                 allow_responses=True,
             )
             users.append(User(self.audit_user, APP_ACCOUNT, writer))

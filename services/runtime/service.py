@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import ValidationError
 
 from contracts import subjects
+from contracts.definitions_base import DefinitionError
 from contracts.envelope import (
     MAX_MESSAGE_BYTES,
     Envelope,
@@ -60,9 +62,9 @@ from services.runtime import loop as event_loop
 from services.runtime.audit import AuditTrail
 from services.runtime.credentials import service_credentials
 from services.runtime.fairness import Admission, FairShare
-from services.runtime.guard import check_reply, check_tenant, reply_allowed
+from services.runtime.guard import ReplyOutsideInbox, check_reply, check_tenant, reply_allowed
 from services.runtime.liveness import Liveness, Replicas
-from services.runtime.logging import configure_logging
+from services.runtime.logging import RunLog, configure_logging, replica_name
 from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
 from services.runtime.refusals import Refusals
 from services.runtime.request import FORWARDED, Request, encode_result
@@ -89,7 +91,15 @@ class Service:
         self.manifest = manifest
         self.name = manifest.name
         self.settings = settings or manifest.settings()
-        self.log = configure_logging(self.name, fmt=self.settings.log_format, level=self.settings.log_level)
+        # Its name in logs and ping answers: graph-2 (the index corral up gives it), else its pid.
+        self.replica_name = replica_name(self.name, self.settings.replica, os.getpid(), socket.gethostname())
+        self.log = configure_logging(
+            self.name, fmt=self.settings.log_format, level=self.settings.log_level, replica=self.replica_name
+        )
+        # The one info line per finished run, written by the executors (graph, workflow).
+        self.runs = RunLog(
+            self.log, self.settings.log_runs, self.settings.log_level, service=self.name, replica=self.replica_name
+        )
         self.audit_enabled = manifest.audit and manifest.in_app
         self.nc: Client = Client()
         self.stats = ServiceStats(self.name, replica_id=new_id())
@@ -113,6 +123,9 @@ class Service:
         # Whether a tenant's users are scoped to their own principal (its policy; the router
         # knows it): a tenant-facing message's reply must then be its principal's own inbox.
         self.principal_scoped: Callable[[str], bool] = lambda tenant: False
+        # Whether a tenant-facing request refused for its reply subject is told so on its run's
+        # events instead (the router's requests: :meth:`_report_misdirected`).
+        self.misdirected_to_events = False
         self.refusals = Refusals(self.log, None)
         self._refusing: set[asyncio.Task[None]] = set()
         self._refusals_due: list[tuple[Msg, CorralError, bool]] = []
@@ -215,7 +228,7 @@ class Service:
         for op in self.manifest.consumes:
             await self._subscribe(op)
         if self.manifest.in_app:
-            self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self._on_ping))
+            self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self.answer_ping))
             if self.manifest.counts_replicas:
                 self.replicas.start(self.nc)
             self._subscriptions.append(await self.nc.subscribe(subjects.stats(self.name), cb=self.answer_stats))
@@ -470,6 +483,8 @@ class Service:
             if not tenant_facing and envelope is not None:
                 principal = envelope.principal  # as the trusted service before this one wrote it
             await self._refuse(msg.subject, reply, tenant, envelope, error, principal, tenant_facing)
+            if isinstance(error, ReplyOutsideInbox) and tenant_facing and self.misdirected_to_events:
+                await self._report_misdirected(op, envelope_type, msg.data, tenant, principal, error)
             return None
         record = stats.start(tenant)
         durable = isinstance(op, Durable)
@@ -499,6 +514,45 @@ class Service:
         finally:
             stats.finish(record, time.perf_counter() - started, failure)
         return request
+
+    async def _report_misdirected(
+        self,
+        op: Consume | Durable,
+        envelope_type: type[Envelope[Any]],
+        data: bytes,
+        tenant: str | None,
+        principal: str | None,
+        error: CorralError,
+    ) -> None:
+        """A request whose reply subject is outside its tenant's inbox (a client connected without
+        ``inbox_prefix``) cannot be answered there: its typed error goes out as the ``failed`` event
+        of its run instead, on ``t.<tenant>.events.<principal>.<run_id>``, where a client that
+        subscribed to its run's events first hears of it (and not only its timeout).
+
+        The subject is the router's own choice: the tenant and the principal are the subject's
+        (the broker lets a connection publish requests only as itself) and the run id is the
+        envelope's (one token, checked) or a new one, so a request can have this published only
+        where its own requests' events go, once per request, and only once its envelope is valid
+        and names no other tenant or principal."""
+        if tenant is None or principal is None:
+            return
+        try:
+            envelope = decode_request(data, envelope_type)
+            check_tenant(envelope.tenant_id, tenant)
+        except CorralError:
+            return
+        if envelope.kind != op.kind or envelope.principal not in (None, principal):
+            return
+        if not getattr(envelope.payload, "stream", True):  # the client said it does not watch
+            return
+        run_id = envelope.run_id or new_id()
+        cause = envelope if envelope.run_id else envelope.model_copy(update={"run_id": run_id})
+        event = RunEvent(
+            type=EventType.FAILED, service=self.name, data={"code": error.code.value, "message": error.message}
+        )
+        with contextlib.suppress(Exception):
+            body = FollowEncoder(cause, principal=principal).encode(Kind.EVENT, event)
+            await self.nc.publish(subjects.events(tenant, principal, run_id), body)
 
     async def _abandon(self, request: Request[Any], subject: str, reply: str, tenant_facing: bool) -> None:
         """A message this replica stops working on: the requester is told so, typed and
@@ -609,10 +663,11 @@ class Service:
         )
         if not reply or tenant is None:
             return
-        # A tenant-facing reply of a principal-scoped tenant goes only to the principal's own inbox.
+        # A tenant-facing reply goes only to the tenant's inbox (never a service's, which no tenant
+        # may name), and for a principal-scoped tenant only to the principal's own.
         scope = principal if tenant_facing and self.principal_scoped(tenant) else None
         try:
-            check_reply(reply, tenant, allow_service_inbox=scope is None, principal=scope)
+            check_reply(reply, tenant, allow_service_inbox=not tenant_facing, principal=scope)
         except CorralError:
             return  # never answer into another tenant's inbox (nor, scoped, another user's)
         info = ErrorInfo.of(error)
@@ -623,15 +678,19 @@ class Service:
         with contextlib.suppress(Exception):
             await self.nc.publish(reply, body)
 
-    async def _on_ping(self, msg: Msg) -> None:
+    async def answer_ping(self, msg: Msg) -> None:
+        """Answer a readiness probe on ``corral.ping.<service>`` (on the connection it came by: a
+        service outside APP subscribes it on its connection there, as the auth service does)."""
         if msg.reply:
             body = {
                 "service": self.name,
+                "name": self.replica_name,
                 "replica": self.stats.replica_id,
                 "pid": os.getpid(),
                 "in_flight": len(self._in_flight),
             }
-            await self.nc.publish(msg.reply, json.dumps(body).encode())
+            with contextlib.suppress(Exception):
+                await msg.respond(json.dumps(body).encode())
 
     async def answer_stats(self, msg: Msg) -> None:
         """Answer a statistics request (a page of tenants, or the ones asked for) with a typed
@@ -690,7 +749,7 @@ def catalog_service(manifest: Manifest, register: Callable[[Service, Any], Any])
 
     def build(settings: Settings) -> Service:
         service = Service(manifest, settings)
-        register(service, load_catalog(settings.definitions_path()))
+        register(service, load_catalog(settings.definitions_paths()))
         return service
 
     return build
@@ -698,7 +757,10 @@ def catalog_service(manifest: Manifest, register: Callable[[Service, Any], Any])
 
 def run_service(build: Callable[[Settings], Service], manifest: Manifest) -> None:
     """Entry point of a service's ``__main__``: build it from its settings and run it."""
-    service = build(manifest.settings())
+    try:
+        service = build(manifest.settings())
+    except DefinitionError as error:  # every problem on its line, no traceback (`corral validate` prints the same)
+        raise SystemExit(f"{manifest.name}: the definitions have problems:\n{error.message}") from None
     with contextlib.suppress(KeyboardInterrupt):
         event_loop.run(service.run())
     structlog.get_logger().debug("exit")

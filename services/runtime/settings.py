@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.definitions import DefinitionError
+from services.runtime.catalog import split_paths
 
 
 class Settings(BaseSettings):
@@ -21,11 +22,16 @@ class Settings(BaseSettings):
     nats_user: str | None = None
     nats_password: str | None = None
     state_dir: Path | None = None
-    # A definitions file or folder; unset, the state directory's ``definitions/`` (which
-    # `corral init` fills with the demo the first time).
-    definitions: Path | None = None
-    log_format: Literal["console", "json"] = "console"
+    # Definitions files or folders, several separated by ':' (os.pathsep), all merged; unset, the
+    # state directory's ``definitions/`` (which `corral init` fills with the demo the first time).
+    definitions: str | Path | None = None
+    # auto: the console format on a terminal, JSON lines otherwise (services/runtime/logging.py).
+    log_format: Literal["auto", "console", "json"] = "auto"
     log_level: str = "info"
+    # The one line per finished run (run_finished): every run, only those not ending ok, or none.
+    log_runs: Literal["all", "failed", "off"] = "all"
+    # This replica's index among its service's (corral up sets it): its name in logs, graph-2.
+    replica: str | None = None
     # Messages handled concurrently per replica, and at most this many of one tenant's
     # (services/runtime/fairness.py); more wait in their tenant's queue, up to the limits below,
     # and past them are refused at once (rate_limited).
@@ -42,10 +48,16 @@ class Settings(BaseSettings):
     # How long a stopping service waits for in-flight messages.
     drain_timeout_s: float = Field(default=10.0, gt=0)
 
-    def definitions_path(self) -> Path:
+    def definitions_paths(self) -> list[Path]:
         """Where the definitions are: ``CORRAL_DEFINITIONS``, else ``<state dir>/definitions``."""
-        if self.definitions is not None:
-            return self.definitions
+        if isinstance(self.definitions, Path):
+            return [self.definitions]
+        if self.definitions:
+            return split_paths(self.definitions)
         if self.state_dir is not None:
-            return self.state_dir / "definitions"
+            return [self.state_dir / "definitions"]
         raise DefinitionError("no definitions: set CORRAL_DEFINITIONS or CORRAL_STATE_DIR")
+
+    # The name from before several paths were allowed (still used by services/auth and tests):
+    # the same list, which load_catalog takes.
+    definitions_path = definitions_paths

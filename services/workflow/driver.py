@@ -125,6 +125,8 @@ class Driver:
         # Runs driven on from the start that created them (no wake-up in between), per tenant.
         self._inline: dict[str, int] = {}
         self.stopping = False
+        # tenant -> workflow -> the route(s) that start it, for a finished run's log line.
+        self.targets: dict[str, dict[str, str]] = {}
 
     @property
     def recovery_s(self) -> float:
@@ -562,6 +564,14 @@ class _Run:
 
     async def _finished(self) -> None:
         state = self.state
+        runs = self.service.runs
+        outcome = "ok" if state.finished == "completed" else (state.finished or "failed")
+        if state.finished == "failed":
+            outcome = str((state.failure or {}).get("code") or "failed")
+        if runs.wanted(outcome == "ok"):
+            target = self.driver.targets.get(state.tenant, {}).get(state.workflow)
+            elapsed_ms = ((state.finished_at or time.time()) - state.started_at) * 1000
+            runs.finished(state.tenant, state.run_id, "workflow", target, outcome, elapsed_ms, state.workflow)
         await self._index(state.finished or "finished")
         if state.timer:  # a timer left behind would only wake the finished run once more
             await self.store.cancel_timer(state.tenant, state.run_id)

@@ -14,6 +14,7 @@ from contracts.envelope import EventType, RunEvent, WorkflowQuery, WorkflowSigna
 from contracts.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unavailable
 from contracts.workflows import CANCEL_SIGNAL
 from services.llm import ModelRegistry
+from services.runtime.logging import run_targets
 from services.runtime.service import Request, Service
 from services.workflow.driver import Driver, Library, summary
 from services.workflow.engine import MAX_BUFFERED_SIGNALS, Ev, RunState, later_waits, started, waiting_step
@@ -31,6 +32,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     registry = models or ModelRegistry(catalog.models)
     store = Store(history_max_bytes=WorkflowSettings.of(service.settings).workflow_history_max_bytes)
     driver = Driver(service, store, library, registry)
+    driver.targets = run_targets(catalog, "workflow")  # the route of each run, for its log line
     scoped = frozenset(tenant for tenant, policy in catalog.tenants.items() if policy.principal_scoped)
     service.principal_scoped = scoped.__contains__
     schemas = {

@@ -1,6 +1,8 @@
 """The workflow engine's declaration: starts, signals and queries in; its own work queue of
 wake-ups (a durable consumer); tool calls, graph runs and events out; its streams and buckets."""
 
+from pydantic import JsonValue
+
 from contracts import subjects
 from contracts.envelope import Kind, RunEvent, WorkflowQuery, WorkflowSignal, WorkflowStart, WorkflowTask
 from services.runtime.manifest import Consume, Durable, Manifest, Publishes, kv_api, stream_api
@@ -58,9 +60,20 @@ MANIFEST = Manifest(
             RunEvent,
             address="t.{tenant}.events.{principal}.{run_id}",
         ),
-        Publishes(subjects.WORKFLOW_HISTORY, "A run's history, one event per message (JetStream)"),
-        Publishes(subjects.WORKFLOW_TASKS, "A wake-up of one run (JetStream work queue)"),
-        Publishes(subjects.WORKFLOW_TIMERS, "A run's next timer (a scheduled message)"),
+        Publishes(
+            subjects.WORKFLOW_HISTORY,
+            "A run's history: each message a JSON array of its next events, appended only after the last "
+            f"(JetStream stream {HISTORY_STREAM}; no tenant may read or write it)",
+            list[dict[str, JsonValue]],
+            envelope=False,
+        ),
+        Publishes(subjects.WORKFLOW_TASKS, "A wake-up of one run (JetStream work queue)", WorkflowTask),
+        Publishes(
+            subjects.WORKFLOW_TIMERS,
+            f"A run's next timer (JetStream stream {TASKS_STREAM}): a wake-up scheduled with the header "
+            "Nats-Schedule @at, delivered to the run's task subject",
+            WorkflowTask,
+        ),
     ),
     requests=(subjects.TOOL_CALLS, subjects.GRAPH_RUNS),
     jetstream=(

@@ -89,7 +89,10 @@ def test_json_output_and_a_non_zero_exit_on_error(corral_up):
 
     missing = corral(env, "request", "--tenant", "acme", "--target", "no_such_route", "--json", "x")
     assert missing.returncode != 0
-    assert json.loads(missing.stdout) == {"ok": False, "error": "not_found: unknown target 'no_such_route'"}
+    assert json.loads(missing.stdout) == {
+        "ok": False,
+        "error": {"code": "not_found", "message": "unknown target 'no_such_route'"},
+    }
 
 
 def test_a_token_minted_by_corral_token_is_accepted(corral_up):
@@ -237,3 +240,32 @@ def test_scaled_services_each_answer_and_requests_still_flow(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_corral_chat_holds_the_readmes_support_conversation(corral_up):
+    _, env, _ = corral_up
+    lines = "What are your opening hours?\nWhere is my order A-1002?\nI want a refund for A-1002\n\n"
+    chat = subprocess.run(
+        [*CORRAL, "chat", "--tenant", "acme", "--target", "support"],
+        env=env,
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert chat.returncode == 0, chat.stderr
+    out = chat.stdout
+    assert "support_triage> We are open Monday to Friday" in out
+    assert "[support_triage] hands off to support_orders: an order question" in out
+    assert "[support_orders] calls orders_lookup" in out
+    assert "support_orders> Order A-1002 (Giant magnet) is delayed at the depot" in out
+    assert "support_billing> I have started refund" in out
+    sessions = {line.split()[1].rstrip(",") for line in out.splitlines() if line.strip().startswith("(session")}
+    assert len(sessions) == 1  # one conversation, three turns
+
+
+def test_corral_route_explain_says_which_rule_chose_what(corral_up):
+    _, env, _ = corral_up
+    explained = corral(env, "route", "explain", "--tenant", "acme", "--target", "support", "--json")
+    assert explained.returncode == 0, explained.stderr
+    assert json.loads(explained.stdout)["pattern"] == "swarm"

@@ -167,7 +167,11 @@ def test_a_fresh_non_editable_install_runs_the_demo_from_its_package_data(fresh_
     try:
         wait_for_file(state_dir / "corral.json", up, timeout=120)
         packaged = site_packages / "corral" / "demo" / "definitions" / "demo.yaml"
-        assert (state_dir / "definitions" / "demo.yaml").read_bytes() == packaged.read_bytes()
+        # The same file, but for its first line: the editor's schema, the installed one.
+        copied = (state_dir / "definitions" / "demo.yaml").read_text().split("\n", 1)
+        assert copied[1] == packaged.read_text().split("\n", 1)[1]
+        schema = Path(copied[0].removeprefix("# yaml-language-server: $schema="))
+        assert schema.is_relative_to(site_packages) and json.loads(schema.read_text())["title"]
 
         answer = run(
             [corral, "request", "--state-dir", str(state_dir), "--tenant", "acme", "where is my order?"],

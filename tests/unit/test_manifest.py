@@ -27,9 +27,11 @@ def test_a_service_may_publish_exactly_what_it_publishes_requests_and_probes_plu
     assert set(router.publish) == {
         subjects.GRAPH_RUNS,
         subjects.WORKFLOW_STARTS,
+        subjects.SWARM_TURNS,
         subjects.ALL_EVENTS,
         subjects.ping("graph"),
         subjects.ping("workflow"),
+        subjects.ping("swarm"),
         subjects.ping("router"),  # it counts its own replicas, to share each tenant's rate limit
         *audit_api("router"),
     }
