@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
+import dataclasses
 import time
 from typing import Any
 
@@ -82,13 +82,14 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             return {"agent": outcome.agent, "message": outcome.message, "tokens": outcome.tokens}
         session_id, turn_id, claim_s = payload.session or new_id(), new_id(), settings.swarm_claim_s
         session, revision = await sessions.claim(
-            tenant, session_id, turn_id, claim_s, new=fresh, principal=req.principal
+            tenant, session_id, turn_id, claim_s, new=fresh, principal=req.principal, fresh=payload.session is None
         )
         created = session is fresh
         if session.swarm != swarm.name:
             await sessions.release(tenant, session_id, session, revision, created)
             raise Conflict(f"session {session_id!r} is a conversation with {session.swarm!r}, not {swarm.name!r}")
-        before = copy.deepcopy(session)
+        # The session as it was (a turn only appends messages and replaces the other fields).
+        before = dataclasses.replace(session, messages=list(session.messages), context=dict(session.context))
         claim = _Claim(revision)
         keeper = asyncio.create_task(_keep(sessions, tenant, session_id, before, turn_id, claim_s, claim))
         await req.emit(
@@ -104,6 +105,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             await _stopped(keeper)
             await sessions.release(tenant, session_id, before, claim.revision, created)
             known = error if isinstance(error, CorralError) else Internal("internal error")
+            _logged(service, req, swarm, started, known.code.value)
             if isinstance(error, Exception):
                 await req.emit(
                     _finished(service, EventType.FAILED, started, {"code": known.code.value, "message": known.message})
@@ -121,10 +123,10 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             "model_calls": outcome.model_calls,
             "tokens": outcome.tokens,
         }
-        req.log.info("swarm_turn", session=session_id, agent=outcome.agent, tokens=outcome.tokens)
         await req.emit(
             _finished(service, EventType.COMPLETED, started, {"agent": outcome.agent, "session": session_id})
         )
+        _logged(service, req, swarm, started, "ok")
         return answer
 
     return sessions
@@ -211,6 +213,13 @@ def _tool_schemas(catalog: Catalog) -> dict[str, dict[str, Any]]:
         parameters = workflow.input_schema or {"type": "object"}
         schemas[name] = {"name": name, "description": workflow.description, "parameters": parameters}
     return schemas
+
+
+def _logged(service: Service, req: Request[SwarmTurn], swarm: SwarmDefinition, started: float, outcome: str) -> None:
+    """The turn's ``run_finished`` line (services/runtime/logging.py: RunLog)."""
+    pattern = "swarm" if req.payload.swarm is not None else "orchestrator"
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    service.runs.finished(req.tenant, req.envelope.run_id, pattern, None, outcome, elapsed_ms, swarm.name)
 
 
 def _finished(service: Service, kind: EventType, started: float, data: dict[str, Any]) -> RunEvent:

@@ -16,6 +16,7 @@ the bucket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -45,16 +46,24 @@ class Sessions:
             )
 
     async def claim(
-        self, tenant: str, session_id: str, turn: str, busy_s: float, *, new: Session, principal: str | None
+        self,
+        tenant: str,
+        session_id: str,
+        turn: str,
+        busy_s: float,
+        *,
+        new: Session,
+        principal: str | None,
+        fresh: bool = False,
     ) -> tuple[Session, int]:
         """The session (``new`` if it does not exist yet), claimed for ``turn`` for ``busy_s``;
         its revision."""
         key = f"{tenant}.{session_id}"
         until = time.time() + busy_s
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            entry = None
+        entry = None
+        if not fresh:  # an id the service just drew is new: nothing to read
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await self.kv.get(key)
         if entry is None or not entry.value:
             session = new
             try:
