@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.bench import percentile
-from corral.bench.workflow_others import Counts, measure_latencies, measure_throughput
+from corral.bench.workflow_others import Counts, measure_latencies, measure_throughput, run_sides
 from services.runtime import loop as event_loop
 
 SIDES = ("openai_agents", "strands")
@@ -320,25 +320,11 @@ _SIDE_FUNCTIONS: dict[str, Callable[[Counts], Awaitable[dict[str, Any]]]] = {
 }
 
 
-async def _guarded(side: str, counts: Counts) -> dict[str, Any]:
-    """One side's figures, or ``{"error": ...}``: a side that cannot run does not stop the other."""
-    try:
-        return await _SIDE_FUNCTIONS[side](counts)
-    except ImportError as error:
-        return {"error": f"{side} needs the bench extra (pip install -e '.[bench]'): {error}"}
-    except Exception as error:
-        return {"error": f"{type(error).__name__}: {error}"}
-
-
 async def run_others_async(
     sides: Sequence[str] = SIDES, quick: bool = False, counts: Counts | None = None
 ) -> dict[str, dict[str, Any]]:
     """The figures of each side, one side after another."""
-    unknown = set(sides) - set(SIDES)
-    if unknown:
-        raise ValueError(f"unknown sides {sorted(unknown)}; the sides are {', '.join(SIDES)}")
-    counts = counts or (QUICK if quick else DEFAULT)
-    return {side: await _guarded(side, counts) for side in sides}
+    return await run_sides(_SIDE_FUNCTIONS, sides, counts or (QUICK if quick else DEFAULT))
 
 
 def run_others(

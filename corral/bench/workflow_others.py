@@ -444,25 +444,31 @@ _SIDE_FUNCTIONS: dict[str, Callable[[Counts], Awaitable[dict[str, Any]]]] = {
 }
 
 
-async def _guarded(side: str, counts: Counts) -> dict[str, Any]:
+async def guarded(side: str, measure: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
     """One side's figures, or ``{"error": ...}``: a side that cannot run does not stop the others."""
     try:
-        return await _SIDE_FUNCTIONS[side](counts)
+        return await measure()
     except ImportError as error:
         return {"error": f"{side} needs the bench extra (pip install -e '.[bench]'): {error}"}
     except Exception as error:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+async def run_sides(
+    functions: dict[str, Callable[[Counts], Awaitable[dict[str, Any]]]], sides: Sequence[str], counts: Counts
+) -> dict[str, dict[str, Any]]:
+    """The figures of each side, one side after another (so they do not share the machine)."""
+    unknown = set(sides) - set(functions)
+    if unknown:
+        raise ValueError(f"unknown sides {sorted(unknown)}; the sides are {', '.join(functions)}")
+    return {side: await guarded(side, lambda side=side: functions[side](counts)) for side in sides}
+
+
 async def run_others_async(
     sides: Sequence[str] = SIDES, quick: bool = False, counts: Counts | None = None
 ) -> dict[str, dict[str, Any]]:
     """The figures of each side, one side after another (so they do not share the machine)."""
-    unknown = set(sides) - set(SIDES)
-    if unknown:
-        raise ValueError(f"unknown sides {sorted(unknown)}; the sides are {', '.join(SIDES)}")
-    counts = counts or (QUICK if quick else Counts())
-    return {side: await _guarded(side, counts) for side in sides}
+    return await run_sides(_SIDE_FUNCTIONS, sides, counts or (QUICK if quick else Counts()))
 
 
 def run_others(

@@ -59,7 +59,7 @@ from services.graph.errors import (
     TurnLimitExceeded,
     VisitLimitExceeded,
 )
-from services.llm import Completion
+from services.llm import Completion, assistant_message
 
 MAX_SUBGRAPH_DEPTH = 8
 
@@ -417,20 +417,7 @@ class CompiledGraph:
             answer = await runtime.call_model(model, messages, None, node.timeout_s, schemas)
             if not answer.tool_calls:
                 return {"answer": answer.content, "tool_calls": calls}
-            messages.append(
-                {
-                    "role": "assistant",
-                    "content": answer.content or None,
-                    "tool_calls": [
-                        {
-                            "id": call.id,
-                            "type": "function",
-                            "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-                        }
-                        for call in answer.tool_calls
-                    ],
-                }
-            )
+            messages.append(assistant_message(answer))
             for call in answer.tool_calls:
                 calls += 1
                 result = await self._agent_tool(node, call.name, call.arguments, runtime)

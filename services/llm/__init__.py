@@ -1,4 +1,4 @@
-"""Model clients, a library shared by the services that call models (graph, later swarm and workflow).
+"""Model clients, a library shared by the services that call models (graph, workflow and swarm).
 
 The deterministic scripted model is the offline default; :class:`OpenAIChatClient` speaks the
 OpenAI Chat Completions protocol over httpx (vLLM, Ollama, LiteLLM, hosted APIs), retrying under
@@ -13,7 +13,7 @@ from services.llm.metering import UsageMeter
 from services.llm.openai import OpenAIChatClient
 from services.llm.registry import ModelRegistry
 from services.llm.scripted import ScriptedModelClient
-from services.llm.types import Completion, ModelClient, ToolCallRequest, Usage
+from services.llm.types import Completion, ModelClient, ToolCallRequest, Usage, assistant_message
 
 __all__ = [
     "Completion",
@@ -27,4 +27,5 @@ __all__ = [
     "ToolCallRequest",
     "Usage",
     "UsageMeter",
+    "assistant_message",
 ]

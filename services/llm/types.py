@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +35,23 @@ class Completion:
     content: str
     tool_calls: tuple[ToolCallRequest, ...] = ()
     usage: Usage = Usage()
+
+
+def assistant_message(completion: Completion) -> dict[str, Any]:
+    """An answer with tool calls as the Chat Completions protocol keeps it in the history (each
+    call's result must follow it, as a ``tool`` message with its ``tool_call_id``)."""
+    return {
+        "role": "assistant",
+        "content": completion.content or None,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for call in completion.tool_calls
+        ],
+    }
 
 
 class ModelClient(Protocol):

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from contracts.agents import HANDED_OFF, HANDOFF_PREFIX, AgentDefinition, Guardrail, HandoffInput, SwarmDefinition
 from contracts.errors import CorralError, DeadlineExceeded, ErrorCode, Forbidden, LimitExceeded
-from services.llm import Completion, ModelRegistry
+from services.llm import Completion, ModelRegistry, assistant_message
 
 
 class Bus(Protocol):
@@ -273,19 +273,7 @@ class Turn:
 
 
 def _assistant(agent: str, completion: Completion) -> dict[str, Any]:
-    return {
-        "role": "assistant",
-        "agent": agent,
-        "content": completion.content or None,
-        "tool_calls": [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-            }
-            for call in completion.tool_calls
-        ],
-    }
+    return {**assistant_message(completion), "agent": agent}
 
 
 def _result(call_id: str, result: Any) -> dict[str, Any]:

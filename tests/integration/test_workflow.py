@@ -13,6 +13,7 @@ from corral.demo.payments import URL_VARIABLE, PaymentsError, RefundLedger, serv
 from services.auth.tokens import mint_dev_token
 from tests.support import workflow_tools
 from tests.support.services import running_services
+from tests.support.workflow_tools import waitfor_status
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "support" / "workflows"
 ALL = ("auth", "router", "tools", "workflow")
@@ -172,21 +173,6 @@ async def test_durable_timers_sleep_and_time_out_and_parallel_branches_join(syst
     assert outputs["both"] == {"left": {"value": 11, "tenant": "acme"}, "right": {"value": 21, "tenant": "acme"}}
     types = [e["type"] for e in shown["events"]]
     assert "sleeping" in types and "wait_timed_out" in types
-
-
-async def waitfor_status(client, run_id, status, timeout=20.0):
-    """The run's history once its index says ``status`` (polling the query: the test's clock)."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        shown = await client.show(run_id)
-        if shown["run"]["status"] == status:
-            return shown
-        if time.monotonic() > deadline:
-            raise AssertionError(f"run {run_id} is {shown['run']['status']}, not {status}")
-        await asyncio.sleep(0.1)
 
 
 class LostAnswer(PaymentsError):

@@ -12,6 +12,7 @@ from contracts.errors import Conflict, Forbidden
 from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
 from tests.support.services import running_services
+from tests.support.workflow_tools import waitfor_status
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "support" / "workflows"
 
@@ -54,18 +55,3 @@ async def test_a_signal_sent_before_its_wait_is_kept_and_taken_when_the_run_gets
     assert len(taken) == 1 and taken[0]["by"] == "manager" and taken[0]["data"] == {"amount": 7}
     # The run never waited at `second`: the kept signal was taken as it got there.
     assert not any(e["type"] == "waiting" and e["step"] == "second" for e in shown["events"])
-
-
-async def waitfor_status(client, run_id, status, timeout=20.0):
-    """The run's history once it says ``status`` (polling the query: the test's clock)."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        shown = await client.show(run_id)
-        if shown["run"]["status"] == status:
-            return shown
-        if time.monotonic() > deadline:
-            raise AssertionError(f"run {run_id} is {shown['run']['status']}, not {status}")
-        await asyncio.sleep(0.05)

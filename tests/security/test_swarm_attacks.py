@@ -6,32 +6,19 @@ whatever the model answers."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from contracts.errors import LimitExceeded, NotFound
 from corral.audit_reader import read_trail
-from corral.client import CorralClient
-from services.auth.tokens import mint_dev_token
 from tests.support import swarm_tools
-from tests.support.services import running_services
-
-DEFINITIONS = Path(__file__).resolve().parent.parent / "support" / "swarms"
+from tests.support.swarm_tools import client_for, swarm_system
 
 
 @pytest.fixture
 async def system(secured):
-    swarm_tools.reset()
-    names = ("auth", "router", "tools", "swarm")
-    async with running_services(secured.url, secured.state_dir, names, definitions=DEFINITIONS) as services:
+    async with swarm_system(secured) as services:
         yield secured, services
-
-
-async def client_for(broker, tenant="acme", sub="dev"):
-    return await CorralClient.connect(
-        broker.url, tenant=tenant, token=mint_dev_token(tenant, key=broker.secrets.dev_key, sub=sub)
-    )
 
 
 async def test_a_handoff_to_an_agent_outside_the_definition_is_refused_and_audited(system):

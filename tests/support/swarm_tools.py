@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from corral.client import CorralClient
+from services.auth.tokens import mint_dev_token
 from services.tools.context import ToolContext
+from tests.support.services import running_services
+
+DEFINITIONS = Path(__file__).resolve().parent / "swarms"
 
 CALLS: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
@@ -22,3 +30,17 @@ async def order_status(ctx: ToolContext, order_id: str = "") -> dict[str, Any]:
 async def account_balance(ctx: ToolContext, **arguments: Any) -> dict[str, Any]:
     CALLS["account_balance"].append({"tenant": ctx.tenant_id, **arguments})
     return {"balance": 42, "tenant": ctx.tenant_id}
+
+
+@contextlib.asynccontextmanager
+async def swarm_system(broker: Any) -> AsyncIterator[dict[str, Any]]:
+    """The services a conversation of tests/support/swarms/ needs, on ``broker``."""
+    reset()
+    names = ("auth", "router", "tools", "graph", "swarm")
+    async with running_services(broker.url, broker.state_dir, names, definitions=DEFINITIONS) as services:
+        yield services
+
+
+async def client_for(broker: Any, tenant: str = "acme", sub: str = "dev") -> CorralClient:
+    token = mint_dev_token(tenant, key=broker.secrets.dev_key, sub=sub)
+    return await CorralClient.connect(broker.url, tenant=tenant, token=token)

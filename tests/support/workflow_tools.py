@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -46,3 +47,15 @@ def double(value: int) -> int:
 
 async def add_one(value: int) -> int:
     return value + 1
+
+
+async def waitfor_status(client: Any, run_id: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
+    """The run's history once it says ``status`` (polling the query: the test's clock)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = await client.show(run_id)
+        if shown["run"]["status"] == status:
+            return shown
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {run_id} is {shown['run']['status']}, not {status}")
+        await asyncio.sleep(0.05)
