@@ -106,7 +106,8 @@ class Turn:
             async with asyncio.timeout(limits.turn_timeout_s):
                 return await self._run(session, message, time.monotonic() + limits.turn_timeout_s)
         except TimeoutError:
-            await self._limit("turn_timeout", f"the turn took longer than {limits.turn_timeout_s:g} s")
+            message = f"the turn took longer than {limits.turn_timeout_s:g} s"
+            await self.bus.event("limit_reached", {"limit": "turn_timeout", "message": message})
             raise DeadlineExceeded(
                 f"the turn took longer than its turn_timeout_s ({limits.turn_timeout_s:g} s)"
             ) from None
@@ -172,7 +173,7 @@ class Turn:
         """What the agent's model is given: its instructions, then the conversation (the whole of
         it, or for ``handoff_input: message`` only this turn's part)."""
         system = [{"role": "system", "content": agent.instructions}] if agent.instructions else []
-        kept = session.messages if agent.handoff_input is HandoffInput.FULL else session.messages[start:]
+        kept = session.messages if agent.handoff_input == HandoffInput.FULL else session.messages[start:]
         return system + [_wire(m) for m in kept]
 
     def _schemas(self, agent: AgentDefinition) -> list[dict[str, Any]]:

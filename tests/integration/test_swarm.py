@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from contracts.errors import Conflict, Forbidden, LimitExceeded, NotFound
 from tests.support import swarm_tools
@@ -147,3 +149,26 @@ async def test_an_agent_only_callable_as_a_tool_cannot_be_talked_to_directly(sys
             await globex.request("ask orders about it", target="concierge")
     finally:
         await globex.close()
+
+
+async def test_an_idle_session_is_forgotten_and_its_id_starts_afresh(secured, monkeypatch):
+    monkeypatch.setenv("CORRAL_SWARM_SESSION_IDLE_S", "1")
+    async with swarm_system(secured) as services:
+        acme = await client_for(secured)
+        try:
+            first = await acme.request("Where is my order?", target="support")
+            session = first.output["session"]
+            sessions = await services["swarm"].nc.jetstream().key_value("SWARM_SESSIONS")
+            deadline = time.monotonic() + 30
+            while True:  # the bucket's age limit removes it (polled: the broker's clock decides)
+                try:
+                    await sessions.get(f"acme.{session}")
+                except KeyNotFoundError:
+                    break
+                assert time.monotonic() < deadline, "the idle session was never forgotten"
+                await asyncio.sleep(0.2)
+            again = await acme.request("and my order?", target="support", session=session)
+        finally:
+            await acme.close()
+    # Forgotten: the same id is a new conversation, which starts at the entry agent.
+    assert first.output["agent"] == "orders" and again.output["handoffs"] == [{"from": "triage", "to": "orders"}]

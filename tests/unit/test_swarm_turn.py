@@ -3,13 +3,14 @@ guardrails and the session's bound, with scripted models and a recording bus."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 import yaml
 
-from contracts.agents import AgentDefinition, Guardrail, SwarmDefinition
-from contracts.errors import Forbidden, LimitExceeded
+from contracts.agents import AgentDefinition, Guardrail, HandoffInput, SwarmDefinition
+from contracts.errors import DeadlineExceeded, Forbidden, LimitExceeded
 from contracts.models import ModelDefinition
 from services.llm import ModelRegistry
 from services.swarm.turn import Session, Turn, bounded
@@ -164,3 +165,49 @@ def test_a_session_is_bounded_at_a_user_message():
     assert bounded(messages, 10) == messages
     # No cut point inside the window: nothing is kept rather than a tool result without its call.
     assert bounded(messages[:4], 2) == []
+
+
+class StuckBus(RecordingBus):
+    """A tool that never answers (the test never lets it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.never = asyncio.Event()
+
+    async def call_tool(self, tool, arguments, timeout):
+        await self.never.wait()
+
+
+async def test_the_turn_timeout_ends_a_stuck_turn_with_a_typed_error_and_an_event():
+    conversation, _ = turn({"turn_timeout_s": 0.05})
+    stuck = StuckBus()
+    conversation.bus = stuck
+    with pytest.raises(DeadlineExceeded, match="turn_timeout_s"):
+        await conversation.run(session(), "hungry")
+    assert stuck.events[-1][0] == "limit_reached" and stuck.events[-1][1]["limit"] == "turn_timeout"
+
+
+class Seen:
+    """A model that records what it was given, then answers like a_model/b_model would."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.given: list[list[dict]] = []
+
+    async def complete(self, messages, **options):
+        self.given.append(messages)
+        return await self.inner.complete(messages, **options)
+
+
+async def test_an_agent_taking_over_receives_what_its_definition_says():
+    for handoff_input, expected_users in (("full", ["earlier", "please lookup"]), ("message", ["please lookup"])):
+        conversation, _ = turn()
+        b = conversation.agents["b"].model_copy(update={"handoff_input": HandoffInput(handoff_input)})
+        conversation.agents = {**conversation.agents, "b": b}
+        seen = Seen(conversation.models.clients["b_model"])
+        conversation.models.clients["b_model"] = seen
+        kept = session()
+        kept.messages = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "a answers"}]
+        await conversation.run(kept, "please lookup")
+        users = [m["content"] for m in seen.given[0] if m["role"] == "user"]
+        assert users == expected_users, handoff_input
