@@ -114,6 +114,8 @@ class Turn:
 
     async def _run(self, session: Session, message: str, deadline: float) -> TurnOutcome:
         counts = _Counts()
+        if session.agent not in self.swarm.members:  # the definitions changed since: start over at the entry
+            session.agent = self.swarm.entry
         agent = self.agents[session.agent]
         start = len(session.messages)
         session.messages.append({"role": "user", "content": message})

@@ -211,3 +211,11 @@ async def test_an_agent_taking_over_receives_what_its_definition_says():
         await conversation.run(kept, "please lookup")
         users = [m["content"] for m in seen.given[0] if m["role"] == "user"]
         assert users == expected_users, handoff_input
+
+
+async def test_a_session_whose_agent_left_the_swarm_starts_again_at_the_entry():
+    conversation, _ = turn()
+    kept = session()
+    kept.agent = "retired"  # the definitions changed between two turns
+    outcome = await conversation.run(kept, "hello")
+    assert outcome.agent == "a" and outcome.message == "a answers"
