@@ -16,15 +16,32 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainValidator, WithJsonSchema
 
 from contracts.errors import CorralError, ErrorCode, InvalidRequest
 from contracts.tenants import WireName as Name
 from contracts.tenants import WireRunId as RunId
 from contracts.tenants import WireTenantId as TenantId
+from contracts.traceparent import PATTERN as TRACEPARENT_PATTERN
 
 # A conversation's id: chosen by the client or the service, kept under the tenant's own keys.
 SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# A W3C traceparent (contracts/traceparent.py); anything else a sender writes becomes None, never
+# an error: a tenant's malformed trace context costs it its trace, not its request.
+
+
+def _dropped_trace(value: object) -> None:
+    return None
+
+
+# The pattern is checked by pydantic-core (no Python on the hot path); only a malformed value
+# reaches the fallback, which drops it. All-zero ids pass the pattern: the router replaces them.
+Trace = Annotated[
+    Annotated[str, Field(pattern=TRACEPARENT_PATTERN)]  # noqa: RUF036 (left to right: None before the fallback)
+    | None
+    | Annotated[object, PlainValidator(_dropped_trace), WithJsonSchema({"type": "null"})],
+    Field(union_mode="left_to_right"),
+]
 
 SCHEMA_VERSION = 1
 # The largest body a service accepts; the server's max_payload is set to the same value.
@@ -232,7 +249,7 @@ class Envelope(BaseModel, Generic[P]):
     causation_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
     deadline: datetime | None = None
-    trace: str | None = Field(default=None, max_length=128)
+    trace: Trace = None
     idempotency_key: str | None = Field(default=None, max_length=128)
     payload: P
 
@@ -283,21 +300,24 @@ class FollowEncoder:
         until: float | None = None,
         principal: str | None = None,
         idempotency_key: str | None = None,
+        trace: str | None = None,
     ) -> None:
         """``until``: the cause's deadline as a timestamp, if the caller has it (cheaper to write).
         ``principal``: the verified principal, written instead of the one the cause claims.
-        ``idempotency_key``: carried on (a request passed on keeps its client's key); else none."""
+        ``idempotency_key``: carried on (a request passed on keeps its client's key); else none.
+        ``trace``: the traceparent to write instead of the cause's (this hop's span as the parent)."""
         text = _json_string
         if until is not None:
             deadline = f'"{_DEADLINES.at(until)}"'
         else:
             deadline = text(cause.deadline.isoformat()) if cause.deadline else "null"
         principal = cause.principal if principal is None else principal
+        trace = cause.trace if trace is None else trace
         self._shared = (
             f'"tenant_id":"{cause.tenant_id}","principal":{text(principal)},'  # tenant ids need no escaping
             f'"run_id":{text(cause.run_id)},"correlation_id":{text(cause.correlation_id or cause.id)},'
             f'"causation_id":{text(cause.id)},"deadline":{deadline},'
-            f'"trace":{text(cause.trace)},"idempotency_key":{text(idempotency_key)}'
+            f'"trace":{text(trace)},"idempotency_key":{text(idempotency_key)}'
         )
 
     def encode(self, kind: Kind, payload: BaseModel) -> bytes:
@@ -321,6 +341,7 @@ def new_envelope_json(
     deadline: datetime | float | None = None,
     idempotency_key: str | None = None,
     principal: str | None = None,
+    trace: str | None = None,
 ) -> bytes:
     """A new envelope (caused by nothing) as JSON bytes, the same fields as building the model and
     dumping it would write, without the model: what a client does for every request.
@@ -328,6 +349,7 @@ def new_envelope_json(
     ``tenant_id`` must already be a valid tenant id and ``payload`` a validated payload; the
     receiving service validates the whole envelope as it does any other. ``deadline`` may be a
     datetime or a POSIX timestamp. ``payload`` may already be JSON (of a valid payload).
+    ``trace``: a W3C traceparent (``contracts.traceparent.new_traceparent``), else none.
     """
     text = _json_string
     body = payload if isinstance(payload, bytes) else payload.model_dump_json().encode()
@@ -340,7 +362,7 @@ def new_envelope_json(
             f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
             f'"tenant_id":"{tenant_id}","principal":{text(principal)},"run_id":{text(run_id)},'
             f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
-            f'"deadline":{deadline_text},"trace":null,"idempotency_key":{text(idempotency_key)},"payload":'
+            f'"deadline":{deadline_text},"trace":{text(trace)},"idempotency_key":{text(idempotency_key)},"payload":'
         ).encode()
         + body
         + b"}"

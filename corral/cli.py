@@ -208,6 +208,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=5, help="rounds of both contenders, back to back")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
+    top = command("top", _top, "live per-tenant traffic from the monitor: rates, errors, denials, latencies")
+    top.add_argument("--monitor-url", help="the monitor (default: $CORRAL_MONITOR_URL, else corral.json's)")
+    top.add_argument("--token", help="a bearer token (default: the operator token in the state directory)")
+    top.add_argument("--tenant", help="show this tenant's subject families instead of every tenant")
+    top.add_argument("--limit", type=int, help="at most this many tenants, the busiest")
+    top.add_argument("--once", action="store_true", help="print the table once and exit")
+    top.add_argument("--json", action="store_true", help="print the monitor's answer once, as JSON")
+    top.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer (default: 5)")
+
     audit = command("audit", _audit, "list a tenant's audit records and verify their hash chain")
     audit.add_argument("--tenant", required=True, help="whose records")
     audit.add_argument("--verify", action="store_true", help="check the chain; exit non-zero if it is broken")
@@ -686,6 +695,25 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from contracts.tenants import validate_tenant_id
+    from corral.top import monitor_url, operator_token, run_top
+
+    if args.tenant:
+        validate_tenant_id(args.tenant)
+    base_url, _ = monitor_url(args.monitor_url, args.state_dir)
+    token = args.token or operator_token(args.state_dir)
+    return run_top(
+        base_url=base_url,
+        token=token,
+        tenant=args.tenant,
+        limit=args.limit,
+        once=args.once,
+        as_json=args.json,
+        timeout=args.timeout,
+    )
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from contracts.errors import DeadlineExceeded, TenantMismatch, Unavailable, erro
 from contracts.replies import decode_reply
 from contracts.tenants import validate_tenant_id
 from contracts.tokens import scopes_in, subject_of, unverified_claims
+from contracts.traceparent import new_traceparent, valid_or_none
 from services.runtime import connection
 from services.runtime.requests import Requester
 
@@ -53,6 +54,8 @@ class RunResult:
     run_id: str
     output: Any
     events: list[RunEvent] = field(default_factory=list)
+    # The request's W3C traceparent: its trace id names the run's spans (docs/monitor.md, Traces).
+    trace: str | None = None
 
 
 class CorralClient:
@@ -228,6 +231,7 @@ class CorralClient:
         idempotency_key: str | None = None,
         follow: bool = True,
         session: str | None = None,
+        trace: str | None = None,
     ) -> RunResult:
         """Send one request to the router and return its result; raises the typed error it ends in.
 
@@ -246,15 +250,21 @@ class CorralClient:
         With an ``idempotency_key`` (the caller's promise that running it twice is safe) a request
         answered ``unavailable`` is sent once more, as a new run, within the same deadline; for
         work that must never be lost, use the workflow pattern.
+
+        ``trace``: the W3C traceparent to send (the caller's own span, to join its trace); without
+        one, or if it is not valid, the request starts a new trace (``RunResult.trace``).
         """
         deadline = time.monotonic() + timeout
+        trace = valid_or_none(trace) or new_traceparent()
         try:
-            return await self._attempt(text, target, input, timeout, on_event, watch, idempotency_key, follow, session)
+            return await self._attempt(
+                text, target, input, timeout, on_event, watch, idempotency_key, follow, session, trace
+            )
         except Unavailable:
             left = deadline - time.monotonic()
             if idempotency_key is None or left <= 0:
                 raise
-        return await self._attempt(text, target, input, left, on_event, watch, idempotency_key, follow, session)
+        return await self._attempt(text, target, input, left, on_event, watch, idempotency_key, follow, session, trace)
 
     async def _attempt(
         self,
@@ -267,6 +277,7 @@ class CorralClient:
         idempotency_key: str | None,
         follow: bool = True,
         session: str | None = None,
+        trace: str | None = None,
     ) -> RunResult:
         run_id = new_id()
         started = time.monotonic()
@@ -279,6 +290,7 @@ class CorralClient:
             run_id=run_id,
             deadline=time.time() + timeout,
             idempotency_key=idempotency_key,
+            trace=trace,
         )
         events: list[RunEvent] = []
         subscription = None
@@ -320,15 +332,15 @@ class CorralClient:
             output = decode_reply(msg.data)
             if subscription is not None and _is_workflow_start(output) and output["run_id"] == run_id:
                 if not follow:
-                    return RunResult(run_id=run_id, output=output, events=events)
+                    return RunResult(run_id=run_id, output=output, events=events, trace=trace)
                 left = timeout - (time.monotonic() - started)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopped.wait(), timeout=max(0.0, left))
-                return RunResult(run_id=run_id, output=_workflow_outcome(output, events), events=events)
+                return RunResult(run_id=run_id, output=_workflow_outcome(output, events), events=events, trace=trace)
             if subscription is not None and not _is_workflow_start(output):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(finished.wait(), timeout=1.0)
-            return RunResult(run_id=run_id, output=output, events=events)
+            return RunResult(run_id=run_id, output=output, events=events, trace=trace)
         finally:
             if subscription is not None:
                 await subscription.unsubscribe()
@@ -376,7 +388,7 @@ class CorralClient:
             after = answer["next"]
 
     async def _call_service(self, subject: str, kind: Kind, payload: Any, timeout: float) -> Any:
-        body = new_envelope_json(kind, self.tenant, payload, deadline=time.time() + timeout)
+        body = new_envelope_json(kind, self.tenant, payload, deadline=time.time() + timeout, trace=new_traceparent())
         try:
             msg = await self._requester.request(subject, body, timeout)
         except NatsTimeout:

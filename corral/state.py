@@ -4,7 +4,8 @@
 valid across restarts. Secrets are written with mode 0600. Layout::
 
     secrets.json   service passwords, the auth-callout issuer seed, the development signing key
-    nats.conf      server configuration (auth callout, AUTH, APP and SYS accounts, JetStream)
+    nats.conf      server configuration (auth callout, AUTH, APP and SYS accounts, JetStream, and
+                   the monitoring endpoint on loopback, on a port chosen once, for the monitor)
     definitions/   tools, graphs and tenants (the demo's, copied once; the services read it)
     corral.json    written by a running `corral up`: the NATS URL clients should use
 
@@ -29,6 +30,7 @@ from contracts.errors import NotFound
 from contracts.permissions import Permissions
 from corral.definitions_reference import SCHEMA_FILE, SCHEMA_LINE
 from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
+from corral.nats_server import free_port
 from services.registry import SERVICES
 from services.runtime.credentials import SECRETS_FILE, Secrets, load_secrets
 from services.runtime.manifest import APP_ACCOUNT, AUTH_ACCOUNT, SYSTEM_ACCOUNT, User
@@ -95,6 +97,7 @@ def generate_secrets() -> Secrets:
         passwords={user.name: secrets.token_urlsafe(24) for user in broker_users()},
         issuer_seed=seed,
         dev_key=secrets.token_urlsafe(32),
+        monitor_operator_token=secrets.token_urlsafe(32),
     )
 
 
@@ -126,13 +129,21 @@ def init_state(
         missing = {
             user: password for user, password in generate_secrets().passwords.items() if user not in found.passwords
         }
-        if missing:  # a state directory from before a service was added: keep its keys, add the user
-            found = Secrets({**found.passwords, **missing}, found.issuer_seed, found.dev_key)
+        token = found.monitor_operator_token or secrets.token_urlsafe(32)  # from before the monitor
+        if missing or token != found.monitor_operator_token:
+            # A state directory from before a service was added: keep its keys, add the user.
+            found = Secrets({**found.passwords, **missing}, found.issuer_seed, found.dev_key, token)
             _write_private(path, json.dumps(found.to_json(), indent=2))
     else:
         found = generate_secrets()
         _write_private(path, json.dumps(found.to_json(), indent=2))
-    config = render_nats_config(found, host=host, port=port, jetstream_dir=jetstream_dir or state_dir / "jetstream")
+    config = render_nats_config(
+        found,
+        host=host,
+        port=port,
+        jetstream_dir=jetstream_dir or state_dir / "jetstream",
+        monitoring_port=monitoring_port(state_dir / "nats.conf"),
+    )
     _write_private(state_dir / "nats.conf", config)
     definitions = state_dir / "definitions"
     if demo and not definitions.exists():
@@ -166,8 +177,21 @@ def _permissions_block(permissions: Permissions) -> dict[str, Any]:
     return block
 
 
-def render_nats_config(found: Secrets, *, host: str | None, port: int, jetstream_dir: Path | str) -> str:
-    """The server configuration: auth callout, least-privilege service users, JetStream.
+def monitoring_port(config: Path) -> int:
+    """The broker's monitoring port: the one already in ``config`` (kept across ``corral up``s),
+    else a free loopback port."""
+    try:
+        found = json.loads(config.read_text()).get("http", "")
+        return int(str(found).rpartition(":")[2])
+    except (OSError, ValueError, AttributeError):
+        return free_port()
+
+
+def render_nats_config(
+    found: Secrets, *, host: str | None, port: int, jetstream_dir: Path | str, monitoring_port: int | None = None
+) -> str:
+    """The server configuration: auth callout, least-privilege service users, JetStream, and the
+    monitoring endpoint (``/connz``, read by the monitor) on loopback only, when given a port.
 
     NATS accepts JSON inside its configuration format, so the structure is built as data and
     serialised rather than assembled from text fragments.
@@ -214,6 +238,8 @@ def render_nats_config(found: Secrets, *, host: str | None, port: int, jetstream
             },
         },
     }
+    if monitoring_port is not None:
+        config["http"] = f"127.0.0.1:{monitoring_port}"  # never beyond this host: it lists every connection
     return json.dumps(config, indent=2) + "\n"
 
 

@@ -56,6 +56,7 @@ READINESS_TENANT = "corral-readiness"
 TERMINAL_SIGNALS = frozenset({-signal.SIGINT, -signal.SIGHUP, -signal.SIGQUIT})
 LOCK_FILE = "corral.lock"  # holds the owner's pid; locked while a system runs from the directory
 PAYMENTS = "payments"  # the demo payments API's name among the children
+MONITOR = "monitor"  # its replicas get an HTTP port each; the first one's URL goes in corral.json
 PAYMENTS_MODULE = "corral.demo.payments"
 PAYMENTS_STATE_FILE = "demo-payments.json"  # its refunds, kept across restarts
 
@@ -125,6 +126,8 @@ class System:
     secrets: Secrets | None = None
     demo: bool = True  # copy the demo definitions into a state directory that has none; run the payments API
     payments_port: int | None = None  # the demo payments API's (a free one, chosen at start)
+    # Each monitor replica's HTTP port on loopback (free ones, chosen at its first start).
+    monitor_ports: dict[int, int] = field(default_factory=dict)
     broker: NatsServer | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
     policy: RestartPolicy = field(default_factory=RestartPolicy)
@@ -139,6 +142,17 @@ class System:
             return self.nats_url
         assert self.broker is not None
         return self.broker.url
+
+    @property
+    def monitor_url(self) -> str | None:
+        """The first monitor replica's HTTP base URL (``corral top`` and the page read it)."""
+        if MONITOR not in BY_NAME or self.replicas.get(MONITOR, 1) < 1:
+            return None
+        configured = {**os.environ, **self.env}.get("CORRAL_MONITOR_HTTP")
+        if configured:
+            return f"http://{configured}"
+        port = self.monitor_ports.get(0)
+        return f"http://127.0.0.1:{port}" if port else None
 
     @property
     def payments_url(self) -> str | None:
@@ -234,6 +248,8 @@ class System:
         }
         if self.payments_url:
             info["payments_url"] = self.payments_url
+        if self.monitor_url:
+            info["monitor_url"] = self.monitor_url
         write_json(self.state_dir / RUNTIME_FILE, info)
 
     def _check_definitions(self) -> None:
@@ -266,6 +282,8 @@ class System:
             command = service_command(name)
             env = {**os.environ, **service_environment(self.url, self.state_dir, **demo), **self.env}
         env["CORRAL_REPLICA"] = str(replica)  # its name in logs: graph-2
+        if name == MONITOR and "CORRAL_MONITOR_HTTP" not in env:
+            env["CORRAL_MONITOR_HTTP"] = f"127.0.0.1:{self.monitor_ports.setdefault(replica, free_port())}"
         log_path = None
         output = None
         if self.log_dir is not None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from services.auth.manifest import MANIFEST as AUTH
 from services.graph.manifest import MANIFEST as GRAPH
+from services.monitor.manifest import MANIFEST as MONITOR
 from services.router.manifest import MANIFEST as ROUTER
 from services.runtime.manifest import Manifest
 from services.swarm.manifest import MANIFEST as SWARM
 from services.tools.manifest import MANIFEST as TOOLS
 from services.workflow.manifest import MANIFEST as WORKFLOW
 
-SERVICES: tuple[Manifest, ...] = (AUTH, ROUTER, GRAPH, TOOLS, WORKFLOW, SWARM)
+SERVICES: tuple[Manifest, ...] = (AUTH, ROUTER, GRAPH, TOOLS, WORKFLOW, SWARM, MONITOR)
 BY_NAME: dict[str, Manifest] = {manifest.name: manifest for manifest in SERVICES}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -1,20 +1,9 @@
 """Why a connection was denied; the reason is logged, never the token."""
 
 from contracts.errors import ErrorCode, Unauthorized
+from services.runtime.tokens import Denied, InvalidToken
 
-
-class Denied(Unauthorized):
-    """A tenant's connection refused by the auth service."""
-
-    def __init__(self, message: str, *, tenant: str | None = None) -> None:
-        super().__init__(message)
-        # Set only when a trusted key signed the token: then the refusal goes to that tenant's
-        # audit trail. An unverified claim is the attacker's to choose, so it is never used.
-        self.tenant = tenant
-
-
-class InvalidToken(Denied):
-    """The application token is malformed, wrongly signed, expired or lacks a required claim."""
+__all__ = ["ConnectionLimitReached", "Denied", "InvalidCalloutRequest", "InvalidToken"]
 
 
 class ConnectionLimitReached(Denied):

@@ -12,6 +12,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from contracts import subjects
 from contracts.envelope import Envelope, FollowEncoder, Kind, Result, RunEvent
 from contracts.errors import DeadlineExceeded, Internal
+from contracts.traceparent import trace_id_of
 
 if TYPE_CHECKING:
     from services.runtime.service import Service
@@ -39,6 +40,7 @@ class Request(Generic[P]):
         "stream",
         "subject",
         "tenant",
+        "trace",
     )
 
     def __init__(
@@ -72,6 +74,9 @@ class Request(Generic[P]):
         # A durable operation's handler may hand its message back to the broker, to come again
         # after this many seconds, instead of acknowledging it (the work is not done here).
         self.redeliver: float | None = None
+        # The traceparent of what follows: the envelope's, or this hop's span when tracing is on
+        # (services/runtime/tracing.py), or a new trace for a tenant's request that had none.
+        self.trace = envelope.trace
 
     @property
     def payload(self) -> P:
@@ -85,7 +90,9 @@ class Request(Generic[P]):
     def log(self) -> Any:
         # Bound lazily: most messages never log, and binding costs on the hot path.
         if self._log is None:
-            self._log = self.service.log.bind(tenant_id=self.tenant, run_id=self.envelope.run_id)
+            self._log = self.service.log.bind(
+                tenant_id=self.tenant, run_id=self.envelope.run_id, trace_id=trace_id_of(self.trace)
+            )
         return self._log
 
     def encode(self, kind: Kind, payload: BaseModel) -> bytes:
@@ -95,7 +102,7 @@ class Request(Generic[P]):
     def encode_json(self, kind: Kind, payload: bytes) -> bytes:
         """The same, with the payload already serialised (the JSON of a valid payload)."""
         if self._encoder is None:
-            self._encoder = FollowEncoder(self.envelope, self._until, self.principal)
+            self._encoder = FollowEncoder(self.envelope, self._until, self.principal, trace=self.trace)
         return self._encoder.encode_json(kind, payload)
 
     def audit(self, action: str, outcome: str, **detail: Any) -> None:
@@ -111,6 +118,7 @@ class Request(Generic[P]):
             envelope, self.tenant, self.subject, self.service, self.size, self.reply, self._until, self.principal
         )
         request.stream = self.stream
+        request.trace = self.trace
         return request
 
     async def emit(self, event: RunEvent) -> None:
@@ -131,8 +139,18 @@ class Request(Generic[P]):
         limit = remaining if timeout is None else min(timeout, remaining)
         if limit <= 0:
             raise DeadlineExceeded("deadline passed before the call")
+        tracing = self.service.tracing
+        if tracing is not None:
+            with tracing.send(self, subject, awaits_reply=True) as trace:
+                body = self._traced(kind, payload, trace, passed_on)
+                return await self.service.request(subject, body, timeout=limit)
         body = self._passed_on(kind, payload) if passed_on else self.encode_json(kind, payload)
         return await self.service.request(subject, body, timeout=limit)
+
+    def _traced(self, kind: Kind, payload: bytes, trace: str, passed_on: bool) -> bytes:
+        """The call's envelope with the call's own span as its trace context's parent."""
+        key = self.envelope.idempotency_key if passed_on else None
+        return FollowEncoder(self.envelope, self._until, self.principal, key, trace).encode_json(kind, payload)
 
     def _passed_on(self, kind: Kind, payload: bytes) -> bytes:
         """This request as the next hop gets it: it keeps the client's idempotency key, by which
@@ -140,7 +158,7 @@ class Request(Generic[P]):
         key = self.envelope.idempotency_key
         if key is None:
             return self.encode_json(kind, payload)
-        return FollowEncoder(self.envelope, self._until, self.principal, key).encode_json(kind, payload)
+        return FollowEncoder(self.envelope, self._until, self.principal, key, self.trace).encode_json(kind, payload)
 
     async def forward_json(self, subject: str, kind: Kind, payload: bytes) -> Any:
         """Pass the request on to another service, which answers the requester directly.
@@ -153,6 +171,12 @@ class Request(Generic[P]):
         """
         if self.remaining(1.0) <= 0:
             raise DeadlineExceeded("deadline passed before the request could be passed on")
+        tracing = self.service.tracing
+        if tracing is not None:
+            with tracing.send(self, subject, awaits_reply=False) as trace:
+                body = self._traced(kind, payload, trace, passed_on=True)
+                await self.service.nc.publish(subject, body, reply=self.reply)
+            return FORWARDED
         await self.service.nc.publish(subject, self._passed_on(kind, payload), reply=self.reply)
         return FORWARDED
 

@@ -57,7 +57,9 @@ from contracts.errors import (
 )
 from contracts.replies import decode_reply
 from contracts.tenants import is_tenant_id
-from services.runtime import connection
+from contracts.traceparent import new_traceparent
+from contracts.traceparent import unusable as unusable_trace
+from services.runtime import connection, tracing
 from services.runtime import loop as event_loop
 from services.runtime.audit import AuditTrail
 from services.runtime.credentials import service_credentials
@@ -142,6 +144,8 @@ class Service:
         }
         # How many replicas of this service run (1 until counted, and when it does not count).
         self.replicas = Replicas(self.name, self.settings.probe_interval_s)
+        # Spans (CORRAL_TRACES): None when off, and then no OpenTelemetry code runs.
+        self.tracing = tracing.start(self.name, self.settings.traces)
 
     # ---- binding handlers to the manifest ----------------------------------------------
 
@@ -313,6 +317,8 @@ class Service:
                 await cleanup()
         with contextlib.suppress(Exception):
             await self.nc.drain()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports what is still batched
         self.log.info("service_stopped")
 
     async def flushed(self, timeout: float = 10.0) -> None:
@@ -486,6 +492,10 @@ class Service:
             if isinstance(error, ReplyOutsideInbox) and tenant_facing and self.misdirected_to_events:
                 await self._report_misdirected(op, envelope_type, msg.data, tenant, principal, error)
             return None
+        if tenant_facing and unusable_trace(request.trace):  # a raw client's: its run gets one all the same
+            request.trace = new_traceparent()
+        traced = self.tracing
+        span = None if traced is None else traced.process(request, op.subject, op.name)
         record = stats.start(tenant)
         durable = isinstance(op, Durable)
         started = time.perf_counter()
@@ -513,6 +523,8 @@ class Service:
             raise
         finally:
             stats.finish(record, time.perf_counter() - started, failure)
+            if span is not None:
+                traced.finished(span, failure)  # type: ignore[union-attr]
         return request
 
     async def _report_misdirected(

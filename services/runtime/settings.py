@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     probe_interval_s: float = Field(default=1.0, gt=0)
     # How long a stopping service waits for in-flight messages.
     drain_timeout_s: float = Field(default=10.0, gt=0)
+    # Spans with OpenTelemetry (services/runtime/tracing.py, the `traces` extra): off, otlp (to
+    # OTEL_EXPORTER_OTLP_ENDPOINT) or console (debugging). Off, the trace context is only carried on.
+    traces: Literal["off", "otlp", "console"] = "off"
 
     def definitions_paths(self) -> list[Path]:
         """Where the definitions are: ``CORRAL_DEFINITIONS``, else ``<state dir>/definitions``."""

@@ -35,6 +35,7 @@ from pydantic_core import to_json
 from contracts import subjects
 from contracts.envelope import EventType, GraphRun, Kind, new_envelope_json
 from contracts.errors import CorralError, ErrorCode, InvalidRequest
+from contracts.traceparent import child, new_span_id
 from contracts.workflows import FunctionStep, GraphStep, ModelStep, ToolStep, WorkflowDefinition
 from services.llm import ModelRegistry
 from services.runtime.service import Service
@@ -521,6 +522,7 @@ class _Run:
             deadline=time.time() + timeout,
             idempotency_key=key,
             principal=state.principal,
+            trace=child(state.trace, new_span_id()) if state.trace else None,
         )
         return await self.service.request(subject, body, timeout=timeout)
 
@@ -550,7 +552,7 @@ class _Run:
                 }
             )
             body = new_envelope_json(
-                Kind.EVENT, state.tenant, run_event, run_id=state.run_id, principal=state.principal
+                Kind.EVENT, state.tenant, run_event, run_id=state.run_id, principal=state.principal, trace=state.trace
             )
             with contextlib.suppress(Exception):
                 await self.service.nc.publish(self._events_subject, body)

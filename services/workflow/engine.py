@@ -122,6 +122,7 @@ class RunState:
     events: int = 0
     seq: int = 0  # the history's last sequence folded in
     timer: bool = False  # a broker timer was set for the run (purged when it finishes)
+    trace: str | None = None  # the W3C traceparent of the start: its steps' calls carry it on
     # Per list of steps (by its first step's name), how many of its steps are done (a cache).
     cursors: dict[str, int] = field(default_factory=dict)
 
@@ -159,6 +160,7 @@ def started(event: dict[str, Any], tenant: str, seq: int) -> RunState:
         params=event.get("params", {}),
         principal=event.get("principal"),
         started_at=event["at"],
+        trace=event.get("trace"),
         events=1,
         seq=seq,
     )

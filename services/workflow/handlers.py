@@ -87,6 +87,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             "params": route.params,
             "principal": req.principal,
             "idempotency_key": key,
+            "trace": req.envelope.trace,  # every step's call and event carries the start's trace on
             "at": time.time(),
         }
         state = started(event, tenant, 0)

@@ -1,0 +1,87 @@
+"""The monitor's wiring on the bus and HTTP: the poll loop, the broker reader, the HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+
+from services.monitor.access import Access
+from services.monitor.broker import BrokerConnections
+from services.monitor.http import build_app, serve
+from services.monitor.metrics import registry_for
+from services.monitor.poller import StatsPoller
+from services.monitor.settings import MonitorSettings
+from services.monitor.view import View
+from services.runtime.service import Service
+
+
+def register(service: Service, settings: MonitorSettings, view: View, access: Access) -> None:
+    """Start polling and serving when ``service`` starts; ``service.monitor_url`` is then the HTTP base URL."""
+    registry = registry_for(view, top_k=settings.monitor_top_k, full_tenants=settings.monitor_full_tenants)
+    app = build_app(view, access, registry)
+    runner_box: list = []
+    loops: list[asyncio.Task] = []
+
+    def run(work) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(work)
+        loops.append(task)
+        service.keep(task)
+
+    async def start() -> None:
+        runner, url = await serve(app, settings.monitor_http)
+        runner_box.append(runner)
+        service.monitor_url = url  # type: ignore[attr-defined]
+        service.log.info("monitor_serving", url=url)
+        poller = StatsPoller(
+            service.nc, view, settings.monitor_services, window_s=settings.monitor_reply_window_s, log=service.log
+        )
+        run(_every(settings.monitor_interval_s, poller.poll, service))
+        if settings.monitor_broker_http:
+            broker = BrokerConnections(settings.monitor_broker_http)
+            run(_broker_loop(broker, view, settings.monitor_broker_interval_s, service))
+        else:
+            service.log.warning("monitor_no_broker_endpoint", reason="no CORRAL_MONITOR_BROKER_HTTP or nats.conf http")
+
+    async def stop() -> None:
+        for runner in runner_box:
+            await runner.cleanup()
+
+    service.on_start(start)
+    # Its loops never finish on their own: stopped at once, not awaited like work in flight.
+    service.on_draining(lambda: [task.cancel() for task in loops])
+    service.on_stop(stop)
+
+
+async def _every(interval_s: float, work, service: Service) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while True:
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            service.log.exception("monitor_poll_failed")
+        next_at += interval_s
+        await asyncio.sleep(max(0.0, next_at - loop.time()))  # a period, not a synchronisation
+        next_at = max(next_at, loop.time() - interval_s)
+
+
+async def _broker_loop(broker: BrokerConnections, view: View, interval_s: float, service: Service) -> None:
+    said = False
+    try:
+        while True:
+            try:
+                view.set_connections(await broker.read())
+                said = False
+            except (httpx.HTTPError, ValueError) as error:
+                view.set_connections(None)
+                if not said:  # once, then on again each time it comes back and goes away
+                    service.log.warning("monitor_broker_unreachable", url=broker.base_url, error=str(error)[:200])
+                    said = True
+            await asyncio.sleep(interval_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.aclose()
