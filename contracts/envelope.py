@@ -101,6 +101,7 @@ class Kind(StrEnum):
     WORKFLOW_TASK = "workflow_task"
     WORKFLOW_SIGNAL = "workflow_signal"
     WORKFLOW_QUERY = "workflow_query"
+    MONITOR_QUERY = "monitor_query"
     SWARM_TURN = "swarm_turn"
     RESULT = "result"
     EVENT = "event"
@@ -174,6 +175,14 @@ class WorkflowQuery(_Payload):
     limit: int = Field(default=50, ge=1, le=1000)
     # ``show``: the events after this many (pages through a long history).
     after: int = Field(default=0, ge=0)
+
+
+class MonitorQuery(_Payload):
+    """The sender's own tenant's figures over the last minute (as ``/api/tenants/<tenant>``);
+    ``subjects``: with its per-subject rows too (as ``/api/subjects``). No field names a tenant:
+    the monitor answers for the tenant of the subject only."""
+
+    subjects: bool = False
 
 
 class ToolCall(_Payload):
@@ -404,6 +413,7 @@ PAYLOADS: dict[Kind, type[BaseModel]] = {
     Kind.WORKFLOW_TASK: WorkflowTask,
     Kind.WORKFLOW_SIGNAL: WorkflowSignal,
     Kind.WORKFLOW_QUERY: WorkflowQuery,
+    Kind.MONITOR_QUERY: MonitorQuery,
     Kind.SWARM_TURN: SwarmTurn,
     Kind.RESULT: Result,
     Kind.EVENT: RunEvent,

@@ -29,9 +29,9 @@ MAX_SIGNAL_SCOPES = 32
 def tenant_permissions(
     tenant: str, principal: str, *, principal_scoped: bool = False, scopes: frozenset[str] = frozenset()
 ) -> Permissions:
-    """A tenant user: publish requests, queries and signals as its own principal (signals also as
-    the holder of each scope its verified token carries), read its tenant's events and inbox
-    (``principal_scoped``: only its own principal's), nothing else."""
+    """A tenant user: publish requests, queries (its workflow runs, its monitor figures) and signals
+    as its own principal (signals also as the holder of each scope its verified token carries),
+    read its tenant's events and inbox (``principal_scoped``: only its own principal's), nothing else."""
     if principal_scoped:
         subscribe = (subjects.principal_events(tenant, principal), subjects.tenant_inboxes(tenant, principal))
     else:
@@ -44,6 +44,7 @@ def tenant_permissions(
             subjects.workflow_signal(tenant, principal),
             *(subjects.workflow_signal(tenant, principal, scope) for scope in held[:MAX_SIGNAL_SCOPES]),
             subjects.workflow_query(tenant, principal),
+            subjects.monitor_query(tenant, principal),
         ),
         subscribe=subscribe,
     )

@@ -34,6 +34,8 @@ WORKFLOW_HISTORY = "t.*.workflow.history.*"
 WORKFLOW_TASKS = "t.*.workflow.task.*"
 WORKFLOW_TIMERS = "t.*.workflow.timer.*"
 SWARM_TURNS = "t.*.swarm.turn"
+# t.<tenant>.monitor.query.<principal>: a tenant's own figures (the subject's tenant, no other).
+MONITOR_QUERIES = "t.*.monitor.query.*"
 TOOL_CALLS = "t.*.tool.*.call"
 ALL_EVENTS = "t.*.events.>"
 ALL_AUDIT = "t.*.audit.>"
@@ -118,6 +120,11 @@ def workflow_signal(tenant: str, principal: str, scope: str | None = None) -> st
 def workflow_query(tenant: str, principal: str) -> str:
     """Where ``principal`` asks about its tenant's runs (list, show)."""
     return f"t.{validate_tenant_id(tenant)}.workflow.query.{principal_token(principal)}"
+
+
+def monitor_query(tenant: str, principal: str) -> str:
+    """Where ``principal`` asks the monitor for its tenant's figures (only that tenant's)."""
+    return f"t.{validate_tenant_id(tenant)}.monitor.query.{principal_token(principal)}"
 
 
 def workflow_history(tenant: str, run_id: str) -> str:

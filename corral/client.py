@@ -24,6 +24,7 @@ from contracts import subjects
 from contracts.envelope import (
     EventType,
     Kind,
+    MonitorQuery,
     RouterRequest,
     RunEvent,
     WorkflowQuery,
@@ -387,14 +388,25 @@ class CorralClient:
                 return {"run": answer["run"], "events": events}
             after = answer["next"]
 
-    async def _call_service(self, subject: str, kind: Kind, payload: Any, timeout: float) -> Any:
+    # ---- the monitor ---------------------------------------------------------------
+
+    async def monitor(self, *, with_subjects: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+        """This tenant's figures over the last minute, as the monitor's ``/api/tenants/<tenant>``
+        (``with_subjects``: plus ``subjects``, as ``/api/subjects``); only ever this tenant's."""
+        subject = subjects.monitor_query(self.tenant, self.principal)
+        payload = MonitorQuery(subjects=with_subjects)
+        return dict(await self._call_service(subject, Kind.MONITOR_QUERY, payload, timeout, service="monitor"))
+
+    async def _call_service(
+        self, subject: str, kind: Kind, payload: Any, timeout: float, *, service: str = "workflow"
+    ) -> Any:
         body = new_envelope_json(kind, self.tenant, payload, deadline=time.time() + timeout, trace=new_traceparent())
         try:
             msg = await self._requester.request(subject, body, timeout)
         except NatsTimeout:
             raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
         except NoRespondersError:
-            raise Unavailable("no workflow service is running") from None
+            raise Unavailable(f"no {service} service is running") from None
         except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
             raise Unavailable(NOT_CONNECTED) from None
         return decode_reply(msg.data)

@@ -16,6 +16,8 @@ ratios, throughputs medians over the rounds, latencies percentiles of all the ru
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import statistics
 import tempfile
 import time
@@ -137,12 +139,31 @@ async def run_bench(
                     record("langgraph_latency", runs)
                     record("langgraph_round_p50", percentile(runs, 0.5))
 
+            # The monitor's cost: Corral's throughput again with the monitor paused (SIGSTOP: it
+            # polls nobody meanwhile), before the round's measurements or after them, alternately.
+            monitors = [p.process for p in system.processes if p.name == "monitor"] if system is not None else []
+
+            async def unmonitored() -> None:
+                for monitor in monitors:
+                    os.kill(monitor.pid, signal.SIGSTOP)
+                try:
+                    record("corral_rps_unmonitored", await _throughput(corral_call, requests, concurrency))
+                finally:
+                    for monitor in monitors:
+                        os.kill(monitor.pid, signal.SIGCONT)
+
             contenders = (("raw", raw_call), ("corral", corral_call))
             for round_number in range(rounds):
+                if monitors and round_number % 2 == 0:
+                    await unmonitored()
                 for name, call in contenders if round_number % 2 == 0 else contenders[::-1]:
                     await _latency(call, 20)  # warm-up
                     record(f"{name}_latency", await _latency(call, count))
                     record(f"{name}_rps", await _throughput(call, requests, concurrency))
+                if monitors and round_number % 2 == 1:
+                    await unmonitored()
+                if monitors:
+                    record("monitor_ratio", samples["corral_rps"][-1] / samples["corral_rps_unmonitored"][-1])
                 record("ratio", samples["corral_rps"][-1] / samples["raw_rps"][-1])
                 record("corral_stream_rps", await _throughput(corral_stream_call, requests // 2, concurrency))
                 # The graph runs, Corral's and LangGraph's, in alternating order too: whichever
@@ -187,6 +208,9 @@ async def run_bench(
         # The median of the rounds' ratios (each round measures both back to back), and each round's.
         "ratio": round(statistics.median(samples["ratio"]), 3),
         "round_ratios": [round(ratio, 3) for ratio in samples["ratio"]],
+        # Corral's throughput with the monitor running over without it (paused), median of the rounds.
+        "monitor_ratio": round(statistics.median(samples["monitor_ratio"]), 3) if "monitor_ratio" in samples else None,
+        "monitor_round_ratios": [round(ratio, 3) for ratio in samples.get("monitor_ratio", [])],
     }
     if "langgraph_latency" in samples:
         report["langgraph_p50_ms"] = round(percentile(samples["langgraph_latency"], 0.5), 3)
@@ -206,6 +230,8 @@ async def run_bench(
         f"  ratio (corral/raw throughput, median of the rounds): {report['ratio']}; with progress events: "
         f"{report['corral_stream_rps']:.0f} req/s"
     )
+    if report["monitor_ratio"] is not None:
+        say(f"  with the monitor running / paused (median of the rounds): {report['monitor_ratio']}")
     say("five-node graph, one run at a time:")
     say(f"  corral over the bus: p50 {report['graph_p50_ms']:.2f} ms   p99 {report['graph_p99_ms']:.2f} ms")
     if report["langgraph_p50_ms"] is None:

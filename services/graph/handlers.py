@@ -13,7 +13,7 @@ from contracts.envelope import EventType, GraphRun, Kind, RunEvent
 from contracts.errors import CorralError, Internal
 from services.graph.errors import GraphNotFound
 from services.graph.executor import compile_library
-from services.llm import Completion, ModelRegistry
+from services.llm import MODEL_TOKENS, MODEL_TOKENS_HELP, Completion, ModelRegistry
 from services.runtime.logging import run_targets
 from services.runtime.service import Request, Service
 
@@ -32,6 +32,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     # cannot run a graph for a tenant whose routes do not name it.
     allowed = {tenant: catalog.graphs_of(tenant) for tenant in catalog.tenants}
     registry = models or ModelRegistry(catalog.models)
+    registry.meter.counts = service.stats.counter(MODEL_TOKENS, MODEL_TOKENS_HELP, key="model").add
     service.on_stop(registry.aclose)
     # The routes that run each graph, per tenant, to name the target in a run's log line (none:
     # the graph runs as a step of the tenant's workflows).

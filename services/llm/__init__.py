@@ -9,13 +9,15 @@ This package imports ``contracts``, httpx and ``services.runtime.retry`` only, n
 """
 
 from services.llm.errors import ModelFailed, ModelRateLimited, ModelUnavailable
-from services.llm.metering import UsageMeter
+from services.llm.metering import MODEL_TOKENS, MODEL_TOKENS_HELP, UsageMeter
 from services.llm.openai import OpenAIChatClient
 from services.llm.registry import ModelRegistry
 from services.llm.scripted import ScriptedModelClient
 from services.llm.types import Completion, ModelClient, ToolCallRequest, Usage, assistant_message
 
 __all__ = [
+    "MODEL_TOKENS",
+    "MODEL_TOKENS_HELP",
     "Completion",
     "ModelClient",
     "ModelFailed",

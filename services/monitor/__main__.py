@@ -5,6 +5,7 @@ from services.monitor.handlers import register
 from services.monitor.manifest import MANIFEST
 from services.monitor.settings import MonitorSettings
 from services.monitor.view import View
+from services.runtime.jwks import JwksKeys
 from services.runtime.service import Service, run_service
 from services.runtime.settings import Settings
 from services.runtime.tokens import TokenVerifier, load_keys
@@ -12,6 +13,9 @@ from services.runtime.tokens import TokenVerifier, load_keys
 
 def build(base: Settings) -> Service:
     settings = MonitorSettings(**base.model_dump()).resolved()
+    if (settings.auth_keys_file or settings.auth_jwks_url) and not (settings.auth_issuer and settings.auth_audience):
+        # As the auth service (RFC 8725): an identity provider's keys sign tokens for other audiences too.
+        raise SystemExit("monitor: identity-provider keys need CORRAL_AUTH_ISSUER and CORRAL_AUTH_AUDIENCE")
     service = Service(MANIFEST, settings)
     verifier = TokenVerifier(
         dev_key=settings.auth_dev_key if settings.auth_dev_mode else None,
@@ -22,13 +26,16 @@ def build(base: Settings) -> Service:
         required_scope=settings.auth_required_scope,
         leeway_s=settings.auth_leeway_s,
     )
+    jwks = None
+    if settings.auth_jwks_url:  # the auth service's cache: fetched at start, again on an unknown kid
+        jwks = JwksKeys(settings.auth_jwks_url, verifier, min_refresh_s=settings.auth_jwks_min_refresh_s)
     if not settings.monitor_operator_token:
         service.log.warning("monitor_no_operator_token", reason="no CORRAL_MONITOR_OPERATOR_TOKEN or state directory")
     register(
         service,
         settings,
         View(max_tenants=settings.monitor_max_tenants),
-        Access(settings.monitor_operator_token, verifier),
+        Access(settings.monitor_operator_token, verifier, jwks),
     )
     return service
 

@@ -3,7 +3,8 @@
 The operator's credential is ``monitor_operator_token`` in the state directory's secrets (written
 by ``corral init``, mode 0600). A tenant's token is verified exactly as the auth service verifies
 it for the broker (``services/runtime/tokens.py``: algorithm pinned per key, expiry, issuer,
-audience, the tenant claim).
+audience, the tenant claim), with the same keys: a keys file and the identity provider's JWKS
+(``services/runtime/jwks.py``, refreshed on an unknown ``kid`` at most once per its interval).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hmac
 from dataclasses import dataclass
 
 from contracts.errors import Forbidden, Unauthorized
+from services.runtime.jwks import JwksKeys, token_kid
 from services.runtime.tokens import TokenVerifier
 
 
@@ -35,9 +37,20 @@ class Viewer:
 
 
 class Access:
-    def __init__(self, operator_token: str | None, verifier: TokenVerifier | None) -> None:
+    def __init__(
+        self, operator_token: str | None, verifier: TokenVerifier | None, jwks: JwksKeys | None = None
+    ) -> None:
         self._operator = operator_token.encode() if operator_token else None
         self._verifier = verifier
+        self.jwks = jwks
+
+    async def viewer_of(self, authorization: str | None) -> Viewer:
+        """:meth:`viewer`, after fetching the JWKS again if the token names a key not known yet."""
+        if self.jwks is not None and self._verifier is not None:
+            kid = token_kid((authorization or "").partition(" ")[2].strip())
+            if kid is not None:
+                await self.jwks.refresh_if_unknown(kid)
+        return self.viewer(authorization)
 
     def viewer(self, authorization: str | None) -> Viewer:
         """The viewer a ``Authorization: Bearer <token>`` header names; :class:`Unauthorized` else."""

@@ -7,6 +7,8 @@ import contextlib
 
 import httpx
 
+from contracts.envelope import MonitorQuery
+from contracts.errors import NotFound
 from services.monitor.access import Access
 from services.monitor.broker import BrokerConnections
 from services.monitor.http import build_app, serve
@@ -14,6 +16,7 @@ from services.monitor.metrics import registry_for
 from services.monitor.poller import StatsPoller
 from services.monitor.settings import MonitorSettings
 from services.monitor.view import View
+from services.runtime.request import Request
 from services.runtime.service import Service
 
 
@@ -48,6 +51,21 @@ def register(service: Service, settings: MonitorSettings, view: View, access: Ac
         for runner in runner_box:
             await runner.cleanup()
 
+    @service.handler("query")
+    async def query(req: Request[MonitorQuery]) -> dict:
+        # The tenant is the subject's (the broker lets a connection publish only under its own):
+        # nothing in the payload can name another, so no check is needed beyond the runtime's.
+        tenant = req.tenant
+        if tenant not in view.tenants:
+            raise NotFound(f"no figures for tenant {tenant!r} yet")
+        answer = view.detail(tenant)
+        if req.payload.subjects:
+            answer = {**answer, "subjects": view.subjects(tenant)}
+        return answer
+
+    if access.jwks is not None:
+        service.on_start(access.jwks.refresh)
+        service.on_stop(access.jwks.aclose)
     service.on_start(start)
     # Its loops never finish on their own: stopped at once, not awaited like work in flight.
     service.on_draining(lambda: [task.cancel() for task in loops])

@@ -24,16 +24,16 @@ _STATUS = {ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.NOT_
 
 
 def build_app(view: View, access: Access, registry: CollectorRegistry, static: Path = STATIC) -> web.Application:
-    def viewer(request: web.Request) -> Viewer:
-        return access.viewer(request.headers.get("Authorization"))
+    async def viewer(request: web.Request) -> Viewer:
+        return await access.viewer_of(request.headers.get("Authorization"))
 
     async def metrics(request: web.Request) -> web.Response:
-        if not viewer(request).operator:
+        if not (await viewer(request)).operator:
             raise Forbidden("the metrics are the operator's: send the operator's token")
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def tenants(request: web.Request) -> web.Response:
-        who = viewer(request)
+        who = await viewer(request)
         limit = _limit(request.query.get("limit"))
         only = None if who.operator else [who.tenant]
         return _json(
@@ -42,13 +42,13 @@ def build_app(view: View, access: Access, registry: CollectorRegistry, static: P
 
     async def tenant(request: web.Request) -> web.Response:
         name = request.match_info["tenant"]
-        viewer(request).check(name)
+        (await viewer(request)).check(name)
         if name not in view.tenants:
             raise NotFound(f"no figures for tenant {name[:64]!r}")
         return _json(view.detail(name))
 
     async def subjects(request: web.Request) -> web.Response:
-        who = viewer(request)
+        who = await viewer(request)
         name = request.query.get("tenant") or who.tenant
         if not name:
             raise NotFound("name a tenant: /api/subjects?tenant=<tenant>")

@@ -9,6 +9,12 @@ tenants a scrape is megabytes).
 
 Counters are since the monitor started (monotonic across service replicas' restarts), as
 Prometheus expects; rates are Prometheus's job (``rate(corral_messages_total[1m])``).
+
+The services' own figures (``figures`` of their statistics) become ``corral_<figure>_total`` (a
+counter) or ``corral_<figure>`` (a gauge), labelled ``tenant`` and the figure's key (``model``,
+``outcome``) when it has one: ``corral_model_tokens_total{tenant,model}``,
+``corral_workflow_runs_total{tenant,outcome}``. ``corral_graph_runs_active`` is the graph ``run``
+operation's in-flight figure.
 """
 
 from __future__ import annotations
@@ -144,6 +150,14 @@ class ViewCollector(Collector):
             ["tenant"],
             {(k,): v for k, v in slow.items()},
         )
+        yield _family(
+            GaugeMetricFamily,
+            "corral_graph_runs_active",
+            "Graph runs in progress (the graph service's run operation in flight)",
+            ["tenant"],
+            {(label,): n for (label, service, operation), n in in_flight.items() if (service, operation) == GRAPH_RUN},
+        )
+        yield from self._figures(labels)
         tracked = GaugeMetricFamily("corral_monitor_tenants", "Tenants the monitor has figures for")
         tracked.add_metric([], len(view.tenants))
         yield tracked
@@ -153,6 +167,48 @@ class ViewCollector(Collector):
             )
             updated.add_metric([], view.updated_at)
             yield updated
+
+    def _figures(self, labels: dict[str, str]) -> Iterator[Metric]:
+        """The services' own figures, a family each (summed over services, replicas and folded tenants)."""
+        view = self.view
+        values: dict[str, dict[tuple[str, ...], int]] = {name: {} for name in view.figure_kinds}
+        for tenant, found in view.tenants.items():
+            for (name, key), n in found.figure_totals.items():
+                series = values[name]
+                label = (labels[tenant], key) if view.figure_kinds[name][1] else (labels[tenant],)
+                series[label] = series.get(label, 0) + n
+        for (tenant, name, key), n in view.gauges():
+            series = values[name]
+            label = (labels.get(tenant, OTHER), key) if view.figure_kinds[name][1] else (labels.get(tenant, OTHER),)
+            series[label] = series.get(label, 0) + n
+        for name, (kind, key, description) in sorted(view.figure_kinds.items()):
+            metric = f"corral_{name}"
+            if metric in BUILT_IN:  # a figure may not shadow the monitor's own metrics
+                continue
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield _family(family, metric, description or name, ["tenant", key] if key else ["tenant"], values[name])
+
+
+# The families above, which no service figure may take the name of.
+BUILT_IN = frozenset(
+    "corral_" + name
+    for name in [
+        "messages",
+        "errors",
+        "refusals",
+        "in_flight",
+        "handling_seconds",
+        "auth_connections_authorized",
+        "auth_connections_denied",
+        "broker_connections",
+        "broker_subscriptions",
+        "broker_slow_consumers",
+        "graph_runs_active",
+        "monitor_tenants",
+        "monitor_updated_timestamp_seconds",
+    ]
+)
+GRAPH_RUN = ("graph", "run")
 
 
 def _family(kind: type, name: str, documentation: str, labels: list[str], values: dict) -> Metric:

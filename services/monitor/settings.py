@@ -37,6 +37,8 @@ class MonitorSettings(Settings):
     auth_issuer: str | None = None
     auth_audience: str | None = None
     auth_keys_file: Path | None = None
+    auth_jwks_url: str | None = None  # the identity provider's JWKS, fetched as the auth service does
+    auth_jwks_min_refresh_s: float = Field(default=30.0, ge=0, le=86_400)
     auth_required_scope: str | None = None
     auth_leeway_s: float = Field(default=30.0, ge=0, le=300)
 

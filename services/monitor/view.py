@@ -10,6 +10,11 @@ figures are over every operation of every service except the auth callout, whose
 messages are the tenant's connections authorised and whose errors are its *denials* (by code:
 ``unauthorized`` for a token a trusted key signed but that failed a check, ``limit_exceeded`` for
 a tenant at its connection limit). One client request counts once per service it passes through.
+
+*Figures* (``figures`` of a snapshot: model tokens, workflow runs, swarm sessions) are summed over
+the replicas and over the services that report the same name (graph, workflow and swarm all
+report ``model_tokens``): a counter's per-second increases in a ring per (figure, label value),
+a gauge's last value (of this poll, summed over the replicas).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from services.monitor.window import (
 from services.runtime.stats import OTHER
 
 AUTH_SERVICE = "auth"
+WORKFLOW_OUTCOMES = ("started", "completed", "failed", "cancelled")  # the workflow_runs figure's labels
 # Replicas not heard from for this many seconds are forgotten (their in-flight figures too).
 REPLICA_TIMEOUT_S = 10
 
@@ -80,6 +86,9 @@ class TenantSeries:
     connections: int | None = None
     subscriptions: int | None = None
     slow_consumers: int | None = None
+    # (figure, label value) -> its per-second increases, and since the monitor started.
+    figures: dict[tuple[str, str], Ring] = field(default_factory=dict)
+    figure_totals: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class View:
@@ -99,6 +108,12 @@ class View:
         self._in_flight_shown: dict[tuple[str, str, str], int] = {}
         self._tick_buckets: dict[str, list[int]] = {}
         self.broker_reachable: bool | None = None
+        # Figures: name -> (kind, key label, description) as a service described it first;
+        # (replica, service, name, tenant) -> its last values; gauges of this poll and the last.
+        self.figure_kinds: dict[str, tuple[str, str | None, str]] = {}
+        self._last_figures: dict[tuple[str, str, str, str], dict[str, int]] = {}
+        self._gauges: dict[tuple[str, str, str], int] = {}
+        self._gauges_shown: dict[tuple[str, str, str], int] = {}
         self._rows: tuple[int, dict[str, dict[str, Any]]] | None = None  # every row, for one tick
 
     # ---- writing -------------------------------------------------------------------------
@@ -113,6 +128,35 @@ class View:
             subject = str(endpoint.get("subject", ""))
             for tenant, figures in (endpoint.get("tenants") or {}).items():
                 self._ingest_one(tick, replica, service, operation, subject, tenant, figures)
+        for figure in snapshot.get("figures") or ():
+            self._ingest_figure(tick, replica, service, figure)
+
+    def _ingest_figure(self, tick: int, replica: str, service: str, figure: dict[str, Any]) -> None:
+        name, kind, key = str(figure.get("name", "")), figure.get("kind"), figure.get("key")
+        if kind not in ("counter", "gauge") or not name:
+            return
+        self.figure_kinds.setdefault(name, (kind, key, str(figure.get("description", ""))))
+        for tenant, values in (figure.get("tenants") or {}).items():
+            by = values.get("by") if key is not None else None
+            current = {str(k): int(v) for k, v in by.items()} if by else {"": int(values.get("value", 0))}
+            if kind == "gauge":
+                for label, value in current.items():
+                    if value:
+                        gkey = (self._name(tenant), name, label)
+                        self._gauges[gkey] = self._gauges.get(gkey, 0) + value
+                continue
+            last_key = (replica, service, name, tenant)
+            last = self._last_figures.get(last_key)
+            if last == current:
+                continue
+            self._last_figures[last_key] = current
+            increases = dict_delta(last, current)
+            if not increases:
+                continue
+            found = self._tenant(tenant)
+            for label, n in increases.items():
+                found.figures.setdefault((name, label), Ring()).add(tick, n)
+                found.figure_totals[(name, label)] = found.figure_totals.get((name, label), 0) + n
 
     def _ingest_one(
         self, tick: int, replica: str, service: str, operation: str, subject: str, tenant: str, figures: dict
@@ -173,9 +217,13 @@ class View:
             found.p99.set(self.tick, math.nan if p99 is None else p99)
         self._tick_buckets = {}
         self._in_flight_shown, self._in_flight = self._in_flight, {}
+        self._gauges_shown, self._gauges = self._gauges, {}
+        for tenant, _, _ in self._gauges_shown:
+            self._tenant(tenant)  # a tenant only a gauge names has a row too
         gone = {r for r, (seen, _) in self._replica_seen.items() if self.tick - seen > REPLICA_TIMEOUT_S}
         if gone:
             self._last = {key: last for key, last in self._last.items() if key[0] not in gone}
+            self._last_figures = {key: last for key, last in self._last_figures.items() if key[0] not in gone}
             for replica in gone:
                 del self._replica_seen[replica]
         self.updated_at = self.clock()
@@ -201,11 +249,15 @@ class View:
             return tenant
         return OTHER
 
-    def _series(self, tenant: str, service: str, operation: str, subject: str) -> OpSeries:
+    def _tenant(self, tenant: str) -> TenantSeries:
         name = self._name(tenant)
         found = self.tenants.get(name)
         if found is None:
             found = self.tenants[name] = TenantSeries()
+        return found
+
+    def _series(self, tenant: str, service: str, operation: str, subject: str) -> OpSeries:
+        found = self._tenant(tenant)
         series = found.ops.get((service, operation))
         if series is None:
             series = found.ops[(service, operation)] = OpSeries(subject)
@@ -302,6 +354,40 @@ class View:
             "errors_by_code": errors_by_code,
             "refusals_by_kind": refusals_by_kind,
             "denials_by_reason": denials_by_reason,
+            "patterns": self.patterns(tenant),
+        }
+
+    def figure_window(self, tenant: str, name: str) -> dict[str, int]:
+        """A counter figure's increases over the window, per label value (``""`` without a key)."""
+        found, now = self.tenants[tenant], self.now
+        out = {}
+        for (figure, label), ring in found.figures.items():
+            if figure == name and (n := ring.total(now)):
+                out[label] = out.get(label, 0) + n
+        return out
+
+    def gauges(self) -> list[tuple[tuple[str, str, str], int]]:
+        """Every gauge figure's value at the last poll: ((tenant, figure, label value), value)."""
+        return list(self._gauges_shown.items())
+
+    def gauge(self, tenant: str, name: str) -> int:
+        """A gauge figure's value at the last poll, summed over the replicas and label values."""
+        return sum(v for (t, figure, _), v in self._gauges_shown.items() if t == tenant and figure == name)
+
+    def patterns(self, tenant: str) -> dict[str, Any]:
+        """The agent patterns' figures of a tenant: counters over the window, gauges now."""
+        found, now = self.tenants[tenant], self.now
+        turns = found.ops.get(("swarm", "turn"))
+        runs = self.figure_window(tenant, "workflow_runs")
+        tokens = self.figure_window(tenant, "model_tokens")
+        return {
+            "graph_runs_active": self.in_flight(tenant, "graph", "run"),
+            "workflow_runs": {outcome: runs.get(outcome, 0) for outcome in WORKFLOW_OUTCOMES},
+            "workflow_runs_driven": self.gauge(tenant, "workflow_runs_driven"),
+            "swarm_turns": turns.messages.total(now) if turns is not None else 0,
+            "swarm_sessions_started": sum(self.figure_window(tenant, "swarm_sessions_started").values()),
+            "model_tokens": sum(tokens.values()),
+            "model_tokens_by_model": tokens,
         }
 
     def subjects(self, tenant: str) -> list[dict[str, Any]]:

@@ -53,15 +53,41 @@ A page holds at most ``limit`` names (1 to 1000) and at most ``PAGE_ENTRIES`` te
 all endpoints. ``tenants=[...]`` restricts the names to those (paged the same way); ``detail=False``
 gives the totals only. Totals always cover every tenant. A tenant first seen during a walk
 through the pages appears in it only if its name sorts after the walk's cursor.
+
+*Figures*: a service may also report per-tenant figures of its own kind (model tokens, workflow
+runs), each a counter or a gauge, optionally split by one label (``key``, e.g. the model)::
+
+    tokens = stats.counter("model_tokens", "Model tokens used", key="model")
+    tokens.add(tenant, 120, "gpt-mini")              # a counter: cumulative, like the others
+    stats.gauge("workflow_runs_driven", "Runs driven now", read=lambda: driving)  # {tenant: n}
+
+    ServiceStats.counter(name, description="", *, key=None) -> FigureStats
+    ServiceStats.gauge(name, description="", *, read) -> FigureStats
+    FigureStats.add(tenant, n=1, key="") -> None
+
+A gauge is read from the service's own state each time a reply is built (``read`` returns
+tenant -> value), so it is always current, costs nothing between replies, and folds exactly
+(``_other`` is the sum of the folded tenants' values); there is no ``set``, which could not fold
+a tenant past the cap without keeping its value.
+
+They are in the snapshot's ``figures``: per figure ``name``, ``kind`` (``counter``/``gauge``),
+``key`` (the label's name, or null), ``description``, ``value`` (over every tenant), ``by`` (per
+label value; only with a key), ``tenants_tracked`` and ``tenants``: ``{tenant: {"value": n,
+"by": {...}}}`` for the names of the page (the same pages as the endpoints'; figures' tenants are
+in the union). The same ``max_tenants`` bound and ``_other`` / ``_unknown`` folding apply. Label
+values, like error codes, must come from a fixed vocabulary (the catalog's model names). Nothing
+of this is on the per-message path: a service that declares no figure pays nothing, and one that
+does pays one dict update where it calls ``add``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -260,6 +286,120 @@ class OperationStats:
         return endpoint
 
 
+FIGURE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")  # also a Prometheus metric name's part
+
+
+class FigureStats:
+    """A per-tenant figure of a service's own kind: a counter (``add``) or a gauge (``read`` when
+    the reply is built), each tenant's values per label value (``""`` without a key)."""
+
+    __slots__ = (
+        "_last_read",
+        "_max_tenants",
+        "_read",
+        "_saw_name",
+        "_tenants",
+        "_total",
+        "_tracked",
+        "description",
+        "key",
+        "kind",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        *,
+        description: str,
+        key: str | None,
+        read: Callable[[], Mapping[str, int]] | None,
+        max_tenants: int,
+        saw_name: Callable[[str], None],
+    ) -> None:
+        if not FIGURE_NAME.fullmatch(name) or (key is not None and not FIGURE_NAME.fullmatch(key)):
+            raise ValueError(f"figure name and key must match {FIGURE_NAME.pattern}: {name!r}, {key!r}")
+        self.name, self.kind, self.description, self.key = name, kind, description, key
+        self._read = read
+        self._last_read: set[str] = set()
+        self._max_tenants = max_tenants
+        self._saw_name = saw_name
+        self._tenants: dict[str, dict[str, int]] = {}
+        self._tracked = 0
+        self._total: dict[str, int] = {}
+
+    def add(self, tenant: str, n: int = 1, key: str = "") -> None:
+        """Count ``n`` more for ``tenant`` (a counter); ``key`` is the label's value (the model)."""
+        values = self._tenants.get(tenant)
+        if values is None:
+            values = self._values(tenant)
+        values[key] = values.get(key, 0) + n
+        self._total[key] = self._total.get(key, 0) + n
+
+    def refresh(self) -> None:
+        """A gauge's values now, from its ``read``: the tenants it names (folded past the cap into
+        ``_other``, summed), those it named before at 0."""
+        if self._read is None:
+            return
+        now = self._read()
+        for tenant in self._last_read:
+            found = self._tenants.get(tenant)
+            if found:
+                found.clear()
+        seen: set[str] = set()
+        total = 0
+        for tenant, value in now.items():
+            values = self._tenants.get(tenant)
+            if values is None:
+                values = self._values(tenant)
+            values[""] = values.get("", 0) + int(value)
+            total += int(value)
+            seen.add(tenant if tenant in self._tenants else (OTHER if is_tenant_id(tenant) else UNKNOWN))
+        self._total = {"": total}
+        self._last_read = seen
+
+    def _values(self, tenant: str) -> dict[str, int]:
+        """The values of a tenant not seen before: its own, or those of ``_unknown`` / ``_other``."""
+        name = tenant
+        if not is_tenant_id(tenant):
+            name = UNKNOWN
+        elif self._tracked >= self._max_tenants:
+            name = OTHER
+        values = self._tenants.get(name)
+        if values is None:
+            values = self._tenants[name] = {}
+            if name == tenant:
+                self._tracked += 1
+            self._saw_name(name)
+        return values
+
+    def _entry(self, page: Sequence[str] | None) -> dict[str, Any]:
+        """This figure's part of a snapshot; per-tenant values for the names in ``page``."""
+        keyed = self.key is not None
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "key": self.key,
+            "description": self.description,
+            "value": sum(self._total.values()),
+        }
+        if keyed:
+            entry["by"] = {k: v for k, v in self._total.items() if v}
+        entry["tenants_tracked"] = self._tracked
+        if page is not None:
+            tenants = self._tenants
+            shown: dict[str, Any] = {}
+            for name in page:
+                values = tenants.get(name)
+                if values is not None:
+                    shown[name] = {"value": sum(values.values())}
+                    if keyed:
+                        shown[name]["by"] = dict(values)
+            entry["tenants"] = shown
+        return entry
+
+
 class ServiceStats:
     """The statistics of one service replica: its operations and the snapshot the monitor reads."""
 
@@ -273,6 +413,7 @@ class ServiceStats:
         self.started = time.time()
         self._started_text = _rfc3339(self.started)
         self._operations: dict[str, OperationStats] = {}
+        self._figures: dict[str, FigureStats] = {}
         # Every tenant name of every operation, sorted, so that a page is a bisect and a slice.
         self._names: list[str] = []
 
@@ -288,6 +429,32 @@ class ServiceStats:
     def operations(self) -> tuple[OperationStats, ...]:
         return tuple(self._operations.values())
 
+    def counter(self, name: str, description: str = "", *, key: str | None = None) -> FigureStats:
+        """Register a per-tenant counter of this service's own (``add`` counts into it)."""
+        return self._figure(name, "counter", description, key, None)
+
+    def gauge(self, name: str, description: str = "", *, read: Callable[[], Mapping[str, int]]) -> FigureStats:
+        """Register a per-tenant gauge: ``read`` (tenant -> value) is called each time a stats
+        reply is built (nothing to do between replies)."""
+        return self._figure(name, "gauge", description, None, read)
+
+    def _figure(
+        self, name: str, kind: str, description: str, key: str | None, read: Callable[[], Mapping[str, int]] | None
+    ) -> FigureStats:
+        if name in self._figures:
+            raise ValueError(f"figure {name!r} is already registered")
+        figure = FigureStats(
+            name,
+            kind,
+            description=description,
+            key=key,
+            read=read,
+            max_tenants=self.max_tenants,
+            saw_name=self._saw_name,
+        )
+        self._figures[name] = figure
+        return figure
+
     def snapshot(
         self,
         *,
@@ -299,10 +466,12 @@ class ServiceStats:
         """The stats reply (see the module docstring); ``next`` is the cursor of the next page."""
         page: list[str] | None = None
         cursor: str | None = None
+        for figure in self._figures.values():
+            figure.refresh()  # before paging: a read gauge may name tenants not seen yet
         if detail:
             names = self._names if tenants is None else sorted(set(tenants))
             first = bisect_right(names, after) if after is not None else 0
-            size = max(1, min(limit, MAX_PAGE, PAGE_ENTRIES // max(1, len(self._operations))))
+            size = max(1, min(limit, MAX_PAGE, PAGE_ENTRIES // max(1, len(self._operations) + len(self._figures))))
             page = names[first : first + size]
             if page and first + size < len(names):
                 cursor = page[-1]
@@ -316,6 +485,7 @@ class ServiceStats:
             "now": _rfc3339(time.time()),
             "max_tenants": self.max_tenants,
             "endpoints": [operation._endpoint(page) for operation in self._operations.values()],
+            "figures": [figure._entry(page) for figure in self._figures.values()],
             "tenants_tracked": len(self._names),
             "next": cursor,
         }

@@ -15,7 +15,7 @@ from contracts.agents import SwarmDefinition, single_agent
 from contracts.definitions import Catalog, Pattern
 from contracts.envelope import EventType, Kind, RunEvent, SwarmTurn, new_id
 from contracts.errors import Conflict, CorralError, Internal, InvalidRequest, NotFound
-from services.llm import ModelRegistry
+from services.llm import MODEL_TOKENS, MODEL_TOKENS_HELP, ModelRegistry
 from services.runtime.service import Request, Service
 from services.swarm.sessions import Sessions
 from services.swarm.settings import SwarmSettings
@@ -33,6 +33,9 @@ EVENTS = {
 def register(service: Service, catalog: Catalog, models: ModelRegistry | None = None) -> Sessions:
     """Bind the swarm service's operation on ``service``; returns the sessions (for tests)."""
     registry = models or ModelRegistry(catalog.models)
+    registry.meter.counts = service.stats.counter(MODEL_TOKENS, MODEL_TOKENS_HELP, key="model").add
+    # Kept sessions created by a turn that was saved (its turns are the ``turn`` operation's messages).
+    sessions_started = service.stats.counter("swarm_sessions_started", "Swarm sessions started")
     settings = SwarmSettings.of(service.settings)
     sessions = Sessions(settings.swarm_session_idle_s)
     schemas = _tool_schemas(catalog)
@@ -114,6 +117,8 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         await _stopped(keeper)
         session.messages = bounded(session.messages, swarm.session.max_messages)
         await sessions.save(tenant, session_id, session, claim.revision)
+        if created:
+            sessions_started.add(tenant)
         answer = {
             "session": session_id,
             "agent": outcome.agent,

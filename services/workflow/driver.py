@@ -125,6 +125,14 @@ class Driver:
         self._functions: dict[str, Callable[..., Any]] = {}
         # Runs driven on from the start that created them (no wake-up in between), per tenant.
         self._inline: dict[str, int] = {}
+        # Runs being driven by this replica right now, per tenant (the statistics' gauge).
+        self._driving: dict[str, int] = {}
+        # Runs started, and finished by outcome, by this replica (its statistics; the run index
+        # in KV is the authoritative list of a tenant's runs and their states).
+        self.runs_counted = service.stats.counter(
+            "workflow_runs", "Workflow runs started, and finished by outcome", key="outcome"
+        )
+        service.stats.gauge("workflow_runs_driven", "Workflow runs this replica drives now", read=lambda: self._driving)
         self.stopping = False
         # tenant -> workflow -> the route(s) that start it, for a finished run's log line.
         self.targets: dict[str, dict[str, str]] = {}
@@ -240,6 +248,8 @@ class Driver:
         ttl = self.settings.workflow_lease_s
         keeper = asyncio.create_task(self._keep(lease, ttl, state if recovering else None))
         run = _Run(self, state, self.library.of(state), lease, indexed)
+        tenant = state.tenant
+        self._driving[tenant] = self._driving.get(tenant, 0) + 1
         try:
             try:
                 await run.go()
@@ -250,6 +260,9 @@ class Driver:
                 self.remember(run.state)
             return run.handed_back
         finally:
+            self._driving[tenant] -= 1
+            if not self._driving[tenant]:
+                del self._driving[tenant]
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -309,6 +322,7 @@ class _Run:
         self._outcomes: list[dict[str, Any]] = []  # attempts' outcomes among them
         self._events_subject = subjects.events(state.tenant, state.principal, state.run_id)
         self._since_snapshot = 0
+        self._was_finished = state.finished is not None  # a wake-up of a finished run counts nothing
 
     async def go(self) -> None:
         inline = self.driver.settings.workflow_inline_wait_s
@@ -574,6 +588,8 @@ class _Run:
             target = self.driver.targets.get(state.tenant, {}).get(state.workflow)
             elapsed_ms = ((state.finished_at or time.time()) - state.started_at) * 1000
             runs.finished(state.tenant, state.run_id, "workflow", target, outcome, elapsed_ms, state.workflow)
+        if not self._was_finished:
+            self.driver.runs_counted.add(state.tenant, 1, state.finished or "failed")
         await self._index(state.finished or "finished")
         if state.timer:  # a timer left behind would only wake the finished run once more
             await self.store.cancel_timer(state.tenant, state.run_id)

@@ -13,7 +13,7 @@ from contracts.definitions import Catalog
 from contracts.envelope import EventType, RunEvent, WorkflowQuery, WorkflowSignal, WorkflowStart, WorkflowTask, new_id
 from contracts.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unavailable
 from contracts.workflows import CANCEL_SIGNAL
-from services.llm import ModelRegistry
+from services.llm import MODEL_TOKENS, MODEL_TOKENS_HELP, ModelRegistry
 from services.runtime.logging import run_targets
 from services.runtime.service import Request, Service
 from services.workflow.driver import Driver, Library, summary
@@ -30,6 +30,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     """Bind the workflow service's operations on ``service``; returns the driver (for tests)."""
     library = Library(catalog.workflows)
     registry = models or ModelRegistry(catalog.models)
+    registry.meter.counts = service.stats.counter(MODEL_TOKENS, MODEL_TOKENS_HELP, key="model").add
     store = Store(history_max_bytes=WorkflowSettings.of(service.settings).workflow_history_max_bytes)
     driver = Driver(service, store, library, registry)
     driver.targets = run_targets(catalog, "workflow")  # the route of each run, for its log line
@@ -118,6 +119,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
                 return {"run_id": run_id, "workflow": payload.workflow, "status": "running", "deduplicated": True}
             raise Conflict(f"run id {run_id!r} is already in use") from None
         state.seq = appended
+        driver.runs_counted.add(tenant, 1, "started")
         if lease is not None:
             driver.drive_inline(state, lease, index=summary(state))
         else:

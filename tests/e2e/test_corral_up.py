@@ -206,6 +206,8 @@ def test_bench_reports_every_figure_as_json(tmp_path):
     assert len(report["round_ratios"]) == report["rounds"] == 3
     assert report["ratio"] == round(statistics.median(report["round_ratios"]), 3)
     assert report["event_loop"] == loop_name()  # what every process ran on (uvloop unless told otherwise)
+    # The monitor's cost, measured in the same run: Corral with the monitor running and paused.
+    assert len(report["monitor_round_ratios"]) == 3 and report["monitor_ratio"] > 0
     if report["langgraph_p50_ms"] is None:  # LangGraph is a benchmark-only extra
         assert report["graph_vs_langgraph"] is None and report["graph_round_ratios"] == []
     else:

@@ -1,20 +1,25 @@
 """The monitor's web page in a real headless Chromium: the per-tenant table (busiest first, trouble
 highlighted, refreshing every second), one tenant's four live charts and subject families, the
 API's error message. The page is served, with the monitor's JSON contract, by a stub whose figures
-move on every call; Chromium's virtual time runs the page's one-second refresh without waiting."""
+move on every call; Chromium's virtual time runs the page's one-second refresh without waiting.
+The last test runs the real thing: ``corral up``, requests, ``corral top`` and the real page."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from services.runtime.credentials import load_secrets
+from tests.e2e.test_corral_up import CORRAL, start_corral_up, wait_for_file
 from tests.support.http import http_server
 from tests.support.monitor_api import OPERATOR_TOKEN, TENANTS, FakeMonitor
 
@@ -200,3 +205,48 @@ def test_a_screenshot_of_the_page_while_figures_move(monitor, tmp_path):
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20_000
     if os.environ.get("CORRAL_UPDATE_SCREENSHOT"):
         shutil.copyfile(target, SCREENSHOT)
+
+
+def test_the_real_monitor_of_corral_up_shows_both_tenants_in_top_and_on_the_page(tmp_path):
+    state_dir = tmp_path / "state"
+    env, process = start_corral_up(state_dir)  # a free loopback port; the monitor's own is free too
+    try:
+        wait_for_file(state_dir / "corral.json", process)
+        for tenant in ("acme", "globex", "acme"):
+            sent = subprocess.run(
+                [*CORRAL, "request", "--tenant", tenant, "where is my order?"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert sent.returncode == 0, sent.stderr
+        url = json.loads((state_dir / "corral.json").read_text())["monitor_url"]
+        token = load_secrets(state_dir).monitor_operator_token
+        assert url.startswith("http://127.0.0.1:") and token
+        deadline = time.monotonic() + 30
+        while True:
+            top = subprocess.run(
+                [*CORRAL, "top", "--once", "--json"], env=env, capture_output=True, text=True, timeout=30
+            )
+            assert top.returncode == 0, top.stderr
+            messages = {row["tenant"]: row["messages"] for row in json.loads(top.stdout)["tenants"]}
+            if messages.get("acme", 0) > 0 and messages.get("globex", 0) > 0:
+                break
+            assert time.monotonic() < deadline, f"corral top never showed both tenants: {messages}"
+            time.sleep(0.25)  # polling the monitor with a deadline
+        # The page takes the token from ?token= and sends it as Authorization: Bearer (the only
+        # place the API reads it), so acme's row is there only if the header went out.
+        shown = {row["tenant"]: row for row in rows(load(tmp_path, f"{url}/?token={token}"))}
+        assert {"acme", "globex"} <= set(shown)
+        assert float(shown["acme"]["messages"]) > 0
+        refused = load(tmp_path, f"{url}/", budget_ms=1500)  # no token: the API's 401, no figures
+        assert refused.by_id("error").attrs["data-code"] == "unauthorized" and rows(refused) == []
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -15,6 +15,7 @@ from services.auth.tokens import mint_dev_token
 from services.runtime import tracing
 from services.runtime.service import Service
 from tests.integration.test_pipeline import raw_tenant_connection
+from tests.support.http import Reply, http_server
 from tests.support.services import running_services
 
 ALL = ("auth", "router", "graph", "tools")
@@ -165,3 +166,35 @@ async def test_a_workflow_runs_steps_under_the_trace_of_its_start(secured, seen)
     steps = [trace for name, trace in seen if name == "tools"]
     # Every step's call is a hop of the start's trace (its own span under it), also when driven later.
     assert len(steps) == 5 and {traceparent.trace_id_of(trace) for trace in steps} == {trace_id}
+
+
+async def test_a_model_call_is_a_genai_span_of_the_run_with_its_tokens(secured, spans):
+    async with running_services(secured.url, secured.state_dir, ALL):
+        client = await CorralClient.connect(
+            secured.url, tenant="acme", token=mint_dev_token("acme", key=secured.secrets.dev_key)
+        )
+        try:
+            result = await client.request("where is my order?", target="support_triage")
+        finally:
+            await client.close()
+    trace_id = traceparent.trace_id_of(result.trace)
+    chats = [s for s in spans.get_finished_spans() if s.name.startswith("chat ")]
+    assert chats, [s.name for s in spans.get_finished_spans()]
+    for span in chats:
+        assert f"{span.context.trace_id:032x}" == trace_id
+        assert span.attributes["gen_ai.request.model"] and span.attributes["gen_ai.system"]
+        assert span.attributes["gen_ai.usage.input_tokens"] > 0
+        assert span.attributes["corral.tenant_id"] == "acme"
+
+
+async def test_spans_are_exported_over_otlp_to_a_collector(secured, monkeypatch):
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    with http_server(lambda request: Reply(status=200, body=b"", content_type="application/x-protobuf")) as server:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.url)
+        async with running_services(secured.url, secured.state_dir, ALL, traces="otlp"):
+            result = await ask(secured)
+        # Stopped: each service's batch went to the collector as it shut down.
+        posts = [r for r in server.received if r.method == "POST" and r.path == "/v1/traces"]
+    assert posts and all(r.headers.get("content-type") == "application/x-protobuf" for r in posts)
+    trace_id = bytes.fromhex(traceparent.trace_id_of(result.trace))
+    assert sum(trace_id in r.body for r in posts) >= 3  # router, graph and tools each sent the run's spans
