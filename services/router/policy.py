@@ -123,26 +123,15 @@ class Router:
             size = len(to_json(input))
             if size > policy.max_input_bytes:
                 raise InvalidRequest(f"input of {size} bytes is over the tenant's limit of {policy.max_input_bytes}")
-        facts = {"input": input, "principal": {"id": principal, "scopes": sorted(scopes)}}
-        conditions = self._conditions.get(tenant, ())
-        chosen_by, passed = "target", []
-        if target is None:
-            name = None
-            for candidate, condition in conditions:
-                if evaluate(condition, facts):
-                    name, chosen_by = candidate, "when"
-                    break
-                passed.append(candidate)
+        conditions = self._conditions.get(tenant)
+        if not conditions:  # the common case: no rules, nothing to evaluate or to build
+            name = target or policy.default_route
             if name is None:
-                name, chosen_by = policy.default_route, "default_route"
-                if name in passed:  # the default route's own condition did not hold either
-                    name = None
-            if name is None:
-                raise InvalidRequest("no route's condition holds and the tenant has no default route")
+                raise InvalidRequest("no target given and the tenant has no default route")
+            route = policy.routes.get(name)
+            chosen_by, passed, held = ("target" if target else "default_route"), (), True
         else:
-            name = target
-        route = policy.routes.get(name)
-        held = chosen_by != "target" or all(n != name or evaluate(c, facts) for n, c in conditions)
+            route, name, chosen_by, passed, held = self._by_rules(policy, conditions, target, input, principal, scopes)
         if route is None or not held:
             # The same answer whether or not another tenant has a target of that name (a tenant
             # cannot learn other tenants' graph names by asking), or its condition does not hold.
@@ -153,3 +142,27 @@ class Router:
                 where = "".join(f"[{step!r}]" for step in error.absolute_path)
                 raise InvalidRequest(f"the input of {name!r} does not match its schema: input{where}: {error.message}")
         return Decision(target=name, route=route, chosen_by=chosen_by, passed=tuple(passed))
+
+    @staticmethod
+    def _by_rules(
+        policy: TenantPolicy,
+        conditions: tuple[tuple[str, Any], ...],
+        target: str | None,
+        input: Mapping[str, Any],
+        principal: str | None,
+        scopes: frozenset[str],
+    ) -> tuple[Route | None, str, str, list[str], bool]:
+        """The route of a tenant that has rules: (route, name, chosen_by, rules passed, held)."""
+        facts = {"input": input, "principal": {"id": principal, "scopes": sorted(scopes)}}
+        passed: list[str] = []
+        if target is not None:
+            held = all(n != target or evaluate(c, facts) for n, c in conditions)
+            return policy.routes.get(target), target, "target", passed, held
+        for candidate, condition in conditions:
+            if evaluate(condition, facts):
+                return policy.routes.get(candidate), candidate, "when", passed, True
+            passed.append(candidate)
+        name = policy.default_route
+        if name is None or name in passed:  # none, or the default route's own condition did not hold
+            raise InvalidRequest("no route's condition holds and the tenant has no default route")
+        return policy.routes.get(name), name, "default_route", passed, True
