@@ -8,10 +8,10 @@ from services.auth.handlers import register
 from services.auth.jwks import JwksKeys
 from services.auth.manifest import MANIFEST
 from services.auth.settings import AuthSettings
-from services.auth.tokens import TokenVerifier, load_keys
 from services.runtime.catalog import load_catalog
 from services.runtime.service import Service, run_service
 from services.runtime.settings import Settings
+from services.runtime.tokens import verifier_of
 
 
 def build(base: Settings) -> Service:
@@ -22,15 +22,7 @@ def build(base: Settings) -> Service:
         raise SystemExit("auth: identity-provider keys need CORRAL_AUTH_ISSUER and CORRAL_AUTH_AUDIENCE (RFC 8725)")
     if settings.auth_jwks_url and not settings.auth_jwks_url.startswith(("https://", "http://")):
         raise SystemExit("auth: CORRAL_AUTH_JWKS_URL must be an https:// (or http://) URL")
-    verifier = TokenVerifier(
-        dev_key=settings.auth_dev_key if settings.auth_dev_mode else None,
-        keys=load_keys(settings.auth_keys_file) if settings.auth_keys_file else None,
-        tenant_claim=settings.auth_tenant_claim,
-        issuer=settings.auth_issuer,
-        audience=settings.auth_audience,
-        required_scope=settings.auth_required_scope,
-        leeway_s=settings.auth_leeway_s,
-    )
+    verifier = verifier_of(settings)
     service = Service(MANIFEST, settings)
     jwks = None
     if settings.auth_jwks_url:

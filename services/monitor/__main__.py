@@ -8,7 +8,7 @@ from services.monitor.view import View
 from services.runtime.jwks import JwksKeys
 from services.runtime.service import Service, run_service
 from services.runtime.settings import Settings
-from services.runtime.tokens import TokenVerifier, load_keys
+from services.runtime.tokens import verifier_of
 
 
 def build(base: Settings) -> Service:
@@ -17,15 +17,7 @@ def build(base: Settings) -> Service:
         # As the auth service (RFC 8725): an identity provider's keys sign tokens for other audiences too.
         raise SystemExit("monitor: identity-provider keys need CORRAL_AUTH_ISSUER and CORRAL_AUTH_AUDIENCE")
     service = Service(MANIFEST, settings)
-    verifier = TokenVerifier(
-        dev_key=settings.auth_dev_key if settings.auth_dev_mode else None,
-        keys=load_keys(settings.auth_keys_file) if settings.auth_keys_file else None,
-        tenant_claim=settings.auth_tenant_claim,
-        issuer=settings.auth_issuer,
-        audience=settings.auth_audience,
-        required_scope=settings.auth_required_scope,
-        leeway_s=settings.auth_leeway_s,
-    )
+    verifier = verifier_of(settings)
     jwks = None
     if settings.auth_jwks_url:  # the auth service's cache: fetched at start, again on an unknown kid
         jwks = JwksKeys(settings.auth_jwks_url, verifier, min_refresh_s=settings.auth_jwks_min_refresh_s)

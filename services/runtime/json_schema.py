@@ -33,7 +33,7 @@ class CompiledSchema:
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self.validator = jsonschema.validators.validator_for(schema)(schema)
-        self.quick = _quick_check(schema)
+        self.quick = quick_check(schema)
 
     def first_error(self, value: Any) -> jsonschema.ValidationError | None:
         if (self.quick is not None and self.quick(value)) or self.validator.is_valid(value):
@@ -41,7 +41,7 @@ class CompiledSchema:
         return jsonschema.exceptions.best_match(self.validator.iter_errors(value))
 
 
-def _quick_check(schema: dict[str, Any]) -> Callable[[Any], bool] | None:
+def quick_check(schema: dict[str, Any]) -> Callable[[Any], bool] | None:
     """For a flat object schema of scalar properties, a check that is True only for values the
     schema accepts; None for any other schema."""
     if schema.get("type") != "object" or not _OBJECT_KEYWORDS.issuperset(schema):

@@ -184,6 +184,20 @@ class TokenVerifier:
         return Identity(tenant=tenant, subject=subject, expires_at=int(claims["exp"]), scopes=scopes_in(claims))
 
 
+def verifier_of(settings: Any) -> TokenVerifier:
+    """The verifier of tenant tokens that ``settings`` (the ``CORRAL_AUTH_*`` ones, as the auth
+    service and the monitor read them) describe."""
+    return TokenVerifier(
+        dev_key=settings.auth_dev_key if settings.auth_dev_mode else None,
+        keys=load_keys(settings.auth_keys_file) if settings.auth_keys_file else None,
+        tenant_claim=settings.auth_tenant_claim,
+        issuer=settings.auth_issuer,
+        audience=settings.auth_audience,
+        required_scope=settings.auth_required_scope,
+        leeway_s=settings.auth_leeway_s,
+    )
+
+
 def mint_dev_token(tenant: str, *, key: str, sub: str = "dev", ttl_s: int = 3600, scopes: tuple[str, ...] = ()) -> str:
     """A development token for ``tenant`` (HS256 with the state directory's key)."""
     validate_tenant_id(tenant)

@@ -17,6 +17,7 @@ import jsonschema
 
 from contracts.definitions_base import DefinitionError
 from contracts.errors import InvalidRequest
+from services.runtime.json_schema import quick_check
 
 TENANT_KEYS = frozenset({"tenant_id", "tenant", "tenantId"})
 _NESTED = (dict, list)
@@ -102,65 +103,6 @@ def compile_schema(schema: dict[str, Any], owner: str) -> ArgumentsValidator:
     except jsonschema.SchemaError as exc:
         raise DefinitionError(f"{owner} has an invalid JSON schema: {exc.message[:200]}") from None
     return ArgumentsValidator(cls(schema), quick_check(schema))
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-_SCALARS: dict[str, Callable[[Any], bool]] = {
-    "string": lambda value: isinstance(value, str),
-    "boolean": lambda value: isinstance(value, bool),
-    "integer": _is_integer,
-    "number": _is_number,
-    "null": lambda value: value is None,
-}
-# Keywords that do not change what is valid.
-_ANNOTATIONS = frozenset({"title", "description", "examples", "default", "$comment", "deprecated"})
-_OBJECT_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "$schema"}) | _ANNOTATIONS
-
-
-def quick_check(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bool] | None:
-    """For a flat object schema of scalar properties, a check that is True only for arguments the
-    schema accepts; None for any other schema (then ``jsonschema`` alone decides)."""
-    if schema.get("type") != "object" or not _OBJECT_KEYWORDS.issuperset(schema):
-        return None
-    properties = schema.get("properties", {})
-    required = schema.get("required", [])
-    closed = schema.get("additionalProperties", True) is False
-    if not isinstance(properties, dict) or not isinstance(required, list):
-        return None
-    if schema.get("additionalProperties", True) not in (True, False):
-        return None
-    checks: dict[str, Callable[[Any], bool]] = {}
-    for name, property_schema in properties.items():
-        if not isinstance(property_schema, dict) or not ({"type"} | _ANNOTATIONS).issuperset(property_schema):
-            return None
-        kind = property_schema.get("type")
-        check = _SCALARS.get(kind) if isinstance(kind, str) else None
-        if check is None:
-            return None
-        checks[name] = check
-    needed = tuple(required)
-
-    def fits(arguments: dict[str, Any]) -> bool:
-        for name in needed:
-            if name not in arguments:
-                return False
-        for name, value in arguments.items():
-            check = checks.get(name)
-            if check is None:
-                if closed:
-                    return False
-            elif not check(value):
-                return False
-        return True
-
-    return fits
 
 
 def check_arguments(arguments: dict[str, Any], validator: ArgumentsValidator, tool: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from corral.nats_server import free_port
 from services.auth.tokens import mint_dev_token
 from services.registry import NAMES
 from services.runtime.credentials import load_secrets
+from tests.e2e.test_corral_up import stop_corral_up
 
 CORRAL = [sys.executable, "-m", "corral.cli"]
 # Starting the interpreter and importing the CLI, on two busy cores: what a command may take on
@@ -75,13 +75,7 @@ def system(tmp_path_factory):
         startup = {path.name: path.read_text() for path in (state_dir / "logs").glob("*.log")}
         yield state_dir, env, startup
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_corral_up(process)
 
 
 # ---- the broker permissions of a fresh system ----------------------------------------------

@@ -56,13 +56,18 @@ def corral_up(tmp_path_factory):
         wait_for_file(state_dir / "corral.json", process)
         yield state_dir, env, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_corral_up(process)
+
+
+def stop_corral_up(process: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it (SIGKILL after 30 s)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def corral(env, *args, timeout=60):

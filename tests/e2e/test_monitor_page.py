@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime.credentials import load_secrets
-from tests.e2e.test_corral_up import CORRAL, start_corral_up, wait_for_file
+from tests.e2e.test_corral_up import CORRAL, start_corral_up, stop_corral_up, wait_for_file
 from tests.support.http import http_server
 from tests.support.monitor_api import OPERATOR_TOKEN, TENANTS, FakeMonitor
 
@@ -243,10 +243,4 @@ def test_the_real_monitor_of_corral_up_shows_both_tenants_in_top_and_on_the_page
         refused = load(tmp_path, f"{url}/", budget_ms=1500)  # no token: the API's 401, no figures
         assert refused.by_id("error").attrs["data-code"] == "unauthorized" and rows(refused) == []
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_corral_up(process)
