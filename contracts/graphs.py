@@ -85,7 +85,7 @@ class ModelNode(_Node):
     @field_validator("output_schema")
     @classmethod
     def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _valid_schema(value, "output_schema")
+        return valid_schema(value, "output_schema")
 
 
 class AgentNode(_Node):
@@ -217,7 +217,7 @@ class GraphDefinition(Definition):
     @field_validator("input_schema")
     @classmethod
     def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _valid_schema(value, "input_schema")
+        return valid_schema(value, "input_schema")
 
     @model_validator(mode="after")
     def _well_formed(self) -> GraphDefinition:
@@ -267,7 +267,8 @@ class GraphDefinition(Definition):
         return found
 
 
-def _valid_schema(value: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
+def valid_schema(value: dict[str, Any] | None, field: str) -> dict[str, Any] | None:
+    """``value`` if it is a valid JSON schema (or None); a ValueError naming ``field`` else."""
     if value is not None:
         try:
             jsonschema.validators.validator_for(value).check_schema(value)

@@ -26,13 +26,12 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-import jsonschema
 from pydantic import ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from contracts.definitions_base import Definition, Location, Problem, Problems, did_you_mean
 from contracts.errors import ErrorCode
 from contracts.expressions import ExpressionError, compile_expression
-from contracts.graphs import CALLABLE_PATTERN
+from contracts.graphs import CALLABLE_PATTERN, valid_schema
 from contracts.references import (
     Reference,
     argument_references,
@@ -123,12 +122,7 @@ class _Validated(_Step):
     @field_validator("output_schema")
     @classmethod
     def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            try:
-                jsonschema.validators.validator_for(value).check_schema(value)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"output_schema is not a valid JSON schema: {exc.message}") from None
-        return value
+        return valid_schema(value, "output_schema")
 
 
 class ToolStep(_Validated):
@@ -269,12 +263,7 @@ class WorkflowDefinition(Definition):
     @field_validator("input_schema")
     @classmethod
     def _schema_is_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            try:
-                jsonschema.validators.validator_for(value).check_schema(value)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"input_schema is not a valid JSON schema: {exc.message}") from None
-        return value
+        return valid_schema(value, "input_schema")
 
     @model_validator(mode="after")
     def _well_formed(self) -> WorkflowDefinition:
