@@ -96,17 +96,18 @@ async def test_two_turns_of_one_session_at_once_are_serialised(system):
     try:
         first = await acme.request("hours?", target="support")
         session = first.output["session"]
-        outcomes = await asyncio.gather(
-            *(acme.request("hours again?", target="support", session=session) for _ in range(6)),
-            return_exceptions=True,
-        )
-        shown = await acme.request("hours, once more", target="support", session=session)
+        held = asyncio.create_task(acme.request("hold on", target="support", session=session))
+        await asyncio.wait_for(swarm_tools.ENTERED.wait(), 10)  # the first turn is inside its tool call
+        with pytest.raises(Conflict, match="in progress"):
+            await acme.request("hours again?", target="support", session=session)
+        swarm_tools.RELEASE.set()
+        finished = await held
+        after = await acme.request("hours, once more", target="support", session=session)
     finally:
+        swarm_tools.RELEASE.set()
         await acme.close()
-    done = [o for o in outcomes if not isinstance(o, BaseException)]
-    refused = [o for o in outcomes if isinstance(o, BaseException)]
-    assert done and all(isinstance(error, Conflict) for error in refused)
-    assert shown.output["session"] == session
+    assert finished.output["message"] == "Held, and let go."
+    assert after.output["session"] == session and after.output["message"] == "We are open from 9 to 5."
 
 
 async def test_a_guardrail_refuses_the_message_and_the_session_keeps_nothing_of_it(system):

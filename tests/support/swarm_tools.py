@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -18,8 +19,21 @@ DEFINITIONS = Path(__file__).resolve().parent / "swarms"
 CALLS: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
 
+# A tool that holds its turn until the test lets it go (the services run in the test's loop).
+ENTERED = asyncio.Event()
+RELEASE = asyncio.Event()
+
+
 def reset() -> None:
+    global ENTERED, RELEASE
     CALLS.clear()
+    ENTERED, RELEASE = asyncio.Event(), asyncio.Event()  # each test runs in a loop of its own
+
+
+async def hold(ctx: ToolContext) -> dict[str, Any]:
+    ENTERED.set()
+    await RELEASE.wait()
+    return {"held": "done"}
 
 
 async def order_status(ctx: ToolContext, order_id: str = "") -> dict[str, Any]:
