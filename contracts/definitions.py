@@ -212,13 +212,16 @@ class RateLimit(_Definition):
 
 
 class ConnectionLimits(_Definition):
-    """Limits of the tenant's connections to the broker. The subscription and payload limits are
-    written into each user JWT the auth service issues (nats-server 2.15 does not apply them to
-    callout-issued users yet: docs/security.md); the connection count is the auth service's to
-    enforce, and a connection past it is refused at connect."""
+    """Limits of the tenant's connections to the broker, written into each user JWT the auth
+    service issues. nats-server 2.15 does not apply a callout-issued user's limits
+    (docs/security.md), so Corral enforces them: a connection past ``max_connections`` is refused
+    at connect, one past ``max_subscriptions`` is closed by the auth service within seconds, and a
+    message over ``max_payload_bytes`` is refused by the service it is sent to."""
 
+    # Subscriptions one connection may hold; past it the auth service closes the connection.
     max_subscriptions: int = Field(default=1000, ge=1, le=1_000_000)
-    # The largest message a connection may publish (an envelope: the input plus its fields).
+    # The largest message a connection may publish (an envelope: the input plus its fields);
+    # larger ones are refused with invalid_request before they are decoded.
     max_payload_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
     # Connections the tenant may hold open at once, all its users together. Enforced by the auth
     # service at connect, from the broker's connect and disconnect events (docs/security.md).
@@ -386,44 +389,53 @@ class Catalog(BaseModel):
             except DefinitionError as cycle:
                 add("graphs", graph.name, (), cycle.message)
         for policy in self.tenants.values():
-            for index, tool in enumerate(policy.tools):
-                if tool not in self.tools:
-                    message = f"tenant {policy.tenant!r} allows unknown tool {tool!r}" + did_you_mean(tool, self.tools)
-                    add("tenants", policy.tenant, ("tools", index), message, tool)
-            for name, route in policy.routes.items():
-                runnable = self._runnable(route.pattern)
-                if route.runs not in runnable:
-                    message = (
-                        f"tenant {policy.tenant!r}: route {name!r} uses unknown {route.pattern.value} {route.runs!r}"
-                    )
-                    where = ("routes", name, RUNS_KEY[route.pattern])
-                    add("tenants", policy.tenant, where, message + did_you_mean(route.runs, runnable), route.runs)
-                    continue
-                try:
-                    missing = self.tools_of_route(route) - set(policy.tools)
-                except (DefinitionError, KeyError):  # a subgraph cycle or an unknown graph: reported above
-                    continue
-                if missing:
-                    message = (
-                        f"tenant {policy.tenant!r}: route {name!r} needs tools {sorted(missing)} "
-                        "the tenant is not allowed"
-                    )
-                    add("tenants", policy.tenant, ("routes", name), message)
-                if route.pattern is Pattern.ORCHESTRATOR and self.agents[route.runs].handoffs:
-                    message = (
-                        f"tenant {policy.tenant!r}: route {name!r}: an orchestrator's agent hands off to nobody "
-                        f"({route.runs!r} lists handoffs; make the route a swarm)"
-                    )
-                    add("tenants", policy.tenant, ("routes", name, "agent"), message)
-            if policy.tenant in self.tenants:
-                started = {r.runs for r in policy.routes.values() if r.pattern is Pattern.WORKFLOW}
-                for workflow in sorted(self._agent_reach(policy)[2] - started):
-                    message = (
-                        f"tenant {policy.tenant!r}: its agents start workflow {workflow!r}, which none of its "
-                        "routes names (a route gives the workflow its params)"
-                    )
-                    add("tenants", policy.tenant, ("routes",), message)
+            for where, message, unknown in self.tenant_problems(policy):
+                add("tenants", policy.tenant, where, message, unknown)
         return problems
+
+    def tenant_problems(self, policy: TenantPolicy) -> list[tuple[Location, str, str | None]]:
+        """What is wrong with one tenant's policy against this catalog's definitions: each a path
+        into the policy, the message, and the unknown name it refers to (if that is the problem).
+        Used at load for every tenant, and for a tenant the registry changes while running."""
+        problems: list[tuple[Location, str, str | None]] = []
+        for index, tool in enumerate(policy.tools):
+            if tool not in self.tools:
+                message = f"tenant {policy.tenant!r} allows unknown tool {tool!r}" + did_you_mean(tool, self.tools)
+                problems.append((("tools", index), message, tool))
+        for name, route in policy.routes.items():
+            runnable = self._runnable(route.pattern)
+            if route.runs not in runnable:
+                message = f"tenant {policy.tenant!r}: route {name!r} uses unknown {route.pattern.value} {route.runs!r}"
+                where: Location = ("routes", name, RUNS_KEY[route.pattern])
+                problems.append((where, message + did_you_mean(route.runs, runnable), route.runs))
+                continue
+            try:
+                missing = self.tools_of_route(route) - set(policy.tools)
+            except (DefinitionError, KeyError):  # a subgraph cycle or an unknown graph: reported on its own
+                continue
+            if missing:
+                message = (
+                    f"tenant {policy.tenant!r}: route {name!r} needs tools {sorted(missing)} the tenant is not allowed"
+                )
+                problems.append((("routes", name), message, None))
+            if route.pattern is Pattern.ORCHESTRATOR and self.agents[route.runs].handoffs:
+                message = (
+                    f"tenant {policy.tenant!r}: route {name!r}: an orchestrator's agent hands off to nobody "
+                    f"({route.runs!r} lists handoffs; make the route a swarm)"
+                )
+                problems.append((("routes", name, "agent"), message, None))
+        started = {r.runs for r in policy.routes.values() if r.pattern is Pattern.WORKFLOW}
+        for workflow in sorted(self._agent_reach(policy)[2] - started):
+            message = (
+                f"tenant {policy.tenant!r}: its agents start workflow {workflow!r}, which none of its "
+                "routes names (a route gives the workflow its params)"
+            )
+            problems.append((("routes",), message, None))
+        return problems
+
+    def with_tenants(self, tenants: dict[str, TenantPolicy]) -> Catalog:
+        """This catalog with another set of tenants (checked by the caller, with :meth:`tenant_problems`)."""
+        return self.model_copy(update={"tenants": tenants})
 
     def policy(self, tenant: str) -> TenantPolicy | None:
         return self.tenants.get(tenant)

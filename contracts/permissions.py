@@ -45,6 +45,7 @@ def tenant_permissions(
             *(subjects.workflow_signal(tenant, principal, scope) for scope in held[:MAX_SIGNAL_SCOPES]),
             subjects.workflow_query(tenant, principal),
             subjects.monitor_query(tenant, principal),
+            *((subjects.monitor_query(tenant, principal, scopes),) if subjects.scopes_token(scopes) else ()),
         ),
         subscribe=subscribe,
     )

@@ -34,8 +34,9 @@ WORKFLOW_HISTORY = "t.*.workflow.history.*"
 WORKFLOW_TASKS = "t.*.workflow.task.*"
 WORKFLOW_TIMERS = "t.*.workflow.timer.*"
 SWARM_TURNS = "t.*.swarm.turn"
-# t.<tenant>.monitor.query.<principal>: a tenant's own figures (the subject's tenant, no other).
-MONITOR_QUERIES = "t.*.monitor.query.*"
+# t.<tenant>.monitor.query.<principal>[.<scopes>]: a tenant's own figures (the subject's tenant,
+# no other); with the token's scopes, which a principal-scoped tenant's figures need.
+MONITOR_QUERIES = "t.*.monitor.query.>"
 TOOL_CALLS = "t.*.tool.*.call"
 ALL_EVENTS = "t.*.events.>"
 ALL_AUDIT = "t.*.audit.>"
@@ -122,9 +123,13 @@ def workflow_query(tenant: str, principal: str) -> str:
     return f"t.{validate_tenant_id(tenant)}.workflow.query.{principal_token(principal)}"
 
 
-def monitor_query(tenant: str, principal: str) -> str:
-    """Where ``principal`` asks the monitor for its tenant's figures (only that tenant's)."""
-    return f"t.{validate_tenant_id(tenant)}.monitor.query.{principal_token(principal)}"
+def monitor_query(tenant: str, principal: str, scopes: frozenset[str] = frozenset()) -> str:
+    """Where ``principal`` asks the monitor for its tenant's figures (only that tenant's); with the
+    ``scopes`` of its verified token (:func:`scopes_token`, as :func:`router_request`), which the
+    broker lets a connection publish on only with exactly its token's scopes."""
+    subject = f"t.{validate_tenant_id(tenant)}.monitor.query.{principal_token(principal)}"
+    token = scopes_token(scopes)
+    return f"{subject}.{token}" if token else subject
 
 
 def workflow_history(tenant: str, run_id: str) -> str:

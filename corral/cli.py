@@ -159,6 +159,36 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--definitions", help="definitions paths (default: the state directory's, CORRAL_DEFINITIONS)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
+    tenant = command("tenant", _tenant, "add, update, remove and list tenants while the system runs (the registry)")
+    tenant_actions = tenant.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def tenant_action(name: str, help: str) -> argparse.ArgumentParser:
+        sub = tenant_actions.add_parser(name, help=help, description=help)
+        sub.add_argument("--state-dir", help="state directory (default: $CORRAL_STATE_DIR, else ./.corral)")
+        sub.add_argument("--nats-url", help="the broker (default: the running system's, from the state directory)")
+        sub.add_argument("--definitions", help="definitions to check policies against (default: the state dir's)")
+        sub.add_argument("--timeout", type=float, default=10.0, help=TIMEOUT_HELP)
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        return sub
+
+    for verb, help in (
+        ("add", "add a tenant: its policy from --file (YAML or JSON), or --like another tenant's"),
+        ("update", "replace a tenant's policy with --file's"),
+    ):
+        sub = tenant_action(verb, help)
+        sub.add_argument("tenant", nargs="?", help="the tenant id (default: the file's)")
+        sub.add_argument("--file", type=Path, help="a tenant policy, or a definitions file with a tenants list")
+        if verb == "add":
+            sub.add_argument("--like", help="copy this tenant's policy (from the registry or the definitions)")
+        else:
+            sub.add_argument("--revision", type=int, help="only if the tenant is still at this revision")
+    tenant_action("remove", "remove a tenant (a file declaring it does not bring it back)").add_argument(
+        "tenant", help="the tenant id"
+    )
+    tenant_action("list", "every tenant in the registry")
+    tenant_action("show", "one tenant's policy, origin and revision").add_argument("tenant", help="the tenant id")
+    tenant_action("seed", "write the definitions files' tenants the registry lacks (corral up does this)")
+
     workflow = command("workflow", _workflow, "start, list, show, signal and cancel workflow runs")
     actions = workflow.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -207,6 +237,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (64)")
     bench.add_argument("--rounds", type=int, default=5, help="rounds of both contenders, back to back")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.add_argument(
+        "--tenants",
+        type=int,
+        help="requests: N generated tenants, each on its own connection, against one tenant (its own system)",
+    )
 
     top = command("top", _top, "live per-tenant traffic from the monitor: rates, errors, denials, latencies")
     top.add_argument("--monitor-url", help="the monitor (default: $CORRAL_MONITOR_URL, else corral.json's)")
@@ -583,19 +618,30 @@ def _chat(args: argparse.Namespace) -> int:
     return event_loop.run(run())
 
 
+def _definitions_paths(args: argparse.Namespace) -> list[Path]:
+    """``--definitions``, else ``CORRAL_DEFINITIONS``, else the state directory's ``definitions/``."""
+    from services.runtime.settings import split_paths
+
+    if getattr(args, "definitions", None):
+        return split_paths(args.definitions)
+    if os.environ.get("CORRAL_DEFINITIONS"):
+        return split_paths(os.environ["CORRAL_DEFINITIONS"])
+    return [existing_state_dir(args.state_dir) / "definitions"]
+
+
+def _tenant(args: argparse.Namespace) -> int:
+    """``corral tenant add|update|remove|list|show|seed``: the tenant registry, as the operator."""
+    from corral.tenant_command import run
+
+    return event_loop.run(run(args, lambda: _admin(args, timeout=args.timeout), lambda: _definitions_paths(args)))
+
+
 def _route(args: argparse.Namespace) -> int:
     """``corral route explain``: the router's decision for a request, from the definitions alone."""
     from services.router.policy import Router
     from services.runtime.catalog import load_catalog
-    from services.runtime.settings import split_paths
 
-    if args.definitions:
-        paths = split_paths(args.definitions)
-    elif os.environ.get("CORRAL_DEFINITIONS"):
-        paths = split_paths(os.environ["CORRAL_DEFINITIONS"])
-    else:
-        paths = [existing_state_dir(args.state_dir) / "definitions"]
-    catalog = load_catalog(paths)
+    catalog = load_catalog(_definitions_paths(args))
     router = Router(catalog)
     policy = router.policy_for(args.tenant)
     text_input = {"text": args.text} if args.text is not None else {}
@@ -679,6 +725,23 @@ def _bench(args: argparse.Namespace) -> int:
 
         report = event_loop.run(run_swarm_bench(quick=args.quick, quiet=args.json))
         print(json.dumps(report) if args.json else swarm_table(report))
+        return 0
+    if args.tenants is not None:
+        from corral.bench.tenants import run_tenants_bench
+        from corral.bench.tenants import table as tenants_table
+
+        if args.what != "requests" or args.nats_url or args.tenants < 1:
+            raise InvalidRequest("--tenants N (N >= 1) measures requests, on a system of its own (no --nats-url)")
+        report = event_loop.run(
+            run_tenants_bench(
+                tenants=args.tenants,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                rounds=max(1, args.rounds),
+                quiet=args.json,
+            )
+        )
+        print(json.dumps(report) if args.json else tenants_table(report))
         return 0
     from corral.bench import run_bench
 

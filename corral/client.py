@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats.aio.client import Client
+from nats import errors as nats_errors
+from nats.aio.client import DEFAULT_MAX_RECONNECT_ATTEMPTS, DEFAULT_RECONNECT_TIME_WAIT, Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError, StaleConnectionError
 from nats.errors import TimeoutError as NatsTimeout
@@ -33,7 +35,7 @@ from contracts.envelope import (
     new_envelope_json,
     new_id,
 )
-from contracts.errors import DeadlineExceeded, TenantMismatch, Unavailable, error_for
+from contracts.errors import CorralError, DeadlineExceeded, TenantMismatch, Unauthorized, Unavailable, error_for
 from contracts.replies import decode_reply
 from contracts.tenants import validate_tenant_id
 from contracts.tokens import scopes_in, subject_of, unverified_claims
@@ -48,6 +50,14 @@ WORKFLOW_STOPS = (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED, Ev
 NOT_CONNECTED = "not connected to Corral (was the token refused or has it expired?)"
 TokenProvider = Callable[[], str | Awaitable[str]]
 TOKEN_PROVIDER_TIMEOUT_S = 10.0
+# The broker's ``authorization.timeout`` as ``corral init`` writes it (corral/state.py): how long
+# it holds a connecting client for the auth callout's answer before refusing it.
+BROKER_AUTH_TIMEOUT_S = 2.0
+# How long ``connect`` keeps trying to be admitted while the broker times the callout out (a
+# connection storm, an auth service restarting), and its waits between attempts (jittered).
+ADMISSION_TIMEOUT_S = 30.0
+ADMISSION_FIRST_WAIT_S = 0.2
+ADMISSION_MOST_WAIT_S = 5.0
 
 
 @dataclass
@@ -73,6 +83,13 @@ class CorralClient:
 
     ``renewed`` is set, and any ``reconnected_cb`` given in the options called, each time the
     client came back. Without a provider an expired connection stays closed.
+
+    Being admitted: a connect the broker could not authorise in time (``Authentication
+    Timeout``, or a refusal that came only once the broker had waited ``callout_timeout_s`` for
+    the auth callout: thousands of tenants connecting at once, an auth service restarting) is
+    tried again after a jittered, doubling wait, until ``admission_timeout_s`` has passed
+    (:meth:`connect`). A token the auth service refuses fails at once with
+    :class:`~contracts.errors.Unauthorized`; a broker that does not listen at all fails at once too.
     """
 
     def __init__(
@@ -103,6 +120,10 @@ class CorralClient:
         self._requester = Requester(self.nc)  # replaced with each connection
         self._closing = False
         self._fresh = False  # self.token came from the provider and no connection has used it yet
+        self._admitting = False  # an attempt is being given up: its callbacks are not the client's
+        self.admission_timeout_s = ADMISSION_TIMEOUT_S
+        self.callout_timeout_s = BROKER_AUTH_TIMEOUT_S
+        self.attempts = 0  # connection attempts the last admission took
 
     @classmethod
     async def connect(
@@ -112,28 +133,101 @@ class CorralClient:
         tenant: str,
         token: str | Callable[[], str],
         token_provider: TokenProvider | None = None,
+        admission_timeout_s: float = ADMISSION_TIMEOUT_S,
+        callout_timeout_s: float = BROKER_AUTH_TIMEOUT_S,
         **options: Any,
     ) -> CorralClient:
-        """Connect as ``tenant`` with ``token``; ``token_provider`` renews it (extra options go to nats-py)."""
+        """Connect as ``tenant`` with ``token``; ``token_provider`` renews it (extra options go to nats-py).
+
+        A connect the broker could not authorise in time is tried again with backoff for up to
+        ``admission_timeout_s`` (then :class:`~contracts.errors.Unavailable`); ``callout_timeout_s``
+        is the broker's ``authorization.timeout``: a refusal that comes that late is the broker
+        giving up on the callout, not the auth service's answer. A refused token raises
+        :class:`~contracts.errors.Unauthorized` at once."""
         client = cls(url, tenant, token, options, token_provider)
-        client.nc = await client._open()
+        client.admission_timeout_s = admission_timeout_s
+        client.callout_timeout_s = callout_timeout_s
+        client.nc = await client._admitted()
         return client
 
+    async def _admitted(self) -> Client:
+        """A connection, once the broker admits one: attempts the broker timed out are tried
+        again after a jittered wait that doubles each time, until :attr:`admission_timeout_s`."""
+        deadline = time.monotonic() + self.admission_timeout_s
+        self.attempts = 0
+        while True:
+            self.attempts += 1
+            started = time.monotonic()
+            try:
+                # The first attempt is always made; a later one ends with the deadline.
+                async with asyncio.timeout(None if self.attempts == 1 else max(0.0, deadline - started)):
+                    return await self._open()
+            except CorralError:
+                raise  # the client's own finding: a token of another tenant
+            except Exception as error:
+                if not _admission_timed_out(error, time.monotonic() - started, self.callout_timeout_s):
+                    if _refused(error):
+                        raise Unauthorized(
+                            f"the broker refused the token (Authorization Violation) for tenant {self.tenant!r}: "
+                            "the auth service found it invalid or expired, or the tenant has all the "
+                            "connections its policy allows"
+                        ) from None
+                    raise
+                wait = random.uniform(0, min(ADMISSION_MOST_WAIT_S, ADMISSION_FIRST_WAIT_S * 2 ** (self.attempts - 1)))
+                if time.monotonic() + wait >= deadline:
+                    raise Unavailable(
+                        f"the broker did not admit this connection within {self.admission_timeout_s:g} s "
+                        f"({self.attempts} attempt{'s' if self.attempts > 1 else ''}, the last: "
+                        f"{str(error) or type(error).__name__}); "
+                        "is the auth service running?"
+                    ) from None
+                await asyncio.sleep(wait)  # a backoff between attempts, not a synchronisation
+
     async def _open(self) -> Client:
-        nc = await connection.connect(
-            self.url,
-            token=self.token,
-            # The principal's own inbox: the one a principal-scoped tenant's users may read.
-            inbox_prefix=subjects.inbox_prefix(self.tenant, self.principal).encode(),
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-            closed_cb=self._on_closed,
-            name=f"corral-client-{self.tenant}",
+        """One connection attempt. nats-py's own retries of a first connect are off (a refused
+        token was sent again every 2 s for two minutes, and so was a connect to a broker not
+        listening); the caller's reconnect options (or nats-py's) apply once connected."""
+        options = {
             # Short, jittered waits, the first a little later than the services' (the auth
             # service must be back before a tenant can be let in), unless the caller chose.
-            **{"reconnect_to_server_handler": connection.quick_reconnects(first_s=0.25), **self.options},
-        )
+            "reconnect_to_server_handler": connection.quick_reconnects(first_s=0.25),
+            # Longer than the broker waits for the callout: the client hears the broker's verdict
+            # instead of giving up on a connection that may be about to be admitted.
+            "connect_timeout": self.callout_timeout_s + 1.0,
+            **self.options,
+        }
+        reconnects = {
+            "allow_reconnect": options.pop("allow_reconnect", True),
+            "max_reconnect_attempts": options.pop("max_reconnect_attempts", DEFAULT_MAX_RECONNECT_ATTEMPTS),
+            "reconnect_time_wait": options.pop("reconnect_time_wait", DEFAULT_RECONNECT_TIME_WAIT),
+        }
+        nc = connection.Connection()
+        try:
+            await nc.connect(
+                self.url,
+                token=self.token,
+                # The principal's own inbox: the one a principal-scoped tenant's users may read.
+                inbox_prefix=subjects.inbox_prefix(self.tenant, self.principal).encode(),
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                closed_cb=self._on_closed,
+                name=f"corral-client-{self.tenant}",
+                # One attempt: an unreachable broker is tried once more 50 ms later, nothing else.
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.05,
+                **options,
+            )
+        except BaseException:
+            self._admitting = True  # closing the attempt calls the callbacks: they are not this client's
+            try:
+                with contextlib.suppress(Exception):
+                    await nc.close()  # else the broker may still admit it and count it for the tenant
+            finally:
+                self._admitting = False
+            raise
+        nc.options.update(reconnects)  # read by nats-py whenever the connection drops
         requester = Requester(nc)
         nc.quiet = requester.quiet
         seen = len(self.errors)
@@ -185,6 +279,8 @@ class CorralClient:
         await _call(self._user_error_cb, error)
 
     async def _on_disconnected(self) -> None:
+        if self._admitting:
+            return
         # nats-py awaits this before it reconnects, and before the closed callback when it closes.
         if not self._closing and await self._fresh_token():
             self.nc.options["token"] = self.token
@@ -197,6 +293,8 @@ class CorralClient:
         await _call(self._user_reconnected_cb)
 
     async def _on_closed(self) -> None:
+        if self._admitting:
+            return
         if self._closing or self.token_provider is None:
             await _call(self._user_closed_cb)
             return
@@ -207,7 +305,7 @@ class CorralClient:
             return
         self._fresh = False
         try:
-            self.nc = await self._open()
+            self.nc = await self._admitted()
         except Exception as error:  # the fresh token was refused too (or no server): stay closed
             self.errors.append(error)
             await _call(self._user_closed_cb)
@@ -393,7 +491,7 @@ class CorralClient:
     async def monitor(self, *, with_subjects: bool = False, timeout: float = 5.0) -> dict[str, Any]:
         """This tenant's figures over the last minute, as the monitor's ``/api/tenants/<tenant>``
         (``with_subjects``: plus ``subjects``, as ``/api/subjects``); only ever this tenant's."""
-        subject = subjects.monitor_query(self.tenant, self.principal)
+        subject = subjects.monitor_query(self.tenant, self.principal, self.scopes)  # a scoped tenant's need them
         payload = MonitorQuery(subjects=with_subjects)
         return dict(await self._call_service(subject, Kind.MONITOR_QUERY, payload, timeout, service="monitor"))
 
@@ -410,6 +508,26 @@ class CorralClient:
         except (ConnectionClosedError, ConnectionReconnectingError, StaleConnectionError):
             raise Unavailable(NOT_CONNECTED) from None
         return decode_reply(msg.data)
+
+
+def _refused(error: Exception) -> bool:
+    """Whether a failed connect was the broker's refusal of the token (``Authorization Violation``)."""
+    return "authorization violation" in str(error).lower()
+
+
+def _admission_timed_out(error: Exception, elapsed_s: float, callout_timeout_s: float) -> bool:
+    """Whether a failed connect means the broker could not authorise it in time, so that the same
+    token may be admitted on another attempt: ``Authentication Timeout`` (the broker's own timer,
+    from the connection's start), no answer within ``connect_timeout``, the broker closing the
+    connection mid-handshake, or a refusal that came only after the broker had waited
+    ``callout_timeout_s`` for the auth callout (it refuses with the same words as the auth service,
+    which answers a token in milliseconds). A refused connection (no broker listening) is not."""
+    if isinstance(error, (TimeoutError, NatsTimeout, nats_errors.UnexpectedEOF, ConnectionResetError)):
+        return True
+    text = str(error).lower()
+    if "authentication timeout" in text:
+        return True
+    return _refused(error) and elapsed_s >= 0.9 * callout_timeout_s
 
 
 def _refused_inbox(error: Exception) -> bool:

@@ -28,9 +28,11 @@ from contracts import subjects
 from contracts.audit import STREAM as AUDIT_STREAM
 from contracts.errors import NotFound
 from contracts.permissions import Permissions
+from corral.client import BROKER_AUTH_TIMEOUT_S
 from corral.definitions_reference import SCHEMA_FILE, SCHEMA_LINE
 from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
 from corral.nats_server import free_port
+from corral.tenant_admin import admin_registry_api
 from services.registry import SERVICES
 from services.runtime.credentials import SECRETS_FILE, Secrets, load_secrets
 from services.runtime.manifest import APP_ACCOUNT, AUTH_ACCOUNT, SYSTEM_ACCOUNT, User
@@ -51,6 +53,7 @@ ADMIN = User(
             "bench.>",
             f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
             f"$JS.API.STREAM.MSG.GET.{AUDIT_STREAM}",
+            *admin_registry_api(),  # the operator keeps the tenant registry (corral tenant ...)
         ),
         subscribe=(f"{subjects.INBOX}._admin.>", "bench.>"),
         allow_responses=True,
@@ -229,7 +232,10 @@ def render_nats_config(
         },
         "system_account": SYSTEM_ACCOUNT,
         "authorization": {
-            "timeout": 2,
+            # How long a connecting client waits for the auth callout's answer, also when no auth
+            # service answers (kept short: clients retry one the broker timed out, corral/client.py;
+            # docs/operations.md, Sizing).
+            "timeout": BROKER_AUTH_TIMEOUT_S,
             "auth_callout": {
                 "issuer": issuer_public_key(found),
                 "account": AUTH_ACCOUNT,

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.errors import NoRespondersError
 
 from contracts import subjects
+from contracts.definitions import Catalog
 from corral.demo.payments import URL_VARIABLE as PAYMENTS_URL_VARIABLE
 from corral.nats_server import BrokerError, NatsServer, free_port, tail
 from corral.processes import (
@@ -41,6 +43,7 @@ from corral.processes import (
     RUNTIME_FILE,
     CrashHistory,
     RestartPolicy,
+    cpu_seconds,
     describe_exit,
     process_identity,
     stop_orphans,
@@ -168,13 +171,14 @@ class System:
         try:
             stop_orphans(self.state_dir, self.say)
             self.secrets = init_state(self.state_dir, port=self.port, demo=self.demo)
-            self._check_definitions()  # before any process: one report instead of a crash per service
+            catalog = self._check_definitions()  # before any process: one report instead of a crash per service
             if self.nats_url is None:
                 log_dir = self.log_dir or self.state_dir
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log = log_dir / "nats.log"
                 self.broker = NatsServer(config=self.state_dir / "nats.conf", port=self.port, log_file=log)
                 self._start_broker()
+            await self._seed_registry(catalog, timeout)
             if self.demo:  # before the services, which are given its URL
                 self.payments_port = self.payments_port or free_port()
                 self.processes.append(self._spawn(PAYMENTS, 0))
@@ -252,15 +256,44 @@ class System:
             info["monitor_url"] = self.monitor_url
         write_json(self.state_dir / RUNTIME_FILE, info)
 
-    def _check_definitions(self) -> None:
+    def _check_definitions(self) -> Catalog:
         """Check the definitions the services will read, as ``corral validate`` does (Python
         callables imported too); raise :class:`DefinitionsInvalid` listing every problem."""
         from services.runtime.catalog import check_definitions, configured_paths
 
         setting = {**os.environ, **self.env}.get("CORRAL_DEFINITIONS")
         checked = check_definitions(configured_paths(setting, self.state_dir), imports=True)
-        if checked.problems:
+        if checked.problems or checked.catalog is None:
             raise DefinitionsInvalid(checked.report(), len(checked.problems))
+        return checked.catalog
+
+    async def _seed_registry(self, catalog: Catalog, timeout: float) -> None:
+        """Write the definitions' tenants the tenant registry lacks (or took from an older version
+        of the files) before any service reads it; say what changed."""
+        from corral.tenant_admin import Registry
+
+        deadline = time.monotonic() + timeout
+        admin = await self._connect_admin(deadline, timeout)
+        try:
+            while True:
+                try:
+                    report = await (await Registry(admin, operator="corral-up").open()).seed(catalog)
+                    break
+                except NoRespondersError:  # JetStream is still starting up in a fresh broker
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise BrokerError(f"JetStream did not answer within {timeout}s") from None
+                    await asyncio.sleep(0.1)  # retrying with a deadline
+        finally:
+            await admin.close()
+        if report.created or report.updated:
+            self.say(
+                f"corral: the tenant registry took {len(report.created)} new and {len(report.updated)} changed "
+                "tenants from the definitions"
+            )
+        if report.kept:
+            shown = ", ".join(report.kept[:5]) + (" ..." if len(report.kept) > 5 else "")
+            self.say(f"corral: kept the registry's own version of {len(report.kept)} tenants changed there ({shown})")
 
     # ---- children ------------------------------------------------------------------------
 
@@ -308,6 +341,7 @@ class System:
         if self.payments_port is not None:
             await self._wait_listening(self.payments_port, PAYMENTS, deadline, timeout)
         admin = await self._connect_admin(deadline, timeout)
+        patience = Patience(timeout, lambda: cpu_seconds([p.process.pid for p in self.processes]))
         try:
             for manifest in SERVICES:
                 expected = self.replicas.get(manifest.name, 1)
@@ -315,8 +349,8 @@ class System:
                     continue
                 while await self._count_pings(admin, manifest.name) < expected:
                     self._check_alive()
-                    if time.monotonic() > deadline:
-                        raise BrokerError(f"service {manifest.name} did not become ready within {timeout}s")
+                    if patience.exhausted():
+                        raise BrokerError(f"service {manifest.name} did not become ready: {patience.why()}")
         except Exception:
             self._check_alive()  # a child that died explains a failure better than its symptom
             raise
@@ -509,3 +543,32 @@ class System:
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Patience:
+    """How long ``corral up`` waits for its services: as long as they make progress (use CPU:
+    loading ten thousand tenants takes longer than three), until ``timeout`` seconds pass with
+    none. Where CPU time cannot be read, ``timeout`` seconds in all."""
+
+    def __init__(
+        self, timeout: float, progress: Callable[[], float | None], clock: Callable[[], float] = time.monotonic
+    ):
+        self.timeout = timeout
+        self.progress = progress
+        self.clock = clock
+        self.started = self.last_moved = clock()
+        self.seen = progress()
+
+    def exhausted(self) -> bool:
+        now = self.clock()
+        current = self.progress()
+        if current is None or self.seen is None:
+            return now - self.started > self.timeout
+        if current > self.seen + 0.01:  # at least 10 ms of CPU since the last look: still working
+            self.seen, self.last_moved = current, now
+        return now - self.last_moved > self.timeout
+
+    def why(self) -> str:
+        if self.seen is None:
+            return f"not within {self.timeout:g}s"
+        return f"no progress for {self.timeout:g}s (after {self.clock() - self.started:.0f}s in all)"

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from corral.bench.cpu import MonitorShare
 from corral.bench.langgraph_side import build_invoke
 from corral.bench.raw import start_chain
 from corral.nats_server import free_port
@@ -84,7 +85,7 @@ async def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark; starts its own system on free ports unless ``nats_url`` is given."""
     from corral.client import CorralClient
-    from corral.system import System
+    from corral.system import PAYMENTS, System
     from services.auth.tokens import mint_dev_token
 
     def say(text: str) -> None:
@@ -142,8 +143,26 @@ async def run_bench(
             # The monitor's cost: Corral's throughput again with the monitor paused (SIGSTOP: it
             # polls nobody meanwhile), before the round's measurements or after them, alternately.
             monitors = [p.process for p in system.processes if p.name == "monitor"] if system is not None else []
+            # And its share of the system's CPU in the Corral phases (corral/bench/cpu.py): the
+            # monitor's CPU plus the services' answering its polls, per second it ran.
+            share = None
+            if system is not None and monitors:
+                services: dict[str, int] = {}
+                for process in system.processes:
+                    if process.name != PAYMENTS:
+                        services[process.name] = services.get(process.name, 0) + 1
+                share = MonitorShare(
+                    raw_nc, [child["pid"] for child in system.children()], {m.pid for m in monitors}, services
+                )
+                await share.calibrate()
+                await share.resume()
+
+            async def measured(phase: Awaitable[Any]) -> Any:
+                return await (phase if share is None else share.measured(phase))
 
             async def unmonitored() -> None:
+                if share is not None:
+                    await share.pause()
                 for monitor in monitors:
                     os.kill(monitor.pid, signal.SIGSTOP)
                 try:
@@ -151,33 +170,44 @@ async def run_bench(
                 finally:
                     for monitor in monitors:
                         os.kill(monitor.pid, signal.SIGCONT)
+                    if share is not None:
+                        await share.resume()
 
             contenders = (("raw", raw_call), ("corral", corral_call))
             for round_number in range(rounds):
                 if monitors and round_number % 2 == 0:
                     await unmonitored()
                 for name, call in contenders if round_number % 2 == 0 else contenders[::-1]:
-                    await _latency(call, 20)  # warm-up
-                    record(f"{name}_latency", await _latency(call, count))
-                    record(f"{name}_rps", await _throughput(call, requests, concurrency))
+
+                    async def contender(name: str = name, call: Call = call) -> None:
+                        await _latency(call, 20)  # warm-up
+                        record(f"{name}_latency", await _latency(call, count))
+                        record(f"{name}_rps", await _throughput(call, requests, concurrency))
+
+                    await (measured(contender()) if name == "corral" else contender())
                 if monitors and round_number % 2 == 1:
                     await unmonitored()
                 if monitors:
                     record("monitor_ratio", samples["corral_rps"][-1] / samples["corral_rps_unmonitored"][-1])
                 record("ratio", samples["corral_rps"][-1] / samples["raw_rps"][-1])
-                record("corral_stream_rps", await _throughput(corral_stream_call, requests // 2, concurrency))
+                record(
+                    "corral_stream_rps",
+                    await measured(_throughput(corral_stream_call, requests // 2, concurrency)),
+                )
                 # The graph runs, Corral's and LangGraph's, in alternating order too: whichever
                 # comes first also meets what the throughput phase left behind (audit appends).
                 if round_number % 2 == 0:
-                    await corral_graph_runs()
+                    await measured(corral_graph_runs())
                     langgraph_runs()
                 else:
                     langgraph_runs()
-                    await corral_graph_runs()
+                    await measured(corral_graph_runs())
                 say(
                     f"round {round_number + 1}: raw {samples['raw_rps'][-1]:.0f} req/s, "
                     f"corral {samples['corral_rps'][-1]:.0f} req/s, ratio {samples['ratio'][-1]:.2f}"
                 )
+            if share is not None:
+                await share.pause()
         finally:
             await client.close()
             await raw_nc.close()
@@ -211,6 +241,13 @@ async def run_bench(
         # Corral's throughput with the monitor running over without it (paused), median of the rounds.
         "monitor_ratio": round(statistics.median(samples["monitor_ratio"]), 3) if "monitor_ratio" in samples else None,
         "monitor_round_ratios": [round(ratio, 3) for ratio in samples.get("monitor_ratio", [])],
+        # The monitor's CPU plus the services' answering its polls (per second it ran, times the
+        # Corral phases' duration) over the system's CPU in those phases (corral/bench/cpu.py).
+        "monitor_cpu_share": None if share is None or share.share is None else round(share.share, 4),
+        "monitor_cpu_s": None if share is None else round(share.monitor_s, 4),
+        "monitor_answering_cpu_s": None if share is None else round(share.answering_s, 4),
+        "monitor_running_s": None if share is None else round(share.running_s, 2),
+        "system_cpu_per_s": None if share is None or not share.phases_s else round(share.system_s / share.phases_s, 3),
     }
     if "langgraph_latency" in samples:
         report["langgraph_p50_ms"] = round(percentile(samples["langgraph_latency"], 0.5), 3)
@@ -232,6 +269,12 @@ async def run_bench(
     )
     if report["monitor_ratio"] is not None:
         say(f"  with the monitor running / paused (median of the rounds): {report['monitor_ratio']}")
+    if report["monitor_cpu_share"] is not None:
+        say(
+            f"  the monitor's share of the system's CPU: {report['monitor_cpu_share']:.2%} (monitor "
+            f"{report['monitor_cpu_s']} s + answering its polls {report['monitor_answering_cpu_s']} s in "
+            f"{report['monitor_running_s']} s; the system {report['system_cpu_per_s']} CPU s/s under load)"
+        )
     say("five-node graph, one run at a time:")
     say(f"  corral over the bus: p50 {report['graph_p50_ms']:.2f} ms   p99 {report['graph_p99_ms']:.2f} ms")
     if report["langgraph_p50_ms"] is None:

@@ -1,6 +1,8 @@
 """Wiring of the auth service: ``python -m services.auth``."""
 
-from contracts.definitions import DefinitionError, TenantPolicy
+from collections.abc import Mapping
+
+from contracts.definitions import Catalog, DefinitionError, TenantPolicy
 from services.auth.broker_connections import BrokerConnections
 from services.auth.callout import CalloutSigner
 from services.auth.denials import DenialAudit
@@ -11,6 +13,7 @@ from services.auth.settings import AuthSettings
 from services.runtime.catalog import load_catalog
 from services.runtime.service import Service, run_service
 from services.runtime.settings import Settings
+from services.runtime.tenant_registry import LiveTenants, PolicyView
 from services.runtime.tokens import verifier_of
 
 
@@ -42,19 +45,37 @@ def build(base: Settings) -> Service:
     else:
         service.log.warning("auth_connections_not_limited", reason="no CORRAL_AUTH_SYSTEM_PASSWORD or state directory")
     signer = CalloutSigner(settings.auth_issuer_seed)
-    register(service, verifier, signer, jwks, denials, _policies(service), connections)
+    catalog = _catalog(service)
+    live = LiveTenants(catalog, service.log) if catalog is not None and denials is not None else None
+    policies: Mapping[str, TenantPolicy] = PolicyView(live) if live else dict(catalog.tenants if catalog else {})
+    register(
+        service,
+        verifier,
+        signer,
+        jwks,
+        denials,
+        policies,
+        connections,
+        subscriptions_check_s=settings.auth_subscriptions_check_s,
+        cached_tokens=settings.auth_token_cache,
+    )
+    if live is not None and catalog is not None and denials is not None:
+        # Through the APP connection the refusals are audited on (the callout's own lives in AUTH,
+        # where the registry is not), once register's start-up has opened it.
+        service.follow_tenants(catalog, connection=lambda: denials.nc, live=live)
+    elif catalog is not None:
+        service.log.warning("auth_registry_not_followed", reason="no APP connection (no audit credential)")
     return service
 
 
-def _policies(service: Service) -> dict[str, TenantPolicy]:
-    """Each tenant's policy, from the definitions (for its connections' limits and scope)."""
+def _catalog(service: Service) -> Catalog | None:
+    """The definitions (each tenant's connection limits and scope), or None without any."""
     try:
-        path = service.settings.definitions_path()
+        paths = service.settings.definitions_paths()
     except DefinitionError:
         service.log.warning("auth_default_connection_limits", reason="no definitions configured")
-        return {}
-    catalog = load_catalog(path)  # the same definitions as the other services: broken ones fail here too
-    return dict(catalog.tenants)
+        return None
+    return load_catalog(paths)  # the same definitions as the other services: broken ones fail here too
 
 
 if __name__ == "__main__":

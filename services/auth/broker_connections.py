@@ -6,6 +6,12 @@ connection (KICK). Every replica follows every event, so each knows every tenant
 connections; the callout admits a connection while its tenant is under its limit
 (:class:`~services.auth.connections.TenantConnections`).
 
+The same connection enforces each tenant's ``connection.max_subscriptions``, which the broker
+does not apply to callout-issued users (nats-server issue 5002): every few seconds it lists APP's
+connections by number of subscriptions, most first, and closes each tenant connection past its
+tenant's limit (it stops at the first connection within the lowest limit, so a sweep reads one
+short page however many connections are open).
+
 The count is rebuilt from the broker's listing at start (before the callout is served, so a
 restarted replica refuses what it should from its first answer) and after each reconnect of this
 connection (events were missed). Events that arrive during a rebuild are held and applied after
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -28,11 +35,12 @@ from contracts import subjects
 from contracts.errors import Unavailable
 from services.auth.connections import Grant, Key, TenantConnections
 from services.auth.denials import DenialAudit
-from services.auth.errors import ConnectionLimitReached, InvalidCalloutRequest
+from services.auth.errors import ConnectionLimitReached, InvalidCalloutRequest, SubscriptionLimitReached
 from services.auth.manifest import CLOSE_CONNECTION, CONNECT_EVENTS, DISCONNECT_EVENTS, LIST_CONNECTIONS
 from services.runtime.connection import quick_reconnects
 
 PAGE = 512  # connections per listing page: about 300 KB of JSON
+SWEEP_PAGE = 64  # connections per page of the subscription sweep (most subscriptions first)
 OVERLAP = 16  # each page starts this many connections before the previous one ended
 REQUEST_TIMEOUT_S = 5.0
 
@@ -65,6 +73,53 @@ class BrokerConnections:
         await self.nc.flush()
         await self.nc.flush()
         await self.rebuild()
+
+    def sweep_every(self, interval_s: float, limit_of: Callable[[str], int], lowest: Callable[[], int]) -> None:
+        """Close tenant connections past their tenant's subscription limit every ``interval_s``
+        (see :meth:`sweep`); a failed sweep is logged and the next one tries again."""
+
+        async def sweeping() -> None:
+            while True:
+                await asyncio.sleep(interval_s)  # a period, not a synchronisation
+                try:
+                    await self.sweep(limit_of, lowest())
+                except Exception as exc:
+                    self.log.warning("auth_subscriptions_not_swept", error=repr(exc))
+
+        self._spawn(sweeping())
+
+    async def sweep(self, limit_of: Callable[[str], int], lowest: int) -> int:
+        """One sweep: close every tenant connection holding more subscriptions than ``limit_of``
+        its tenant allows; returns how many it closed. ``lowest``: the lowest limit of any tenant
+        (the listing, most subscriptions first, stops at the first connection within it)."""
+        closed, offset = 0, 0
+        while True:
+            body = await self._page(offset, sort="subs", limit=SWEEP_PAGE)
+            server, connections = str(body["server"]["id"]), body["data"].get("connections") or []
+            for connection in connections:
+                held = int(connection.get("subscriptions") or 0)
+                if held <= lowest:
+                    return closed
+                tenant, slash, _ = str(connection.get("authorized_user") or "").partition("/")
+                if not slash:
+                    continue  # a service's own user, not a tenant's
+                limit = limit_of(tenant)
+                if held > limit and await self._kick(server, int(connection["cid"])):
+                    closed += 1
+                    error = SubscriptionLimitReached(tenant, held, limit)
+                    client = str(connection.get("name") or "")[:64]
+                    self.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
+                    if self.denials is not None:
+                        self.denials.record(error, client)
+            if len(connections) < SWEEP_PAGE:
+                return closed
+            offset += len(connections)  # a connection closing meanwhile can only move one sooner
+
+    async def _kick(self, server: str, cid: int) -> bool:
+        reply = await self.nc.request(
+            CLOSE_CONNECTION.format(server=server), json.dumps({"cid": cid}).encode(), timeout=REQUEST_TIMEOUT_S
+        )
+        return not json.loads(reply.data).get("error")  # else closed already (another replica's sweep)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -186,8 +241,10 @@ class BrokerConnections:
             budget = max(budget, 2 * int(data.get("total") or 0) // (PAGE - OVERLAP) + 8)
         raise Unavailable("the broker's connection listing kept changing; not counted")
 
-    async def _page(self, offset: int) -> dict[str, Any]:
-        request = {"offset": offset, "limit": PAGE, "auth": True}  # auth: with each user name
+    async def _page(self, offset: int, *, sort: str | None = None, limit: int = PAGE) -> dict[str, Any]:
+        request: dict[str, Any] = {"offset": offset, "limit": limit, "auth": True}  # auth: with user names
+        if sort is not None:
+            request["sort"] = sort
         reply = await self.nc.request(LIST_CONNECTIONS, json.dumps(request).encode(), timeout=REQUEST_TIMEOUT_S)
         body = json.loads(reply.data)
         if body.get("error"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import time
@@ -50,6 +51,7 @@ class CalloutRequest:
     client_id: int = 0
 
 
+@functools.lru_cache(maxsize=64)  # a broker's key is the same in every request: decoded once
 def _public_key(encoded: str, prefix: int) -> nacl.signing.VerifyKey:
     raw = base64.b32decode(encoded + "=" * (-len(encoded) % 8))
     if len(raw) != 35 or raw[0] != prefix:
@@ -88,15 +90,19 @@ def decode_request(data: bytes) -> CalloutRequest:
         raise InvalidCalloutRequest("malformed authorization request") from None
 
 
+_HEADER_PART = _b64(json.dumps(HEADER, separators=(",", ":")).encode())
+
+
 def encode_jwt(claims: dict[str, Any], signer: nkeys.KeyPair) -> str:
-    body = dict(claims)
-    body["jti"] = ""  # computed over the claims without it, as the NATS JWT library does
-    digest = hashlib.sha256(json.dumps(body, separators=(",", ":"), sort_keys=True).encode()).digest()
-    body["jti"] = base64.b32encode(digest).decode().rstrip("=")
-    header = _b64(json.dumps(HEADER, separators=(",", ":")).encode())
-    payload = _b64(json.dumps(body, separators=(",", ":")).encode())
-    signature = _b64(signer.sign(f"{header}.{payload}".encode()))
-    return f"{header}.{payload}.{signature}"
+    """A NATS JWT of ``claims`` (a non-empty object without ``jti``) signed by ``signer``.
+
+    The claims are serialised once: ``jti`` is the hash of that text (the claims without it, as
+    the NATS JWT library computes it; the server does not check it) and is appended to it."""
+    text = json.dumps(claims, separators=(",", ":"))
+    jti = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode().rstrip("=")
+    payload = _b64(f'{text[:-1]},"jti":"{jti}"}}'.encode())
+    signed = f"{_HEADER_PART}.{payload}"
+    return f"{signed}.{_b64(signer.sign(signed.encode()))}"
 
 
 class CalloutSigner:

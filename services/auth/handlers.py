@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jwt
 from nats.aio.msg import Msg
 
@@ -13,6 +15,8 @@ from services.auth.callout import CalloutSigner, decode_request
 from services.auth.denials import DenialAudit
 from services.auth.errors import Denied
 from services.auth.jwks import JwksKeys
+from services.auth.settings import TOKEN_CACHE_ENTRIES
+from services.auth.token_cache import VerifiedTokens
 from services.auth.tokens import TokenVerifier
 from services.runtime.service import Service
 
@@ -23,13 +27,19 @@ def register(
     signer: CalloutSigner,
     jwks: JwksKeys | None = None,
     denials: DenialAudit | None = None,
-    policies: dict[str, TenantPolicy] | None = None,
+    policies: Mapping[str, TenantPolicy] | None = None,
     connections: BrokerConnections | None = None,
+    subscriptions_check_s: float = 0.0,
+    cached_tokens: int = TOKEN_CACHE_ENTRIES,
 ) -> None:
     """Bind the callout responder on ``service``; ``policies``: each tenant's, for its broker
     limits and whether its users are scoped to their own principal (the defaults without one);
-    ``connections``: the tenants' open connections, to admit each within its tenant's limit."""
+    ``connections``: the tenants' open connections, to admit each within its tenant's limit and,
+    every ``subscriptions_check_s`` (0: never), to close those past its subscription limit;
+    ``cached_tokens``: how many verified tokens are remembered until they expire (0: none,
+    services/auth/token_cache.py)."""
     policies = policies or {}
+    tokens = VerifiedTokens(verifier, max_entries=cached_tokens)
     defaults = ConnectionLimits()
     if jwks is not None:
         service.on_start(jwks.refresh)
@@ -52,6 +62,19 @@ def register(
         # Counted before the callout is served: a restarted replica refuses from its first answer.
         service.on_start(connections.start)
         service.on_stop(connections.stop)
+        if subscriptions_check_s > 0:
+
+            def subscription_limit(tenant: str) -> int:
+                policy = policies.get(tenant)
+                return (policy.connection if policy else defaults).max_subscriptions
+
+            def lowest() -> int:  # the policies follow the tenant registry: computed for each sweep
+                return min([defaults.max_subscriptions, *(p.connection.max_subscriptions for p in policies.values())])
+
+            async def start_sweeping() -> None:
+                connections.sweep_every(subscriptions_check_s, subscription_limit, lowest)
+
+            service.on_start(start_sweeping)
 
     @service.handler("callout")
     async def authorize(msg: Msg) -> tuple[str | None, str | None] | None:
@@ -67,11 +90,13 @@ def register(
             service.log.warning("auth_request_refused", reason=error.message)
             return None, error.code.value
         try:
-            if jwks is not None:
-                kid = _kid(request.token)
-                if kid is not None:
-                    await jwks.refresh_if_unknown(kid)
-            identity = verifier.verify(request.token)
+            identity = tokens.remembered(request.token)
+            if identity is None:
+                if jwks is not None:
+                    kid = _kid(request.token)
+                    if kid is not None:
+                        await jwks.refresh_if_unknown(kid)
+                identity = tokens.verify(request.token)
             policy = policies.get(identity.tenant)
             limits = policy.connection if policy else defaults
             if connections is not None:

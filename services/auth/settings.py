@@ -9,6 +9,9 @@ from pydantic import Field
 from services.runtime.credentials import load_secrets
 from services.runtime.settings import Settings
 
+# Verified tokens the callout remembers by default (services/auth/token_cache.py): about 0.5 KB each.
+TOKEN_CACHE_ENTRIES = 100_000
+
 
 class AuthSettings(Settings):
     auth_issuer_seed: str | None = None  # account nkey seed (SA...) that signs callout responses
@@ -29,6 +32,12 @@ class AuthSettings(Settings):
     # connection.max_connections (else from the state directory; without it, not enforced).
     auth_system_user: str = "auth-system"
     auth_system_password: str | None = None
+    # How often that user closes tenant connections past connection.max_subscriptions (the broker
+    # does not apply it to callout users); 0 turns it off.
+    auth_subscriptions_check_s: float = Field(default=2.0, ge=0, le=3600)
+    # Verified tokens remembered until their exp, so a reconnect costs no signature check
+    # (services/auth/token_cache.py); 0 turns the cache off.
+    auth_token_cache: int = Field(default=TOKEN_CACHE_ENTRIES, ge=0, le=10_000_000)
 
     def resolved(self) -> AuthSettings:
         """These settings with the issuer seed, dev key and passwords from the state directory if unset."""

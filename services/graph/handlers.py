@@ -37,6 +37,13 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     # The routes that run each graph, per tenant, to name the target in a run's log line (none:
     # the graph runs as a step of the tenant's workflows).
     targets = run_targets(catalog, "graph")
+
+    def tenants_changed(current: Catalog, changed: frozenset[str]) -> None:
+        for tenant in changed:  # a run already started goes on with the graph it was given
+            allowed[tenant] = current.graphs_of(tenant)
+        targets.update(run_targets(current, "graph", changed))
+
+    service.follow_tenants(catalog).on_change(tenants_changed)
     runs = service.runs
 
     def log_run(req: Request[GraphRun], outcome: str, started: float) -> None:

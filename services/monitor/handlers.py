@@ -7,9 +7,10 @@ import contextlib
 
 import httpx
 
+from contracts import subjects
 from contracts.envelope import MonitorQuery
-from contracts.errors import NotFound
-from services.monitor.access import Access
+from contracts.errors import Forbidden, InvalidRequest, NotFound
+from services.monitor.access import Access, unscoped
 from services.monitor.broker import BrokerConnections
 from services.monitor.http import build_app, serve
 from services.monitor.metrics import registry_for
@@ -55,7 +56,15 @@ def register(service: Service, settings: MonitorSettings, view: View, access: Ac
     async def query(req: Request[MonitorQuery]) -> dict:
         # The tenant is the subject's (the broker lets a connection publish only under its own):
         # nothing in the payload can name another, so no check is needed beyond the runtime's.
+        # The scopes are the subject's too: t.<t>.monitor.query.<p>.<scopes>, which the broker
+        # lets a connection publish on only with exactly its verified token's scopes.
         tenant = req.tenant
+        rest = req.subject.rest  # ("query", <principal>[, <scopes>])
+        if len(rest) > 3:
+            raise InvalidRequest("a monitor query subject names a principal and at most its scopes")
+        scopes = subjects.scopes_of(rest[2]) if len(rest) > 2 else frozenset()
+        if (needs := access.needs(tenant, scopes)) is not None:
+            raise Forbidden(unscoped(needs))
         if tenant not in view.tenants:
             raise NotFound(f"no figures for tenant {tenant!r} yet")
         answer = view.detail(tenant)

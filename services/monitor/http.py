@@ -35,6 +35,8 @@ def build_app(view: View, access: Access, registry: CollectorRegistry, static: P
     async def tenants(request: web.Request) -> web.Response:
         who = await viewer(request)
         limit = _limit(request.query.get("limit"))
+        if not who.operator:
+            who.check(who.tenant)  # type: ignore[arg-type]  # a principal-scoped tenant's user without the scope
         only = None if who.operator else [who.tenant]
         return _json(
             {"window_s": SLOTS, "updated_at": view.updated_at, "tenants": view.rows(only, limit)}  # type: ignore[arg-type]

@@ -61,6 +61,7 @@ class ViewCollector(Collector):
         connections: dict[str, int] = {}
         subscriptions: dict[str, int] = {}
         slow: dict[str, int] = {}
+        stalled: dict[str, int] = {}
         for tenant, found in view.tenants.items():
             label = labels[tenant]
             for (service, operation), series in found.ops.items():
@@ -86,6 +87,7 @@ class ViewCollector(Collector):
                 connections[label] = connections.get(label, 0) + found.connections
                 subscriptions[label] = subscriptions.get(label, 0) + (found.subscriptions or 0)
                 slow[label] = slow.get(label, 0) + (found.slow_consumers or 0)
+                stalled[label] = stalled.get(label, 0) + (found.stalled or 0)
 
         yield _family(CounterMetricFamily, "corral_messages", "Messages handled (errors included)", _OPS, messages)
         yield _family(
@@ -144,11 +146,18 @@ class ViewCollector(Collector):
             {(k,): v for k, v in subscriptions.items()},
         )
         yield _family(
-            GaugeMetricFamily,
+            CounterMetricFamily,
             "corral_broker_slow_consumers",
-            "The tenant's connections the broker closed as slow consumers (of those it still lists)",
+            "The tenant's connections the broker closed as slow consumers (pending bytes or write deadline)",
             ["tenant"],
             {(k,): v for k, v in slow.items()},
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "corral_broker_stalled_connections",
+            "The tenant's open connections the broker held publishers back for since its last reading",
+            ["tenant"],
+            {(k,): v for k, v in stalled.items()},
         )
         yield _family(
             GaugeMetricFamily,
@@ -203,6 +212,7 @@ BUILT_IN = frozenset(
         "broker_connections",
         "broker_subscriptions",
         "broker_slow_consumers",
+        "broker_stalled_connections",
         "graph_runs_active",
         "monitor_tenants",
         "monitor_updated_timestamp_seconds",

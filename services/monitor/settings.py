@@ -30,6 +30,9 @@ class MonitorSettings(Settings):
     # The broker's monitoring endpoint (http://127.0.0.1:8222); else read from the state's nats.conf.
     monitor_broker_http: str | None = None
     monitor_broker_interval_s: float = Field(default=5.0, gt=0)
+    # The scope a principal-scoped tenant's token needs to see that tenant's figures (its users'
+    # traffic); tenants that are not principal-scoped need none.
+    monitor_scope: str = Field(default="monitor", min_length=1, max_length=128)
     # Tenant tokens, as the auth service checks them (services/auth/settings.py).
     auth_dev_key: str | None = None
     auth_dev_mode: bool = True

@@ -14,7 +14,10 @@ a tenant at its connection limit). One client request counts once per service it
 *Figures* (``figures`` of a snapshot: model tokens, workflow runs, swarm sessions) are summed over
 the replicas and over the services that report the same name (graph, workflow and swarm all
 report ``model_tokens``): a counter's per-second increases in a ring per (figure, label value),
-a gauge's last value (of this poll, summed over the replicas).
+a gauge's last value (of this poll, summed over the replicas). A *shared* gauge (kind
+``shared_gauge``: every replica reports the same census of a shared bucket) is not summed over
+the replicas: each poll takes the values of the replica whose census has got furthest (the
+highest ``revision``; on a tie, the larger total).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from services.runtime.stats import OTHER
 
 AUTH_SERVICE = "auth"
 WORKFLOW_OUTCOMES = ("started", "completed", "failed", "cancelled")  # the workflow_runs figure's labels
+WORKFLOW_OPEN = ("running", "waiting", "sleeping")  # the workflow_runs_open figure's labels
+FIGURE_KINDS = ("counter", "gauge", "shared_gauge")
 # Replicas not heard from for this many seconds are forgotten (their in-flight figures too).
 REPLICA_TIMEOUT_S = 10
 
@@ -85,7 +90,8 @@ class TenantSeries:
     p99: Ring = field(default_factory=lambda: Ring("f"))
     connections: int | None = None
     subscriptions: int | None = None
-    slow_consumers: int | None = None
+    slow_consumers: int | None = None  # connections closed as slow consumers, since the monitor started
+    stalled: int | None = None  # open connections the broker stalled publishers on since its last reading
     # (figure, label value) -> its per-second increases, and since the monitor started.
     figures: dict[tuple[str, str], Ring] = field(default_factory=dict)
     figure_totals: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -114,6 +120,8 @@ class View:
         self._last_figures: dict[tuple[str, str, str, str], dict[str, int]] = {}
         self._gauges: dict[tuple[str, str, str], int] = {}
         self._gauges_shown: dict[tuple[str, str, str], int] = {}
+        # Shared gauges of this poll: (service, figure) -> replica -> [revision, total, values].
+        self._shared: dict[tuple[str, str], dict[str, list[Any]]] = {}
         self._rows: tuple[int, dict[str, dict[str, Any]]] | None = None  # every row, for one tick
 
     # ---- writing -------------------------------------------------------------------------
@@ -133,12 +141,24 @@ class View:
 
     def _ingest_figure(self, tick: int, replica: str, service: str, figure: dict[str, Any]) -> None:
         name, kind, key = str(figure.get("name", "")), figure.get("kind"), figure.get("key")
-        if kind not in ("counter", "gauge") or not name:
+        if kind not in FIGURE_KINDS or not name:
             return
         self.figure_kinds.setdefault(name, (kind, key, str(figure.get("description", ""))))
+        shared = None
+        if kind == "shared_gauge":
+            revision = figure.get("revision")
+            shared = self._shared.setdefault((service, name), {}).setdefault(replica, [0, 0, {}])
+            shared[0] = revision if isinstance(revision, int) else 0
+            shared[1] = int(figure.get("value", 0))
         for tenant, values in (figure.get("tenants") or {}).items():
             by = values.get("by") if key is not None else None
             current = {str(k): int(v) for k, v in by.items()} if by else {"": int(values.get("value", 0))}
+            if shared is not None:
+                for label, value in current.items():
+                    if value:
+                        skey = (self._name(tenant), label)
+                        shared[2][skey] = shared[2].get(skey, 0) + value
+                continue
             if kind == "gauge":
                 for label, value in current.items():
                     if value:
@@ -217,6 +237,12 @@ class View:
             found.p99.set(self.tick, math.nan if p99 is None else p99)
         self._tick_buckets = {}
         self._in_flight_shown, self._in_flight = self._in_flight, {}
+        for (_, name), replicas in self._shared.items():  # one replica's each: the furthest
+            _, _, values = max(replicas.values(), key=lambda reading: (reading[0], reading[1]))
+            for (tenant, label), value in values.items():
+                gkey = (tenant, name, label)
+                self._gauges[gkey] = self._gauges.get(gkey, 0) + value
+        self._shared = {}
         self._gauges_shown, self._gauges = self._gauges, {}
         for tenant, _, _ in self._gauges_shown:
             self._tenant(tenant)  # a tenant only a gauge names has a row too
@@ -229,19 +255,21 @@ class View:
         self.updated_at = self.clock()
         self.tick += 1
 
-    def set_connections(self, per_tenant: dict[str, tuple[int, int, int]] | None) -> None:
-        """The broker's figures per tenant: (connections, subscriptions, slow consumers); None: unknown."""
+    def set_connections(self, per_tenant: dict[str, tuple[int, int, int, int]] | None) -> None:
+        """The broker's figures per tenant: (connections, subscriptions, slow consumers, stalled
+        connections), see ``broker.py``; None: unknown."""
         self.broker_reachable = per_tenant is not None
         for tenant, found in self.tenants.items():
             figures = (per_tenant or {}).get(tenant)
             if per_tenant is None:
-                found.connections = found.subscriptions = found.slow_consumers = None
+                found.connections = found.subscriptions = found.slow_consumers = found.stalled = None
             else:
-                found.connections, found.subscriptions, found.slow_consumers = figures or (0, 0, 0)
+                found.connections, found.subscriptions, found.slow_consumers, found.stalled = figures or (0, 0, 0, 0)
         for tenant, figures in (per_tenant or {}).items():
             if tenant not in self.tenants and len(self.tenants) < self.max_tenants:
+                connections, subscriptions, slow, stalled = figures
                 self.tenants[tenant] = TenantSeries(
-                    connections=figures[0], subscriptions=figures[1], slow_consumers=figures[2]
+                    connections=connections, subscriptions=subscriptions, slow_consumers=slow, stalled=stalled
                 )
 
     def _name(self, tenant: str) -> str:
@@ -355,6 +383,12 @@ class View:
             "refusals_by_kind": refusals_by_kind,
             "denials_by_reason": denials_by_reason,
             "patterns": self.patterns(tenant),
+            "broker": {
+                "connections": found.connections,
+                "subscriptions": found.subscriptions,
+                "slow_consumers": found.slow_consumers,
+                "stalled_connections": found.stalled,
+            },
         }
 
     def figure_window(self, tenant: str, name: str) -> dict[str, int]:
@@ -372,7 +406,15 @@ class View:
 
     def gauge(self, tenant: str, name: str) -> int:
         """A gauge figure's value at the last poll, summed over the replicas and label values."""
-        return sum(v for (t, figure, _), v in self._gauges_shown.items() if t == tenant and figure == name)
+        return sum(self.gauge_by(tenant, name).values())
+
+    def gauge_by(self, tenant: str, name: str) -> dict[str, int]:
+        """A gauge figure's values at the last poll per label value (``""`` without a key)."""
+        out: dict[str, int] = {}
+        for (t, figure, label), v in self._gauges_shown.items():
+            if t == tenant and figure == name:
+                out[label] = out.get(label, 0) + v
+        return out
 
     def patterns(self, tenant: str) -> dict[str, Any]:
         """The agent patterns' figures of a tenant: counters over the window, gauges now."""
@@ -380,12 +422,15 @@ class View:
         turns = found.ops.get(("swarm", "turn"))
         runs = self.figure_window(tenant, "workflow_runs")
         tokens = self.figure_window(tenant, "model_tokens")
+        open_runs = self.gauge_by(tenant, "workflow_runs_open")
         return {
             "graph_runs_active": self.in_flight(tenant, "graph", "run"),
             "workflow_runs": {outcome: runs.get(outcome, 0) for outcome in WORKFLOW_OUTCOMES},
+            "workflow_runs_open": {state: open_runs.get(state, 0) for state in WORKFLOW_OPEN},
             "workflow_runs_driven": self.gauge(tenant, "workflow_runs_driven"),
             "swarm_turns": turns.messages.total(now) if turns is not None else 0,
             "swarm_sessions_started": sum(self.figure_window(tenant, "swarm_sessions_started").values()),
+            "swarm_sessions_active": self.gauge(tenant, "swarm_sessions_active"),
             "model_tokens": sum(tokens.values()),
             "model_tokens_by_model": tokens,
         }

@@ -22,8 +22,7 @@ def register(service: Service, catalog: Catalog) -> Router:
     """Bind the router's operation on ``service``; returns the policy object (for tests)."""
     router = Router(catalog, RateLimiter(shares=lambda: service.replicas.count))
     service.admission = router.admit
-    scoped = frozenset(tenant for tenant, policy in catalog.tenants.items() if policy.principal_scoped)
-    service.principal_scoped = scoped.__contains__
+    service.follow_tenants(catalog).on_change(router.tenants_changed)
     # A request with a reply subject outside the tenant's inbox gets its error on its run's events.
     service.misdirected_to_events = True
 

@@ -68,16 +68,24 @@ class Router:
         self.catalog = catalog
         self.limiter = limiter or RateLimiter()
         # Each tenant's route conditions, compiled once, in the order its routes are declared.
-        self._conditions = {
-            tenant: tuple((name, compile_expression(r.when)) for name, r in policy.routes.items() if r.when)
-            for tenant, policy in catalog.tenants.items()
-        }
+        self._conditions = {tenant: _conditions(policy) for tenant, policy in catalog.tenants.items()}
         # The input schemas of the graphs, compiled once (a workflow checks its own at start).
         self._inputs = {
             name: CompiledSchema(graph.input_schema)
             for name, graph in catalog.graphs.items()
             if graph.input_schema is not None
         }
+
+    def tenants_changed(self, catalog: Catalog, changed: frozenset[str]) -> None:
+        """The tenant registry changed these tenants' policies (a request already decided keeps
+        the route it was given)."""
+        self.catalog = catalog
+        for tenant in changed:
+            policy = catalog.tenants.get(tenant)
+            if policy is None:
+                self._conditions.pop(tenant, None)
+            else:
+                self._conditions[tenant] = _conditions(policy)
 
     def policy_for(self, tenant: str) -> TenantPolicy:
         policy = self.catalog.policy(tenant)
@@ -166,3 +174,8 @@ class Router:
         if name is None or name in passed:  # none, or the default route's own condition did not hold
             raise InvalidRequest("no route's condition holds and the tenant has no default route")
         return policy.routes.get(name), name, "default_route", passed, True
+
+
+def _conditions(policy: TenantPolicy) -> tuple[tuple[str, Any], ...]:
+    """A tenant's route conditions, compiled, in the order its routes are declared."""
+    return tuple((name, compile_expression(r.when)) for name, r in policy.routes.items() if r.when)

@@ -3,35 +3,62 @@
 Recording is a non-blocking call on the hot path; a background task appends what accumulated
 for each tenant as one entry. Each service keeps one chain per tenant, on its own subject
 ``t.<tenant>.audit.<service>``, and reads back only its own last entries (a direct get scoped to
-that subject by its broker permissions: no service can read another's records). The replicas of
-a service append to the same chain, so each append states the sequence it extends
-(``Nats-Expected-Last-Subject-Sequence``): when another replica got there first the server
-refuses, and the entry is re-chained on the new head and sent again. Nothing is dropped: a failed append is tried again,
-with backoff, until it succeeds; on shutdown what is pending is written before the connection
-closes, and what could not be is reported.
+that subject by its broker permissions: no service can read another's records).
+
+Appends are pipelined across tenants: each window (``LINGER_S``) every chain with pending records
+gets one entry, all of them are published before any acknowledgement is awaited, and the acks are
+awaited together. One round trip per window, whatever the number of active tenants; each chain
+is still its own sequence of messages on its own subject, verifiable alone. (An atomic batch was
+measured too and not chosen: it fails whole on any one chain's conflict without naming the chain,
+holds at most 1,000 messages, and made the broker no cheaper; docs/security.md.)
+
+The replicas of a service append to the same chains, so each append states the sequence it
+extends (``Nats-Expected-Last-Subject-Sequence``): when another replica got there first the
+server refuses that append alone, and its entry is re-chained on the new head and sent in the
+next round. Nothing is dropped: records leave memory only once the broker acknowledged them; a
+failed append is tried again, with backoff, until it succeeds; an append whose acknowledgement was
+lost is recognised by its hash at the chain's head instead of being written twice; on shutdown
+what is pending is written before the connection closes, and what could not be is reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from pydantic_core import from_json
 
 from contracts import subjects
-from contracts.audit import STREAM, AuditEntry, seal_json
+from contracts.audit import STREAM, seal_json
 from contracts.envelope import now_iso
+from services.runtime import connection
 from services.runtime.retry import RetryPolicy, call_with_retries
+from services.runtime.tasks import cancel_and_wait
 
 WRONG_LAST_SEQUENCE = 10071
-# How long records gather before an entry is written: one append per tenant per window instead
-# of one per record keeps the trail off the request path's CPU (measured: +0.25 ms p50 without).
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+# How long records gather before they are written: one entry per tenant per window instead of one
+# per record keeps the trail off the request path's CPU (measured: +0.25 ms p50 without).
 LINGER_S = 0.05
 MAX_RECORDS_PER_ENTRY = 500
-# A failed append (broker away, chain contended) is tried again with no limit and no deadline:
-# records are never dropped. The pause starts where it always did (0.5 s) and grows to 5 s.
+# A round holds at most this many entries in flight (the writer's memory, the broker's ingest
+# queue); more chains than that with records pending take the next round, at once.
+MAX_ENTRIES_PER_ROUND = 4096
+# While it seals and sends a round the writer gives the event loop back this often (about 1 ms of
+# work), so a round of thousands of entries does not hold up the requests served meanwhile.
+YIELD_EVERY = 64
+# An acknowledgement not back within this long: that append's outcome is unknown (AckLost).
+ACK_TIMEOUT_S = 5.0
+# A chain refused this often in one pass (other writers keep extending it) waits for the backoff.
+MAX_CONFLICTS = 50
+# A failed append is tried again with no limit and no deadline: records are never dropped. The
+# pause starts where it always did (0.5 s) and grows to 5 s.
 APPEND_RETRY = RetryPolicy(initial_interval_s=0.5, multiplier=2.0, max_interval_s=5.0, max_attempts=None, jitter=0.2)
 # Bounded so a tenant cannot grow it without limit (a denial of service on the broker's disk):
 # at most MAX_ENTRIES_PER_CHAIN entries per tenant and service, 90 days, MAX_BYTES in all; the
@@ -52,19 +79,64 @@ STREAM_CONFIG = StreamConfig(
 )
 
 
-class AuditTrail:
-    def __init__(self, nc: Any, service: str, log: Any) -> None:
+class ChainConflict(Exception):
+    """Another writer extended the chain after its head was read: read it again and re-chain."""
+
+
+class AckLost(TimeoutError):
+    """No acknowledgement in time: the entry may be in the stream or not."""
+
+
+@dataclass(slots=True)
+class Append:
+    """One entry on its way to its chain, and what became of it: ``seq`` or ``error``."""
+
+    tenant: str
+    subject: str
+    body: bytes
+    expected: int  # stream sequence of the chain's head it extends (0: the chain is empty)
+    digest: str
+    count: int  # how many records it holds: the first ``count`` pending for its tenant
+    seq: int | None = None
+    error: Exception | None = None
+
+
+class Chains(Protocol):
+    """What the writer needs of the broker: :class:`JetStreamChains` (tests give it a fake)."""
+
+    max_payload: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def append(self, appends: list[Append]) -> None:
+        """Send every entry, then wait for their acknowledgements together; each gets its
+        ``seq`` or its ``error``."""
+
+    async def heads(self, chain_subjects: list[str]) -> list[tuple[int, str] | BaseException]:
+        """(stream sequence, hash) of each chain's last entry, ``(0, "")`` for an empty chain."""
+
+
+class JetStreamChains:
+    """The ``AUDIT`` stream, pipelined: a round's appends are published one after another, with
+    reply subjects under one subscription, and their acknowledgements awaited together; heads
+    are read with direct gets, concurrently."""
+
+    def __init__(self, nc: Any, log: Any) -> None:
         self.nc = nc
-        self.service = service
         self.log = log
-        self._pending: dict[str, list[dict[str, Any]]] = {}
-        self._heads: dict[str, tuple[int, str]] = {}  # tenant -> (stream sequence, hash) of its last entry
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._flush_now = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._js: Any = None
+        self._prefix = ""
+        self._tokens = itertools.count()
+        self._waiting: dict[str, Append] = {}  # reply subject -> the append it acknowledges
+        self._sending = False
+        self._all_acked: asyncio.Future[None] | None = None
+        self._subscription: Any = None
+
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload
 
     async def start(self) -> None:
         self._js = self.nc.jetstream()
@@ -75,6 +147,122 @@ class AuditTrail:
                 await self._js.update_stream(STREAM_CONFIG)
             except APIError as error:  # an operator's own configuration
                 self.log.warning("audit_stream_not_updated", reason=str(error))
+        self._prefix = f"{self.nc.new_inbox()}."
+        self._subscription = await self.nc.subscribe(f"{self._prefix}*", cb=self._on_queued_ack)
+        if isinstance(self.nc, connection.Connection):
+            self.nc.dispatch_directly(self._subscription, self._on_ack)
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+
+    async def append(self, appends: list[Append]) -> None:
+        self._all_acked = all_acked = asyncio.get_running_loop().create_future()
+        waiting, sent = self._waiting, []
+        self._sending = True
+        try:
+            for n, entry in enumerate(appends, 1):
+                reply = f"{self._prefix}{next(self._tokens)}"
+                waiting[reply] = entry
+                headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(entry.expected)}
+                try:
+                    await self.nc.publish(entry.subject, entry.body, reply=reply, headers=headers)
+                except Exception as error:  # a closed connection, a message over the broker's limit
+                    del waiting[reply]
+                    entry.error = error
+                    continue
+                sent.append(reply)
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            self._sending = False
+            if waiting:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ACK_TIMEOUT_S):
+                        await all_acked
+        finally:
+            self._sending = False
+            self._all_acked = None
+            for reply in sent:  # unanswered (a late answer is ignored: the head tells)
+                entry = waiting.pop(reply, None)
+                if entry is not None and entry.seq is None and entry.error is None:
+                    entry.error = AckLost(f"no acknowledgement within {ACK_TIMEOUT_S:g} s")
+
+    def _on_ack(self, msg: Any) -> bool:
+        """An acknowledgement (from the read loop when the connection hands it over directly)."""
+        entry = self._waiting.pop(msg.subject, None)
+        if entry is not None:
+            _settle(entry, msg.data)
+            done = self._all_acked
+            if not self._waiting and not self._sending and done is not None and not done.done():
+                done.set_result(None)
+        return True
+
+    async def _on_queued_ack(self, msg: Any) -> None:
+        self._on_ack(msg)
+
+    async def heads(self, chain_subjects: list[str]) -> list[tuple[int, str] | BaseException]:
+        return await asyncio.gather(*(self._head(subject) for subject in chain_subjects), return_exceptions=True)
+
+    async def _head(self, subject: str) -> tuple[int, str]:
+        try:
+            message = await self._js.get_last_msg(STREAM, subject, direct=True)
+        except NotFoundError:
+            return 0, ""
+        return message.seq, _stated_hash(message.data)
+
+
+def _settle(entry: Append, data: bytes) -> None:
+    """What the stream answered to an append: its sequence, or why not."""
+    try:
+        answer = json.loads(data)
+    except ValueError:  # an empty status message: no stream took it
+        entry.error = NoStreamResponseError()
+        return
+    error = answer.get("error")
+    if error is None:
+        entry.seq = answer["seq"]
+    elif error.get("err_code") == WRONG_LAST_SEQUENCE:
+        entry.error = ChainConflict(error.get("description", "wrong last sequence"))
+    else:
+        try:
+            APIError.from_error(error)  # raises the typed error
+        except APIError as typed:
+            entry.error = typed
+
+
+def _stated_hash(raw: bytes) -> str:
+    """The hash an entry states. An entry that is not one (forged or damaged: ``corral audit``
+    reports it) is extended all the same: a reader checks no link past an unreadable entry."""
+    with contextlib.suppress(ValueError):
+        entry = from_json(raw)
+        if isinstance(entry, dict) and isinstance(entry.get("hash"), str):
+            return entry["hash"]
+    return ""
+
+
+class AuditTrail:
+    def __init__(self, nc: Any, service: str, log: Any, chains: Chains | None = None) -> None:
+        self.nc = nc
+        self.service = service
+        self.log = log
+        self.chains: Chains = chains if chains is not None else JetStreamChains(nc, log)
+        self._pending: dict[str, list[dict[str, Any]]] = {}  # records leave only once acknowledged
+        self._heads: dict[str, tuple[int, str]] = {}  # tenant -> (stream sequence, hash) of its last entry
+        # tenant -> (hash, records) of an entry whose acknowledgement was lost: written if the head is it
+        self._unsure: dict[str, tuple[str, int]] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._flush_now = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        # What the writer did: tests count round trips, scripts/audit_cost.py reports them.
+        self.stats = {"passes": 0, "round_trips": 0, "entries": 0, "conflicts": 0}
+
+    async def start(self) -> None:
+        await self.chains.start()
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     def record(
@@ -104,81 +292,128 @@ class AuditTrail:
         self._wake.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Write what is pending, then stop the writer."""
+        """Write what is pending (for up to ``timeout`` seconds), then stop the writer."""
         if self._task is None:
             return
+        self._closing = True  # the writer ends by itself once nothing is pending
         self._flush_now.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._wake.set()
+        await asyncio.wait({self._task}, timeout=timeout)
+        # Past the timeout it is cancelled until it has ended: one cancellation can be lost
+        # (services/runtime/tasks.py), and a writer that lost one waited for ever.
+        try:
+            await cancel_and_wait(self._task)
+        except Exception as error:
+            self.log.error("audit_writer_failed", error=str(error))
+        await self.chains.stop()
         if self._pending:
             self.log.error("audit_records_unwritten", tenants=sorted(self._pending))
 
     async def flushed(self, timeout: float = 10.0) -> None:
         """Wait until everything recorded so far is written (now, not after the linger window)."""
         self._flush_now.set()
-        await asyncio.wait_for(self._idle.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            with contextlib.suppress(TimeoutError):  # gather more records, unless asked to flush now
-                await asyncio.wait_for(self._flush_now.wait(), LINGER_S)
+            if not self._flush_now.is_set() and not self._closing:
+                with contextlib.suppress(TimeoutError):  # gather more records, unless asked to flush now
+                    async with asyncio.timeout(LINGER_S):
+                        await self._flush_now.wait()
             self._flush_now.clear()
             self._wake.clear()
-            # Returns only when everything is written: a pass that failed is tried again, for ever.
+            # Returns only when what was due is written: a pass that failed is tried again, for ever.
             await call_with_retries(self._drain, APPEND_RETRY, retry_if=_always)
-            self._idle.set()
+            if not self._pending:  # (otherwise records came meanwhile, and _wake is set)
+                self._idle.set()
+                if self._closing:
+                    return
 
     async def _drain(self) -> None:
-        """Append what is pending for every tenant; raise the first failure once the others had their turn."""
+        """Append what is pending for the chains that had records when the pass began, a round
+        at a time (a chain that has records left, or was re-chained, takes the next round at
+        once; chains with records only from after the start wait for the next window); raise the
+        first failure once the other chains are written."""
+        self.stats["passes"] += 1
+        due = set(self._pending)
         failed: dict[str, Exception] = {}
-        while (tenant := next((t for t in self._pending if t not in failed), None)) is not None:
-            records = self._pending.pop(tenant)
-            for start in range(0, len(records), MAX_RECORDS_PER_ENTRY):
-                batch = records[start : start + MAX_RECORDS_PER_ENTRY]
-                try:
-                    await self._append(tenant, batch)
-                except BaseException as error:
-                    # Put the records back, in order: never dropped (if the writer is being
-                    # cancelled, stop() reports them as unwritten).
-                    self._pending[tenant] = (
-                        batch + records[start + MAX_RECORDS_PER_ENTRY :] + self._pending.get(tenant, [])
-                    )
-                    if not isinstance(error, Exception):
-                        raise
-                    self.log.warning("audit_append_failed", tenant_id=tenant, error=str(error))
-                    failed[tenant] = error
-                    break
+        conflicts: dict[str, int] = {}
+        while tenants := list(
+            itertools.islice(
+                (tenant for tenant in self._pending if tenant in due and tenant not in failed), MAX_ENTRIES_PER_ROUND
+            )
+        ):
+            await self._round(tenants, failed, conflicts)
         if failed:
             raise next(iter(failed.values()))
 
-    async def _append(self, tenant: str, records: list[dict[str, Any]]) -> None:
-        subject = subjects.audit(tenant, self.service)
-        for _ in range(50):
-            sequence, previous = self._heads.get(tenant) or await self._head(subject)
-            digest, body = seal_json(tenant, previous, records)
-            headers = {"Nats-Expected-Last-Subject-Sequence": str(sequence)}
-            try:
-                ack = await self._js.publish(subject, body, headers=headers, timeout=5)
-            except BadRequestError as error:
-                if error.err_code != WRONG_LAST_SEQUENCE:
-                    raise
-                self._heads.pop(tenant, None)  # another writer extended the chain: re-read its head
+    async def _round(self, tenants: list[str], failed: dict[str, Exception], conflicts: dict[str, int]) -> None:
+        """An entry for each of ``tenants``' chains, all sent together: one round trip (and one
+        more first, to read the heads not known yet, all together too)."""
+        problems: dict[str, Exception] = {}
+        unknown = [tenant for tenant in tenants if tenant not in self._heads]
+        if unknown:
+            self.stats["round_trips"] += 1
+            heads = await self.chains.heads([subjects.audit(tenant, self.service) for tenant in unknown])
+            for tenant, head in zip(unknown, heads, strict=True):
+                if isinstance(head, Exception):
+                    problems[tenant] = head
+                elif isinstance(head, BaseException):  # cancelled: stopping
+                    raise head
+                else:
+                    self._took_head(tenant, head)
+        appends = []
+        room = self.chains.max_payload - 4096  # the headers, and the broker's framing
+        for tenant in tenants:
+            records = self._pending.get(tenant)
+            if not records or tenant in problems:  # (an entry found written may have emptied it)
                 continue
-            self._heads[tenant] = (ack.seq, digest)
-            return
-        raise RuntimeError("audit chain contended too long")
+            sequence, previous = self._heads[tenant]
+            count = min(len(records), MAX_RECORDS_PER_ENTRY)
+            digest, body = seal_json(tenant, previous, records[:count])
+            while len(body) > room and count > 1:  # large records: fewer per entry
+                count //= 2
+                digest, body = seal_json(tenant, previous, records[:count])
+            appends.append(Append(tenant, subjects.audit(tenant, self.service), body, sequence, digest, count))
+        if appends:
+            self.stats["round_trips"] += 1
+            await self.chains.append(appends)
+        for entry in appends:
+            if entry.seq is not None:
+                self._written(entry.tenant, entry.seq, entry.digest, entry.count)
+                continue
+            del self._heads[entry.tenant]  # read again before the next try
+            if isinstance(entry.error, ChainConflict):  # re-chained on the new head next round
+                self.stats["conflicts"] += 1
+                conflicts[entry.tenant] = conflicts.get(entry.tenant, 0) + 1
+                if conflicts[entry.tenant] >= MAX_CONFLICTS:
+                    problems[entry.tenant] = RuntimeError("audit chain contended too long")
+                continue
+            if isinstance(entry.error, AckLost):
+                self._unsure[entry.tenant] = (entry.digest, entry.count)
+            problems[entry.tenant] = entry.error or RuntimeError("append failed")
+        if problems:
+            tenant, error = next(iter(problems.items()))
+            self.log.warning("audit_append_failed", tenant_id=tenant, tenants=len(problems), error=str(error))
+            failed.update(problems)
 
-    async def _head(self, subject: str) -> tuple[int, str]:
-        """(stream sequence, hash) of the last entry of this service's chain for a tenant."""
-        try:
-            message = await self._js.get_last_msg(STREAM, subject, direct=True)
-        except NotFoundError:
-            return 0, ""
-        return message.seq, AuditEntry.model_validate_json(message.data).hash
+    def _took_head(self, tenant: str, head: tuple[int, str]) -> None:
+        unsure = self._unsure.pop(tenant, None)
+        if unsure is not None and unsure[0] == head[1]:  # the entry whose acknowledgement was lost is there
+            self._written(tenant, head[0], head[1], unsure[1])
+        else:
+            self._heads[tenant] = head
+
+    def _written(self, tenant: str, sequence: int, digest: str, count: int) -> None:
+        self._heads[tenant] = (sequence, digest)
+        self.stats["entries"] += 1
+        records = self._pending.get(tenant)
+        if records is not None:
+            del records[:count]
+            if not records:
+                del self._pending[tenant]
 
 
 def _always(error: Exception) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 from nats.errors import NoRespondersError
 
 from contracts import subjects
+from services.runtime.tasks import cancel_and_wait
 
 
 class Liveness:
@@ -38,9 +39,7 @@ class Liveness:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)  # its requests can lose one cancellation (tasks.py)
 
     def saw(self, up: bool) -> None:
         """Record what the broker or the service said (also called when a request went through)."""
@@ -80,9 +79,7 @@ class Replicas:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)  # its requests can lose one cancellation (tasks.py)
 
     async def _run(self, nc: Any) -> None:
         subject = subjects.ping(self.service)

@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -181,11 +182,16 @@ class _Cut(str):
         return str(self)
 
 
-def run_targets(catalog: Any, pattern: str) -> dict[str, dict[str, str]]:
+def run_targets(catalog: Any, pattern: str, tenants: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
     """For a run's log line: tenant -> the graph (or workflow) a route of ``pattern`` runs -> the
-    name of the tenant's route that runs it (several, comma-separated, if several routes do)."""
+    name of the tenant's route that runs it (several, comma-separated, if several routes do).
+    ``tenants``: only those (the ones a registry change touched; a removed one maps to nothing)."""
     found: dict[str, dict[str, str]] = {}
-    for tenant, policy in catalog.tenants.items():
+    chosen = catalog.tenants.items() if tenants is None else ((t, catalog.tenants.get(t)) for t in tenants)
+    for tenant, policy in chosen:
+        if policy is None:
+            found[tenant] = {}
+            continue
         names: dict[str, list[str]] = {}
         for name, route in sorted(policy.routes.items()):
             if route.pattern.value == pattern:

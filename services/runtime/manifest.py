@@ -30,6 +30,7 @@ from contracts import subjects
 from contracts.audit import STREAM as AUDIT_STREAM
 from contracts.envelope import Kind, Result
 from contracts.permissions import Permissions
+from contracts.registry import STREAM as REGISTRY_STREAM
 from services.runtime.settings import Settings
 
 # Accounts of the broker: tenants and services share APP (per-user permissions keep them apart);
@@ -147,6 +148,9 @@ class Manifest:
     # What the service needs of the broker's system account, as the user ``<name>-system`` (the
     # auth service's view of the tenants' connections); ``None``: no such user.
     system: Permissions | None = None
+    # Follows the tenant registry (services/runtime/tenant_registry.py): read-only access to it,
+    # for a service outside APP through its audit writer's connection.
+    follows_registry: bool = True
     module: str = field(default="")  # run as ``python -m <module>``; default ``services.<name>``
 
     def __post_init__(self) -> None:
@@ -195,6 +199,8 @@ class Manifest:
             if isinstance(op, Durable):
                 publish += _durable_api(op.stream, self.durable_name(op))
         publish += self.jetstream
+        if self.follows_registry:
+            publish += registry_read_api()
         if self.audit:
             publish += audit_api(self.name)
         subscribe += [
@@ -211,7 +217,7 @@ class Manifest:
         if self.audit_user is not None:
             # It also answers the service's pings and statistics requests, which come from APP.
             writer = Permissions(
-                publish=audit_api(self.name),
+                publish=(*audit_api(self.name), *(registry_read_api() if self.follows_registry else ())),
                 subscribe=(
                     f"{subjects.service_inbox_prefix(self.audit_user)}.>",
                     subjects.ping(self.name),
@@ -244,6 +250,20 @@ def stream_api(stream: str) -> tuple[str, ...]:
 def kv_api(bucket: str) -> tuple[str, ...]:
     """What a service that owns a key-value bucket uses of it: the bucket's stream, and its keys."""
     return (*stream_api(f"KV_{bucket}"), f"$KV.{bucket}.>")
+
+
+def registry_read_api() -> tuple[str, ...]:
+    """The JetStream API subjects a service needs to follow the tenant registry: read only (no
+    ``$KV.TENANTS.>`` publish, no stream create, update, purge or delete), so a compromised
+    service cannot change a tenant's policy."""
+    stream = REGISTRY_STREAM
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
+    )
 
 
 def _durable_api(stream: str, durable: str) -> list[str]:

@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -32,6 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import ValidationError
 
 from contracts import subjects
+from contracts.definitions import Catalog, ConnectionLimits, TenantPolicy
 from contracts.definitions_base import DefinitionError
 from contracts.envelope import (
     MAX_MESSAGE_BYTES,
@@ -74,12 +75,17 @@ from services.runtime.requests import Requester
 from services.runtime.settings import Settings
 from services.runtime.slots import Slots
 from services.runtime.stats import UNKNOWN, OperationStats, ServiceStats, parse_stats_request
+from services.runtime.tasks import keep_cancelling
+from services.runtime.tenant_registry import LiveTenants
 
 Handler = Callable[[Request[Any]], Awaitable[Any]]
 # A raw handler may return (tenant, error code) for the statistics.
 RawHandler = Callable[[Msg], Awaitable[tuple[str | None, str | None] | None]]
 # Messages a durable consumer pulls at once (bounded by the free in-flight slots as well).
 DURABLE_BATCH = 64
+DEFAULT_PAYLOAD_LIMIT = ConnectionLimits().max_payload_bytes
+# Refusals answered per loop turn before the refusing task lets other work run (see _refuse_due).
+REFUSALS_PER_TURN = 16
 # When a durable message whose handler failed (retryably, or with a bug) comes back.
 DURABLE_RETRY_S = 1.0
 
@@ -125,6 +131,12 @@ class Service:
         # Whether a tenant's users are scoped to their own principal (its policy; the router
         # knows it): a tenant-facing message's reply must then be its principal's own inbox.
         self.principal_scoped: Callable[[str], bool] = lambda tenant: False
+        # The largest message a tenant may publish to a tenant-facing operation (its policy's
+        # connection.max_payload_bytes: the broker does not apply the user JWT's limit to callout
+        # users). Checked at admission, before anything is decoded.
+        self.payload_limit: Callable[[str], int] = lambda tenant: DEFAULT_PAYLOAD_LIMIT
+        # The tenants it serves, following the registry (:meth:`follow_tenants`); None: not followed.
+        self.tenants: LiveTenants | None = None
         # Whether a tenant-facing request refused for its reply subject is told so on its run's
         # events instead (the router's requests: :meth:`_report_misdirected`).
         self.misdirected_to_events = False
@@ -277,8 +289,8 @@ class Service:
         """Stop taking messages, finish those in flight, then close the connection."""
         for notice in self._on_draining:
             notice()
-        for consumer in self._consumers:
-            consumer.cancel()
+        for consumer in self._consumers:  # a fetch can lose one cancellation (services/runtime/tasks.py)
+            keep_cancelling(consumer)
         for consumer in self._consumers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await consumer
@@ -359,10 +371,55 @@ class Service:
 
         return on_message
 
+    def follow_tenants(
+        self, catalog: Catalog, connection: Callable[[], Any] | None = None, live: LiveTenants | None = None
+    ) -> LiveTenants:
+        """Serve ``catalog``'s tenants overlaid by the tenant registry's, following its changes
+        (services/runtime/tenant_registry.py). The service starts serving once the registry was
+        read (at most ``CORRAL_REGISTRY_WAIT_S``; then with the files' tenants, and the registry's
+        as they arrive). ``connection``: where to follow it (default: the service's own), asked
+        for when the service starts, after the start-up steps registered before this call."""
+        live = live or LiveTenants(catalog, self.log)
+        self.tenants = live
+        self.apply_tenant_policies(catalog.tenants)
+        live.on_change(lambda current, _: self.apply_tenant_policies(current.tenants))
+
+        async def start() -> None:
+            live.start(connection() if connection is not None else self.nc)
+            if not await live.ready(self.settings.registry_wait_s):
+                self.log.warning("tenant_registry_not_read", waited_s=self.settings.registry_wait_s)
+
+        async def stop() -> None:
+            live.stop()
+
+        self.on_start(start)
+        self.on_stop(stop)
+        return live
+
+    def apply_tenant_policies(self, tenants: Mapping[str, TenantPolicy]) -> None:
+        """Take from each tenant's policy what dispatch needs: whether its users are kept apart
+        (:attr:`principal_scoped`) and the largest message it may publish (:attr:`payload_limit`)."""
+        scoped = frozenset(tenant for tenant, policy in tenants.items() if policy.principal_scoped)
+        self.principal_scoped = scoped.__contains__
+        limits = {
+            tenant: policy.connection.max_payload_bytes
+            for tenant, policy in tenants.items()
+            if policy.connection.max_payload_bytes != DEFAULT_PAYLOAD_LIMIT
+        }
+        self.payload_limit = lambda tenant: limits.get(tenant, DEFAULT_PAYLOAD_LIMIT)
+
     def _admit(self, op: Consume, handle: Callable[[Msg], Awaitable[None]], stats: OperationStats, msg: Msg) -> None:
         """Admit one message by its subject's tenant alone, before anything is decoded: start it,
         queue it behind its own tenant's, or refuse it at once."""
         tenant = subjects.tenant_token(msg.subject)
+        if op.tenant_facing and len(msg.data) > (limit := self.payload_limit(tenant)):
+            stats.refuse(tenant, ErrorCode.INVALID_REQUEST.value)
+            error = InvalidRequest(
+                f"a message of {len(msg.data)} bytes is over the tenant's limit of {limit} "
+                "(connection.max_payload_bytes)"
+            )
+            self._refuse_soon(msg, error, op.tenant_facing)
+            return
         if self.admission is not None:
             refusal = self.admission(tenant)
             if refusal is not None:
@@ -423,7 +480,11 @@ class Service:
     async def _refuse_due(self) -> None:
         due, self._refusals_due = self._refusals_due, []
         bodies: dict[tuple[str, str], bytes] = {}  # the error's JSON, per tenant and message
-        for msg, error, tenant_facing in due:
+        for index, (msg, error, tenant_facing) in enumerate(due):
+            if index and not index % REFUSALS_PER_TURN:
+                # A flood's refusals give way to the requests admitted in the same read: another
+                # tenant's request starts after at most this many answers, not after all of them.
+                await asyncio.sleep(0)
             subject, reply = msg.subject, msg.reply
             tenant = subjects.tenant_token(subject)
             known = is_tenant_id(tenant)
@@ -710,12 +771,16 @@ class Service:
         APP subscribes it on its connection there (the auth service's audit writer)."""
         if not msg.reply:
             return
+        # This thread's CPU building the reply (no await in between, so nothing else's): what
+        # being monitored costs the replica, reported as the snapshot's stats_cpu_s.
+        started = time.thread_time()
         try:
-            body = json.dumps(self.stats.snapshot(**parse_stats_request(msg.data)))
+            body = json.dumps(self.stats.snapshot(**parse_stats_request(msg.data))).encode()
         except CorralError as error:
-            body = json.dumps({"error": {"code": error.code.value, "message": error.message}})
+            body = json.dumps({"error": {"code": error.code.value, "message": error.message}}).encode()
+        self.stats.stats_cpu_s += time.thread_time() - started
         with contextlib.suppress(Exception):
-            await msg.respond(body.encode())
+            await msg.respond(body)
 
     async def _on_error(self, error: Exception) -> None:
         self.log.warning("nats_error", error=str(error))

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     probe_interval_s: float = Field(default=1.0, gt=0)
     # How long a stopping service waits for in-flight messages.
     drain_timeout_s: float = Field(default=10.0, gt=0)
+    # How long a starting service waits to have read the tenant registry before it serves (then
+    # with the definitions files' tenants, the registry's following as they arrive).
+    registry_wait_s: float = Field(default=10.0, ge=0)
     # Spans with OpenTelemetry (services/runtime/tracing.py, the `traces` extra): off, otlp (to
     # OTEL_EXPORTER_OTLP_ENDPOINT) or console (debugging). Off, the trace context is only carried on.
     traces: Literal["off", "otlp", "console"] = "off"

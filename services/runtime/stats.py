@@ -62,22 +62,33 @@ runs), each a counter or a gauge, optionally split by one label (``key``, e.g. t
     stats.gauge("workflow_runs_driven", "Runs driven now", read=lambda: driving)  # {tenant: n}
 
     ServiceStats.counter(name, description="", *, key=None) -> FigureStats
-    ServiceStats.gauge(name, description="", *, read) -> FigureStats
+    ServiceStats.gauge(name, description="", *, read, key=None, shared=False, revision=None) -> FigureStats
     FigureStats.add(tenant, n=1, key="") -> None
 
 A gauge is read from the service's own state each time a reply is built (``read`` returns
 tenant -> value), so it is always current, costs nothing between replies, and folds exactly
 (``_other`` is the sum of the folded tenants' values); there is no ``set``, which could not fold
-a tenant past the cap without keeping its value.
+a tenant past the cap without keeping its value. A keyed gauge's ``read`` returns tenant ->
+{label value: n} (workflow runs by state).
 
-They are in the snapshot's ``figures``: per figure ``name``, ``kind`` (``counter``/``gauge``),
-``key`` (the label's name, or null), ``description``, ``value`` (over every tenant), ``by`` (per
-label value; only with a key), ``tenants_tracked`` and ``tenants``: ``{tenant: {"value": n,
+A *shared* gauge (``shared=True``, kind ``shared_gauge``) is a figure every replica of the service
+reads from the same shared state (a census of a KV bucket, ``services/runtime/census.py``), so a
+reader takes it from one replica instead of summing the replicas: each entry carries
+``revision`` (``revision()``: how far that replica's copy of the shared state has got, the last
+stream sequence it applied), and the reader takes the values of the replica with the highest.
+
+They are in the snapshot's ``figures``: per figure ``name``, ``kind`` (``counter``/``gauge``/
+``shared_gauge``), ``key`` (the label's name, or null), ``description``, ``value`` (over every
+tenant), ``by`` (per label value; only with a key), ``revision`` (shared gauges only),
+``tenants_tracked`` and ``tenants``: ``{tenant: {"value": n,
 "by": {...}}}`` for the names of the page (the same pages as the endpoints'; figures' tenants are
 in the union). The same ``max_tenants`` bound and ``_other`` / ``_unknown`` folding apply. Label
 values, like error codes, must come from a fixed vocabulary (the catalog's model names). Nothing
 of this is on the per-message path: a service that declares no figure pays nothing, and one that
 does pays one dict update where it calls ``add``.
+
+``stats_cpu_s`` (top level) is the CPU time this replica has spent answering statistics requests
+(building and encoding the replies), in seconds since it started: what being monitored costs it.
 """
 
 from __future__ import annotations
@@ -297,6 +308,7 @@ class FigureStats:
         "_last_read",
         "_max_tenants",
         "_read",
+        "_revision",
         "_saw_name",
         "_tenants",
         "_total",
@@ -314,14 +326,16 @@ class FigureStats:
         *,
         description: str,
         key: str | None,
-        read: Callable[[], Mapping[str, int]] | None,
+        read: Callable[[], Mapping[str, Any]] | None,
         max_tenants: int,
         saw_name: Callable[[str], None],
+        revision: Callable[[], int | None] | None = None,
     ) -> None:
         if not FIGURE_NAME.fullmatch(name) or (key is not None and not FIGURE_NAME.fullmatch(key)):
             raise ValueError(f"figure name and key must match {FIGURE_NAME.pattern}: {name!r}, {key!r}")
         self.name, self.kind, self.description, self.key = name, kind, description, key
         self._read = read
+        self._revision = revision
         self._last_read: set[str] = set()
         self._max_tenants = max_tenants
         self._saw_name = saw_name
@@ -339,7 +353,8 @@ class FigureStats:
 
     def refresh(self) -> None:
         """A gauge's values now, from its ``read``: the tenants it names (folded past the cap into
-        ``_other``, summed), those it named before at 0."""
+        ``_other``, summed), those it named before at 0. A keyed gauge's values are
+        ``{label value: n}`` per tenant."""
         if self._read is None:
             return
         now = self._read()
@@ -348,15 +363,16 @@ class FigureStats:
             if found:
                 found.clear()
         seen: set[str] = set()
-        total = 0
+        total: dict[str, int] = {}
         for tenant, value in now.items():
             values = self._tenants.get(tenant)
             if values is None:
                 values = self._values(tenant)
-            values[""] = values.get("", 0) + int(value)
-            total += int(value)
+            for label, n in value.items() if isinstance(value, Mapping) else (("", value),):
+                values[label] = values.get(label, 0) + int(n)
+                total[label] = total.get(label, 0) + int(n)
             seen.add(tenant if tenant in self._tenants else (OTHER if is_tenant_id(tenant) else UNKNOWN))
-        self._total = {"": total}
+        self._total = total if self.key is not None else {"": total.get("", 0)}
         self._last_read = seen
 
     def _values(self, tenant: str) -> dict[str, int]:
@@ -386,6 +402,8 @@ class FigureStats:
         }
         if keyed:
             entry["by"] = {k: v for k, v in self._total.items() if v}
+        if self._revision is not None:
+            entry["revision"] = self._revision()
         entry["tenants_tracked"] = self._tracked
         if page is not None:
             tenants = self._tenants
@@ -395,7 +413,7 @@ class FigureStats:
                 if values is not None:
                     shown[name] = {"value": sum(values.values())}
                     if keyed:
-                        shown[name]["by"] = dict(values)
+                        shown[name]["by"] = {k: v for k, v in values.items() if v}
             entry["tenants"] = shown
         return entry
 
@@ -414,6 +432,7 @@ class ServiceStats:
         self._started_text = _rfc3339(self.started)
         self._operations: dict[str, OperationStats] = {}
         self._figures: dict[str, FigureStats] = {}
+        self.stats_cpu_s = 0.0  # CPU spent answering statistics requests (the service adds it)
         # Every tenant name of every operation, sorted, so that a page is a bisect and a slice.
         self._names: list[str] = []
 
@@ -433,13 +452,32 @@ class ServiceStats:
         """Register a per-tenant counter of this service's own (``add`` counts into it)."""
         return self._figure(name, "counter", description, key, None)
 
-    def gauge(self, name: str, description: str = "", *, read: Callable[[], Mapping[str, int]]) -> FigureStats:
-        """Register a per-tenant gauge: ``read`` (tenant -> value) is called each time a stats
-        reply is built (nothing to do between replies)."""
-        return self._figure(name, "gauge", description, None, read)
+    def gauge(
+        self,
+        name: str,
+        description: str = "",
+        *,
+        read: Callable[[], Mapping[str, Any]],
+        key: str | None = None,
+        shared: bool = False,
+        revision: Callable[[], int | None] | None = None,
+    ) -> FigureStats:
+        """Register a per-tenant gauge: ``read`` (tenant -> value, or tenant -> {label value: n}
+        with a ``key``) is called each time a stats reply is built (nothing to do between replies).
+        ``shared``: every replica reads the same shared state, so a reader takes one replica's
+        values (the one with the highest ``revision()``) instead of summing them."""
+        if shared and revision is None:
+            raise ValueError(f"shared gauge {name!r} needs a revision (how far the replica's copy has got)")
+        return self._figure(name, "shared_gauge" if shared else "gauge", description, key, read, revision)
 
     def _figure(
-        self, name: str, kind: str, description: str, key: str | None, read: Callable[[], Mapping[str, int]] | None
+        self,
+        name: str,
+        kind: str,
+        description: str,
+        key: str | None,
+        read: Callable[[], Mapping[str, Any]] | None,
+        revision: Callable[[], int | None] | None = None,
     ) -> FigureStats:
         if name in self._figures:
             raise ValueError(f"figure {name!r} is already registered")
@@ -451,6 +489,7 @@ class ServiceStats:
             read=read,
             max_tenants=self.max_tenants,
             saw_name=self._saw_name,
+            revision=revision,
         )
         self._figures[name] = figure
         return figure
@@ -487,6 +526,7 @@ class ServiceStats:
             "endpoints": [operation._endpoint(page) for operation in self._operations.values()],
             "figures": [figure._entry(page) for figure in self._figures.values()],
             "tenants_tracked": len(self._names),
+            "stats_cpu_s": round(self.stats_cpu_s, 6),
             "next": cursor,
         }
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic_core import to_json
@@ -16,8 +17,10 @@ from contracts.definitions import Catalog, Pattern
 from contracts.envelope import EventType, Kind, RunEvent, SwarmTurn, new_id
 from contracts.errors import Conflict, CorralError, Internal, InvalidRequest, NotFound
 from services.llm import MODEL_TOKENS, MODEL_TOKENS_HELP, ModelRegistry
+from services.runtime.census import Census
 from services.runtime.service import Request, Service
-from services.swarm.sessions import Sessions
+from services.runtime.tasks import cancel_and_wait
+from services.swarm.sessions import BUCKET, Sessions
 from services.swarm.settings import SwarmSettings
 from services.swarm.turn import Session, Turn, bounded
 
@@ -38,22 +41,41 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     sessions_started = service.stats.counter("swarm_sessions_started", "Swarm sessions started")
     settings = SwarmSettings.of(service.settings)
     sessions = Sessions(settings.swarm_session_idle_s)
+    # Sessions spoken in within the idle window (the bucket's age limit), per tenant: a census of
+    # the bucket, the same on every replica, so a shared gauge (the monitor takes one replica's).
+    # Only the keys' write times are read (headers only), never a conversation.
+    census = Census(BUCKET, lambda _: "active", idle=True, headers_only=True, log=service.log)
+    service.stats.gauge(
+        "swarm_sessions_active",
+        "Swarm sessions spoken in within the idle window (from the session bucket)",
+        read=census.totals,
+        shared=True,
+        revision=lambda: census.revision,
+    )
     schemas = _tool_schemas(catalog)
     # What each tenant's routes let it talk to: its swarms, its orchestrators' agents, and the
     # agents those may call as tools (only as tools: a turn of depth > 0).
     swarms: dict[str, dict[str, SwarmDefinition]] = {}
     fronts: dict[str, frozenset[str]] = {}
-    for tenant, policy in catalog.tenants.items():
-        swarms[tenant] = {
-            r.swarm: catalog.swarms[r.swarm] for r in policy.routes.values() if r.pattern is Pattern.SWARM
-        }
-        fronts[tenant] = frozenset(r.agent for r in policy.routes.values() if r.pattern is Pattern.ORCHESTRATOR)
-    callees = {tenant: catalog.agents_of(tenant) for tenant in catalog.tenants}
+    callees: dict[str, frozenset[str]] = {}
+
+    def reach(current: Catalog, tenants: Iterable[str]) -> None:
+        for tenant in tenants:  # a turn already started keeps the swarm it was given
+            policy = current.tenants.get(tenant)
+            routes = policy.routes.values() if policy else ()
+            swarms[tenant] = {r.swarm: current.swarms[r.swarm] for r in routes if r.pattern is Pattern.SWARM}
+            fronts[tenant] = frozenset(r.agent for r in routes if r.pattern is Pattern.ORCHESTRATOR)
+            callees[tenant] = current.agents_of(tenant)
+
+    reach(catalog, catalog.tenants)
+    service.follow_tenants(catalog).on_change(reach)
 
     async def setup() -> None:
         await sessions.setup(service.nc)
+        census.start(service.nc)  # in the background: it never holds up the start
 
     service.on_start(setup)
+    service.on_draining(census.stop)
     service.on_stop(registry.aclose)
 
     def swarm_of(req: Request[SwarmTurn]) -> SwarmDefinition:
@@ -155,9 +177,7 @@ async def _keep(
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)  # a claim renewal can lose one cancellation (services/runtime/tasks.py)
 
 
 class _TurnOnBus:

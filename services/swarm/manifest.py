@@ -4,6 +4,7 @@ sessions bucket."""
 
 from contracts import subjects
 from contracts.envelope import Kind, RunEvent, SwarmTurn
+from services.runtime.census import watch_api
 from services.runtime.manifest import Consume, Manifest, Publishes, kv_api
 from services.swarm.sessions import BUCKET
 from services.swarm.settings import SwarmSettings
@@ -32,6 +33,6 @@ MANIFEST = Manifest(
         ),
     ),
     requests=(subjects.TOOL_CALLS, subjects.GRAPH_RUNS, subjects.WORKFLOW_STARTS, subjects.SWARM_TURNS),
-    jetstream=(*kv_api(BUCKET), "$JS.API.INFO"),
+    jetstream=(*kv_api(BUCKET), *watch_api(BUCKET), "$JS.API.INFO"),
     settings=SwarmSettings,
 )

@@ -35,6 +35,9 @@ def register(service: Service, catalog: Catalog, registry: ToolRegistry | None =
     )
     tools = registry or ToolRegistry(catalog, tenant_keys=aliases, threads=threads, isolation=isolation)
     _check_isolated(service, tools, settings.tool_isolated)
+    # A tenant's tools follow the registry. A tool taken from a tenant is refused from its next
+    # call on, a run already started included: a revocation takes effect at once.
+    service.follow_tenants(catalog).on_change(lambda current, _: setattr(tools, "catalog", current))
     watchdog = LoopWatchdog(tools.isolation, log=service.log)
     service.on_start(tools.discover)
     service.on_start(watchdog.start)

@@ -39,6 +39,7 @@ from contracts.traceparent import child, new_span_id
 from contracts.workflows import FunctionStep, GraphStep, ModelStep, ToolStep, WorkflowDefinition
 from services.llm import ModelRegistry
 from services.runtime.service import Service
+from services.runtime.tasks import cancel_and_wait
 from services.workflow.engine import (
     DRIVER_EVENTS,
     CompiledWorkflow,
@@ -263,9 +264,7 @@ class Driver:
             self._driving[tenant] -= 1
             if not self._driving[tenant]:
                 del self._driving[tenant]
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await cancel_and_wait(keeper)  # a lease renewal can lose one cancellation (tasks.py)
             if not run.state.finished:  # a finished run's lease key goes by itself (LEASE_KEY_MAX_AGE_S)
                 await self.store.release(lease)
 
@@ -607,6 +606,26 @@ class InvalidOutput(CorralError):
     """A step's output stayed outside its schema for its whole validation budget."""
 
     code = ErrorCode.INVALID_REQUEST
+
+
+# A run's status in the index -> its state in the census of open runs (finished ones are not open).
+OPEN_STATES = {
+    "running": "running",
+    "compensating": "running",
+    "cancelling": "running",
+    "waiting": "waiting",
+    "sleeping": "sleeping",
+}
+
+
+def open_state(line: bytes) -> str | None:
+    """The state of a run from its line in the index (a JSON :func:`summary`): ``running``,
+    ``waiting`` or ``sleeping``; None for a finished run or a line that is not one."""
+    try:
+        status = json.loads(line).get("status")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return OPEN_STATES.get(status) if isinstance(status, str) else None
 
 
 def summary(state: RunState, status: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from contracts.envelope import EventType, RunEvent, WorkflowQuery, WorkflowSigna
 from contracts.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unavailable
 from contracts.workflows import CANCEL_SIGNAL
 from services.llm import MODEL_TOKENS, MODEL_TOKENS_HELP, ModelRegistry
+from services.runtime.census import Census
 from services.runtime.logging import run_targets
 from services.runtime.service import Request, Service
-from services.workflow.driver import Driver, Library, summary
+from services.workflow.driver import Driver, Library, open_state, summary
 from services.workflow.engine import MAX_BUFFERED_SIGNALS, Ev, RunState, later_waits, started, waiting_step
 from services.workflow.settings import WorkflowSettings
 from services.workflow.store import RUNS_BUCKET, Lease, StaleHistory, Store, input_hash
@@ -33,9 +34,24 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     registry.meter.counts = service.stats.counter(MODEL_TOKENS, MODEL_TOKENS_HELP, key="model").add
     store = Store(history_max_bytes=WorkflowSettings.of(service.settings).workflow_history_max_bytes)
     driver = Driver(service, store, library, registry)
+    # Runs not finished, by state (running, waiting, sleeping), per tenant: a census of the run
+    # index, the same on every replica, so a shared gauge (the monitor takes one replica's).
+    census = Census(RUNS_BUCKET, open_state, log=service.log)
+    service.stats.gauge(
+        "workflow_runs_open",
+        "Workflow runs not finished, by state (from the run index)",
+        read=census.counts,
+        key="state",
+        shared=True,
+        revision=lambda: census.revision,
+    )
     driver.targets = run_targets(catalog, "workflow")  # the route of each run, for its log line
-    scoped = frozenset(tenant for tenant, policy in catalog.tenants.items() if policy.principal_scoped)
-    service.principal_scoped = scoped.__contains__
+    live = service.follow_tenants(catalog)  # a run keeps the route (and params) it started with
+
+    def tenants_changed(current: Catalog, changed: frozenset[str]) -> None:
+        driver.targets.update(run_targets(current, "workflow", changed))
+
+    live.on_change(tenants_changed)
     schemas = {
         name: jsonschema.validators.validator_for(w.input_schema)(w.input_schema)
         for name, w in catalog.workflows.items()
@@ -44,9 +60,11 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
 
     async def setup() -> None:
         await store.setup(service.nc, service.requester)
+        census.start(service.nc)  # in the background: it never holds up the start
 
     def draining() -> None:
         driver.stopping = True
+        census.stop()
 
     service.on_start(setup)
     service.on_draining(draining)
@@ -55,7 +73,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     @service.handler("start")
     async def start(req: Request[WorkflowStart]) -> Any:
         payload, tenant = req.payload, req.tenant
-        route = catalog.workflows_of(tenant).get(payload.workflow)
+        route = live.catalog.workflows_of(tenant).get(payload.workflow)
         if route is None:  # the same answer for a workflow that does not exist and one not the tenant's
             raise NotFound(f"workflow {payload.workflow!r} is not defined for tenant {tenant!r}")
         compiled = library.current[payload.workflow]
@@ -139,7 +157,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         if len(rest) > 3:
             raise InvalidRequest("a signal subject names a principal and at most one scope")
         for _ in range(SIGNAL_TRIES):
-            state = await _run_of(driver, tenant, payload.run_id, principal, scoped)
+            state = await _run_of(driver, tenant, payload.run_id, principal, service.principal_scoped(tenant))
             if state.finished:
                 raise Conflict(f"run {payload.run_id!r} is {state.finished}; it takes no more signals")
             workflow = library.of(state)
@@ -192,14 +210,14 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         payload, tenant = req.payload, req.tenant
         if payload.op == "list":
             runs = await store.runs(tenant, limit=1000)
-            if tenant in scoped:
+            if service.principal_scoped(tenant):
                 runs = [run for run in runs if run.get("principal") == req.principal]
             if payload.status is not None:
                 runs = [run for run in runs if run.get("status") == payload.status]
             return {"runs": [_shown(run) for run in runs[: payload.limit]]}
         if payload.run_id is None:
             raise InvalidRequest("show needs a run_id")
-        state = await _run_of(driver, tenant, payload.run_id, req.principal, scoped)
+        state = await _run_of(driver, tenant, payload.run_id, req.principal, service.principal_scoped(tenant))
         events = await store.read(tenant, payload.run_id)
         page = events[payload.after : payload.after + payload.limit]
         shown = [{"seq": seq, **_trimmed(event)} for seq, event in page]
@@ -216,11 +234,11 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
     return driver
 
 
-async def _run_of(driver: Driver, tenant: str, run_id: str, principal: str | None, scoped: frozenset[str]) -> RunState:
+async def _run_of(driver: Driver, tenant: str, run_id: str, principal: str | None, scoped: bool) -> RunState:
     """The run of this tenant (and, for a principal-scoped tenant, of this principal), or a
     not-found error that says the same for a run that does not exist and one that is not theirs."""
     state = await driver.load(tenant, run_id)
-    if state is None or (tenant in scoped and state.principal != principal):
+    if state is None or (scoped and state.principal != principal):
         raise NotFound(f"no run {run_id!r} for this tenant")
     return state
 

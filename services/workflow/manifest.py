@@ -5,9 +5,10 @@ from pydantic import JsonValue
 
 from contracts import subjects
 from contracts.envelope import Kind, RunEvent, WorkflowQuery, WorkflowSignal, WorkflowStart, WorkflowTask
+from services.runtime.census import watch_api
 from services.runtime.manifest import Consume, Durable, Manifest, Publishes, kv_api, stream_api
 from services.workflow.settings import WorkflowSettings
-from services.workflow.store import BUCKETS, HISTORY_STREAM, TASKS_STREAM
+from services.workflow.store import BUCKETS, HISTORY_STREAM, RUNS_BUCKET, TASKS_STREAM
 
 # A wake-up held by a replica that died goes to another after this long (the replica keeps it
 # with in-progress acknowledgements while it works, every half of it).
@@ -80,6 +81,7 @@ MANIFEST = Manifest(
         stream_api(HISTORY_STREAM)
         + stream_api(TASKS_STREAM)
         + tuple(subject for bucket in BUCKETS for subject in kv_api(bucket))
+        + watch_api(RUNS_BUCKET)  # the census of open runs (services/runtime/census.py)
         + ("$JS.API.INFO",)
     ),
     settings=WorkflowSettings,

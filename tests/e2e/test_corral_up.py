@@ -230,7 +230,9 @@ def test_corral_audit_lists_the_tenants_tool_calls_and_verifies_the_chain(corral
         if any(r["action"] == "tool_call" for r in report["records"]) or time.monotonic() > deadline:
             break
     assert result.returncode == 0 and report["intact"] is True
-    assert all(r["service"] in ("router", "graph", "tools") for r in report["records"])
+    assert all(r["service"] in ("router", "graph", "tools", "operator") for r in report["records"])
+    # corral up seeded globex into the tenant registry: the operator's chain says so
+    assert [r["action"] for r in report["records"] if r["service"] == "operator"][:1] == ["tenant_seeded"]
     text = corral(env, "audit", "--tenant", "globex", "--verify")
     assert text.returncode == 0 and "chain intact" in text.stdout
 
@@ -276,3 +278,38 @@ def test_corral_route_explain_says_which_rule_chose_what(corral_up):
     explained = corral(env, "route", "explain", "--tenant", "acme", "--target", "support", "--json")
     assert explained.returncode == 0, explained.stderr
     assert json.loads(explained.stdout)["pattern"] == "swarm"
+
+
+def test_corral_tenant_onboards_changes_and_removes_a_customer_while_the_system_runs(corral_up, tmp_path):
+    _, env, _ = corral_up
+    seeded = json.loads(corral(env, "tenant", "list", "--json").stdout)
+    assert {row["tenant"] for row in seeded} >= {"acme", "globex"}  # corral up seeded the registry
+    assert all(row["origin"] == "file" for row in seeded)
+    added = corral(env, "tenant", "add", "initech", "--like", "acme")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.startswith("tenant initech added (revision ")
+    served = corral(env, "request", "--tenant", "initech", "--no-follow", "where is my order?")
+    assert served.returncode == 0, served.stderr  # no restart: the services follow the registry
+    assert "A-" not in served.stdout  # acme's routes, never acme's data
+
+    policy = tmp_path / "initech.yaml"
+    policy.write_text("tenant: initech\nroutes: {order_status: {graph: order_status}}\ntools: [orders_lookup]\n")
+    updated = corral(env, "tenant", "update", "--file", str(policy), "--json")
+    assert json.loads(updated.stdout)["done"] == "updated", updated.stderr
+    untargeted = corral(env, "request", "--tenant", "initech", "--no-follow", "--json", "where is my order?")
+    assert json.loads(untargeted.stdout)["error"]["code"] == "invalid_request"  # no default route any more
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tenant: initech\nroutes: {x: {graph: no_such_graph}}\n")
+    refused = corral(env, "tenant", "update", "--file", str(broken), "--json")
+    assert refused.returncode != 0 and "unknown graph 'no_such_graph'" in refused.stdout
+
+    shown = json.loads(corral(env, "tenant", "show", "initech", "--json").stdout)
+    assert shown["origin"] == "operator" and shown["policy"]["default_route"] is None
+    removed = corral(env, "tenant", "remove", "initech")
+    assert removed.returncode == 0, removed.stderr
+    gone = corral(env, "request", "--tenant", "initech", "--no-follow", "--json", "where is my order?")
+    assert json.loads(gone.stdout)["error"]["code"] == "forbidden"
+    audit = corral(env, "audit", "--tenant", "initech", "--json")
+    actions = [r["action"] for r in json.loads(audit.stdout)["records"] if r["service"] == "operator"]
+    assert actions == ["tenant_added", "tenant_updated", "tenant_removed"]

@@ -43,7 +43,7 @@ def test_the_dispatch_cost_script_measures_each_service():
 def test_the_noisy_neighbour_script_measures_a_quiet_tenant_under_a_flood():
     script = SCRIPT.parent / "noisy_neighbour.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--requests", "30", "--rate", "20", "--json"],
+        [sys.executable, str(script), "--requests", "30", "--rounds", "1", "--rate", "20", "--json"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -54,3 +54,4 @@ def test_the_noisy_neighbour_script_measures_a_quiet_tenant_under_a_flood():
     assert report["noisy"]["sent"] > 0 and report["noisy"]["refused"] > 0  # the flood went past its limit
     assert report["noisy"]["answered"] == report["noisy"]["sent"]  # every refusal is an answer
     assert report["quiet_p99_ms_flooded"] > 0 and report["p99_ratio"] > 0
+    assert report["p99_ratio_control"] > 0 and report["p99_ratio_at_limit"] > 0

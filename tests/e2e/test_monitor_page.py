@@ -1,6 +1,7 @@
 """The monitor's web page in a real headless Chromium: the per-tenant table (busiest first, trouble
-highlighted, refreshing every second), one tenant's four live charts and subject families, the
-API's error message. The page is served, with the monitor's JSON contract, by a stub whose figures
+highlighted, refreshing every second), one tenant's four live charts, subject families and agent
+patterns' figures (workflow runs by state and outcome, swarm sessions, graph runs, model tokens),
+the API's error message. The page is served, with the monitor's JSON contract, by a stub whose figures
 move on every call; Chromium's virtual time runs the page's one-second refresh without waiting.
 The last test runs the real thing: ``corral up``, requests, ``corral top`` and the real page."""
 
@@ -186,6 +187,37 @@ def test_a_tenants_detail_has_four_live_charts_and_its_subject_families(monitor,
     assert "tool_failed" in dom.by_id("errors-by-code").content()
 
 
+def shown_patterns(dom: Element) -> dict[str, str]:
+    """The detail's agent patterns' figures: data-pattern path -> data-value."""
+    return {dd.attrs["data-pattern"]: dd.attrs["data-value"] for dd in dom.by_id("patterns").find(data_pattern=True)}
+
+
+def flattened(patterns: dict) -> dict[str, str]:
+    """The API's patterns as the page's data-pattern paths (``workflow_runs_open.waiting``)."""
+    out = {}
+    for name, value in patterns.items():
+        if isinstance(value, dict):
+            out.update({f"{name}.{key}": str(n) for key, n in value.items()})
+        elif name != "workflow_runs_driven":  # not shown (the census's states are)
+            out[name] = str(value)
+    return out
+
+
+def test_a_tenants_detail_shows_its_agent_patterns_figures_and_they_move(monitor, tmp_path):
+    fake, url = monitor
+    dom = load(tmp_path, f"{url}/?token={OPERATOR_TOKEN}#tenant=globex")
+    shown = shown_patterns(dom)
+    assert set(shown) == set(flattened(fake.patterns("globex", 1)))
+    # What is shown is one of the monitor's answers, and a later one than the first: it refreshes.
+    ticks = [tick for tick in range(1, fake.ticks + 1) if flattened(fake.patterns("globex", tick)) == shown]
+    assert ticks and ticks[0] > 1, shown
+    failed = dom.by_id("patterns").find(data_pattern="workflow_runs.failed")[0]
+    assert failed.attrs["data-value"] == "1" and failed.attrs.get("class") == "alert"  # a failed run stands out
+    assert "waiting now: 6" in dom.by_id("patterns").content()
+    again = shown_patterns(load(tmp_path, f"{url}/?token={OPERATOR_TOKEN}#tenant=globex"))
+    assert again["model_tokens"] != shown["model_tokens"]
+
+
 def test_a_refused_token_shows_the_monitors_message(monitor, tmp_path):
     _, url = monitor
     dom = load(tmp_path, f"{url}/?token=stale", budget_ms=1500)
@@ -242,5 +274,23 @@ def test_the_real_monitor_of_corral_up_shows_both_tenants_in_top_and_on_the_page
         assert float(shown["acme"]["messages"]) > 0
         refused = load(tmp_path, f"{url}/", budget_ms=1500)  # no token: the API's 401, no figures
         assert refused.by_id("error").attrs["data-code"] == "unauthorized" and rows(refused) == []
+        # A swarm turn of acme's (a session, its turn and the scripted models' tokens) shows in
+        # acme's agent patterns, as the monitor sees them after a poll or two.
+        sent = subprocess.run(
+            [*CORRAL, "request", "--tenant", "acme", "--target", "support", "where is my order?"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 30
+        while True:
+            patterns = shown_patterns(load(tmp_path, f"{url}/?token={token}#tenant=acme"))
+            if patterns.get("swarm_sessions_active") == "1" and patterns.get("swarm_turns") == "1":
+                break
+            assert time.monotonic() < deadline, f"the page never showed acme's swarm session: {patterns}"
+        assert int(patterns["swarm_sessions_started"]) == 1 and int(patterns["model_tokens"]) > 0
+        assert patterns["workflow_runs_open.waiting"] == "0" and patterns["graph_runs_active"] == "0"
     finally:
         stop_corral_up(process)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from contracts import subjects
+from contracts.registry import BUCKET as REGISTRY
 from services.registry import SERVICES
 from tests.security.conftest import tenant_connection, watched_connection
 
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("system")
         "t.acme.audit.router",  # forging audit records
         "_INBOX.globex.x",  # another tenant's inbox
         "$SYS.REQ.USER.AUTH",  # the auth callout
+        "$KV.TENANTS.acme",  # its own policy in the tenant registry
+        "$JS.API.DIRECT.GET.KV_TENANTS.$KV.TENANTS.globex",  # another tenant's policy
     ],
 )
 async def test_a_tenant_cannot_publish_outside_its_two_subjects(system, subject):
@@ -83,10 +86,11 @@ def denied(manifest) -> dict[str, list[str]]:
     permissions = manifest.permissions()
     publish = [concrete(s) for s in CONSUMED if not any(matches(p, concrete(s)) for p in permissions.publish)]
     subscribe = [s for s in CONSUMED if s not in permissions.subscribe]
-    return {
-        "publish": [*publish, "t.acme.events.x"] if subjects.ALL_EVENTS not in permissions.publish else publish,
-        "subscribe": [*subscribe, "t.>", "_INBOX.acme.>"],
-    }
+    if subjects.ALL_EVENTS not in permissions.publish:
+        publish.append("t.acme.events.x")
+    # The tenant registry is read-only to every service: a compromised one cannot widen a policy.
+    publish += [f"$KV.{REGISTRY}.acme", f"$JS.API.STREAM.PURGE.KV_{REGISTRY}", f"$JS.API.STREAM.DELETE.KV_{REGISTRY}"]
+    return {"publish": publish, "subscribe": [*subscribe, "t.>", "_INBOX.acme.>"]}
 
 
 ROLE_DENIED = {manifest.name: denied(manifest) for manifest in APP_SERVICES} | {

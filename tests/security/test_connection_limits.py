@@ -21,6 +21,7 @@ from structlog.testing import CapturingLogger
 
 from contracts import subjects
 from contracts.definitions import ConnectionLimits
+from corral.audit_reader import read_trail
 from corral.nats_server import NatsServer, free_port
 from corral.state import MAX_SUBSCRIPTIONS_PER_CONNECTION, init_state
 from services.auth.__main__ import build
@@ -87,6 +88,7 @@ async def test_the_broker_cuts_off_a_tenant_connection_past_the_subscription_cap
 # and refuses one past its policy's connection.max_connections (services/auth/connections.py).
 
 LIMIT = 3
+FEW_SUBSCRIPTIONS = 4
 WAIT_S = 5.0  # upper bound of any wait; shorter than a grant's lifetime, so a missed event fails
 
 
@@ -95,7 +97,12 @@ def definitions(tmp_path: Path) -> Path:
     """A tenant allowed three connections; every other tenant gets the default limit."""
     folder = tmp_path / "definitions"
     folder.mkdir()
-    tenants = {"tenants": [{"tenant": "capped", "connection": {"max_connections": LIMIT}}]}
+    tenants = {
+        "tenants": [
+            {"tenant": "capped", "connection": {"max_connections": LIMIT}},
+            {"tenant": "fewsubs", "connection": {"max_subscriptions": FEW_SUBSCRIPTIONS}},
+        ]
+    }
     (folder / "tenants.yaml").write_text(yaml.safe_dump(tenants))
     return folder
 
@@ -257,6 +264,43 @@ async def test_the_broker_applies_none_of_a_callout_users_own_jwt_limits(secured
     async with auth_replica(secured, definitions):
         nc = await connect(secured, "capped", connections)
         assert nc.max_payload == 1024 * 1024 != ConnectionLimits().max_payload_bytes
+
+
+async def test_a_tenant_connection_past_its_subscription_limit_is_closed_by_the_auth_service(
+    secured, definitions, connections, monkeypatch
+):
+    """The broker ignores the JWT's ``subs`` (above), so the auth service sweeps APP's connections
+    by subscriptions: a connection past its tenant's limit is closed, logged and audited; one at
+    its limit, and another tenant's with as many under the default limit, stay open."""
+    monkeypatch.setenv("CORRAL_AUTH_SUBSCRIPTIONS_CHECK_S", "0.1")
+    async with auth_replica(secured, definitions):
+        at_limit = await connect(secured, "fewsubs", connections)
+        over = await connect(secured, "fewsubs", connections)
+        other = await connect(secured, "globex", connections)
+        for n in range(FEW_SUBSCRIPTIONS):
+            await at_limit.subscribe(f"t.fewsubs.events.dev.run{n}")
+            await other.subscribe(f"t.globex.events.dev.run{n}")
+        for n in range(FEW_SUBSCRIPTIONS + 2):
+            await other.subscribe(f"t.globex.events.dev.more{n}")
+            await over.subscribe(f"t.fewsubs.events.dev.run{n}")
+        for nc in (at_limit, over, other):
+            await nc.flush()
+        await eventually(lambda: over.is_closed, "the connection past its limit closed")
+        records: list = []
+        deadline = time.monotonic() + WAIT_S
+        while not records:  # the audit record is written in the background: poll with a deadline
+            assert time.monotonic() < deadline, "no audit record of the closed connection"
+            trail = await read_trail(secured.url, "admin", secured.secrets.passwords["admin"], "fewsubs")
+            records = [r for r in trail.records if r.action == "auth_denied"]
+            await asyncio.sleep(0.05)
+        (record,) = records
+        assert record.detail["reason"].startswith(
+            f"subscription_limit: closed a connection holding {FEW_SUBSCRIPTIONS + 2}"
+        )
+        await at_limit.flush(timeout=WAIT_S)  # both still served
+        await other.flush(timeout=WAIT_S)
+        assert not at_limit.is_closed and not other.is_closed
+        assert not (await read_trail(secured.url, "admin", secured.secrets.passwords["admin"], "globex")).records
 
 
 SYSTEM_USER = "auth-system"

@@ -1,4 +1,5 @@
-"""Who sees what in the monitor: the operator every tenant, a tenant only its own."""
+"""Who sees what in the monitor: the operator every tenant, a tenant only its own, and a tenant that
+keeps its users apart (principal_scoped) only a token with the monitor's scope."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import time
 import httpx
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from contracts import subjects
 from contracts.envelope import Kind, MonitorQuery, new_envelope_json
+from contracts.errors import Forbidden
 from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
 from services.runtime.credentials import load_secrets
@@ -186,3 +189,105 @@ async def test_the_monitor_accepts_the_tokens_of_the_identity_providers_jwks(sec
                 assert await status(idp_token(keys[2], "idp-2027")) == 200  # fetched again for the new kid
             finally:
                 await http.aclose()
+
+
+# ---- a principal-scoped tenant: its figures only with the monitor's scope ----------------------
+
+SCOPED_ROUTES = {"order_status": {"graph": "order_status"}}
+SCOPED_DEFINITIONS = {
+    "tools": [{"name": "orders_lookup", "python": {"callable": "corral.demo.tools:lookup_orders"}}],
+    "graphs": [
+        {
+            "name": "order_status",
+            "entry": "lookup",
+            "nodes": {"lookup": {"kind": "tool", "tool": "orders_lookup", "args": {"query": "$input.text"}}},
+        }
+    ],
+    "tenants": [
+        {"tenant": "acme", "default_route": "order_status", "routes": SCOPED_ROUTES, "tools": ["orders_lookup"],
+         "principal_scoped": True},
+        {"tenant": "globex", "default_route": "order_status", "routes": SCOPED_ROUTES, "tools": ["orders_lookup"]},
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture
+async def scoped(secured, tmp_path, monkeypatch):
+    """acme keeps its users apart (principal_scoped), globex does not; both have traffic."""
+    monkeypatch.setenv("CORRAL_MONITOR_HTTP", "127.0.0.1:0")
+    (tmp_path / "defs.yaml").write_text(yaml.safe_dump(SCOPED_DEFINITIONS))
+    names = ("auth", "router", "graph", "tools", "monitor")
+    async with running_services(secured.url, secured.state_dir, names, definitions=tmp_path / "defs.yaml") as s:
+        key = secured.secrets.dev_key
+        for tenant, sub in (("acme", "alice"), ("acme", "bob"), ("globex", "carol")):
+            client = await CorralClient.connect(
+                secured.url, tenant=tenant, token=mint_dev_token(tenant, key=key, sub=sub)
+            )
+            await client.request("where is my order?", watch=False)
+            await client.close()
+        operator = {"Authorization": f"Bearer {load_secrets(secured.state_dir).monitor_operator_token}"}
+        async with httpx.AsyncClient(base_url=s["monitor"].monitor_url, timeout=5) as http:
+            deadline = time.monotonic() + 20
+            while len((await http.get("/api/tenants", headers=operator)).json()["tenants"]) < 2:
+                assert time.monotonic() < deadline, "the monitor never saw both tenants"
+                await asyncio.sleep(0.2)  # polling with a deadline
+            yield secured, http
+
+
+def bearer(broker, tenant: str, sub: str, scopes=()) -> dict[str, str]:
+    token = mint_dev_token(tenant, key=broker.secrets.dev_key, sub=sub, scopes=tuple(scopes))
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_a_user_of_a_principal_scoped_tenant_without_the_scope_sees_none_of_its_figures_over_http(scoped):
+    broker, http = scoped
+    bob = bearer(broker, "acme", "bob", scopes=["refund:approve"])  # a scope, not the monitor's
+    for path in ("/api/tenants", "/api/tenants/acme", "/api/subjects?tenant=acme", "/api/subjects"):
+        reply = await http.get(path, headers=bob)
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "forbidden", path
+        assert "alice" not in reply.text and "messages" not in reply.text
+    other = await http.get("/api/tenants/globex", headers=bob)  # and, as ever, no other tenant's
+    assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
+
+
+async def test_the_monitor_scope_shows_a_principal_scoped_tenants_figures(scoped):
+    broker, http = scoped
+    watcher = bearer(broker, "acme", "ops", scopes=["monitor"])
+    rows = (await http.get("/api/tenants", headers=watcher)).json()["tenants"]
+    assert [row["tenant"] for row in rows] == ["acme"] and rows[0]["messages"] > 0
+    assert (await http.get("/api/tenants/acme", headers=watcher)).status_code == 200
+    assert (await http.get("/api/tenants/globex", headers=watcher)).status_code == 403
+
+
+async def test_a_tenant_that_is_not_principal_scoped_needs_no_scope(scoped):
+    broker, http = scoped
+    carol = bearer(broker, "globex", "carol")
+    assert (await http.get("/api/tenants/globex", headers=carol)).status_code == 200
+    assert [row["tenant"] for row in (await http.get("/api/tenants", headers=carol)).json()["tenants"]] == ["globex"]
+
+
+async def test_a_user_of_a_principal_scoped_tenant_without_the_scope_gets_forbidden_over_the_bus(scoped):
+    broker, _ = scoped
+    key = broker.secrets.dev_key
+    bob = await CorralClient.connect(broker.url, tenant="acme", token=mint_dev_token("acme", key=key, sub="bob"))
+    ops = await CorralClient.connect(
+        broker.url, tenant="acme", token=mint_dev_token("acme", key=key, sub="ops", scopes=("monitor",))
+    )
+    try:
+        with pytest.raises(Forbidden, match="monitor"):
+            await bob.monitor(with_subjects=True)
+        # Claiming the scope on the subject: the broker lets a connection publish there only with
+        # exactly its token's scopes, so the query never reaches the monitor.
+        forged = subjects.monitor_query("acme", "bob", frozenset({"monitor"}))
+        body = new_envelope_json(Kind.MONITOR_QUERY, "acme", MonitorQuery(subjects=True))
+        await bob.nc.publish(forged, body, reply=f"_INBOX.acme.{subjects.principal_token('bob')}.x")
+        await bob.nc.flush()
+        deadline = time.monotonic() + 5
+        while not any("permissions violation" in str(error).lower() for error in bob.errors):
+            assert time.monotonic() < deadline, "the broker never refused the forged subject"
+            await asyncio.sleep(0.05)  # polling with a deadline
+        answer = await ops.monitor(with_subjects=True)  # the monitor's scope: the tenant's figures
+        assert answer["tenant"] == "acme" and answer["totals"]["messages"] > 0
+    finally:
+        await bob.close()
+        await ops.close()

@@ -118,6 +118,29 @@ class FakeMonitor:
             "errors_by_code": {"tool_failed": sum(series["errors"])} if errors else {},
             "refusals_by_kind": {},
             "denials_by_reason": {"wrong_tenant": sum(series["denials"])} if denials else {},
+            "patterns": self.patterns(tenant, tick),
+            "broker": {"connections": 3, "subscriptions": 6, "slow_consumers": 0, "stalled_connections": 0},
+        }
+
+    @staticmethod
+    def patterns(tenant: str, tick: int) -> dict[str, Any]:
+        """The agent patterns' figures: gauges "now", counts over the window, all moving with the tick."""
+        spread = len(tenant)  # each tenant its own figures
+        return {
+            "graph_runs_active": tick % 3,
+            "workflow_runs": {
+                "started": 10 + tick,
+                "completed": 8 + tick,
+                "failed": 1 if TENANTS[tenant][1] else 0,  # the tenant with errors has a failed run
+                "cancelled": 1,
+            },
+            "workflow_runs_open": {"running": tick % 2, "waiting": spread, "sleeping": 2 + tick % 3},
+            "workflow_runs_driven": tick % 2,
+            "swarm_turns": 20 + 2 * tick,
+            "swarm_sessions_started": 4 + tick,
+            "swarm_sessions_active": 3 + tick % 4,
+            "model_tokens": 1000 + 37 * tick,
+            "model_tokens_by_model": {"mini": 700 + 25 * tick, "large": 300 + 12 * tick},
         }
 
     def subjects(self, tenant: str, tick: int) -> dict[str, Any]:

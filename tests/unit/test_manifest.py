@@ -7,7 +7,7 @@ from contracts.audit import STREAM as AUDIT_STREAM
 from contracts.envelope import Kind, RouterRequest, ToolCall
 from services.registry import BY_NAME, SERVICES
 from services.router.executors import EXECUTORS
-from services.runtime.manifest import Consume, Durable, Manifest, Publishes, Raw, audit_api
+from services.runtime.manifest import Consume, Durable, Manifest, Publishes, Raw, audit_api, registry_read_api
 from services.runtime.service import Service
 from services.runtime.settings import Settings
 
@@ -34,9 +34,21 @@ def test_a_service_may_publish_exactly_what_it_publishes_requests_and_probes_plu
         subjects.ping("swarm"),
         subjects.ping("router"),  # it counts its own replicas, to share each tenant's rate limit
         *audit_api("router"),
+        *registry_read_api(),  # it follows the tenant registry
     }
     tools = BY_NAME["tools"].permissions()
-    assert set(tools.publish) == set(audit_api("tools"))  # it only answers, and audits
+    assert set(tools.publish) == {*audit_api("tools"), *registry_read_api()}  # it only answers, audits, follows
+
+
+def test_every_service_may_read_the_tenant_registry_and_none_may_change_it():
+    for manifest in SERVICES:
+        for user in manifest.users():
+            assert not any(
+                s.startswith(("$KV.TENANTS", "$JS.API.STREAM.CREATE.KV_TENANTS")) for s in user.permissions.publish
+            )
+            assert not any("PURGE.KV_TENANTS" in s or "STREAM.DELETE.KV_TENANTS" in s for s in user.permissions.publish)
+        reader = manifest.users()[0 if manifest.in_app else 1]
+        assert set(registry_read_api()) <= set(reader.permissions.publish), manifest.name
 
 
 def test_no_service_may_publish_tenant_requests_or_read_other_services_inboxes():
@@ -52,7 +64,7 @@ def test_the_callout_responder_lives_outside_app_and_writes_audit_through_its_ow
     assert own.account == "AUTH" and own.permissions.subscribe == (subjects.AUTH_CALLOUT,)
     assert own.permissions.publish == ()
     assert writer.name == "auth-audit" and writer.account == "APP"
-    assert writer.permissions.publish == audit_api("auth")
+    assert writer.permissions.publish == (*audit_api("auth"), *registry_read_api())  # and it follows the registry
     assert system.name == "auth-system" and system.account == "SYS"  # tests/security/test_connection_limits.py
 
 
@@ -69,6 +81,7 @@ def test_a_durable_consumer_gets_only_its_own_consumer_api():
         "test",
         (Durable("entry", "LEDGER", "t.*.ledger.entry", Kind.REQUEST, RouterRequest, "an entry"),),
         audit=False,
+        follows_registry=False,
     )
     publish = manifest.permissions().publish
     assert "$JS.API.CONSUMER.MSG.NEXT.LEDGER.ledger-entry" in publish

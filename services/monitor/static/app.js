@@ -18,6 +18,22 @@
   const SUBJECT_FIELDS = [
     ["rate", 1], ["messages", 0], ["errors", 0, true], ["p50_ms", 1], ["p99_ms", 1],
   ];
+  // The agent patterns' figures of a tenant's detail (its "patterns"): [group, path, label, alert].
+  // "now" ones are gauges at the monitor's last poll, the others counts over the window.
+  const PATTERNS = [
+    ["workflow", "workflow_runs_open.running", "running now"],
+    ["workflow", "workflow_runs_open.waiting", "waiting now"],
+    ["workflow", "workflow_runs_open.sleeping", "sleeping now"],
+    ["workflow", "workflow_runs.started", "started"],
+    ["workflow", "workflow_runs.completed", "completed"],
+    ["workflow", "workflow_runs.failed", "failed", true],
+    ["workflow", "workflow_runs.cancelled", "cancelled"],
+    ["swarm", "swarm_sessions_active", "sessions active now"],
+    ["swarm", "swarm_sessions_started", "sessions started"],
+    ["swarm", "swarm_turns", "turns"],
+    ["graph", "graph_runs_active", "runs active now"],
+    ["model", "model_tokens", "all models"],
+  ];
 
   const byId = (id) => document.getElementById(id);
   let token = takeToken();
@@ -211,6 +227,30 @@
     list.replaceChildren(list.querySelector("dt"), ...items);
   }
 
+  function pattern(dd, path, label, value, alert) {
+    dd.dataset.pattern = path;
+    dd.dataset.value = value === null || value === undefined ? "" : String(value);
+    dd.className = alert && value > 0 ? "alert" : "";
+    dd.textContent = label + ": " + figure(value, 0);
+    return dd;
+  }
+
+  function renderPatterns(patterns) {
+    const found = patterns || {};
+    const at = (path) => path.split(".").reduce((value, key) => (value == null ? undefined : value[key]), found);
+    const groups = {};
+    for (const [group, path, label, alert] of PATTERNS) {
+      (groups[group] = groups[group] || []).push(pattern(document.createElement("dd"), path, label, at(path), alert));
+    }
+    const byModel = Object.entries(found.model_tokens_by_model || {}).sort((a, b) => b[1] - a[1]);
+    for (const [model, tokens] of byModel) {
+      groups.model.push(pattern(document.createElement("dd"), "model_tokens_by_model." + model, model, tokens));
+    }
+    for (const list of byId("patterns").querySelectorAll("dl[data-group]")) {
+      list.replaceChildren(list.querySelector("dt"), ...(groups[list.dataset.group] || []));
+    }
+  }
+
   function renderTenant(detail, families) {
     const series = detail.series || {};
     const totals = detail.totals || {};
@@ -231,6 +271,7 @@
     renderBreakdown("errors-by-code", detail.errors_by_code);
     renderBreakdown("refusals-by-kind", detail.refusals_by_kind);
     renderBreakdown("denials-by-reason", detail.denials_by_reason);
+    renderPatterns(detail.patterns);
     const rows = (families.subjects || []).slice().sort(byRate).map((row) => {
       const tr = document.createElement("tr");
       tr.dataset.family = row.family;

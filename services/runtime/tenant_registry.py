@@ -1,0 +1,217 @@
+"""A service's live view of the tenants: the files' tenants overlaid by the registry's.
+
+The tenant registry (``contracts/registry.py``, KV ``TENANTS``) changes while the system runs.
+Every replica follows it with an ordered watcher and applies each change to its catalog at once::
+
+    tenants = LiveTenants(catalog, log)                 # the files' catalog: graphs, tools, tenants
+    tenants.on_change(lambda catalog, changed: ...)     # rebuild what the service derived per tenant
+    tenants.start(nc)                                   # follows the bucket in the background
+    await tenants.ready(timeout)                        # the registry read once (or found absent)
+
+A registry policy is checked against the catalog's definitions (:meth:`Catalog.tenant_problems`)
+before it is taken: one that names a graph or a tool this deployment does not have is refused
+(``tenant_registry_rejected``, logged) and the tenant keeps the policy it had. A value that cannot
+be read is refused the same way. A registry key that is deleted or purged takes the tenant back to
+its files' policy (or removes it, if no file declares it).
+
+Runs already started keep the :class:`~contracts.definitions.TenantPolicy` object they started
+with: a change replaces the catalog, never a policy in place (both are immutable).
+
+The watch, like a census's (``services/runtime/census.py``), reads the bucket from its start
+after each reconnect (a broker restart loses an ephemeral consumer) and applies what changed
+meanwhile, deletions included. With no bucket yet (nothing seeded), the files' tenants are the
+whole truth: the view is ready at once and the bucket is looked for again every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from pydantic import ValidationError
+
+from contracts.definitions import Catalog, TenantPolicy
+from contracts.registry import BUCKET, read_entry
+from contracts.tenants import is_tenant_id
+
+CHECK_S = 1.0  # how often a quiet watcher looks whether its connection reconnected meanwhile
+ABSENT_RETRY_S = 1.0  # how often a missing bucket is looked for again
+RETRY_MOST_S = 5.0
+INACTIVE_S = 30.0  # an abandoned watcher's consumer goes on the broker's side after this long
+DELETES = ("DEL", "PURGE")
+
+Listener = Callable[[Catalog, frozenset[str]], None]
+
+
+class PolicyView(Mapping[str, TenantPolicy]):
+    """The current tenants of a :class:`LiveTenants` as a read-only mapping, always up to date
+    (for code that takes a mapping of policies: the auth service's)."""
+
+    def __init__(self, live: LiveTenants) -> None:
+        self.live = live
+
+    def __getitem__(self, tenant: str) -> TenantPolicy:
+        return self.live.catalog.tenants[tenant]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.live.catalog.tenants)
+
+    def __len__(self) -> int:
+        return len(self.live.catalog.tenants)
+
+
+class LiveTenants:
+    """The tenants a service serves now (``catalog``), and who to tell when they change."""
+
+    def __init__(self, catalog: Catalog, log: Any) -> None:
+        self.files: dict[str, TenantPolicy] = dict(catalog.tenants)
+        self.catalog = catalog
+        self.log = log
+        self.revision = 0  # the last registry revision applied
+        self.absent = False  # no registry bucket (yet): the files' tenants only
+        self._ready = asyncio.Event()
+        self._from_registry: set[str] = set()  # tenants whose policy is the registry's now
+        self._listeners: list[Listener] = []
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- what the services use -----------------------------------------------------------
+
+    def policy(self, tenant: str) -> TenantPolicy | None:
+        return self.catalog.tenants.get(tenant)
+
+    def on_change(self, listener: Listener) -> None:
+        """Call ``listener(catalog, changed tenants)`` after every change (in the event loop)."""
+        self._listeners.append(listener)
+
+    async def ready(self, timeout: float) -> bool:
+        """Wait until the registry was read once (or found absent); False after ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        return self._ready.is_set()
+
+    # ---- applying the registry (no NATS) ---------------------------------------------------
+
+    def apply(self, values: dict[str, bytes | None], revision: int = 0) -> frozenset[str]:
+        """Apply registry values by tenant id (None: the key was deleted); returns the tenants
+        whose policy changed, after telling the listeners."""
+        self.revision = max(self.revision, revision)
+        tenants = dict(self.catalog.tenants)
+        changed: set[str] = set()
+        for tenant, data in values.items():
+            if not is_tenant_id(tenant):
+                self.log.error("tenant_registry_rejected", key=tenant[:80], problems=["not a tenant id"])
+                continue
+            if data is None:
+                self._from_registry.discard(tenant)
+                policy = self.files.get(tenant)
+            else:
+                found = self._checked(tenant, data)
+                if found is False:
+                    continue  # refused: the tenant keeps what it had
+                self._from_registry.add(tenant)
+                policy = found
+            if policy is None:
+                if tenants.pop(tenant, None) is not None:
+                    changed.add(tenant)
+            elif tenants.get(tenant) != policy:
+                tenants[tenant] = policy
+                changed.add(tenant)
+        if changed:
+            self.catalog = self.catalog.with_tenants(tenants)
+            for listener in self._listeners:
+                listener(self.catalog, frozenset(changed))
+            self.log.info("tenants_changed", tenants=sorted(changed)[:20], count=len(changed), revision=self.revision)
+        return frozenset(changed)
+
+    def _checked(self, tenant: str, data: bytes) -> TenantPolicy | bool | None:
+        """The registry's policy for ``tenant`` (None: removed), or False if it is refused."""
+        try:
+            entry = read_entry(data)
+        except ValidationError as error:
+            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:5]]
+            self.log.error("tenant_registry_rejected", tenant_id=tenant, problems=problems)
+            return False
+        if entry.policy is None:
+            return None
+        if entry.policy.tenant != tenant:
+            self.log.error("tenant_registry_rejected", tenant_id=tenant, problems=["the policy names another tenant"])
+            return False
+        problems = self.catalog.tenant_problems(entry.policy)
+        if problems:
+            self.log.error("tenant_registry_rejected", tenant_id=tenant, problems=[m for _, m, _ in problems][:5])
+            return False
+        return entry.policy
+
+    # ---- following the bucket ---------------------------------------------------------------
+
+    def start(self, nc: Any) -> None:
+        """Follow the registry on connection ``nc`` until :meth:`stop` (never raises)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(nc), name="tenant-registry")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self, nc: Any) -> None:
+        wait = ABSENT_RETRY_S
+        warned = False
+        while True:
+            try:
+                await self._follow(nc)
+                wait = ABSENT_RETRY_S
+                warned = False
+            except (BucketNotFoundError, NotFoundError, NoRespondersError, ServiceUnavailableError):
+                # No bucket, or no JetStream (yet) on this broker: there is no registry to wait for.
+                if not self.absent:
+                    self.log.info("tenant_registry_absent", bucket=BUCKET, serving="the definitions files' tenants")
+                self.absent = True
+                self._ready.set()  # the files are the whole truth until a registry appears
+                await asyncio.sleep(ABSENT_RETRY_S)  # looking for the bucket again, not synchronising
+            except Exception as error:  # no JetStream yet, a reconnection, a timeout
+                if not warned:
+                    self.log.warning("tenant_registry_watch_failed", error=str(error)[:200])
+                warned = True
+                await asyncio.sleep(wait)  # a back-off between attempts, not a synchronisation
+                wait = min(wait * 2, RETRY_MOST_S)
+
+    async def _follow(self, nc: Any) -> None:
+        """Read the bucket from its start, apply it as one change once caught up (what the
+        registry no longer holds goes back to the files), then apply each update as it comes,
+        until the connection reconnects (then return: the caller starts again)."""
+        reconnects = nc.stats["reconnects"]
+        kv = await nc.jetstream().key_value(BUCKET)
+        watcher = await kv.watch(">", inactive_threshold=INACTIVE_S)
+        pending: dict[str, bytes | None] = {}
+        caught_up = False
+        try:
+            while nc.stats["reconnects"] == reconnects:
+                try:
+                    entry = await watcher.updates(timeout=CHECK_S)
+                except NatsTimeout:
+                    continue
+                if entry is None:  # caught up
+                    if not caught_up:
+                        for tenant in self._from_registry - set(pending):
+                            pending[tenant] = None  # removed from the registry while we were away
+                        self.absent = False
+                        self.apply(pending, self.revision)
+                        pending, caught_up = {}, True
+                        self._ready.set()
+                    continue
+                value = None if entry.operation in DELETES else (entry.value or b"")
+                if caught_up:
+                    self.apply({entry.key: value}, int(entry.revision or 0))
+                else:
+                    pending[entry.key] = value
+                    self.revision = max(self.revision, int(entry.revision or 0))
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
