@@ -33,31 +33,17 @@ replica's copy has got.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeout
-
 from contracts.tenants import is_tenant_id
+from services.runtime.kv_follow import DELETES, follow_bucket, watch_api
 
-# How often a quiet watcher checks whether its connection has reconnected meanwhile.
-CHECK_S = 1.0
-RETRY_FIRST_S = 0.5
-RETRY_MOST_S = 5.0
-# An abandoned watcher's consumer (after a reconnect) goes on the broker's side after this long.
-INACTIVE_S = 30.0
-DELETES = ("DEL", "PURGE")
+__all__ = ["Census", "Tally", "watch_api"]
 
 Classify = Callable[[bytes], str | None]
-
-
-def watch_api(bucket: str) -> tuple[str, ...]:
-    """The JetStream API subjects a census of ``bucket`` needs beyond ``kv_api`` (an ordered
-    consumer has no name, so it is created on the stream's plain create subject)."""
-    return (f"$JS.API.CONSUMER.CREATE.KV_{bucket}", f"$JS.API.CONSUMER.INFO.KV_{bucket}.*")
 
 
 class Tally:
@@ -162,49 +148,16 @@ class Census:
             self._task = None
 
     async def _run(self, nc: Any) -> None:
-        wait = RETRY_FIRST_S
-        warned = False
-        while True:
-            try:
-                await self._follow(nc)
-                wait = RETRY_FIRST_S
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # no bucket yet, no JetStream yet, a reconnection
-                if self.log is not None and not warned:
-                    self.log.warning("census_watch_failed", bucket=self.bucket, error=str(error)[:200])
-                warned = True
-                await asyncio.sleep(wait)  # a back-off between attempts, not a synchronisation
-                wait = min(wait * 2, RETRY_MOST_S)
-                continue
-            warned = False
+        await follow_bucket(nc, self.bucket, self._begin, meta_only=self.headers_only, log=self.log)
 
-    async def _follow(self, nc: Any) -> None:
-        """Read the bucket from its start into a fresh tally, serve it once caught up, and follow
-        it until the connection reconnects (then return: the caller starts again)."""
-        reconnects = nc.stats["reconnects"]
-        kv = await nc.jetstream().key_value(self.bucket)
+    async def _begin(self, kv: Any) -> _Reading:
+        """A pass reads the bucket into a fresh tally, which is the census once it has caught up."""
         ttl_s = None
         if self.idle:
             max_age = (await kv.status()).stream_info.config.max_age
             ttl_s = float(max_age) if max_age else None
-        fresh = Tally(ttl_s)
-        watcher = await kv.watch(">", meta_only=self.headers_only, inactive_threshold=INACTIVE_S)
         self.watchers += 1
-        try:
-            while nc.stats["reconnects"] == reconnects:
-                try:
-                    entry = await watcher.updates(timeout=CHECK_S)
-                except NatsTimeout:
-                    continue
-                if entry is None:  # caught up: the fresh tally is the census from now on
-                    self.tally = fresh
-                    self.synced.set()
-                    continue
-                self._apply(fresh, entry)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+        return _Reading(self, Tally(ttl_s))
 
     def _apply(self, tally: Tally, entry: Any) -> None:
         revision = int(entry.revision or 0)
@@ -216,6 +169,20 @@ class Census:
         except Exception:  # a value this census cannot read does not count (and never stops it)
             state = None
         tally.put(entry.key, state, _timestamp(entry.created, self.clock), revision)
+
+
+class _Reading:
+    """One pass over the bucket (services/runtime/kv_follow.py): into ``fresh``, served once caught up."""
+
+    def __init__(self, census: Census, fresh: Tally) -> None:
+        self.census, self.fresh = census, fresh
+
+    def entry(self, entry: Any) -> None:
+        self.census._apply(self.fresh, entry)
+
+    def caught_up(self) -> None:
+        self.census.tally = self.fresh
+        self.census.synced.set()
 
 
 def _timestamp(created: Any, clock: Callable[[], float]) -> float:

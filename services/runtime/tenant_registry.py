@@ -30,20 +30,12 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from pydantic import ValidationError
 
 from contracts.definitions import Catalog, TenantPolicy
 from contracts.registry import BUCKET, read_entry
 from contracts.tenants import is_tenant_id
-
-CHECK_S = 1.0  # how often a quiet watcher looks whether its connection reconnected meanwhile
-ABSENT_RETRY_S = 1.0  # how often a missing bucket is looked for again
-RETRY_MOST_S = 5.0
-INACTIVE_S = 30.0  # an abandoned watcher's consumer goes on the broker's side after this long
-DELETES = ("DEL", "PURGE")
+from services.runtime.kv_follow import DELETES, follow_bucket
 
 Listener = Callable[[Catalog, frozenset[str]], None]
 
@@ -161,57 +153,44 @@ class LiveTenants:
             self._task = None
 
     async def _run(self, nc: Any) -> None:
-        wait = ABSENT_RETRY_S
-        warned = False
-        while True:
-            try:
-                await self._follow(nc)
-                wait = ABSENT_RETRY_S
-                warned = False
-            except (BucketNotFoundError, NotFoundError, NoRespondersError, ServiceUnavailableError):
-                # No bucket, or no JetStream (yet) on this broker: there is no registry to wait for.
-                if not self.absent:
-                    self.log.info("tenant_registry_absent", bucket=BUCKET, serving="the definitions files' tenants")
-                self.absent = True
-                self._ready.set()  # the files are the whole truth until a registry appears
-                await asyncio.sleep(ABSENT_RETRY_S)  # looking for the bucket again, not synchronising
-            except Exception as error:  # no JetStream yet, a reconnection, a timeout
-                if not warned:
-                    self.log.warning("tenant_registry_watch_failed", error=str(error)[:200])
-                warned = True
-                await asyncio.sleep(wait)  # a back-off between attempts, not a synchronisation
-                wait = min(wait * 2, RETRY_MOST_S)
+        await follow_bucket(nc, BUCKET, self._begin, log=self.log, absent=self._absent)
 
-    async def _follow(self, nc: Any) -> None:
-        """Read the bucket from its start, apply it as one change once caught up (what the
-        registry no longer holds goes back to the files), then apply each update as it comes,
-        until the connection reconnects (then return: the caller starts again)."""
-        reconnects = nc.stats["reconnects"]
-        kv = await nc.jetstream().key_value(BUCKET)
-        watcher = await kv.watch(">", inactive_threshold=INACTIVE_S)
-        pending: dict[str, bytes | None] = {}
-        caught_up = False
-        try:
-            while nc.stats["reconnects"] == reconnects:
-                try:
-                    entry = await watcher.updates(timeout=CHECK_S)
-                except NatsTimeout:
-                    continue
-                if entry is None:  # caught up
-                    if not caught_up:
-                        for tenant in self._from_registry - set(pending):
-                            pending[tenant] = None  # removed from the registry while we were away
-                        self.absent = False
-                        self.apply(pending, self.revision)
-                        pending, caught_up = {}, True
-                        self._ready.set()
-                    continue
-                value = None if entry.operation in DELETES else (entry.value or b"")
-                if caught_up:
-                    self.apply({entry.key: value}, int(entry.revision or 0))
-                else:
-                    pending[entry.key] = value
-                    self.revision = max(self.revision, int(entry.revision or 0))
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+    def _absent(self) -> None:
+        """No registry bucket (nothing seeded it), or no JetStream: the files are the whole truth
+        until one appears."""
+        if not self.absent:
+            self.log.info("tenant_registry_absent", bucket=BUCKET, serving="the definitions files' tenants")
+        self.absent = True
+        self._ready.set()
+
+    async def _begin(self, kv: Any) -> _Reading:
+        return _Reading(self)
+
+
+class _Reading:
+    """One pass over the registry (services/runtime/kv_follow.py): the values read until it has
+    caught up are applied as one change, with what the registry no longer holds taken back to
+    the files; after that each update is applied as it comes."""
+
+    def __init__(self, live: LiveTenants) -> None:
+        self.live = live
+        self.pending: dict[str, bytes | None] = {}
+        self.caught = False
+
+    def entry(self, entry: Any) -> None:
+        value = None if entry.operation in DELETES else (entry.value or b"")
+        revision = int(entry.revision or 0)
+        if self.caught:
+            self.live.apply({entry.key: value}, revision)
+        else:
+            self.pending[entry.key] = value
+            self.live.revision = max(self.live.revision, revision)
+
+    def caught_up(self) -> None:
+        live = self.live
+        for tenant in live._from_registry - set(self.pending):
+            self.pending[tenant] = None  # removed from the registry while this replica was away
+        live.absent = False
+        live.apply(self.pending, live.revision)
+        self.pending, self.caught = {}, True
+        live._ready.set()
