@@ -19,6 +19,7 @@ from contracts.errors import Forbidden
 from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
 from services.runtime.credentials import load_secrets
+from tests.security.test_principal_scope import DEFINITIONS as PRINCIPAL_SCOPED_DEFINITIONS
 from tests.support.http import Reply, http_server
 from tests.support.services import running_services
 
@@ -193,22 +194,7 @@ async def test_the_monitor_accepts_the_tokens_of_the_identity_providers_jwks(sec
 
 # ---- a principal-scoped tenant: its figures only with the monitor's scope ----------------------
 
-SCOPED_ROUTES = {"order_status": {"graph": "order_status"}}
-SCOPED_DEFINITIONS = {
-    "tools": [{"name": "orders_lookup", "python": {"callable": "corral.demo.tools:lookup_orders"}}],
-    "graphs": [
-        {
-            "name": "order_status",
-            "entry": "lookup",
-            "nodes": {"lookup": {"kind": "tool", "tool": "orders_lookup", "args": {"query": "$input.text"}}},
-        }
-    ],
-    "tenants": [
-        {"tenant": "acme", "default_route": "order_status", "routes": SCOPED_ROUTES, "tools": ["orders_lookup"],
-         "principal_scoped": True},
-        {"tenant": "globex", "default_route": "order_status", "routes": SCOPED_ROUTES, "tools": ["orders_lookup"]},
-    ],
-}  # fmt: skip
+SCOPED_DEFINITIONS = PRINCIPAL_SCOPED_DEFINITIONS  # acme principal-scoped, globex not
 
 
 @pytest.fixture
