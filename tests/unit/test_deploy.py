@@ -6,6 +6,7 @@ from pathlib import Path
 import yaml
 
 from corral.asyncapi import CHECKED_IN, render_asyncapi
+from corral.cli import _parser
 from corral.demo.payments import URL_VARIABLE
 from corral.state import ADMIN_USER, generate_secrets, render_nats_config
 from corral.system import payments_command, service_command, service_environment
@@ -35,7 +36,14 @@ def test_compose_gives_services_the_environment_corral_up_gives():
 
 
 def test_compose_services_other_than_nats_init_and_the_demo_payments_api_are_exactly_the_registry():
-    assert set(compose()["services"]) - {"nats", "init", "payments"} == set(NAMES)
+    assert set(compose()["services"]) - {"nats", "init", "seed", "payments"} == set(NAMES)
+
+
+def test_compose_seeds_the_tenant_registry_with_the_command_an_operator_runs():
+    seed = compose()["services"]["seed"]
+    assert seed["command"][:3] == ["corral", "tenant", "seed"]
+    args = _parser().parse_args(seed["command"][1:])  # the command, with these flags, exists
+    assert (args.action, args.state_dir, args.nats_url) == ("seed", "/state", "nats://nats:4222")
 
 
 def test_compose_runs_the_demo_payments_api_as_corral_up_does_and_gives_the_services_its_url():
