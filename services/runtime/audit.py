@@ -243,6 +243,9 @@ def _stated_hash(raw: bytes) -> str:
 
 
 class AuditTrail:
+    """One service's audit writer: :meth:`record` on the hot path, a background task appending
+    each window's records to their tenants' chains."""
+
     def __init__(self, nc: Any, service: str, log: Any, chains: Chains | None = None) -> None:
         self.nc = nc
         self.service = service
@@ -253,13 +256,15 @@ class AuditTrail:
         # tenant -> (hash, records) of an entry whose acknowledgement was lost: written if the head is it
         self._unsure: dict[str, tuple[str, int]] = {}
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._passes = 0  # write passes begun; each takes every chain pending as it begins
+        self._passes_done = 0
+        self._pass_done = asyncio.Event()
         self._flush_now = asyncio.Event()
         self._closing = False
+        self._due: dict[str, int] = {}  # tenant -> records of the current pass not written yet
         self._task: asyncio.Task[None] | None = None
         # What the writer did: tests count round trips, scripts/audit_cost.py reports them.
-        self.stats = {"passes": 0, "round_trips": 0, "entries": 0, "conflicts": 0}
+        self.stats = {"round_trips": 0, "entries": 0, "conflicts": 0}
 
     async def start(self) -> None:
         await self.chains.start()
@@ -288,7 +293,6 @@ class AuditTrail:
             "detail": detail,
         }
         self._pending.setdefault(tenant, []).append(record)
-        self._idle.clear()
         self._wake.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -311,9 +315,14 @@ class AuditTrail:
 
     async def flushed(self, timeout: float = 10.0) -> None:
         """Wait until everything recorded so far is written (now, not after the linger window)."""
+        if not self._pending:
+            return
+        wanted = self._passes + 1  # the next pass to begin takes every chain pending now
         self._flush_now.set()
         async with asyncio.timeout(timeout):
-            await self._idle.wait()
+            while self._passes_done < wanted:
+                self._pass_done.clear()
+                await self._pass_done.wait()
 
     async def _run(self) -> None:
         while True:
@@ -324,25 +333,27 @@ class AuditTrail:
                         await self._flush_now.wait()
             self._flush_now.clear()
             self._wake.clear()
+            self._passes += 1
             # Returns only when what was due is written: a pass that failed is tried again, for ever.
             await call_with_retries(self._drain, APPEND_RETRY, retry_if=_always)
-            if not self._pending:  # (otherwise records came meanwhile, and _wake is set)
-                self._idle.set()
-                if self._closing:
-                    return
+            self._passes_done += 1
+            self._pass_done.set()
+            if self._closing and not self._pending:  # (records that came meanwhile have set _wake)
+                return
 
     async def _drain(self) -> None:
-        """Append what is pending for the chains that had records when the pass began, a round
-        at a time (a chain that has records left, or was re-chained, takes the next round at
-        once; chains with records only from after the start wait for the next window); raise the
-        first failure once the other chains are written."""
-        self.stats["passes"] += 1
-        due = set(self._pending)
+        """Append the records pending as the pass began, a round at a time (a chain with more
+        than an entry holds, or re-chained, takes the next round at once; what was recorded since
+        goes along in its chain's entries, or waits for the next window); raise the first failure
+        once the other chains are written."""
+        self._due = {tenant: len(records) for tenant, records in self._pending.items()}
+        due = self._due
         failed: dict[str, Exception] = {}
         conflicts: dict[str, int] = {}
         while tenants := list(
             itertools.islice(
-                (tenant for tenant in self._pending if tenant in due and tenant not in failed), MAX_ENTRIES_PER_ROUND
+                (tenant for tenant in self._pending if due.get(tenant, 0) > 0 and tenant not in failed),
+                MAX_ENTRIES_PER_ROUND,
             )
         ):
             await self._round(tenants, failed, conflicts)
@@ -409,6 +420,8 @@ class AuditTrail:
     def _written(self, tenant: str, sequence: int, digest: str, count: int) -> None:
         self._heads[tenant] = (sequence, digest)
         self.stats["entries"] += 1
+        if tenant in self._due:
+            self._due[tenant] -= count
         records = self._pending.get(tenant)
         if records is not None:
             del records[:count]
