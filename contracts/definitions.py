@@ -244,6 +244,13 @@ class TenantPolicy(_Definition):
     max_input_bytes: int = Field(
         default=64 * 1024, gt=0, description="The largest request input, in bytes of its JSON."
     )
+    max_open_runs: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="Workflow runs the tenant may have open at once (running, waiting or sleeping); a start "
+        "past it is refused with `limit_exceeded`, so one tenant cannot fill the broker's storage.",
+    )
     connection: ConnectionLimits = Field(
         default_factory=ConnectionLimits, description="Limits of the tenant's connections to the broker."
     )

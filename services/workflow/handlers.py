@@ -9,9 +9,9 @@ from typing import Any
 import jsonschema
 
 from contracts import subjects
-from contracts.definitions import Catalog
+from contracts.definitions import Catalog, TenantPolicy
 from contracts.envelope import EventType, RunEvent, WorkflowQuery, WorkflowSignal, WorkflowStart, WorkflowTask, new_id
-from contracts.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unavailable
+from contracts.errors import Conflict, Forbidden, InvalidRequest, LimitExceeded, NotFound, Unavailable
 from contracts.workflows import CANCEL_SIGNAL
 from services.llm import MODEL_TOKENS, MODEL_TOKENS_HELP, ModelRegistry
 from services.runtime.census import Census
@@ -96,6 +96,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
                         await store.wake(tenant, claimed["run_id"])
                     return {**_shown(existing), "deduplicated": True}
                 run_id = claimed["run_id"]  # claimed by a start that did not get further: finish it
+        _check_open_runs(live.policy(tenant), census, tenant)
         event = {
             "type": Ev.RUN_STARTED,
             "run_id": run_id,
@@ -232,6 +233,21 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         return None
 
     return driver
+
+
+def _check_open_runs(policy: TenantPolicy | None, census: Census, tenant: str) -> None:
+    """Refuse a new run past the tenant's ``max_open_runs``, counted by the census of the run
+    index (the same on every replica). A run is in the index once it waits, sleeps or has run
+    for INDEX_AFTER_S, so a burst of starts can pass the limit by what the rate limit admits in
+    that time; what accumulates, runs left waiting, is bounded."""
+    if policy is None or not census.synced.is_set():
+        return
+    open_now = sum(census.counts().get(tenant, {}).values())
+    if open_now >= policy.max_open_runs:
+        raise LimitExceeded(
+            f"tenant {tenant!r} has {open_now} workflow runs open, its limit (max_open_runs {policy.max_open_runs}): "
+            "let some finish, or cancel them"
+        )
 
 
 async def _run_of(driver: Driver, tenant: str, run_id: str, principal: str | None, scoped: bool) -> RunState:
