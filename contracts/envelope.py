@@ -351,6 +351,7 @@ def new_envelope_json(
     idempotency_key: str | None = None,
     principal: str | None = None,
     trace: str | None = None,
+    correlation_id: str | None = None,
 ) -> bytes:
     """A new envelope (caused by nothing) as JSON bytes, the same fields as building the model and
     dumping it would write, without the model: what a client does for every request.
@@ -359,6 +360,8 @@ def new_envelope_json(
     receiving service validates the whole envelope as it does any other. ``deadline`` may be a
     datetime or a POSIX timestamp. ``payload`` may already be JSON (of a valid payload).
     ``trace``: a W3C traceparent (``contracts.traceparent.new_traceparent``), else none.
+    ``correlation_id``: the request a message belongs to, where it is not its cause (a workflow
+    run's events and calls carry its start request's, long after that request was answered).
     """
     text = _json_string
     body = payload if isinstance(payload, bytes) else payload.model_dump_json().encode()
@@ -370,7 +373,7 @@ def new_envelope_json(
         (
             f'{{"id":"{new_id()}","schema_version":{SCHEMA_VERSION},"kind":"{kind.value}",'
             f'"tenant_id":"{tenant_id}","principal":{text(principal)},"run_id":{text(run_id)},'
-            f'"correlation_id":null,"causation_id":null,"created_at":"{now_iso()}",'
+            f'"correlation_id":{text(correlation_id)},"causation_id":null,"created_at":"{now_iso()}",'
             f'"deadline":{deadline_text},"trace":{text(trace)},"idempotency_key":{text(idempotency_key)},"payload":'
         ).encode()
         + body

@@ -536,6 +536,7 @@ class _Run:
             idempotency_key=key,
             principal=state.principal,
             trace=child(state.trace, new_span_id()) if state.trace else None,
+            correlation_id=state.correlation_id,
         )
         return await self.service.request(subject, body, timeout=timeout)
 
@@ -565,7 +566,13 @@ class _Run:
                 }
             )
             body = new_envelope_json(
-                Kind.EVENT, state.tenant, run_event, run_id=state.run_id, principal=state.principal, trace=state.trace
+                Kind.EVENT,
+                state.tenant,
+                run_event,
+                run_id=state.run_id,
+                principal=state.principal,
+                trace=state.trace,
+                correlation_id=state.correlation_id,
             )
             with contextlib.suppress(Exception):
                 await self.service.nc.publish(self._events_subject, body)

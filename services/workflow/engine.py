@@ -123,6 +123,7 @@ class RunState:
     seq: int = 0  # the history's last sequence folded in
     timer: bool = False  # a broker timer was set for the run (purged when it finishes)
     trace: str | None = None  # the W3C traceparent of the start: its steps' calls carry it on
+    correlation_id: str | None = None  # the start request's: every event and call of the run carries it
     # Per list of steps (by its first step's name), how many of its steps are done (a cache).
     cursors: dict[str, int] = field(default_factory=dict)
 
@@ -161,6 +162,7 @@ def started(event: dict[str, Any], tenant: str, seq: int) -> RunState:
         principal=event.get("principal"),
         started_at=event["at"],
         trace=event.get("trace"),
+        correlation_id=event.get("correlation_id"),
         events=1,
         seq=seq,
     )

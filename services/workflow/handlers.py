@@ -108,6 +108,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             "principal": req.principal,
             "idempotency_key": key,
             "trace": req.envelope.trace,  # every step's call and event carries the start's trace on
+            "correlation_id": req.envelope.correlation_id or req.envelope.id,  # and its correlation id
             "at": time.time(),
         }
         state = started(event, tenant, 0)

@@ -3,8 +3,11 @@ approvals by scope, sagas, timers, idempotent starts, queries and tenant isolati
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
+import nats
 import pytest
 
 from contracts.errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
@@ -47,6 +50,34 @@ async def test_a_five_step_run_completes_and_its_history_is_recorded(system):
     keys = workflow_tools.CALLS[("acme", "step")]
     assert keys == [f"{result.run_id}:s{i}" for i in range(1, 6)]
     assert [e.type.value for e in result.events if e.service == "workflow"][-1] == "completed"
+
+
+async def test_every_event_of_a_run_carries_the_correlation_id_of_the_request_that_started_it(system):
+    broker, _ = system
+    watcher = await nats.connect(
+        broker.url, token=mint_dev_token("acme", key=broker.secrets.dev_key), inbox_prefix=b"_INBOX.acme"
+    )
+    seen: list[dict] = []
+    completed = asyncio.Event()
+
+    async def kept(msg) -> None:
+        seen.append(json.loads(msg.data))
+        if seen[-1]["payload"]["type"] == "completed" and seen[-1]["payload"]["service"] == "workflow":
+            completed.set()
+
+    await watcher.subscribe("t.acme.events.>", cb=kept)
+    await watcher.flush()
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request(target="five", input={"value": 1})
+        await asyncio.wait_for(completed.wait(), 10)
+    finally:
+        await acme.close()
+        await watcher.close()
+    of_run = [envelope for envelope in seen if envelope["run_id"] == result.run_id]
+    assert len(of_run) >= 7  # accepted, started, five steps, completed
+    assert len({envelope["correlation_id"] for envelope in of_run}) == 1
+    assert of_run[0]["correlation_id"] is not None
 
 
 async def test_an_input_outside_the_schema_is_refused_before_a_run_starts(system):
