@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,8 +57,14 @@ BROKER_AUTH_TIMEOUT_S = 2.0
 # How long ``connect`` keeps trying to be admitted while the broker times the callout out (a
 # connection storm, an auth service restarting), and its waits between attempts (jittered).
 ADMISSION_TIMEOUT_S = 30.0
-ADMISSION_FIRST_WAIT_S = 0.2
-ADMISSION_MOST_WAIT_S = 5.0
+ADMISSION_FIRST_WAIT_S = 0.5
+ADMISSION_MOST_WAIT_S = 8.0
+# Connection handshakes one process (one event loop) has under way at once; more wait their turn.
+# The broker refuses a connection that has not sent CONNECT within its authorization.timeout of
+# being accepted: a process opening thousands at once (a gateway, a benchmark) advanced them all a
+# little at a time and every one of them missed it together; in turns, each finishes in time.
+MAX_HANDSHAKES = 256
+_handshakes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -90,6 +97,7 @@ class CorralClient:
     tried again after a jittered, doubling wait, until ``admission_timeout_s`` has passed
     (:meth:`connect`). A token the auth service refuses fails at once with
     :class:`~contracts.errors.Unauthorized`; a broker that does not listen at all fails at once too.
+    A process has at most :data:`MAX_HANDSHAKES` connection handshakes under way; more wait their turn.
     """
 
     def __init__(
@@ -196,6 +204,13 @@ class CorralClient:
             "connect_timeout": self.callout_timeout_s + 1.0,
             **self.options,
         }
+        async with _handshake_turn():
+            return await self._handshake(options)
+
+    async def _handshake(self, options: dict[str, Any]) -> Client:
+        """Connect with ``options``, subscribe the inbox and check that the broker let this token
+        read it; an attempt that fails anywhere is closed (else the broker might still admit it,
+        counted against the tenant's connections) and its error raised."""
         reconnects = {
             "allow_reconnect": options.pop("allow_reconnect", True),
             "max_reconnect_attempts": options.pop("max_reconnect_attempts", DEFAULT_MAX_RECONNECT_ATTEMPTS),
@@ -219,24 +234,25 @@ class CorralClient:
                 reconnect_time_wait=0.05,
                 **options,
             )
+            nc.options.update(reconnects)  # read by nats-py whenever the connection drops
+            requester = Requester(nc)
+            nc.quiet = requester.quiet
+            seen = len(self.errors)
+            await requester.start()
+            # A token of another tenant may not read this tenant's inbox. The broker says so only
+            # asynchronously, to the error callback; after two round trips (a first PING may
+            # overtake the SUB) it has, so such a token fails here rather than each request at its
+            # deadline.
+            await nc.flush()
+            await nc.flush()
         except BaseException:
             self._admitting = True  # closing the attempt calls the callbacks: they are not this client's
             try:
                 with contextlib.suppress(Exception):
-                    await nc.close()  # else the broker may still admit it and count it for the tenant
+                    await nc.close()
             finally:
                 self._admitting = False
             raise
-        nc.options.update(reconnects)  # read by nats-py whenever the connection drops
-        requester = Requester(nc)
-        nc.quiet = requester.quiet
-        seen = len(self.errors)
-        await requester.start()
-        # A token of another tenant may not read this tenant's inbox. The broker says so only
-        # asynchronously, to the error callback; after two round trips (a first PING may overtake
-        # the SUB) it has, so such a token fails here rather than each request at its deadline.
-        await nc.flush()
-        await nc.flush()
         if any(_refused_inbox(error) for error in self.errors[seen:]):
             self._closing = True
             with contextlib.suppress(Exception):
@@ -275,6 +291,8 @@ class CorralClient:
         self._router_subject = subjects.router_request(self.tenant, self.principal, self.scopes)
 
     async def _on_error(self, error: Exception) -> None:
+        if self._admitting:
+            return  # closing an attempt the broker has already closed: nothing the caller can act on
         self.errors.append(error)
         await _call(self._user_error_cb, error)
 
@@ -510,6 +528,15 @@ class CorralClient:
         return decode_reply(msg.data)
 
 
+def _handshake_turn() -> asyncio.Semaphore:
+    """This event loop's turns of :data:`MAX_HANDSHAKES` connection handshakes."""
+    loop = asyncio.get_running_loop()
+    turns = _handshakes.get(loop)
+    if turns is None:
+        turns = _handshakes[loop] = asyncio.Semaphore(MAX_HANDSHAKES)
+    return turns
+
+
 def _refused(error: Exception) -> bool:
     """Whether a failed connect was the broker's refusal of the token (``Authorization Violation``)."""
     return "authorization violation" in str(error).lower()
@@ -522,8 +549,10 @@ def _admission_timed_out(error: Exception, elapsed_s: float, callout_timeout_s: 
     connection mid-handshake, or a refusal that came only after the broker had waited
     ``callout_timeout_s`` for the auth callout (it refuses with the same words as the auth service,
     which answers a token in milliseconds). A refused connection (no broker listening) is not."""
-    if isinstance(error, (TimeoutError, NatsTimeout, nats_errors.UnexpectedEOF, ConnectionResetError)):
-        return True
+    if isinstance(error, ConnectionRefusedError):
+        return False
+    if isinstance(error, (TimeoutError, NatsTimeout, nats_errors.UnexpectedEOF, ConnectionError)):
+        return True  # ConnectionError: reset, aborted or a broken pipe, the broker closed it
     text = str(error).lower()
     if "authentication timeout" in text:
         return True

@@ -9,9 +9,10 @@ distinct tenants):
 2. **reconnects**: every connection closed, then opened again with the same token (what a
    client's reconnect after a broker restart or a network blip costs);
 3. with ``--storm N``, a storm: N more tenants connecting at the same moment, each its own
-   token, with nats-py and no retry (``--retry``: through ``CorralClient.connect``, which backs
-   off and retries a connect the broker timed out), counting failures, the slowest connect and
-   how the authorisations split between the replicas (their CPU).
+   token, with nats-py and no retry (``--retry``: through ``CorralClient.connect``, which takes
+   turns at its handshakes and retries a connect the broker timed out), counting failures, the
+   slowest connect, the attempts the clients needed and how the authorisations split between
+   the replicas (their counts and their CPU).
 
 ``--profile FILE`` records the first replica with py-spy during the first connects (raw
 collapsed stacks: ``FILE``). Compare the figures before and after a change on the same machine in
@@ -53,9 +54,14 @@ def cpu_s(pid: int) -> float:
     return total / 1e9
 
 
+async def quietly(error: Exception) -> None:
+    """nats-py's error callback: the failures are counted, not printed."""
+
+
 async def connect(url: str, tenant: str, token: str) -> nats.NATS:
     return await nats.connect(
         url,
+        error_cb=quietly,
         token=token,
         inbox_prefix=subjects.inbox_prefix(tenant).encode(),
         allow_reconnect=False,
@@ -161,6 +167,30 @@ async def storm(url: str, tenants: list[tuple[str, str]], pids: list[int], retry
     }
 
 
+def start_replicas(env: dict[str, str], replicas: int) -> list[subprocess.Popen[bytes]]:
+    """The auth service processes, as ``corral up --scale auth=N`` starts them."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "services.auth"], env={**env, "CORRAL_REPLICA": str(index)}, start_new_session=True
+        )
+        for index in range(replicas)
+    ]
+
+
+def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording ``pid``'s stacks (raw, 500 a second) into ``output`` until SIGINT."""
+    spy = Path(sys.executable).parent / "py-spy"
+    command = [str(spy), "record", "-p", str(pid), "-f", "raw", "-r", "500", "--nonblocking", "-o", str(output)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+
+
+def stop(processes: list[subprocess.Popen[bytes]], sig: int = signal.SIGTERM) -> None:
+    for process in processes:
+        process.send_signal(sig)
+    for process in processes:
+        process.wait(timeout=30)
+
+
 async def main(count: int, storm_size: int, replicas: int, retry: bool, profile: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="corral-admission-") as scratch:
         state_dir = Path(scratch) / "state"
@@ -173,14 +203,7 @@ async def main(count: int, storm_size: int, replicas: int, retry: bool, profile:
             "CORRAL_LOG_LEVEL": "warning",
         }
         with NatsServer(config=state_dir / "nats.conf", port=port, log_file=Path(scratch) / "nats.log") as broker:
-            auth = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "services.auth"],
-                    env={**env, "CORRAL_REPLICA": str(index)},
-                    start_new_session=True,
-                )
-                for index in range(replicas)
-            ]
+            auth = start_replicas(env, replicas)
             spy = None
             try:
                 await wait_admitting(broker.url, secrets.dev_key)
@@ -188,13 +211,11 @@ async def main(count: int, storm_size: int, replicas: int, retry: bool, profile:
                 tenants = [(f"t{i:05d}", mint_dev_token(f"t{i:05d}", key=secrets.dev_key)) for i in range(count)]
                 await sequential(broker.url, [("warm", mint_dev_token("warm", key=secrets.dev_key))], pids)
                 if profile is not None:
-                    command = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pids[0]), "-f", "raw", "-r", "500", "--nonblocking", "-o", str(profile)]
-                    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+                    spy = start_profiler(pids[0], profile)
                     await asyncio.sleep(1.0)  # py-spy attaches
                 opened, first = await sequential(broker.url, tenants, pids)
                 if spy is not None:
-                    spy.send_signal(signal.SIGINT)
-                    spy.wait(timeout=30)
+                    stop([spy], signal.SIGINT)  # py-spy writes its file on SIGINT
                 for connection in opened:
                     await connection.close()
                 again, second = await sequential(broker.url, tenants, pids)
@@ -212,10 +233,7 @@ async def main(count: int, storm_size: int, replicas: int, retry: bool, profile:
                     figures["callouts_per_replica"] = sorted(count - before.get(r, 0) for r, count in after.items())
                     print(f"storm ({replicas} auth replica(s), {'retrying' if retry else 'no retry'}): {figures}")
             finally:
-                for process in auth:
-                    process.terminate()
-                for process in auth:
-                    process.wait(timeout=30)
+                stop(auth)
 
 
 if __name__ == "__main__":

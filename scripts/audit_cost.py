@@ -11,6 +11,9 @@ loop, and drives one :class:`~services.runtime.audit.AuditTrail` (service ``tool
 - *load*: ``--rate`` records a second spread over N tenants for ``--seconds``, written the way a
   service writes them (every ``LINGER_S``). Per record: the writer's CPU; and the lag, the age of
   the oldest record not yet acknowledged, sampled every 20 ms (largest and median).
+- *busy load*: the same while the event loop is as busy as a service's at full load: another task
+  holds it ``--busy-ms`` at every turn (request handling, in a service). Lag and round trips only
+  (the CPU is the spinner's).
 
 Each tenant's first entry (which reads its chain's head) is written before anything is measured.
 To measure another version of the writer, run a copy of this script placed in that version's
@@ -102,7 +105,18 @@ async def windows(nc: Any, broker_pid: int, names: list[str], count: int) -> dic
     }
 
 
-async def load(nc: Any, names: list[str], rate: float, seconds: float) -> dict[str, float]:
+async def spin(stop: asyncio.Event, busy_s: float) -> None:
+    """Hold the event loop ``busy_s`` at every turn, as a busy service's handlers do."""
+    while not stop.is_set():
+        until = time.perf_counter() + busy_s
+        while time.perf_counter() < until:
+            pass
+        await asyncio.sleep(0)
+
+
+async def load(
+    nc: Any, broker_pid: int, names: list[str], rate: float, seconds: float, busy_s: float = 0.0
+) -> dict[str, float]:
     trail = AuditTrail(nc, "tools", Quiet())
     await trail.start()
     record_window(trail, names, -1)
@@ -123,8 +137,9 @@ async def load(nc: Any, names: list[str], rate: float, seconds: float) -> dict[s
             await asyncio.sleep(0.02)
 
     sampler = asyncio.create_task(sample())
+    spinner = asyncio.create_task(spin(stop, busy_s)) if busy_s else None
     tick_s, sent, n = 0.005, 0, 0
-    cpu, start = time.process_time(), time.perf_counter()
+    cpu, broker, start = time.process_time(), cpu_s(broker_pid), time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         due = int(elapsed * rate)
         for _ in range(due - sent):
@@ -133,20 +148,23 @@ async def load(nc: Any, names: list[str], rate: float, seconds: float) -> dict[s
         sent = due
         await asyncio.sleep(tick_s)
     await trail.flushed(timeout=600)
-    cpu = time.process_time() - cpu
+    cpu, broker = time.process_time() - cpu, cpu_s(broker_pid) - broker
     stop.set()
     await sampler
+    if spinner is not None:
+        await spinner
     await trail.stop()
     passes = max(1, counted.passes)
     return {
         "writer_us": cpu / max(1, sent) * 1e6,
+        "broker_us": broker / max(1, sent) * 1e6,
         "round_trips": (counted.round_trips() - rounds_before) / passes,
         "lag_max_s": max(lags, default=0.0),
         "lag_p50_s": statistics.median(lags) if lags else 0.0,
     }
 
 
-async def main(tenant_counts: list[int], rate: float, seconds: float) -> None:
+async def main(tenant_counts: list[int], rate: float, seconds: float, busy_ms: float) -> None:
     with tempfile.TemporaryDirectory() as store, NatsServer(args=["-js", "-sd", store]) as server:
         assert server.process is not None
         nc = await connection.connect(server.url, pending_size=8 * 1024 * 1024)
@@ -163,14 +181,21 @@ async def main(tenant_counts: list[int], rate: float, seconds: float) -> None:
                     f" {result['round_trips']:>19.1f} {result['window_ms']:>10.1f}"
                 )
             print(f"load ({rate:g} records/s for {seconds:g} s, written every {LINGER_S * 1000:g} ms)")
-            print(f"{'tenants':>8} {'writer µs/rec':>14} {'round trips/pass':>17} {'lag p50 s':>10} {'lag max s':>10}")
+            print(f"{'tenants':>8} {'writer µs/rec':>14} {'broker µs/rec':>14} {'round trips/pass':>17}", end="")
+            print(f" {'lag p50 s':>10} {'lag max s':>10}")
             for count in tenant_counts:
                 names = [f"load{count}-{n:05d}" for n in range(count)]
-                result = await load(nc, names, rate, seconds)
-                print(
-                    f"{count:>8} {result['writer_us']:>14.1f} {result['round_trips']:>17.1f}"
-                    f" {result['lag_p50_s']:>10.3f} {result['lag_max_s']:>10.3f}"
-                )
+                result = await load(nc, server.process.pid, names, rate, seconds)
+                costs = f"{result['writer_us']:>14.1f} {result['broker_us']:>14.1f}"
+                lags = f"{result['lag_p50_s']:>10.3f} {result['lag_max_s']:>10.3f}"
+                print(f"{count:>8} {costs} {result['round_trips']:>17.1f} {lags}")
+            print(f"busy load (the same, the loop held {busy_ms:g} ms at every turn)")
+            print(f"{'tenants':>8} {'round trips/pass':>17} {'lag p50 s':>10} {'lag max s':>10}")
+            for count in tenant_counts:
+                names = [f"busy{count}-{n:05d}" for n in range(count)]
+                result = await load(nc, server.process.pid, names, rate, seconds, busy_ms / 1000)
+                lags = f"{result['lag_p50_s']:>10.3f} {result['lag_max_s']:>10.3f}"
+                print(f"{count:>8} {result['round_trips']:>17.1f} {lags}")
         finally:
             await nc.close()
 
@@ -180,5 +205,6 @@ if __name__ == "__main__":
     parser.add_argument("--tenants", type=int, nargs="+", default=[1, 100, 2000], help="active tenants")
     parser.add_argument("--rate", type=float, default=2000, help="records a second in the load part")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each load run")
+    parser.add_argument("--busy-ms", type=float, default=0.5, help="how long the loop is held at every turn")
     args = parser.parse_args()
-    event_loop.run(main(args.tenants, args.rate, args.seconds))
+    event_loop.run(main(args.tenants, args.rate, args.seconds, args.busy_ms))

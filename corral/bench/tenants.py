@@ -3,29 +3,45 @@
 The system it starts has N generated tenants (``t00000`` ...), each with the demo acme's routes
 and tools and a rate limit that does not throttle a benchmark (as the demo's ``bench`` tenant),
 written as one JSON definitions file into the benchmark's own state directory. Every tenant
-connects with its own token on its own connection, all at the same moment (the clients retry a
-connect the broker timed out: ``corral/client.py``); then each round runs the ``order_status``
-graph request (client -> router -> graph -> tool -> client, as ``corral bench`` does, without
-progress events) ``requests`` times with ``concurrency`` in flight, once from the first tenant's
-connection alone (``single``) and once spread over all N (``many``: each request on the next
-tenant's connection), in alternating order, so both share the machine's noise of that moment.
+connects with its own token on its own connection, all at the same moment (the clients take turns
+at their handshakes and retry a connect the broker timed out: ``corral/client.py``). Each round
+then runs the ``order_status`` graph request (client -> router -> graph -> tool -> client, as
+``corral bench`` does, without progress events) ``requests`` times with ``concurrency`` in flight
+on each side, in an order that alternates between rounds, so all share the machine's noise:
 
-Reported: ``single_rps`` and ``many_rps`` (medians of the rounds), ``tenant_ratio`` (the median
-of the rounds' many over single), the time to connect the N (``connect_total_s``, and the slowest
-one, ``connect_slowest_s``; ``connect_retried``: connects the broker timed out and the client
-tried again), the broker's memory from its monitoring endpoint (``/varz`` ``mem``) before and
-after the N connections and per connection, and how long the system took to start with N
-tenants' definitions (``startup_s``). The generated tenants have no demo data, so their
-``order_status`` takes its ``not_found`` branch, the same for both sides.
+- ``single``: one tenant on one connection;
+- ``spread``: the same tenant on ``concurrency`` connections, each request on the next one;
+- ``many``: the N tenants, each request on the next tenant's connection.
+
+``tenant_ratio`` is many over single, the median of the rounds' (the issue's measure). One
+connection carries many requests per write and per read at every hop, which ``concurrency``
+connections cannot, so ``tenant_ratio_same_connections`` (many over spread) is what the tenants
+themselves cost. Each round measures the three once more with the monitor paused (SIGSTOP, as
+``corral bench`` measures its share): it polls every service's per-tenant statistics each second,
+a cost that grows with the tenants the services know (the ``_unmonitored`` figures).
+
+Also reported: the time to connect the N (``connect_total_s``, the slowest connect
+``connect_slowest_s``, ``connect_retried``: connects the broker timed out that the client tried
+again), the broker's memory from its monitoring endpoint (``/varz`` ``mem``) before and after
+the N connections and per connection, and how long the system took to start with N tenants'
+definitions (``startup_s``). The generated tenants have no demo data: ``order_status`` takes its
+``not_found`` branch, on every side. The tools service's loop-block threshold is raised to 2 s
+(``CORRAL_TOOL_LOOP_BLOCK_MS``): with thousands of connections in this process the machine's
+cores are oversubscribed, and a tool step preempted for 100 ms quarantined the demo's async
+``orders_lookup`` (its steps are timed by the wall clock), after which the single side's 64
+requests in flight were refused past its 8 isolated calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +57,25 @@ TEMPLATE_TENANT = "acme"
 UNTHROTTLED = {"per_second": 1_000_000, "burst": 1_000_000}
 DEFINITIONS_FILE = "bench-tenants.json"
 ROUNDS = 5
+SIDES = ("single", "spread", "many")
+PARTS = ("", "_unmonitored")
+# The system's settings for the benchmark (see the module's docstring for the tools' threshold).
+ENVIRONMENT = {"CORRAL_LOG_LEVEL": "warning", "CORRAL_TOOL_LOOP_BLOCK_MS": "2000"}
 
 
 def tenant_ids(count: int) -> list[str]:
     return [f"t{index:05d}" for index in range(count)]
 
 
-def write_tenant_definitions(folder: Path, count: int) -> list[str]:
+def write_tenant_definitions(folder: Path, count: int, *, first_connections: int = 64) -> list[str]:
     """Write ``count`` tenants like the demo's acme (its routes and tools, unthrottled) into
-    ``folder`` as one JSON definitions file; returns their ids."""
+    ``folder`` as one JSON definitions file; the first may hold ``first_connections`` (the spread
+    side's); returns their ids."""
     demo = yaml.safe_load((DEMO_DEFINITIONS / "demo.yaml").read_text())
     template = next(policy for policy in demo["tenants"] if policy["tenant"] == TEMPLATE_TENANT)
     names = tenant_ids(count)
     tenants = [{**template, "tenant": name, "rate_limit": UNTHROTTLED} for name in names]
+    tenants[0]["connection"] = {"max_connections": max(64, first_connections)}
     (folder / DEFINITIONS_FILE).write_text(json.dumps({"tenants": tenants}))
     return names
 
@@ -68,9 +90,9 @@ async def broker_memory(state_dir: Path) -> int:
         return int(response.json()["mem"])
 
 
-async def connect_all(url: str, tokens: dict[str, str]) -> tuple[list[Any], dict[str, Any]]:
-    """Connect every tenant at the same moment, each with its own token; the clients in the order
-    of ``tokens`` and the connect figures. A connect that fails raises (the benchmark stops)."""
+async def connect_all(url: str, tokens: Sequence[tuple[str, str]]) -> tuple[list[Any], dict[str, Any]]:
+    """Connect every ``(tenant, token)`` at the same moment; the clients in that order and the
+    connect figures. A connect that fails raises (the benchmark stops)."""
     from corral.client import CorralClient
 
     slowest = 0.0
@@ -83,7 +105,7 @@ async def connect_all(url: str, tokens: dict[str, str]) -> tuple[list[Any], dict
         return client
 
     started = time.perf_counter()
-    outcomes = await asyncio.gather(*(one(t, token) for t, token in tokens.items()), return_exceptions=True)
+    outcomes = await asyncio.gather(*(one(tenant, token) for tenant, token in tokens), return_exceptions=True)
     total = time.perf_counter() - started
     clients = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
     failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
@@ -95,6 +117,19 @@ async def connect_all(url: str, tokens: dict[str, str]) -> tuple[list[Any], dict
         "connect_slowest_s": round(slowest, 2),
         "connect_retried": sum(client.attempts > 1 for client in clients),
     }
+
+
+def in_turn(clients: Sequence[Any]) -> Callable[[], Awaitable[Any]]:
+    """One ``order_status`` request on the next of ``clients`` at each call."""
+    turn = 0
+
+    async def call() -> Any:
+        nonlocal turn
+        client = clients[turn % len(clients)]
+        turn += 1
+        return await client.request("where is my order?", target="order_status", watch=False, timeout=30)
+
+    return call
 
 
 async def run_tenants_bench(
@@ -114,62 +149,78 @@ async def run_tenants_bench(
         if not quiet:
             print(text, flush=True)
 
-    samples: dict[str, list[float]] = {"single_rps": [], "many_rps": [], "ratio": []}
+    samples: dict[str, list[float]] = {}
+
+    def record(name: str, value: float) -> None:
+        samples.setdefault(name, []).append(value)
+
     with tempfile.TemporaryDirectory(prefix="corral-bench-tenants-") as scratch:
         state_dir = Path(scratch) / "state"
         port = free_port()
         init_state(state_dir, port=port)  # the demo's definitions, then the generated tenants beside them
-        names = write_tenant_definitions(state_dir / "definitions", tenants)
+        names = write_tenant_definitions(state_dir / "definitions", tenants, first_connections=concurrency + 1)
         say(f"starting a system with {tenants} tenants on free ports...")
         started = time.perf_counter()
-        system = await System(
-            state_dir, port=port, log_dir=Path(scratch) / "logs", env={"CORRAL_LOG_LEVEL": "warning"}
-        ).start(timeout=max(60.0, tenants / 50))
+        system = await System(state_dir, port=port, log_dir=Path(scratch) / "logs", env=ENVIRONMENT).start(
+            timeout=max(60.0, tenants / 50)
+        )
         startup_s = time.perf_counter() - started
         clients: list[Any] = []
+        spread: list[Any] = []
         try:
             secrets = load_secrets(state_dir)
             tokens = {name: mint_dev_token(name, key=secrets.dev_key, sub=f"user-{name}", ttl_s=3600) for name in names}
             memory_before = await broker_memory(state_dir)
             say(f"connecting {tenants} tenants at once, each with its own token...")
-            clients, connected = await connect_all(system.url, tokens)
+            clients, connected = await connect_all(system.url, list(tokens.items()))
             memory_after = await broker_memory(state_dir)
             say(
                 f"  {tenants} connected in {connected['connect_total_s']} s (slowest "
                 f"{connected['connect_slowest_s']} s, {connected['connect_retried']} tried again)"
             )
-            single = clients[0]
-            turn = 0
+            spread, _ = await connect_all(system.url, [(names[0], tokens[names[0]])] * concurrency)
+            calls = {"single": in_turn(clients[:1]), "spread": in_turn(spread), "many": in_turn(clients)}
+            await _throughput(calls["many"], len(clients), concurrency)  # every tenant's first request, not measured
+            monitors = [child.process.pid for child in system.processes if child.name == "monitor"]
 
-            async def single_call() -> Any:
-                return await single.request("where is my order?", target="order_status", watch=False, timeout=30)
+            async def measure(part: str, order: Sequence[str]) -> None:
+                for side in order:
+                    await _throughput(calls[side], max(50, requests // 10), concurrency)  # warm-up
+                    record(f"{side}_rps{part}", await _throughput(calls[side], requests, concurrency))
+                record(f"ratio{part}", samples[f"many_rps{part}"][-1] / samples[f"single_rps{part}"][-1])
+                record(f"spread_ratio{part}", samples[f"many_rps{part}"][-1] / samples[f"spread_rps{part}"][-1])
 
-            async def many_call() -> Any:
-                nonlocal turn
-                client = clients[turn % len(clients)]
-                turn += 1
-                return await client.request("where is my order?", target="order_status", watch=False, timeout=30)
-
-            await _throughput(many_call, len(clients), concurrency)  # every tenant's first request, not measured
-            sides = (("single", single_call), ("many", many_call))
             for round_number in range(rounds):
-                for name, call in sides if round_number % 2 == 0 else sides[::-1]:
-                    await _throughput(call, max(50, requests // 10), concurrency)  # warm-up
-                    samples[f"{name}_rps"].append(await _throughput(call, requests, concurrency))
-                samples["ratio"].append(samples["many_rps"][-1] / samples["single_rps"][-1])
+                order = SIDES[round_number % 3 :] + SIDES[: round_number % 3]
+                await measure("", order)
+                for pid in monitors:
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    await measure("_unmonitored", order[::-1])
+                finally:
+                    for pid in monitors:
+                        os.kill(pid, signal.SIGCONT)
                 say(
-                    f"round {round_number + 1}: one tenant {samples['single_rps'][-1]:.0f} req/s, "
-                    f"{tenants} tenants {samples['many_rps'][-1]:.0f} req/s, ratio {samples['ratio'][-1]:.2f}"
+                    f"round {round_number + 1}: "
+                    + ", ".join(f"{side} {samples[f'{side}_rps'][-1]:.0f}" for side in SIDES)
+                    + f" req/s, tenant_ratio {samples['ratio'][-1]:.2f}; monitor paused: "
+                    + ", ".join(f"{samples[f'{side}_rps_unmonitored'][-1]:.0f}" for side in SIDES)
+                    + f", {samples['ratio_unmonitored'][-1]:.2f}"
                 )
         finally:
-            await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+            await asyncio.gather(*(client.close() for client in [*clients, *spread]), return_exceptions=True)
             system.stop()
-    report: dict[str, Any] = {
-        "tenants": tenants,
-        "single_rps": round(statistics.median(samples["single_rps"]), 1),
-        "many_rps": round(statistics.median(samples["many_rps"]), 1),
-        "tenant_ratio": round(statistics.median(samples["ratio"]), 3),
-        "round_ratios": [round(ratio, 3) for ratio in samples["ratio"]],
+
+    def median(name: str, digits: int = 1) -> float:
+        return round(statistics.median(samples[name]), digits)
+
+    report: dict[str, Any] = {"tenants": tenants}
+    for part in PARTS:
+        report |= {f"{side}_rps{part}": median(f"{side}_rps{part}") for side in SIDES}
+        report[f"tenant_ratio{part}"] = median(f"ratio{part}", 3)
+        report[f"tenant_ratio_same_connections{part}"] = median(f"spread_ratio{part}", 3)
+    report["round_ratios"] = [round(ratio, 3) for ratio in samples["ratio"]]
+    return report | {
         **connected,
         "broker_mem_before_bytes": memory_before,
         "broker_mem_after_bytes": memory_after,
@@ -179,22 +230,29 @@ async def run_tenants_bench(
         "concurrency": concurrency,
         "rounds": rounds,
     }
-    return report
 
 
 def table(report: dict[str, Any]) -> str:
     """The report as a few lines for a terminal."""
-    per_connection = report["broker_mem_per_connection_bytes"] / 1024
-    return "\n".join(
-        [
-            f"order_status requests, {report['concurrency']} in flight, {report['rounds']} rounds:",
-            f"  one tenant:          {report['single_rps']:8.0f} req/s",
-            f"  {report['tenants']:>6} tenants:      {report['many_rps']:8.0f} req/s",
-            f"  tenant_ratio (many/single, median of the rounds): {report['tenant_ratio']} {report['round_ratios']}",
-            f"connecting {report['tenants']} tenants at once: {report['connect_total_s']} s, slowest "
-            f"{report['connect_slowest_s']} s, {report['connect_retried']} tried again",
-            f"broker memory: {report['broker_mem_before_bytes'] / 2**20:.0f} MiB -> "
-            f"{report['broker_mem_after_bytes'] / 2**20:.0f} MiB ({per_connection:.0f} KiB per connection)",
-            f"system start with {report['tenants']} tenants' definitions: {report['startup_s']} s",
-        ]
-    )
+    lines = [f"order_status requests, {report['concurrency']} in flight, {report['rounds']} rounds (req/s):"]
+    labels = {
+        "single": "one tenant, one connection",
+        "spread": f"one tenant, {report['concurrency']} connections",
+        "many": f"{report['tenants']} tenants, one connection each",
+    }
+    lines.append(f"  {'':<36} {'monitored':>10} {'paused':>10}")
+    for side, label in labels.items():
+        lines.append(f"  {label:<36} {report[f'{side}_rps']:>10.0f} {report[f'{side}_rps_unmonitored']:>10.0f}")
+    lines += [
+        f"  tenant_ratio (many/single): {report['tenant_ratio']} {report['round_ratios']}; "
+        f"monitor paused {report['tenant_ratio_unmonitored']}",
+        f"  same connections (many/spread): {report['tenant_ratio_same_connections']}; "
+        f"monitor paused {report['tenant_ratio_same_connections_unmonitored']}",
+        f"connecting {report['tenants']} tenants at once: {report['connect_total_s']} s, slowest "
+        f"{report['connect_slowest_s']} s, {report['connect_retried']} tried again",
+        f"broker memory: {report['broker_mem_before_bytes'] / 2**20:.0f} MiB -> "
+        f"{report['broker_mem_after_bytes'] / 2**20:.0f} MiB "
+        f"({report['broker_mem_per_connection_bytes'] / 1024:.0f} KiB per connection)",
+        f"system start with {report['tenants']} tenants' definitions: {report['startup_s']} s",
+    ]
+    return "\n".join(lines)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import jwt
 from nats.aio.msg import Msg
 
 from contracts import subjects
@@ -16,7 +15,7 @@ from services.auth.denials import DenialAudit
 from services.auth.errors import Denied
 from services.auth.jwks import JwksKeys
 from services.auth.settings import TOKEN_CACHE_ENTRIES
-from services.auth.token_cache import VerifiedTokens
+from services.auth.token_cache import VerifiedTokens, header_kid
 from services.auth.tokens import TokenVerifier
 from services.runtime.service import Service
 
@@ -93,7 +92,7 @@ def register(
             identity = tokens.remembered(request.token)
             if identity is None:
                 if jwks is not None:
-                    kid = _kid(request.token)
+                    kid = header_kid(request.token)  # which key to fetch; the verifier checks the header
                     if kid is not None:
                         await jwks.refresh_if_unknown(kid)
                 identity = tokens.verify(request.token)
@@ -120,11 +119,3 @@ def register(
         )
         await service.nc.publish(msg.reply, response)
         return identity.tenant, None
-
-
-def _kid(token: str) -> str | None:
-    try:
-        kid = jwt.get_unverified_header(token).get("kid")
-    except jwt.PyJWTError:
-        return None  # the verifier reports the malformed token
-    return kid if isinstance(kid, str) else None

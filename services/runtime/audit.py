@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError
 from pydantic_core import from_json
 
 from contracts import subjects
@@ -100,6 +100,9 @@ class Append:
     seq: int | None = None
     error: Exception | None = None
 
+    def settle(self, msg: Any) -> None:
+        _settle(self, msg.data)
+
 
 class Chains(Protocol):
     """What the writer needs of the broker: :class:`JetStreamChains` (tests give it a fake)."""
@@ -119,19 +122,18 @@ class Chains(Protocol):
 
 
 class JetStreamChains:
-    """The ``AUDIT`` stream, pipelined: a round's appends are published one after another, with
-    reply subjects under one subscription, and their acknowledgements awaited together; heads
-    are read with direct gets, concurrently."""
+    """The ``AUDIT`` stream, pipelined: a round's requests (appends, or direct gets of heads) are
+    published one after another, with reply subjects under one subscription, and their answers
+    awaited together. No task and no ``asyncio.wait_for`` per request (services/runtime/tasks.py)."""
 
     def __init__(self, nc: Any, log: Any) -> None:
         self.nc = nc
         self.log = log
-        self._js: Any = None
         self._prefix = ""
         self._tokens = itertools.count()
-        self._waiting: dict[str, Append] = {}  # reply subject -> the append it acknowledges
+        self._waiting: dict[str, _Answered] = {}  # reply subject -> what its answer settles
         self._sending = False
-        self._all_acked: asyncio.Future[None] | None = None
+        self._all_answered: asyncio.Future[None] | None = None
         self._subscription: Any = None
 
     @property
@@ -139,18 +141,18 @@ class JetStreamChains:
         return self.nc.max_payload
 
     async def start(self) -> None:
-        self._js = self.nc.jetstream()
+        js = self.nc.jetstream()
         try:
-            await self._js.add_stream(STREAM_CONFIG)
+            await js.add_stream(STREAM_CONFIG)
         except APIError:  # it exists, from an earlier version: bring its limits up to date
             try:
-                await self._js.update_stream(STREAM_CONFIG)
+                await js.update_stream(STREAM_CONFIG)
             except APIError as error:  # an operator's own configuration
                 self.log.warning("audit_stream_not_updated", reason=str(error))
         self._prefix = f"{self.nc.new_inbox()}."
-        self._subscription = await self.nc.subscribe(f"{self._prefix}*", cb=self._on_queued_ack)
+        self._subscription = await self.nc.subscribe(f"{self._prefix}*", cb=self._on_queued_answer)
         if isinstance(self.nc, connection.Connection):
-            self.nc.dispatch_directly(self._subscription, self._on_ack)
+            self.nc.dispatch_directly(self._subscription, self._on_answer)
 
     async def stop(self) -> None:
         if self._subscription is not None:
@@ -159,19 +161,38 @@ class JetStreamChains:
             self._subscription = None
 
     async def append(self, appends: list[Append]) -> None:
-        self._all_acked = all_acked = asyncio.get_running_loop().create_future()
+        await self._exchange(
+            [
+                (entry.subject, entry.body, {EXPECTED_LAST_SUBJECT_SEQUENCE: str(entry.expected)}, entry)
+                for entry in appends
+            ]
+        )
+
+    async def heads(self, chain_subjects: list[str]) -> list[tuple[int, str] | BaseException]:
+        reads = [_HeadRead() for _ in chain_subjects]
+        # A direct get naming the subject (the only form a service's permissions allow): its last message.
+        await self._exchange(
+            [
+                (f"$JS.API.DIRECT.GET.{STREAM}.{subject}", b"", None, read)
+                for subject, read in zip(chain_subjects, reads, strict=True)
+            ]
+        )
+        return [read.error or read.head or AckLost("unanswered") for read in reads]
+
+    async def _exchange(self, requests: list[tuple[str, bytes, dict[str, str] | None, _Answered]]) -> None:
+        """Publish every request, then wait (up to ``ACK_TIMEOUT_S``) until all are answered."""
+        self._all_answered = all_answered = asyncio.get_running_loop().create_future()
         waiting, sent = self._waiting, []
         self._sending = True
         try:
-            for n, entry in enumerate(appends, 1):
+            for n, (subject, body, headers, answered) in enumerate(requests, 1):
                 reply = f"{self._prefix}{next(self._tokens)}"
-                waiting[reply] = entry
-                headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(entry.expected)}
+                waiting[reply] = answered
                 try:
-                    await self.nc.publish(entry.subject, entry.body, reply=reply, headers=headers)
+                    await self.nc.publish(subject, body, reply=reply, headers=headers)
                 except Exception as error:  # a closed connection, a message over the broker's limit
                     del waiting[reply]
-                    entry.error = error
+                    answered.error = error
                     continue
                 sent.append(reply)
                 if n % YIELD_EVERY == 0:
@@ -180,37 +201,52 @@ class JetStreamChains:
             if waiting:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(ACK_TIMEOUT_S):
-                        await all_acked
+                        await all_answered
         finally:
             self._sending = False
-            self._all_acked = None
+            self._all_answered = None
             for reply in sent:  # unanswered (a late answer is ignored: the head tells)
-                entry = waiting.pop(reply, None)
-                if entry is not None and entry.seq is None and entry.error is None:
-                    entry.error = AckLost(f"no acknowledgement within {ACK_TIMEOUT_S:g} s")
+                answered = waiting.pop(reply, None)
+                if answered is not None and answered.error is None:
+                    answered.error = AckLost(f"no answer within {ACK_TIMEOUT_S:g} s")
 
-    def _on_ack(self, msg: Any) -> bool:
-        """An acknowledgement (from the read loop when the connection hands it over directly)."""
-        entry = self._waiting.pop(msg.subject, None)
-        if entry is not None:
-            _settle(entry, msg.data)
-            done = self._all_acked
+    def _on_answer(self, msg: Any) -> bool:
+        """An answer (from the read loop, when the connection hands it over directly)."""
+        answered = self._waiting.pop(msg.subject, None)
+        if answered is not None:
+            answered.settle(msg)
+            done = self._all_answered
             if not self._waiting and not self._sending and done is not None and not done.done():
                 done.set_result(None)
         return True
 
-    async def _on_queued_ack(self, msg: Any) -> None:
-        self._on_ack(msg)
+    async def _on_queued_answer(self, msg: Any) -> None:
+        self._on_answer(msg)
 
-    async def heads(self, chain_subjects: list[str]) -> list[tuple[int, str] | BaseException]:
-        return await asyncio.gather(*(self._head(subject) for subject in chain_subjects), return_exceptions=True)
 
-    async def _head(self, subject: str) -> tuple[int, str]:
-        try:
-            message = await self._js.get_last_msg(STREAM, subject, direct=True)
-        except NotFoundError:
-            return 0, ""
-        return message.seq, _stated_hash(message.data)
+class _Answered(Protocol):
+    error: Exception | None
+
+    def settle(self, msg: Any) -> None: ...
+
+
+@dataclass(slots=True)
+class _HeadRead:
+    """A direct get of a chain's last message: ``head`` (its sequence and hash), or ``error``."""
+
+    head: tuple[int, str] | None = None
+    error: Exception | None = None
+
+    def settle(self, msg: Any) -> None:
+        headers = msg.headers or {}
+        if "Nats-Sequence" in headers:
+            self.head = int(headers["Nats-Sequence"]), _stated_hash(msg.data)
+        elif headers.get("Status") == "404":  # no message on that subject: an empty chain
+            self.head = 0, ""
+        else:
+            self.error = APIError(
+                description=f"direct get answered {headers.get('Status')} {headers.get('Description')}"
+            )
 
 
 def _settle(entry: Append, data: bytes) -> None:
@@ -319,6 +355,7 @@ class AuditTrail:
             return
         wanted = self._passes + 1  # the next pass to begin takes every chain pending now
         self._flush_now.set()
+        self._wake.set()  # (one begins even if nothing is recorded meanwhile)
         async with asyncio.timeout(timeout):
             while self._passes_done < wanted:
                 self._pass_done.clear()

@@ -40,6 +40,7 @@ from typing import Any
 
 from contracts.tenants import is_tenant_id
 from services.runtime.kv_follow import DELETES, follow_bucket, watch_api
+from services.runtime.tasks import keep_cancelling
 
 __all__ = ["Census", "Tally", "watch_api"]
 
@@ -144,7 +145,7 @@ class Census:
 
     def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            keep_cancelling(self._task)  # a cancellation nats-py's wait_for swallows is sent again
             self._task = None
 
     async def _run(self, nc: Any) -> None:

@@ -3,11 +3,11 @@
 Python 3.11's ``asyncio.wait_for`` returns its awaitable's result when a cancellation arrives just
 as that awaitable completes: the cancellation is lost. nats-py waits with it in every request,
 fetch and flush, so a loop cancelled once while it waits for the broker may carry on, and whoever
-awaits its end waits for ever. (Measured: a cancellation sent to the audit writer at a random
-moment of a busy round of appends was lost 167 times in 300; the writer then parked on its next
-wait, and the tools service never finished its SIGTERM.) Corral's own waits use
-``asyncio.timeout()``, which has no such gap, and a task that must end is stopped with
-:func:`cancel_and_wait`, which cancels it again until it has ended.
+awaits its end waits for ever. (Measured on the audit writer as it was, one append awaited after
+another: a cancellation sent at a random moment of a busy write was lost 167 times in 300; the
+writer then parked on its next wait, and the tools service never finished its SIGTERM.) Corral's
+own waits use ``asyncio.timeout()``, which has no such gap, and a task that must end is stopped
+with :func:`cancel_and_wait`, which cancels it again until it has ended.
 """
 
 from __future__ import annotations

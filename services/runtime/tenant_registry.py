@@ -36,6 +36,7 @@ from contracts.definitions import Catalog, TenantPolicy
 from contracts.registry import BUCKET, read_entry
 from contracts.tenants import is_tenant_id
 from services.runtime.kv_follow import DELETES, follow_bucket
+from services.runtime.tasks import keep_cancelling
 
 Listener = Callable[[Catalog, frozenset[str]], None]
 
@@ -149,7 +150,7 @@ class LiveTenants:
 
     def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            keep_cancelling(self._task)  # a cancellation nats-py's wait_for swallows is sent again
             self._task = None
 
     async def _run(self, nc: Any) -> None:

@@ -95,35 +95,40 @@ async def test_replicas_appending_to_the_same_chains_rechain_and_every_chain_sta
         ]
 
 
-async def test_a_forged_or_altered_entry_is_detected_in_its_chain_alone(nats_url, nc):
-    forged_chain, altered_chain, intact_chain = tenants(3)
+async def test_a_forged_altered_or_unreadable_entry_is_detected_in_its_chain_alone(nats_url, nc):
+    forged_chain, altered_chain, garbage_chain, _intact = names = tenants(4)
     trail = await writer(nc)
     intruder = await nats.connect(nats_url)
     try:
-        for name in (forged_chain, altered_chain, intact_chain):
+        for name in names:
             trail.record(name, "tool_call", "ok", n=0)
         await trail.flushed(timeout=10)
         js = intruder.jetstream()
-        # An entry that does not extend the chain, and one whose records changed after hashing.
-        await js.publish(
-            subjects.audit(forged_chain, "tools"), seal(forged_chain, "0" * 64, []).model_dump_json().encode()
-        )
+        # An entry that does not extend its chain, one whose records changed after it was
+        # hashed, and one that is no entry at all.
+        forged = seal(forged_chain, "0" * 64, []).model_dump_json().encode()
+        await js.publish(subjects.audit(forged_chain, "tools"), forged)
         head = (await read_trail_on(nc, altered_chain)).entries[-1][1]
-        _, body = seal_json(altered_chain, head.hash, [dict(head.records[0].model_dump(mode="json"), outcome="ok")])
+        _, body = seal_json(altered_chain, head.hash, [head.records[0].model_dump(mode="json")])
         await js.publish(
             subjects.audit(altered_chain, "tools"), body.replace(b'"outcome":"ok"', b'"outcome":"refused"')
         )
-        for name in (forged_chain, altered_chain, intact_chain):  # the writer carries on after them
+        await js.publish(subjects.audit(garbage_chain, "tools"), b"\xff not an entry")
+        for name in names:  # the writer carries on after each of them
             trail.record(name, "tool_call", "ok", n=1)
         await trail.flushed(timeout=10)
     finally:
         await trail.stop()
         await intruder.close()
-    forged, altered, intact = [await read_trail_on(nc, name) for name in (forged_chain, altered_chain, intact_chain)]
-    assert [p.problem for p in forged.problems] == ["chain broken: an entry before this one was removed or altered"]
-    assert [p.problem for p in altered.problems] == ["entry was altered (its hash does not match its content)"]
-    assert intact.problems == []
-    assert [len(report.entries) for report in (forged, altered, intact)] == [3, 3, 2]
+    reports = [await read_trail_on(nc, name) for name in names]
+    assert [[p.problem for p in report.problems] for report in reports] == [
+        ["chain broken: an entry before this one was removed or altered"],
+        ["entry was altered (its hash does not match its content)"],
+        ["unreadable entry"],
+        [],
+    ]
+    assert [len(report.entries) for report in reports] == [3, 3, 3, 2]
+    assert [len(report.records) for report in reports] == [2, 3, 2, 2]
 
 
 async def test_stop_returns_within_its_timeout_while_thousands_of_tenants_records_are_written(nc):

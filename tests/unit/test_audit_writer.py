@@ -207,3 +207,26 @@ async def test_stop_returns_when_the_writer_loses_its_cancellation():
     done, _ = await asyncio.wait({stopping}, timeout=3)
     assert done, "stop() did not return: the writer's lost cancellation was never repeated"
     assert ("audit_records_unwritten", {"tenants": ["acme"]}) in log.lines
+
+
+async def test_flushed_returns_when_the_pass_in_flight_wrote_everything():
+    class Held(FakeJetStream):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sending, self.release = asyncio.Event(), asyncio.Event()
+
+        async def append(self, appends):
+            self.sending.set()
+            await self.release.wait()
+            await super().append(appends)
+
+    js = Held()
+    trail, _ = await writer(js)
+    trail.record("acme", "tool_call", "ok")
+    await js.sending.wait()  # a pass is writing the only record
+    flushing = asyncio.create_task(trail.flushed(timeout=5))
+    await asyncio.sleep(0)
+    js.release.set()
+    done, _ = await asyncio.wait({flushing}, timeout=2)
+    await trail.stop()
+    assert done and flushing.exception() is None

@@ -90,6 +90,7 @@ async def test_past_its_deadline_the_client_gives_up_with_unavailable():
         (nats_errors.TimeoutError(), 3.0, True),
         (nats_errors.UnexpectedEOF(), 0.1, True),
         (ConnectionResetError(), 0.1, True),
+        (BrokenPipeError(), 0.1, True),
         (REFUSED, 0.01, False),
         (REFUSED, 2.0, True),  # the broker waited its 2 s for the callout, then refused
         (ConnectionRefusedError(), 0.01, False),

@@ -76,7 +76,7 @@ def test_a_tenant_written_with_name_is_told_it_means_tenant(tmp_path):
     assert report(path) == [
         f"{path}:2: tenants[0]: missing required key 'tenant'",
         f"{path}:2: tenants[0].name: unknown key 'name' (did you mean 'tenant'?); allowed here: connection, "
-        "default_route, max_input_bytes, principal_scoped, rate_limit, routes, tenant, tools",
+        "default_route, max_input_bytes, max_open_runs, principal_scoped, rate_limit, routes, tenant, tools",
     ]
 
 
