@@ -96,19 +96,23 @@ class Registry:
         """Open the registry (``create``: create it if there is none yet), and make sure the
         audit stream its changes are recorded in exists (a fresh system's services create it a
         moment later, with the same configuration)."""
-        from services.runtime.audit import STREAM_CONFIG
+        from services.runtime.audit import stream_config
+        from services.runtime.settings import jetstream_replicas
 
         try:
             await self.js.stream_info(AUDIT_STREAM)
         except JsNotFoundError:
             with contextlib.suppress(BadRequestError):  # created meanwhile by a service
-                await self.js.add_stream(STREAM_CONFIG)
+                await self.js.add_stream(stream_config(jetstream_replicas()))
         try:
             self.kv = await self.js.key_value(BUCKET)
         except BucketNotFoundError:
             if not create:
                 raise NotFound("no tenant registry yet (corral up or corral tenant seed creates it)") from None
-            config = KeyValueConfig(bucket=BUCKET, history=HISTORY, storage=StorageType.FILE, direct=True)
+            replicas = jetstream_replicas()
+            config = KeyValueConfig(
+                bucket=BUCKET, history=HISTORY, storage=StorageType.FILE, direct=True, replicas=replicas
+            )
             self.kv = await self.js.create_key_value(config)
         return self
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from contracts.audit import STREAM, seal_json
 from contracts.envelope import now_iso
 from services.runtime import connection
 from services.runtime.retry import RetryPolicy, call_with_retries
+from services.runtime.settings import jetstream_replicas
 from services.runtime.tasks import cancel_and_wait
 
 WRONG_LAST_SEQUENCE = 10071
@@ -65,6 +67,13 @@ APPEND_RETRY = RetryPolicy(initial_interval_s=0.5, multiplier=2.0, max_interval_
 # oldest go first, and a chain stays verifiable from its oldest kept entry (docs/security.md).
 MAX_ENTRIES_PER_CHAIN = 100_000
 MAX_BYTES = 20 * 1024**3
+
+
+def stream_config(replicas: int = 1) -> StreamConfig:
+    """The ``AUDIT`` stream's configuration, with ``replicas`` copies (CORRAL_JETSTREAM_REPLICAS)."""
+    return dataclasses.replace(STREAM_CONFIG, num_replicas=replicas)
+
+
 STREAM_CONFIG = StreamConfig(
     name=STREAM,
     subjects=[subjects.ALL_AUDIT],
@@ -143,10 +152,10 @@ class JetStreamChains:
     async def start(self) -> None:
         js = self.nc.jetstream()
         try:
-            await js.add_stream(STREAM_CONFIG)
+            await js.add_stream(stream_config(jetstream_replicas()))
         except APIError:  # it exists, from an earlier version: bring its limits up to date
             try:
-                await js.update_stream(STREAM_CONFIG)
+                await js.update_stream(stream_config(jetstream_replicas()))
             except APIError as error:  # an operator's own configuration
                 self.log.warning("audit_stream_not_updated", reason=str(error))
         self._prefix = f"{self.nc.new_inbox()}."

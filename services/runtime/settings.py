@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # How long a starting service waits to have read the tenant registry before it serves (then
     # with the definitions files' tenants, the registry's following as they arrive).
     registry_wait_s: float = Field(default=10.0, ge=0)
+    # Copies of every stream and bucket Corral creates (the audit trail, the tenant registry, the
+    # workflow engine's, the swarm's sessions): 1 on one broker, 3 on a three-node cluster.
+    jetstream_replicas: int = Field(default=1, ge=1, le=5)
     # Spans with OpenTelemetry (services/runtime/tracing.py, the `traces` extra): off, otlp (to
     # OTEL_EXPORTER_OTLP_ENDPOINT) or console (debugging). Off, the trace context is only carried on.
     traces: Literal["off", "otlp", "console"] = "off"
@@ -67,3 +70,9 @@ class Settings(BaseSettings):
     # The name from before several paths were allowed (still used by services/auth and tests):
     # the same list, which load_catalog takes.
     definitions_path = definitions_paths
+
+
+def jetstream_replicas() -> int:
+    """``CORRAL_JETSTREAM_REPLICAS``, for code that creates a stream or a bucket without a
+    service's settings at hand (the operator's commands, the audit stream's configuration)."""
+    return Settings().jetstream_replicas

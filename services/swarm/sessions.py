@@ -27,6 +27,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from pydantic_core import to_json
 
 from contracts.errors import Conflict, NotFound
+from services.runtime.settings import jetstream_replicas
 from services.swarm.turn import Session
 
 BUCKET = "SWARM_SESSIONS"
@@ -42,7 +43,14 @@ class Sessions:
             self.kv = await js.key_value(BUCKET)
         except (BucketNotFoundError, NotFoundError):
             self.kv = await js.create_key_value(
-                KeyValueConfig(bucket=BUCKET, history=1, storage=StorageType.FILE, direct=True, ttl=self.idle_s)
+                KeyValueConfig(
+                    bucket=BUCKET,
+                    history=1,
+                    storage=StorageType.FILE,
+                    direct=True,
+                    ttl=self.idle_s,
+                    replicas=jetstream_replicas(),
+                )
             )
 
     async def claim(

@@ -49,6 +49,7 @@ from contracts import subjects
 from contracts.envelope import Kind, new_envelope_json
 from contracts.errors import Unavailable
 from services.runtime.requests import Requester
+from services.runtime.settings import jetstream_replicas
 
 HISTORY_STREAM = "WORKFLOW_HISTORY"
 TASKS_STREAM = "WORKFLOW_TASKS"
@@ -93,11 +94,13 @@ class Store:
         self.nc = nc
         self.requester = requester
         self.js: JetStreamContext = nc.jetstream()
+        replicas = jetstream_replicas()  # a stream or bucket that exists keeps its own (nats stream edit)
         await self._stream(
             StreamConfig(
                 name=HISTORY_STREAM,
                 subjects=[subjects.WORKFLOW_HISTORY],
                 storage=StorageType.FILE,
+                num_replicas=replicas,
                 allow_direct=True,
                 # Full: new runs and steps are refused (typed, retryable) rather than old
                 # histories dropped. Unlimited by default; operators size it (docs/workflows.md).
@@ -111,6 +114,7 @@ class Store:
                 subjects=[subjects.WORKFLOW_TASKS, subjects.WORKFLOW_TIMERS],
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
+                num_replicas=replicas,
                 allow_msg_schedules=True,
             )
         )
@@ -120,7 +124,9 @@ class Store:
             except (BucketNotFoundError, NotFoundError):
                 ttl = LEASE_KEY_MAX_AGE_S if bucket == LEASES_BUCKET else None
                 self.kv[bucket] = await self.js.create_key_value(
-                    KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, direct=True, ttl=ttl)
+                    KeyValueConfig(
+                        bucket=bucket, history=1, storage=StorageType.FILE, direct=True, ttl=ttl, replicas=replicas
+                    )
                 )
 
     async def _stream(self, config: StreamConfig) -> None:
