@@ -118,7 +118,10 @@ class LiveTenants:
         if changed:
             self.catalog = self.catalog.with_tenants(tenants)
             for listener in self._listeners:
-                listener(self.catalog, frozenset(changed))
+                try:
+                    listener(self.catalog, frozenset(changed))
+                except Exception:  # one listener's bug must not stop the others, nor the follower
+                    self.log.exception("tenant_listener_failed", tenants=sorted(changed)[:20])
             self.log.info("tenants_changed", tenants=sorted(changed)[:20], count=len(changed), revision=self.revision)
         return frozenset(changed)
 

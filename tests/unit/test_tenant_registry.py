@@ -94,3 +94,13 @@ def test_an_unchanged_policy_is_no_change():
     tenants, _, seen = live()
     tenants.apply({"acme": value(acme_like("acme"))})
     assert seen == []  # the same policy as the file's: nothing to rebuild
+
+
+def test_a_listener_that_fails_does_not_keep_the_change_from_the_others():
+    tenants, log, seen = live()
+    tenants.on_change(lambda catalog, changed: 1 / 0)
+    later: list[frozenset[str]] = []
+    tenants.on_change(lambda catalog, changed: later.append(changed))
+    assert tenants.apply({"initech": value(acme_like("initech"))}) == {"initech"}
+    assert seen == later == [frozenset({"initech"})] and tenants.policy("initech") is not None
+    assert [call.kwargs.get("event") for call in log.calls].count("tenant_listener_failed") == 1
