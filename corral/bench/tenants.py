@@ -25,9 +25,10 @@ Also reported: the time to connect the N (``connect_total_s``, the slowest conne
 again), the broker's memory from its monitoring endpoint (``/varz`` ``mem``) before and after
 the N connections and per connection, and how long the system took to start with N tenants'
 definitions (``startup_s``). The generated tenants have no demo data: ``order_status`` takes its
-``not_found`` branch, on every side. (The tools service's loop-block threshold was raised to 2 s here while a step's time was judged
-by the wall clock alone: on these oversubscribed cores a preempted step quarantined the demo's
-``orders_lookup``; a step now counts only if it held the loop itself.)
+``not_found`` branch, on every side. (The tools service's loop-block threshold was raised to 2 s
+here while a step's time was judged by the wall clock alone: on these oversubscribed cores a
+preempted step quarantined the demo's ``orders_lookup``; a step now counts only if it held the
+loop itself.)
 """
 
 from __future__ import annotations
