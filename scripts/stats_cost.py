@@ -4,7 +4,9 @@ Fills one service's statistics with ``--tenants`` tenants on two operations, the
 ``timeit`` (the best of five runs, since anything slower is noise from the machine): a
 ``start`` + ``finish`` pair of a known tenant (the cost added to every message), the same with an
 error code, a refusal, and snapshots (totals only, one page, one page encoded to JSON, and every
-page in turn). Compare the per-message figures with ``scripts/dispatch_cost.py``'s 25-75 µs.
+page in turn), then incremental readings (``since``: only the tenants changed since the last
+reading) with every tenant idle and with one in a hundred changed, encoded to JSON, against the
+full walk. Compare the per-message figures with ``scripts/dispatch_cost.py``'s 25-75 µs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import timeit
 from pathlib import Path
 
@@ -64,6 +67,19 @@ def main(tenants: int) -> None:
     print(f"  one page, {entries} tenant entries    {page / 1e6:9.2f} ms")
     print(f"  the same + json.dumps ({size / 1024:.0f} KiB)  {encoded / 1e6:9.2f} ms")
     print(f"  every page in turn                {walk / 1e6:9.2f} ms")
+
+    reply = stats.snapshot(since={})
+    for label, changed in (("all idle", 0), ("1 in 100 changed", tenants // 100)):
+        times = []
+        for round_ in range(20):
+            for name in names[round_ % 100 :: 100][:changed]:
+                requests.finish(requests.start(name), 0.002)
+            since = {"cost": {"started": reply["started"], "generation": reply["generation"]}}
+            started = time.perf_counter()
+            body = json.dumps(reply := stats.snapshot(since=since, limit=1000))
+            times.append(time.perf_counter() - started)
+            assert reply["next"] is None and reply["since"] is not None
+        print(f"  incremental, {label:16} (+ json, {len(body) / 1024:.0f} KiB) {min(times) * 1e3:9.3f} ms")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ class View:
         # decoded JSON objects themselves (nothing changes them, so no copies).
         self._last: dict[tuple[str, str, str, str], tuple[int, dict, dict, list | None]] = {}
         self._replica_seen: dict[str, tuple[int, str]] = {}  # replica id -> (tick last heard, service)
-        self._in_flight: dict[tuple[str, str, str], int] = {}  # this tick's, (tenant, service, op)
+        # (replica, service, operation, tenant) -> in flight at its last reading, non-zero only: an
+        # incremental reply leaves out a tenant that did not change, so its last reading holds.
+        self._in_flight: dict[tuple[str, str, str, str], int] = {}
         self._in_flight_shown: dict[tuple[str, str, str], int] = {}
         self._tick_buckets: dict[str, list[int]] = {}
         self.broker_reachable: bool | None = None
@@ -127,7 +129,9 @@ class View:
     # ---- writing -------------------------------------------------------------------------
 
     def ingest(self, service: str, snapshot: dict[str, Any]) -> None:
-        """One page of one replica's statistics (the ``corral.stats.<service>`` reply)."""
+        """One page of one replica's statistics (the ``corral.stats.<service>`` reply), in full or
+        incremental: a tenant the page leaves out is unchanged (no increase, the same in flight),
+        never forgotten; a replica is forgotten only when it has not answered for a while."""
         replica = str(snapshot.get("id", ""))
         self._replica_seen[replica] = (self.tick, service)
         tick = self.tick
@@ -187,9 +191,9 @@ class View:
         refusals = figures.get("refusals") or {}
         counts = (figures.get("histogram") or {}).get("counts")
         if in_flight := int(figures.get("in_flight", 0)):
-            name = self._name(tenant)
-            ikey = (name, service, operation)
-            self._in_flight[ikey] = self._in_flight.get(ikey, 0) + in_flight
+            self._in_flight[key] = in_flight
+        elif self._in_flight:
+            self._in_flight.pop(key, None)
         last = self._last.get(key)
         if last is not None and last[0] == messages and last[2] == refusals:
             return  # nothing new (the common case: most tenants are idle in any one second)
@@ -236,7 +240,6 @@ class View:
             found.p50.set(self.tick, math.nan if p50 is None else p50)
             found.p99.set(self.tick, math.nan if p99 is None else p99)
         self._tick_buckets = {}
-        self._in_flight_shown, self._in_flight = self._in_flight, {}
         for (_, name), replicas in self._shared.items():  # one replica's each: the furthest
             _, _, values = max(replicas.values(), key=lambda reading: (reading[0], reading[1]))
             for (tenant, label), value in values.items():
@@ -250,10 +253,20 @@ class View:
         if gone:
             self._last = {key: last for key, last in self._last.items() if key[0] not in gone}
             self._last_figures = {key: last for key, last in self._last_figures.items() if key[0] not in gone}
+            self._in_flight = {key: n for key, n in self._in_flight.items() if key[0] not in gone}
             for replica in gone:
                 del self._replica_seen[replica]
+        shown: dict[tuple[str, str, str], int] = {}
+        for (_, service, operation, tenant), n in self._in_flight.items():
+            ikey = (self._name(tenant), service, operation)
+            shown[ikey] = shown.get(ikey, 0) + n
+        self._in_flight_shown = shown
         self.updated_at = self.clock()
         self.tick += 1
+
+    def remembers(self, replica: str) -> bool:
+        """Whether the last readings of ``replica`` are kept (an incremental reading needs them)."""
+        return replica in self._replica_seen
 
     def set_connections(self, per_tenant: dict[str, tuple[int, int, int, int]] | None) -> None:
         """The broker's figures per tenant: (connections, subscriptions, slow consumers, stalled

@@ -20,7 +20,7 @@ The API::
 
     ServiceStats(service, *, replica_id, version="0.1.0", max_tenants=10_000)
         .operation(name, subject, queue_group) -> OperationStats
-        .snapshot(*, tenants=None, after=None, limit=500, detail=True) -> dict   # JSON-able
+        .snapshot(*, tenants=None, after=None, limit=500, detail=True, since=None) -> dict   # JSON-able
     OperationStats.start(tenant) -> TenantStats
     OperationStats.finish(record, seconds, error=None) -> None
     OperationStats.refuse(tenant, kind) -> None
@@ -87,6 +87,14 @@ values, like error codes, must come from a fixed vocabulary (the catalog's model
 of this is on the per-message path: a service that declares no figure pays nothing, and one that
 does pays one dict update where it calls ``add``.
 
+*Incremental readings* (``since``, ``docs/statistics.md``): every start, finish and refusal, and
+a counter's ``add``, adds the tenant's name to the set of names changed in the open generation
+(O(1)). A reading with ``since`` closes that generation (its first page) and lists only the names
+changed since the reader's generation (the union of the closed generations' sets, at most
+``KEPT_GENERATIONS``), plus the names the gauges name now; the reply's ``generation`` is where the
+next reading starts, its ``since`` null when it had to be in full (another ``started``, an unknown
+or forgotten generation).
+
 ``stats_cpu_s`` (top level) is the CPU time this replica has spent answering statistics requests
 (building and encoding the replies), in seconds since it started: what being monitored costs it.
 """
@@ -98,6 +106,7 @@ import os
 import re
 import time
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -116,6 +125,13 @@ MAX_PAGE = 1000
 # code and refusal kind, large counts) is under 800 bytes, so a page stays under 1 MB.
 PAGE_ENTRIES = 1000
 MAX_REQUEST_BYTES = 128 * 1024  # a request naming 1000 tenants is about 66 KB
+# Closed generations kept for incremental readings (a reader further behind reads in full): one
+# per reading with ``since``, so with a monitor polling once a second, 16 s of one, 8 s of two.
+KEPT_GENERATIONS = 16
+# A generation in which more tenants changed than this (or than a quarter of the names) is kept
+# as "every name" rather than as a set nearly as large as the names.
+CHANGED_KEPT = 64
+MAX_SINCE_REPLICAS = 1000  # entries of a request's ``since``
 
 
 def _log_bounds(low_s: float, high_s: float, count: int) -> tuple[float, ...]:
@@ -133,9 +149,10 @@ _NO_COUNTS = (0,) * _BUCKETS
 class TenantStats:
     """The counters of one tenant on one operation; an operation's totals are one too."""
 
-    __slots__ = ("counts", "errors", "in_flight", "messages", "refusals", "seconds")
+    __slots__ = ("counts", "errors", "in_flight", "messages", "name", "refusals", "seconds")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
+        self.name = name  # the tenant (or _other / _unknown), which a change marks
         self.messages = 0
         self.in_flight = 0
         self.seconds = 0.0
@@ -197,6 +214,7 @@ class OperationStats:
     """The statistics of one operation: a record per tenant and the totals."""
 
     __slots__ = (
+        "_mark",
         "_max_tenants",
         "_saw_name",
         "_tenants",
@@ -209,7 +227,14 @@ class OperationStats:
     )
 
     def __init__(
-        self, name: str, subject: str, queue_group: str, *, max_tenants: int, saw_name: Callable[[str], None]
+        self,
+        name: str,
+        subject: str,
+        queue_group: str,
+        *,
+        max_tenants: int,
+        saw_name: Callable[[str], None],
+        mark: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.name = name
         self.subject = subject
@@ -217,6 +242,7 @@ class OperationStats:
         self.last_error = ""  # the last error code, as micro's ``last_error``
         self._max_tenants = max_tenants
         self._saw_name = saw_name  # tells the service, which pages over every operation's tenants
+        self._mark = mark  # a tenant's figures changed: the service's set of changed names (O(1))
         self._tenants: dict[str, TenantStats] = {}
         self._tracked = 0  # tenants with their own record (``_other`` and ``_unknown`` excluded)
         self._total = TenantStats()
@@ -229,11 +255,13 @@ class OperationStats:
             record = self._record(tenant)
         record.in_flight += 1
         self._total.in_flight += 1
+        self._mark(record.name)
         return record
 
     def finish(self, record: TenantStats, seconds: float, error: str | None = None) -> None:
         """Count a handled message that took ``seconds``; ``error`` is its code when it failed."""
         bucket = bisect_left(BUCKET_BOUNDS_S, seconds)
+        self._mark(record.name)
         record.in_flight -= 1
         record.messages += 1
         record.seconds += seconds
@@ -258,6 +286,7 @@ class OperationStats:
         else:
             found = self._tenants.get(tenant)
             record = found if found is not None else self._record(tenant)
+        self._mark(record.name)
         record.refusals = _counted(record.refusals, kind)
         self._total.refusals = _counted(self._total.refusals, kind)
 
@@ -273,14 +302,14 @@ class OperationStats:
         if self._tracked >= self._max_tenants:
             return self._reserved(OTHER)
         self._tracked += 1
-        record = self._tenants[tenant] = TenantStats()
+        record = self._tenants[tenant] = TenantStats(tenant)
         self._saw_name(tenant)
         return record
 
     def _reserved(self, name: str) -> TenantStats:
         record = self._tenants.get(name)
         if record is None:
-            record = self._tenants[name] = TenantStats()
+            record = self._tenants[name] = TenantStats(name)
             self._saw_name(name)
         return record
 
@@ -306,6 +335,7 @@ class FigureStats:
 
     __slots__ = (
         "_last_read",
+        "_mark",
         "_max_tenants",
         "_read",
         "_revision",
@@ -330,6 +360,7 @@ class FigureStats:
         max_tenants: int,
         saw_name: Callable[[str], None],
         revision: Callable[[], int | None] | None = None,
+        mark: Callable[[str], None] = lambda name: None,
     ) -> None:
         if not FIGURE_NAME.fullmatch(name) or (key is not None and not FIGURE_NAME.fullmatch(key)):
             raise ValueError(f"figure name and key must match {FIGURE_NAME.pattern}: {name!r}, {key!r}")
@@ -337,6 +368,7 @@ class FigureStats:
         self._read = read
         self._revision = revision
         self._last_read: set[str] = set()
+        self._mark = mark
         self._max_tenants = max_tenants
         self._saw_name = saw_name
         self._tenants: dict[str, dict[str, int]] = {}
@@ -348,6 +380,9 @@ class FigureStats:
         values = self._tenants.get(tenant)
         if values is None:
             values = self._values(tenant)
+            if tenant not in self._tenants:  # folded into _other / _unknown: that name changed
+                tenant = OTHER if is_tenant_id(tenant) else UNKNOWN
+        self._mark(tenant)
         values[key] = values.get(key, 0) + n
         self._total[key] = self._total.get(key, 0) + n
 
@@ -435,12 +470,26 @@ class ServiceStats:
         self.stats_cpu_s = 0.0  # CPU spent answering statistics requests (the service adds it)
         # Every tenant name of every operation, sorted, so that a page is a bisect and a slice.
         self._names: list[str] = []
+        # Incremental readings: the names whose figures changed in the open generation (marked on
+        # the hot path, a set add), the closed generations' sets (None: every name), and the
+        # sorted union of a (since, until) reading, kept while its pages are read.
+        self._changed: set[str] = set()
+        self._generation = 0
+        self._closed: deque[tuple[int, frozenset[str] | None]] = deque(maxlen=KEPT_GENERATIONS)
+        self._readings: dict[tuple[int, int], list[str] | None] = {}
 
     def operation(self, name: str, subject: str, queue_group: str) -> OperationStats:
         """Register an operation (one subscription) and return its statistics."""
         if name in self._operations:
             raise ValueError(f"operation {name!r} is already registered")
-        stats = OperationStats(name, subject, queue_group, max_tenants=self.max_tenants, saw_name=self._saw_name)
+        stats = OperationStats(
+            name,
+            subject,
+            queue_group,
+            max_tenants=self.max_tenants,
+            saw_name=self._saw_name,
+            mark=self._changed.add,
+        )
         self._operations[name] = stats
         return stats
 
@@ -490,6 +539,7 @@ class ServiceStats:
             max_tenants=self.max_tenants,
             saw_name=self._saw_name,
             revision=revision,
+            mark=self._changed.add,
         )
         self._figures[name] = figure
         return figure
@@ -501,20 +551,32 @@ class ServiceStats:
         after: str | None = None,
         limit: int = DEFAULT_PAGE,
         detail: bool = True,
+        since: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The stats reply (see the module docstring); ``next`` is the cursor of the next page."""
+        """The stats reply (see the module docstring); ``next`` is the cursor of the next page.
+        ``since`` (replica id -> ``{"started", "generation", "until"}``) asks for an incremental
+        reading: only the tenants changed since that generation of this replica."""
         page: list[str] | None = None
         cursor: str | None = None
+        incremental = since is not None and detail and tenants is None
+        reading = self._reading(since.get(self.replica_id), after) if incremental else None  # type: ignore[union-attr]
         for figure in self._figures.values():
             figure.refresh()  # before paging: a read gauge may name tenants not seen yet
         if detail:
-            names = self._names if tenants is None else sorted(set(tenants))
-            first = bisect_right(names, after) if after is not None else 0
             size = max(1, min(limit, MAX_PAGE, PAGE_ENTRIES // max(1, len(self._operations) + len(self._figures))))
-            page = names[first : first + size]
-            if page and first + size < len(names):
-                cursor = page[-1]
-        return {
+            changed = self._changed_names(*reading) if reading is not None and reading[0] is not None else None
+            if changed is not None:
+                # Gauges are read whole at every reply, so the tenants they name now are listed too.
+                named = sorted({n for f in self._figures.values() if f._read is not None for n in f._last_read})
+                page, more = _merged_page((changed, named), after, size)
+                cursor = page[-1] if more else None
+            else:
+                names = self._names if tenants is None else sorted(set(tenants))
+                first = bisect_right(names, after) if after is not None else 0
+                page = names[first : first + size]
+                if page and first + size < len(names):
+                    cursor = page[-1]
+        reply = {
             "type": STATS_TYPE,
             "name": self.service,
             "id": self.replica_id,
@@ -529,12 +591,68 @@ class ServiceStats:
             "stats_cpu_s": round(self.stats_cpu_s, 6),
             "next": cursor,
         }
+        if reading is not None:
+            reply["since"], reply["generation"] = reading
+        return reply
+
+    def _reading(self, asked: Any, after: str | None) -> tuple[int | None, int]:
+        """(since, until) of an incremental reading: the generations it covers (since None: in
+        full). A first page (no ``until``) closes the open generation; a follow-up page names the
+        same ``until`` as its first page, so every page of a walk covers the same changes. A
+        reading of another start of this replica (``started``), or from a generation no longer
+        kept, is in full. A page of a walk this replica is not part of (``after`` but no ``until``
+        of its own: the request is another replica's follow-up) closes nothing."""
+        since = until = None
+        if isinstance(asked, Mapping) and asked.get("started") == self._started_text:
+            since, until = asked.get("generation"), asked.get("until")
+        if not isinstance(until, int) or not 0 < until <= self._generation:
+            if after is not None:
+                return None, self._generation
+            until = self._close()
+        oldest = self._closed[0][0] if self._closed else self._generation
+        if not isinstance(since, int) or not oldest <= since <= until:
+            since = None
+        return since, until
+
+    def _close(self) -> int:
+        """Close the open generation (its changed names kept); return the new open one's number."""
+        changed = self._changed
+        many = len(changed) > max(CHANGED_KEPT, len(self._names) // 4)
+        self._closed.append((self._generation, None if many else frozenset(changed)))
+        changed.clear()  # the same set: the operations hold its ``add``
+        self._generation += 1
+        return self._generation
+
+    def _changed_names(self, since: int, until: int) -> list[str] | None:
+        """The sorted names changed in generations ``since`` to ``until - 1``; None: too many to
+        list (a generation kept as every name), so the reading walks every name."""
+        key = (since, until)
+        if key in self._readings:
+            return self._readings[key]
+        union: set[str] | None = set()
+        for generation, changed in self._closed:
+            if since <= generation < until and union is not None:
+                union = None if changed is None else union | changed
+        if len(self._readings) >= 2 * KEPT_GENERATIONS:
+            del self._readings[next(iter(self._readings))]
+        found = self._readings[key] = None if union is None else sorted(union)
+        return found
 
     def _saw_name(self, name: str) -> None:
         """Add a tenant name first seen by one operation (rare: once per tenant and operation)."""
         at = bisect_left(self._names, name)
         if at == len(self._names) or self._names[at] != name:
             self._names.insert(at, name)
+
+
+def _merged_page(sources: Iterable[Sequence[str]], after: str | None, size: int) -> tuple[list[str], bool]:
+    """The first ``size`` names after ``after`` in the union of sorted lists, and whether more remain."""
+    taken: set[str] = set()
+    for names in sources:
+        first = bisect_right(names, after) if after is not None else 0
+        taken.update(names[first : first + size + 1])
+    merged = sorted(taken)
+    return merged[:size], len(merged) > size
 
 
 def _rfc3339(timestamp: float) -> str:
@@ -579,7 +697,28 @@ def parse_stats_request(data: bytes) -> dict[str, Any]:
         if not isinstance(detail, bool):
             raise InvalidRequest(f"stats request: detail must be true or false, not {type(detail).__name__}")
         request["detail"] = detail
+    if (since := body.get("since")) is not None:
+        request["since"] = _since(since)
     return request
+
+
+def _since(value: object) -> dict[str, dict[str, Any]]:
+    """An incremental request's ``since``: replica id -> ``{"started": str, "generation": int or
+    null, "until": int}`` (``until`` on a follow-up page only)."""
+    if not isinstance(value, dict) or len(value) > MAX_SINCE_REPLICAS:
+        raise InvalidRequest(f"stats request: since must be an object of at most {MAX_SINCE_REPLICAS} replicas")
+    out: dict[str, dict[str, Any]] = {}
+    for replica, asked in value.items():
+        if not isinstance(asked, dict) or not isinstance(asked.get("started"), str):
+            raise InvalidRequest("stats request: since: each replica's entry needs started (a string)")
+        entry: dict[str, Any] = {"started": asked["started"]}
+        for field in ("generation", "until"):
+            number = asked.get(field)
+            if number is not None and (not isinstance(number, int) or isinstance(number, bool) or number < 0):
+                raise InvalidRequest(f"stats request: since: {field} must be a whole number")
+            entry[field] = number
+        out[replica] = entry
+    return out
 
 
 def _tenant_name(value: object, where: str) -> str:
