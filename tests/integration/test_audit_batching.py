@@ -15,16 +15,7 @@ from contracts.audit import seal, seal_json
 from corral.audit_reader import read_trail_on
 from services.runtime import connection
 from services.runtime.audit import AuditTrail
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict]] = []
-
-    def warning(self, event, **fields):
-        self.lines.append((event, fields))
-
-    error = warning
+from tests.support.recording_log import Log
 
 
 def tenants(count: int) -> list[str]:

@@ -15,6 +15,7 @@ from contracts.audit import AuditEntry, seal_json, verify_chain
 from services.runtime import audit
 from services.runtime.audit import AuditTrail
 from services.runtime.retry import RetryPolicy
+from tests.support.recording_log import Log
 
 
 class FakeJetStream:
@@ -59,16 +60,6 @@ class FakeJetStream:
         self.stored.append((entry.tenant_id, entry))
         self.last[subject] = (len(self.stored), entry.hash)
         return len(self.stored)
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict]] = []
-
-    def warning(self, event, **fields):
-        self.lines.append((event, fields))
-
-    error = warning
 
 
 @pytest.fixture(autouse=True)
