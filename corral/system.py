@@ -341,12 +341,14 @@ class System:
         if self.payments_port is not None:
             await self._wait_listening(self.payments_port, PAYMENTS, deadline, timeout)
         admin = await self._connect_admin(deadline, timeout)
-        patience = Patience(timeout, lambda: cpu_seconds([p.process.pid for p in self.processes]))
         try:
             for manifest in SERVICES:
                 expected = self.replicas.get(manifest.name, 1)
                 if not manifest.in_app or expected == 0:
                     continue
+                # The progress of this service's own processes: another's background work (the
+                # monitor's polls) must not keep a stuck one waited for.
+                patience = Patience(timeout, lambda name=manifest.name: cpu_seconds(self._pids(name)))
                 while await self._count_pings(admin, manifest.name) < expected:
                     self._check_alive()
                     if patience.exhausted():
@@ -373,6 +375,9 @@ class System:
             except Exception:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"the auth service did not admit a tenant within {timeout}s") from None
+
+    def _pids(self, name: str) -> list[int]:
+        return [p.process.pid for p in self.processes if p.name == name]
 
     async def _connect_admin(self, deadline: float, timeout: float) -> nats.NATS:
         assert self.secrets is not None

@@ -118,3 +118,21 @@ def test_a_recycled_pid_is_never_signalled(tmp_path, sleeper):
     said: list[str] = []
     assert stop_orphans(tmp_path, said.append) == []
     assert sleeper.poll() is None and said == []
+
+
+def test_corral_up_waits_for_a_service_while_it_makes_progress_and_gives_up_when_it_stops():
+    from corral.system import Patience
+
+    now, used = [0.0], [0.0]
+    patience = Patience(30, lambda: used[0], clock=lambda: now[0])
+    for _ in range(10):  # 100 s of loading, using CPU all along: still waited for
+        now[0] += 10
+        used[0] += 5
+        assert not patience.exhausted()
+    now[0] += 29  # then nothing: given up 30 s after the last progress
+    assert not patience.exhausted()
+    now[0] += 2
+    assert patience.exhausted() and "no progress for 30s" in patience.why()
+    blind = Patience(30, lambda: None, clock=lambda: now[0])  # no /proc: 30 s in all
+    now[0] += 31
+    assert blind.exhausted() and blind.why() == "not within 30s"
