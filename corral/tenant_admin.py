@@ -31,23 +31,21 @@ from contracts.envelope import now_iso
 from contracts.errors import Conflict, InvalidRequest, NotFound
 from contracts.registry import AUDIT_SERVICE, BUCKET, HISTORY, STREAM, RegistryEntry, read_entry
 from contracts.tenants import validate_tenant_id
+from services.runtime.audit import WRONG_LAST_SEQUENCE
+from services.runtime.manifest import registry_read_api
 
-WRONG_LAST_SEQUENCE = 10071
 CONCURRENCY = 256  # registry writes in flight at once while seeding many tenants
 LIST_TIMEOUT_S = 5.0
 
 
 def admin_registry_api() -> tuple[str, ...]:
-    """What the admin user needs to keep the registry and record its changes."""
+    """What the admin user needs to keep the registry and record its changes: what a service
+    reads it with, and writing it (keys, creating the bucket, direct gets of one key)."""
     return (
+        *registry_read_api(),
         f"$KV.{BUCKET}.>",
         f"$JS.API.STREAM.CREATE.{STREAM}",
-        f"$JS.API.STREAM.INFO.{STREAM}",
         f"$JS.API.DIRECT.GET.{STREAM}.>",
-        f"$JS.API.CONSUMER.CREATE.{STREAM}",
-        f"$JS.API.CONSUMER.CREATE.{STREAM}.>",
-        f"$JS.API.CONSUMER.INFO.{STREAM}.*",
-        f"$JS.API.CONSUMER.DELETE.{STREAM}.*",
         f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",  # before a fresh system's services create it
         subjects.service_audit(AUDIT_SERVICE),
         f"$JS.API.DIRECT.GET.{AUDIT_STREAM}.{subjects.service_audit(AUDIT_SERVICE)}",

@@ -10,6 +10,7 @@ from nats import errors as nats_errors
 from contracts.errors import TenantMismatch, Unauthorized, Unavailable
 from corral import client as client_module
 from corral.client import CorralClient, _admission_timed_out
+from corral.nats_server import free_port
 from services.auth.tokens import mint_dev_token
 
 KEY = "dev-key-for-tests-only-0123456789abcdef"
@@ -26,7 +27,7 @@ def short_waits(monkeypatch):
 def attempting(*outcomes: object, **settings: float) -> CorralClient:
     """A client whose connection attempts end with ``outcomes`` in turn (an exception is raised);
     ``settings``: its admission_timeout_s and callout_timeout_s."""
-    client = CorralClient("nats://127.0.0.1:4222", "acme", mint_dev_token("acme", key=KEY), {})
+    client = CorralClient(f"nats://127.0.0.1:{free_port()}", "acme", mint_dev_token("acme", key=KEY), {})
     for name, value in settings.items():
         setattr(client, name, value)
     remaining = list(outcomes)
