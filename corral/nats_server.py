@@ -8,6 +8,7 @@ configuration is wrong) is reported with the last lines of its log.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,48 @@ def nats_server_binary() -> str:
     return found
 
 
+_LISTEN_PORTS = (20000, 32768)  # below Linux's default ephemeral range (32768-60999)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int] | None:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A loopback port nothing listens on now, for a listener that will bind it shortly.
+
+    Between this answer and the listener's bind, the port must stay free. A port the kernel picks
+    (``bind(host, 0)``) comes from its ephemeral range, which is also where every outgoing
+    connection's local port comes from, so a process opening many connections meanwhile can take
+    it (seen in CI: nats-server "bind: address already in use"). So it is chosen at random below
+    that range, where the kernel hands out nothing by itself, and never twice in one process.
+    """
+    low, high = _LISTEN_PORTS
+    ephemeral = _ephemeral_range()
+    if ephemeral is not None and ephemeral[0] <= high and ephemeral[1] >= low:
+        high = ephemeral[0]  # keep below it
+    if ephemeral is None or high - low < 1000:
+        return _kernel_port(host)  # an unusual range: let the kernel choose
+    for _ in range(200):
+        port = random.randrange(low, high)
+        if port in _handed_out or port == 4222:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    return _kernel_port(host)
+
+
+def _kernel_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
