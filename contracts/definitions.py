@@ -24,7 +24,7 @@ from contracts.expressions import compile_expression
 from contracts.graphs import GraphDefinition
 from contracts.models import ModelDefinition
 from contracts.tenants import TENANT_ID_PATTERN, Name, TenantId
-from contracts.workflows import WorkflowDefinition
+from contracts.workflows import ToolStep, WorkflowDefinition
 
 __all__ = [
     "Catalog",
@@ -68,7 +68,7 @@ class HttpTool(_Definition):
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     max_response_bytes: int = Field(default=1024 * 1024, gt=0, description="A larger response fails the call.")
     # Retried on connection errors and 502/503/504, for idempotent methods (POST and PATCH only
-    # when the call carries an idempotency key: services/tools/http_adapter.py).
+    # when the call carries an idempotency key: services/toolkit/http_adapter.py).
     retries: int = Field(
         default=2,
         ge=0,
@@ -384,6 +384,15 @@ class Catalog(BaseModel):
                     if name not in known[what]:
                         message = f"{owner} {definition.name!r} uses unknown {what} {name!r}"
                         add(key, definition.name, where, message + did_you_mean(name, known[what]), name)
+        for workflow in self.workflows.values():
+            for where, step in workflow.located():
+                tool = self.tools.get(step.tool) if isinstance(step, ToolStep) and step.local else None
+                if tool is not None and tool.mcp is not None:
+                    message = (
+                        f"workflow {workflow.name!r}: step {step.name!r} calls MCP tool {tool.name!r} locally; "
+                        "only Python and HTTP tools run in the workflow replica (remove `local`)"
+                    )
+                    add("workflows", workflow.name, (*where, "local"), message)
         for swarm in self.swarms.values():
             for index, agent in enumerate(swarm.members):
                 for target in self.agents[agent].handoffs if agent in self.agents else ():

@@ -3,7 +3,8 @@
 A workflow is a list of steps. Each step has a name (unique in the workflow: the run state keeps
 its output under it, the history records it, the idempotency key is derived from it) and a kind:
 
-- ``tool``: call a tool over the bus (tenant injected by the tools service, key passed on);
+- ``tool``: call a tool over the bus (tenant injected by the tools service, key passed on), or
+  with ``local`` in the workflow replica itself, through the same checked call path;
 - ``model``: ask a model, with an output schema it must answer (re-asked on a bad answer);
 - ``graph``: run a declared graph as one step;
 - ``function``: an operator-supplied Python function ``module:function``;
@@ -132,6 +133,11 @@ class ToolStep(_Validated):
     tool: Name = Field(description="The tool to call (the tenant must be allowed it).")
     args: dict[str, JsonValue] = Field(
         default_factory=dict, description="The call's arguments; a string `$path` reads the state (`$input.order_id`)."
+    )
+    local: bool = Field(
+        default=False,
+        description="Call the tool in the workflow replica rather than through the tools service (a Python or "
+        "HTTP tool): the same checks, context and audit, one round trip between processes less per step.",
     )
 
 

@@ -496,6 +496,12 @@ class System:
                 found.append((key, proc.process.pid, proc.process.returncode, proc.started_at, proc.log_path))
         return found
 
+    async def restart(self, process: ServiceProcess, *, timeout: float = 30.0) -> None:
+        """Start a service's replica again (one that was killed) and wait until it is ready."""
+        if await self._restart((process.name, process.replica)) is None:
+            raise BrokerError(f"{process.name} replica {process.replica} did not start again")
+        await self.wait_ready(timeout=timeout)
+
     async def _restart(self, key: tuple[str, int]) -> int | None:
         """Start one child again; its new pid, or None if it failed at once (counted as a crash)."""
         name, replica = key

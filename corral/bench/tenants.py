@@ -29,7 +29,7 @@ definitions (``startup_s``). The generated tenants have no demo data: ``order_st
 (``CORRAL_TOOL_LOOP_BLOCK_MS``): with thousands of connections in this process the cores are
 oversubscribed, and a step of the demo's async ``orders_lookup`` held up for 100 ms quarantined
 it, after which the single side's 64 requests in flight were refused past its 8 isolated calls.
-A step only preempted no longer counts (``services/tools/isolation.py`` ``held_the_loop``), but
+A step only preempted no longer counts (``services/toolkit/isolation.py`` ``held_the_loop``), but
 one that waited that long for the interpreter lock, which the service's other threads take in
 turn, still does.
 """

@@ -24,12 +24,33 @@ from corral.bench.workflow_others import QUICK, Counts, measure_latencies, measu
 from corral.nats_server import free_port
 from services.runtime.credentials import load_secrets
 
+# Corral's sides: the workflow each runs, and what its steps do.
+CORRAL_SIDES = {
+    "corral": (
+        "bench_wf",
+        "five tool steps over the bus (router, workflow engine, tools service); every step's start "
+        "and outcome appended to the run's JetStream history before the run goes on",
+    ),
+    "corral_local": (
+        "bench_wf_local",
+        "the same five steps marked `local`: each tool called in the workflow replica (the tools "
+        "service's checks, context and audit), no tools-service round trip; the same history",
+    ),
+}
+RECOVERY_NOTE = (
+    "recovery: one of two workflow replicas killed with SIGKILL mid-way, the other takes its runs over "
+    "(lease and wake-up: 2 s)"
+)
 
-async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, Any]:
+
+async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, dict[str, Any]]:
+    """Both of Corral's sides (:data:`CORRAL_SIDES`) on one system, one after the other; a
+    workflow replica is killed in each side's recovery measurement and restarted after it."""
     from corral.client import CorralClient
     from corral.system import System
     from services.auth.tokens import mint_dev_token
 
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="corral-bench-wf-") as scratch:
         state_dir = Path(scratch) / "state"
         system = await System(
@@ -45,32 +66,32 @@ async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, Any]:
                 system.url, tenant=TENANT, token=mint_dev_token(TENANT, key=secrets.dev_key, ttl_s=3600)
             )
             try:
+                for side, (target, notes) in CORRAL_SIDES.items():
 
-                async def run(delay_ms: float = 0, on_event: Any = None) -> Any:
-                    result = await client.request(
-                        target="bench_wf", input={"value": 0, "delay_ms": delay_ms}, timeout=60, on_event=on_event
-                    )
-                    if result.output != 5:
-                        raise RuntimeError(f"the workflow answered {result.output!r}, not 5")
-                    return result
+                    async def run(delay_ms: float = 0, on_event: Any = None, target: str = target) -> Any:
+                        result = await client.request(
+                            target=target, input={"value": 0, "delay_ms": delay_ms}, timeout=60, on_event=on_event
+                        )
+                        if result.output != 5:
+                            raise RuntimeError(f"the workflow answered {result.output!r}, not 5")
+                        return result
 
-                samples = await measure_latencies(run, counts)
-                rps = await measure_throughput(run, counts)
-                recovery = await _recovery(system, run, counts)
+                    samples = await measure_latencies(run, counts)
+                    rps = await measure_throughput(run, counts)
+                    recovery = await _recovery(system, run, counts)
+                    results[side] = {
+                        "p50_ms": percentile(samples, 0.5),
+                        "p99_ms": percentile(samples, 0.99),
+                        "rps": rps,
+                        "recovery_s": recovery,
+                        "runs": counts.latency_runs,
+                        "notes": f"{notes}; {RECOVERY_NOTE}",
+                    }
             finally:
                 await client.close()
         finally:
             system.stop()
-    return {
-        "p50_ms": percentile(samples, 0.5),
-        "p99_ms": percentile(samples, 0.99),
-        "rps": rps,
-        "recovery_s": recovery,
-        "runs": counts.latency_runs,
-        "notes": "five tool steps over the bus (router, workflow engine, tools service); every step's start "
-        "and outcome appended to the run's JetStream history before the run goes on; recovery: one of two "
-        "workflow replicas killed with SIGKILL mid-way, the other takes its runs over (lease and wake-up: 2 s)",
-    }
+    return results
 
 
 async def _recovery(system: Any, run: Any, counts: Counts) -> float:
@@ -93,7 +114,9 @@ async def _recovery(system: Any, run: Any, counts: Counts) -> float:
     killed = time.perf_counter()
     os.killpg(victim.process.pid, signal.SIGKILL)
     await asyncio.gather(*runs)
-    return time.perf_counter() - killed
+    took = time.perf_counter() - killed
+    await system.restart(victim)  # the next side starts with both replicas again
+    return took
 
 
 async def run_workflow_bench(
@@ -104,8 +127,9 @@ async def run_workflow_bench(
     counts = QUICK if quick else Counts()
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     say("corral: starting a system with two workflow replicas...")
-    results: dict[str, Any] = {"corral": await corral_side(counts, quiet=quiet)}
-    say(f"corral: p50 {results['corral']['p50_ms']:.2f} ms, {results['corral']['rps']:.0f} runs/s")
+    results: dict[str, Any] = await corral_side(counts, quiet=quiet)
+    for side in CORRAL_SIDES:
+        say(f"{side}: p50 {results[side]['p50_ms']:.2f} ms, {results[side]['rps']:.0f} runs/s")
     results.update(await run_others_async(sides=sides, quick=quick))
     report: dict[str, Any] = {"sides": results}
     for side, figures in results.items():
@@ -115,8 +139,9 @@ async def run_workflow_bench(
             report[f"{side}_wf_recovery_s"] = figures.get("recovery_s")
     floor = results.get("floor", {})
     if "p50_ms" in floor:
-        report["corral_vs_floor_p50"] = round(results["corral"]["p50_ms"] / floor["p50_ms"], 2)
-        report["corral_vs_floor_rps"] = round(results["corral"]["rps"] / floor["rps"], 3)
+        for side in CORRAL_SIDES:
+            report[f"{side}_vs_floor_p50"] = round(results[side]["p50_ms"] / floor["p50_ms"], 2)
+            report[f"{side}_vs_floor_rps"] = round(results[side]["rps"] / floor["rps"], 3)
     temporal = results.get("temporal", {})
     if "rps" in temporal:
         report["corral_vs_temporal_rps"] = round(results["corral"]["rps"] / temporal["rps"], 1)

@@ -16,7 +16,7 @@ from typing import Any
 
 from contracts.tenants import validate_tenant_id
 from corral.demo import DATA
-from services.tools.context import ToolContext
+from services.toolkit.context import ToolContext
 
 ORDER_ID = re.compile(r"\b[A-Z]-\d{3,6}\b")
 

@@ -4,7 +4,7 @@ compiled once, with a quick check in front for the common shape.
 Most input schemas are a flat object of scalar properties (``{text: string}``, required). For those
 a few ``isinstance`` checks decide what ``jsonschema`` would, at a fraction of its cost; the quick
 check only ever accepts, so whatever it does not accept is decided by ``jsonschema``. (The tools
-service has the same check for tool arguments, ``services/tools/arguments.py``.)
+service has the same check for tool arguments, ``services/toolkit/arguments.py``.)
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError, NotFoundError
 from pydantic import ValidationError
 
 from contracts import subjects
@@ -69,6 +70,7 @@ from services.runtime.guard import ReplyOutsideInbox, check_reply, check_tenant,
 from services.runtime.liveness import Liveness, Replicas
 from services.runtime.logging import RunLog, configure_logging, replica_name
 from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
+from services.runtime.pull import PullConsumer
 from services.runtime.refusals import Refusals
 from services.runtime.request import FORWARDED, Request, encode_result
 from services.runtime.requests import Requester
@@ -675,7 +677,11 @@ class Service:
             max_deliver=op.max_deliver,
             max_ack_pending=self.settings.max_in_flight,
         )
-        subscription = await js.pull_subscribe(op.subject, durable=durable, stream=op.stream, config=config)
+        try:
+            await js.consumer_info(op.stream, durable)
+        except NotFoundError:
+            with contextlib.suppress(BadRequestError):  # another replica created it meanwhile
+                await js.add_consumer(op.stream, config=config)
 
         async def handle(msg: Msg) -> None:
             # In-progress acknowledgements keep a long message from being redelivered while it runs.
@@ -690,27 +696,17 @@ class Service:
                 else:
                     await msg.ack()
 
-        try:
-            while True:
-                await self._slots.take()
-                batch = 1
-                while batch < DURABLE_BATCH and self._slots.try_take():
-                    batch += 1
-                try:
-                    msgs = await subscription.fetch(batch, timeout=5)
-                except (NatsTimeout, TimeoutError):
-                    msgs = []
-                except Exception as error:  # a reconnection: try again shortly, never give up
-                    self.log.warning("durable_fetch_failed", operation=op.name, error=str(error))
-                    msgs = []
-                    await asyncio.sleep(0.5)
-                for msg in msgs:
-                    self._start(handle, msg, None)  # its slot is already taken
-                for _ in range(batch - len(msgs)):
-                    self._release(None)
-        finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+        # Each message is started as it arrives, its slot taken before it was asked for.
+        await PullConsumer(
+            self.nc,
+            op.stream,
+            durable,
+            slots=self._slots,
+            start=lambda msg: self._start(handle, msg, None),
+            give_back=lambda: self._release(None),
+            most=DURABLE_BATCH,
+            log=self.log,
+        ).run()
 
     async def _refuse(
         self,

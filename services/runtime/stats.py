@@ -313,10 +313,14 @@ class OperationStats:
             self._saw_name(name)
         return record
 
+    def totals(self) -> dict[str, Any]:
+        """Every tenant's figures together (``num_requests``, ``num_errors``, ...), as copies."""
+        return self._total.summary()
+
     def _endpoint(self, page: Sequence[str] | None) -> dict[str, Any]:
         """This operation's part of a snapshot; per-tenant detail for the names in ``page``."""
         endpoint: dict[str, Any] = {"name": self.name, "subject": self.subject, "queue_group": self.queue_group}
-        endpoint.update(self._total.summary())
+        endpoint.update(self.totals())
         endpoint["last_error"] = self.last_error
         endpoint["histogram"] = {"bounds_s": list(BUCKET_BOUNDS_S), **endpoint["histogram"]}
         endpoint["tenants_tracked"] = self._tracked

@@ -3,7 +3,7 @@
 from contracts import subjects
 from contracts.envelope import Kind, ToolCall
 from services.runtime.manifest import Consume, Manifest
-from services.tools.settings import ToolsSettings
+from services.toolkit.settings import ToolsSettings
 
 MANIFEST = Manifest(
     name="tools",

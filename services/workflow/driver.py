@@ -40,6 +40,8 @@ from contracts.workflows import FunctionStep, GraphStep, ModelStep, ToolStep, Wo
 from services.llm import ModelRegistry
 from services.runtime.service import Service
 from services.runtime.tasks import cancel_and_wait
+from services.toolkit.registry import ToolRegistry
+from services.toolkit.runtime import invoke
 from services.workflow.engine import (
     DRIVER_EVENTS,
     CompiledWorkflow,
@@ -119,6 +121,9 @@ class Driver:
         self.models = models
         self.settings = WorkflowSettings.of(service.settings)
         self.owner = service.stats.replica_id
+        # The tools of ``local`` steps, called in this replica (None: no workflow has one).
+        self.tools: ToolRegistry | None = None
+        self.tenant_keys = frozenset(service.settings.tenant_argument_aliases)
         # Runs this replica drove last, with the sequence it saw: a wake-up that comes back here
         # need not read the history again (an append that finds it moved on reads the rest).
         self._cache: OrderedDict[tuple[str, str], RunState] = OrderedDict()
@@ -178,11 +183,17 @@ class Driver:
                 # The run stops here and goes on elsewhere from its history (its timer).
                 self.service.log.exception("workflow_drive_failed", tenant_id=tenant, run_id=state.run_id)
             finally:
-                with contextlib.suppress(Exception):
-                    await indexed
-                self._inline[tenant] -= 1
-                if not self._inline[tenant]:
-                    del self._inline[tenant]
+                try:
+                    # Its first index line, usually cancelled by the run's end or wait: waited
+                    # for without raising (awaiting a cancelled task raises CancelledError, which
+                    # once skipped the count below and left every later run to the work queue).
+                    await asyncio.wait([indexed])
+                    if not indexed.cancelled():
+                        indexed.exception()  # retrieved: a failed index write is not worth a log line
+                finally:
+                    self._inline[tenant] -= 1
+                    if not self._inline[tenant]:
+                        del self._inline[tenant]
 
         self.service.keep(asyncio.create_task(go(), name=f"workflow-{state.run_id}"))
 
@@ -481,7 +492,10 @@ class _Run:
         scope = self.state.scope()
         if isinstance(step, ToolStep):
             arguments = self.workflow.arguments[step.name](scope)
-            return await self._tool(step.tool, arguments, step.timeout_s, self._key(step.name, tries))
+            key = self._key(step.name, tries)
+            if step.local:
+                return await self._local_tool(step.tool, arguments, step.timeout_s, key)
+            return await self._tool(step.tool, arguments, step.timeout_s, key)
         if isinstance(step, FunctionStep):
             function = self.driver.function(step.callable)
             arguments = self.workflow.arguments[step.name](scope)
@@ -524,6 +538,32 @@ class _Run:
     async def _tool(self, tool: str, arguments: dict[str, Any], timeout: float, key: str) -> Any:
         payload = to_json({"tool": tool, "arguments": arguments})
         return await self._request(subjects.tool_call(self.state.tenant, tool), Kind.TOOL_CALL, payload, timeout, key)
+
+    async def _local_tool(self, tool: str, arguments: dict[str, Any], timeout: float, key: str) -> Any:
+        """A ``local`` step's call, in this replica: the tools service's own checks and context
+        (services/toolkit/runtime.py), audited here."""
+        state, service = self.state, self.service
+        tools = self.driver.tools
+        assert tools is not None  # built when any workflow has a local step (handlers.register)
+
+        def audit(action: str, outcome: str, **detail: Any) -> None:
+            service.audit.record(
+                state.tenant, action, outcome, principal=state.principal, run_id=state.run_id, **detail
+            )
+
+        return await invoke(
+            tools,
+            self.driver.tenant_keys,
+            state.tenant,
+            tool,
+            arguments,
+            run_id=state.run_id,
+            principal=state.principal,
+            timeout_s=timeout,
+            idempotency_key=key,
+            audit=audit,
+            log=service.log,
+        )
 
     async def _request(self, subject: str, kind: Kind, payload: bytes, timeout: float, key: str) -> Any:
         state = self.state

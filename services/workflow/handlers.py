@@ -12,11 +12,12 @@ from contracts import subjects
 from contracts.definitions import Catalog, TenantPolicy
 from contracts.envelope import EventType, RunEvent, WorkflowQuery, WorkflowSignal, WorkflowStart, WorkflowTask, new_id
 from contracts.errors import Conflict, Forbidden, InvalidRequest, LimitExceeded, NotFound, Unavailable
-from contracts.workflows import CANCEL_SIGNAL
+from contracts.workflows import CANCEL_SIGNAL, ToolStep
 from services.llm import MODEL_TOKENS, MODEL_TOKENS_HELP, ModelRegistry
 from services.runtime.census import Census
 from services.runtime.logging import run_targets
 from services.runtime.service import Request, Service
+from services.toolkit.runtime import tool_runtime
 from services.workflow.driver import Driver, Library, open_state, summary
 from services.workflow.engine import MAX_BUFFERED_SIGNALS, Ev, RunState, later_waits, started, waiting_step
 from services.workflow.settings import WorkflowSettings
@@ -52,6 +53,8 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         driver.targets.update(run_targets(current, "workflow", changed))
 
     live.on_change(tenants_changed)
+    if any(isinstance(step, ToolStep) and step.local for w in catalog.workflows.values() for step in w.walk()):
+        driver.tools = tool_runtime(service, catalog, live=live)  # the tools of local steps
     schemas = {
         name: jsonschema.validators.validator_for(w.input_schema)(w.input_schema)
         for name, w in catalog.workflows.items()

@@ -5,6 +5,7 @@ Real processes throughout: a nats-server with JetStream on disk, the auth, route
 services, and two workflow replicas, all started as ``corral up`` starts them. The side effects
 go to a real HTTP server that honours idempotency keys (the way a payment API does): a repeated
 key is answered with the first result and not applied again; the server counts what it applied.
+One of the three calls is a ``local`` step's, made by the workflow replica that is killed.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def definitions(folder: Path, api: str) -> Path:
                 "name": "order",
                 "steps": [
                     {"name": "charge", "kind": "tool", "tool": "charge", "args": {"order": "$input.order"}},
-                    {"name": "ship", "kind": "tool", "tool": "ship", "args": {"order": "$input.order"}},
+                    # Called in the workflow replica itself: a kill -9 there cuts the call short.
+                    {"name": "ship", "kind": "tool", "tool": "ship", "local": True, "args": {"order": "$input.order"}},
                     {"name": "pause", "kind": "sleep", "seconds": 0.2},
                     {"name": "notify", "kind": "tool", "tool": "notify", "args": {"order": "$input.order"}},
                 ],

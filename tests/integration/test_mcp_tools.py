@@ -10,8 +10,8 @@ import pytest
 from contracts.definitions import Catalog, DefinitionsFile
 from contracts.errors import ToolFailed
 from corral.nats_server import free_port, wait_for_port
-from services.tools.context import ToolContext
-from services.tools.registry import ToolRegistry
+from services.toolkit.context import ToolContext
+from services.toolkit.registry import ToolRegistry
 
 SERVER = [sys.executable, "-m", "tests.support.mcp_server"]
 

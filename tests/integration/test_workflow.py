@@ -11,6 +11,7 @@ import nats
 import pytest
 
 from contracts.errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
+from corral.audit_reader import read_trail
 from corral.client import CorralClient
 from corral.demo.payments import URL_VARIABLE, PaymentsError, RefundLedger, serve_in_thread
 from services.auth.tokens import mint_dev_token
@@ -297,3 +298,46 @@ async def test_a_running_run_keeps_its_definition_when_the_definitions_change(se
             await manager.close()
     assert "extra" not in {e.get("step") for e in old["events"]}  # pinned to the definition it started with
     assert "extra" in {e.get("step") for e in new["events"]}  # new runs take the new one
+
+
+async def test_runs_started_one_after_another_are_all_driven_by_the_replica_that_started_them(secured):
+    """A run driven from its start counts against its tenant's inline share until it ends. A
+    count that was never given back (awaiting the run's cancelled index write raised) once sent
+    every run after the share's first to the work queue, and some of those waited 2 s there."""
+    workflow_tools.reset()
+    limits = {"max_in_flight_per_tenant": 2}
+    async with running_services(secured.url, secured.state_dir, ALL, definitions=DEFINITIONS, **limits) as services:
+        acme = await client_for(secured, "acme")
+        try:
+            for value in range(6):
+                assert (await acme.request(target="five", input={"value": value})).output == value + 5
+        finally:
+            await acme.close()
+        task = next(op for op in services["workflow"].stats.operations if op.name == "task")
+        assert task.totals()["num_requests"] == 0  # no wake-up went through the work queue
+
+
+async def test_a_local_step_calls_its_tool_in_the_workflow_replica_with_the_same_checks(system):
+    """``local``: no tools-service round trip, but the tenant still comes from the subject (a
+    tenant key among the arguments is removed and audited), the key is the run's and step's,
+    a failure is retried under the step's policy, and every call is in the tenant's audit trail."""
+    broker, services = system
+    workflow_tools.FAILURES["*"] = 1
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request(target="local", input={"value": 1, "claimed": "globex"})
+    finally:
+        await acme.close()
+    assert result.output == 3
+    assert workflow_tools.CALLS[("acme", "step")] == [f"{result.run_id}:a"]
+    assert workflow_tools.CALLS[("acme", "flaky")] == [f"{result.run_id}:b"] * 2  # failed once, retried
+    assert ("globex", "step") not in workflow_tools.CALLS
+    calls = next(op for op in services["tools"].stats.operations if op.name == "call")
+    assert calls.totals()["num_requests"] == 0  # nothing went through the tools service
+    await services["workflow"].flushed()
+    trail = await read_trail(broker.url, "admin", broker.secrets.passwords["admin"], "acme")
+    of_run = [record for record in trail.records if record.run_id == result.run_id]
+    tool_calls = [(r.detail["tool"], r.outcome) for r in of_run if r.action == "tool_call"]
+    assert tool_calls == [("step", "ok"), ("flaky", "failed"), ("flaky", "ok")]
+    override = [r for r in of_run if r.action == "tenant_override_attempt"]
+    assert len(override) == 1 and override[0].detail["removed"] == ["tenant_id"] and not trail.problems

@@ -1,5 +1,5 @@
 """An async tool that blocks the event loop stalls only its own tenant once it has been caught
-(services/tools/isolation.py): its first offence quarantines it, its later calls run on their
+(services/toolkit/isolation.py): its first offence quarantines it, its later calls run on their
 tenant's own isolation loop, bounded, and a caller's deadline is kept whatever that loop does.
 
 The blocking tools are ``tests/support/blocking_tools.py``; they block with ``time.sleep`` (long
@@ -24,13 +24,13 @@ from contracts.errors import DeadlineExceeded, RateLimited, Unavailable
 from contracts.replies import decode_reply
 from services.runtime.catalog import load_catalog
 from services.runtime.service import Service
-from services.tools.context import ToolContext
+from services.toolkit.context import ToolContext
+from services.toolkit.isolation import LoopIsolation
+from services.toolkit.python_adapter import PythonAdapter
+from services.toolkit.settings import ToolsSettings
+from services.toolkit.watchdog import LoopWatchdog
 from services.tools.handlers import register
-from services.tools.isolation import LoopIsolation
 from services.tools.manifest import MANIFEST
-from services.tools.python_adapter import PythonAdapter
-from services.tools.settings import ToolsSettings
-from services.tools.watchdog import LoopWatchdog
 from tests.support import blocking_tools
 
 BLOCKING = "tests.support.blocking_tools"

@@ -16,7 +16,7 @@ from contracts.expressions import ExpressionError, compile_expression, evaluate
 from contracts.replies import decode_reply
 from contracts.tenants import is_tenant_id
 from services.runtime.service import decode_request
-from services.tools.arguments import TENANT_KEYS, strip_tenant
+from services.toolkit.arguments import TENANT_KEYS, strip_tenant
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -1,5 +1,5 @@
 """One tenant's stuck synchronous tools cannot take another tenant's threads
-(services/tools/threads.py): a share per tenant, overrunning calls counted, deadlines that free
+(services/toolkit/threads.py): a share per tenant, overrunning calls counted, deadlines that free
 what they reserved."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 
 from contracts.definitions import PythonTool
 from contracts.errors import DeadlineExceeded, RateLimited
-from services.tools.context import ToolContext
-from services.tools.python_adapter import PythonAdapter
-from services.tools.threads import ThreadBulkhead
+from services.toolkit.context import ToolContext
+from services.toolkit.python_adapter import PythonAdapter
+from services.toolkit.threads import ThreadBulkhead
 
 release = threading.Event()
 ran: list[str] = []

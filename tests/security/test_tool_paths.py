@@ -28,9 +28,9 @@ from corral.audit_reader import read_trail
 from corral.client import CorralClient
 from corral.demo.tools import find_order, lookup_incidents, lookup_orders, reload_settings
 from services.auth.tokens import mint_dev_token
-from services.tools.context import ToolContext
-from services.tools.http_adapter import HttpAdapter
-from services.tools.url_template import UrlTemplate
+from services.toolkit.context import ToolContext
+from services.toolkit.http_adapter import HttpAdapter
+from services.toolkit.url_template import UrlTemplate
 from tests.support.http import Received, Reply, http_server
 from tests.support.services import running_services
 

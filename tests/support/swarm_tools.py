@@ -11,7 +11,7 @@ from typing import Any
 
 from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from services.tools.context import ToolContext
+from services.toolkit.context import ToolContext
 from tests.support.services import running_services
 
 DEFINITIONS = Path(__file__).resolve().parent / "swarms"

@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from services.tools.context import ToolContext
+from services.toolkit.context import ToolContext
 
 # (tenant, tool) -> idempotency keys seen, in order (a key twice is a retry of the same call).
 CALLS: dict[tuple[str, str], list[str | None]] = defaultdict(list)

@@ -17,8 +17,8 @@ from corral.demo import DEFINITIONS
 from corral.demo.payments import URL_VARIABLE, RefundLedger, serve_in_thread
 from corral.nats_server import free_port
 from services.runtime.catalog import load_catalog
-from services.tools.context import ToolContext
-from services.tools.http_adapter import HttpAdapter
+from services.toolkit.context import ToolContext
+from services.toolkit.http_adapter import HttpAdapter
 
 REFUND = {"order_id": "A-1001", "amount": 40}
 

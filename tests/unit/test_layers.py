@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Libraries inside services/ that services share (never a deployable service themselves).
-SHARED = ("runtime", "llm")
+SHARED = ("runtime", "llm", "toolkit")
 SERVICE_FOLDERS = sorted(
     p.name for p in (ROOT / "services").iterdir() if (p / "manifest.py").exists() and p.name not in SHARED
 )
@@ -61,6 +61,15 @@ def test_the_model_clients_depend_on_contracts_and_the_runtime_only(path):
         m
         for m in imports_of(path)
         if m.split(".")[0] == "corral" or (m.startswith("services.") and m.split(".")[1] not in SHARED)
+    }
+
+
+@pytest.mark.parametrize("path", modules("services/toolkit"), ids=lambda p: p.name)
+def test_the_tool_runtime_depends_on_contracts_and_the_runtime_only(path):
+    assert not {
+        m
+        for m in imports_of(path)
+        if m.split(".")[0] == "corral" or (m.startswith("services.") and m.split(".")[1] not in ("runtime", "toolkit"))
     }
 
 

@@ -21,12 +21,12 @@ from contracts.envelope import Envelope, Kind, ToolCall, deadline_in
 from contracts.errors import InvalidRequest, ToolFailed
 from services.runtime.service import Request, Service
 from services.runtime.settings import Settings
-from services.tools.context import ToolContext
+from services.toolkit.context import ToolContext
+from services.toolkit.http_adapter import HttpAdapter
+from services.toolkit.mcp_adapter import META_IDEMPOTENCY_KEY, McpAdapter
+from services.toolkit.python_adapter import PythonAdapter
 from services.tools.handlers import register
-from services.tools.http_adapter import HttpAdapter
 from services.tools.manifest import MANIFEST
-from services.tools.mcp_adapter import META_IDEMPOTENCY_KEY, McpAdapter
-from services.tools.python_adapter import PythonAdapter
 from tests.support.http import Reply, http_server
 from tests.unit.test_tools_adapters import raw_server
 

@@ -1,5 +1,5 @@
 """Which slow steps of an async tool count as holding the tools service's loop
-(services/tools/isolation.py ``held_the_loop``): computing or blocking in the kernel does; waiting
+(services/toolkit/isolation.py ``held_the_loop``): computing or blocking in the kernel does; waiting
 for a core on a busy machine (a step slow by the wall clock alone) does not."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.tools.isolation import held_the_loop, thread_usage
+from services.toolkit.isolation import held_the_loop, thread_usage
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread counts are Linux's")
 

@@ -6,9 +6,9 @@ import httpx
 import pytest
 
 from contracts.definitions import DefinitionError, HttpTool
-from services.tools.context import ToolContext
-from services.tools.http_adapter import HttpAdapter
-from services.tools.url_template import UnsetUrlVariable, expand_variables
+from services.toolkit.context import ToolContext
+from services.toolkit.http_adapter import HttpAdapter
+from services.toolkit.url_template import UnsetUrlVariable, expand_variables
 
 CTX = ToolContext(tenant_id="acme", run_id=None, principal=None, timeout_s=5.0)
 

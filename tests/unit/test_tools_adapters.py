@@ -21,12 +21,12 @@ from mcp.shared.memory import create_connected_server_and_client_session
 from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, HttpTool, McpServer, McpTool, PythonTool
 from contracts.errors import DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
 from corral.nats_server import free_port
-from services.tools.arguments import check_arguments, compile_schema, strip_tenant
-from services.tools.context import ToolContext
-from services.tools.http_adapter import HttpAdapter
-from services.tools.mcp_adapter import McpAdapter, model_schema
-from services.tools.python_adapter import PythonAdapter
-from services.tools.registry import ToolRegistry
+from services.toolkit.arguments import check_arguments, compile_schema, strip_tenant
+from services.toolkit.context import ToolContext
+from services.toolkit.http_adapter import HttpAdapter
+from services.toolkit.mcp_adapter import McpAdapter, model_schema
+from services.toolkit.python_adapter import PythonAdapter
+from services.toolkit.registry import ToolRegistry
 from tests.support.http import Reply, http_server
 
 CTX = ToolContext(tenant_id="acme", run_id="run-1", principal="alice", timeout_s=5.0)
@@ -452,7 +452,7 @@ def _positional_tool(ctx, a, /, b=1):
     [{}, {"a": 1}, {"a": 1, "c": 3}, {"a": 1, "b": 2, "c": 3, "d": 4}, {"c": 3}, {"a": 1, "c": 3, "z": 0}, {"ctx": 1}],
 )
 def test_the_quick_argument_check_never_accepts_what_bind_refuses(function, arguments):
-    from services.tools.python_adapter import _quick_check
+    from services.toolkit.python_adapter import _quick_check
 
     signature = inspect.signature(function)
     fits = _quick_check(signature)

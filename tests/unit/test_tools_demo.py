@@ -9,7 +9,7 @@ import pytest
 from contracts.errors import InvalidRequest
 from corral.demo import DATA
 from corral.demo.tools import lookup_orders, reload_settings
-from services.tools.context import ToolContext
+from services.toolkit.context import ToolContext
 
 
 @pytest.fixture(autouse=True)

@@ -195,6 +195,28 @@ tenants:
     ]
 
 
+def test_a_local_step_may_call_a_python_or_http_tool_but_not_an_mcp_one(tmp_path):
+    path = write(
+        tmp_path,
+        "a.yaml",
+        TOOL
+        + """
+  - {name: read, mcp: {server: files, tool: read}}
+mcp_servers:
+  - {name: files, http: {url: "http://127.0.0.1:9/mcp"}}
+workflows:
+  - name: w
+    steps:
+      - {name: here, kind: tool, tool: lookup, local: true}
+      - {name: there, kind: tool, tool: read, local: true}
+""",
+    )
+    assert report(path) == [
+        f"{path}:12: workflows[0].steps[1].local: workflow 'w': step 'there' calls MCP tool 'read' locally; "
+        "only Python and HTTP tools run in the workflow replica (remove `local`)"
+    ]
+
+
 def test_a_name_defined_in_two_files_is_reported_where_it_is_defined_again(tmp_path):
     write(tmp_path, "a.yaml", TOOL)
     second = write(tmp_path, "b.yaml", TOOL)

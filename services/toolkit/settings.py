@@ -9,10 +9,10 @@ from services.runtime.settings import Settings
 
 class ToolsSettings(Settings):
     # Worker threads for synchronous Python tools, and at most this many held by one tenant
-    # (calls past their deadline included: a thread cannot be stopped), services/tools/threads.py.
+    # (calls past their deadline included: a thread cannot be stopped), services/toolkit/threads.py.
     tool_threads: int = Field(default=16, ge=1)
     tool_threads_per_tenant: int = Field(default=4, ge=1)
-    # Async Python tools (services/tools/isolation.py): one whose step (the code between two
+    # Async Python tools (services/toolkit/isolation.py): one whose step (the code between two
     # awaits) holds the service's event loop longer than this is quarantined, its later calls run
     # on an event loop of the calling tenant's own, in a thread; the tools named here ("*": every
     # async tool; a JSON list in the env) run there from their first call. At most this many such

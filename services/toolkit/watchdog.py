@@ -6,7 +6,7 @@ message's path); a daemon thread looks as often and, once the heartbeat is older
 the stall once: the async tool step the loop runs
 (``LoopIsolation.step``: tool and tenant), or else the loop thread's innermost frame. The decision
 to quarantine is taken on the loop when the step returns, from its exact time
-(services/tools/isolation.py); this report is what an operator sees of a step that never returns.
+(services/toolkit/isolation.py); this report is what an operator sees of a step that never returns.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from services.tools.isolation import LoopIsolation, clock
+from services.toolkit.isolation import LoopIsolation, clock
 
 FRAMES = 5  # of the loop thread's stack, in a report of a stall outside any tool step
 

@@ -24,7 +24,7 @@ import httpx
 
 from contracts.definitions_base import DefinitionError
 from contracts.errors import Forbidden, InvalidRequest
-from services.tools.arguments import canonical_key
+from services.toolkit.arguments import canonical_key
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

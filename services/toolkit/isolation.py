@@ -148,7 +148,7 @@ class Quarantine:
 
 class LoopIsolation:
     """Which async tools run isolated, the isolation loops of the tenants, and the step the
-    service's own loop runs now (for :class:`~services.tools.watchdog.LoopWatchdog`)."""
+    service's own loop runs now (for :class:`~services.toolkit.watchdog.LoopWatchdog`)."""
 
     def __init__(
         self,

@@ -9,13 +9,13 @@ import structlog
 
 from contracts.definitions import Catalog, DefinitionError, ToolDefinition
 from contracts.errors import CorralError, Forbidden, NotFound
-from services.tools.arguments import TENANT_KEYS, compile_schema, is_tenant_key
-from services.tools.context import ToolContext
-from services.tools.http_adapter import HttpAdapter
-from services.tools.isolation import LoopIsolation
-from services.tools.mcp_adapter import McpAdapter, McpConnection, model_schema
-from services.tools.python_adapter import PythonAdapter
-from services.tools.threads import ThreadBulkhead
+from services.toolkit.arguments import TENANT_KEYS, compile_schema, is_tenant_key
+from services.toolkit.context import ToolContext
+from services.toolkit.http_adapter import HttpAdapter
+from services.toolkit.isolation import LoopIsolation
+from services.toolkit.mcp_adapter import McpAdapter, McpConnection, model_schema
+from services.toolkit.python_adapter import PythonAdapter
+from services.toolkit.threads import ThreadBulkhead
 
 log = structlog.get_logger()
 DEFAULT_PARAMETERS = {"type": "object"}

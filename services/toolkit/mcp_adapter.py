@@ -29,8 +29,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from contracts.definitions import McpServer, McpTool
 from contracts.errors import DeadlineExceeded, NotFound, ToolFailed
-from services.tools.arguments import TENANT_KEYS, is_tenant_key, strip_tenant
-from services.tools.context import ToolContext
+from services.toolkit.arguments import TENANT_KEYS, is_tenant_key, strip_tenant
+from services.toolkit.context import ToolContext
 
 log = structlog.get_logger()
 

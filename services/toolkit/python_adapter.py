@@ -1,12 +1,12 @@
 """Python callables as tools: ``function(ctx, **arguments)``, sync or async.
 
-``ctx`` is the runtime's :class:`~services.tools.context.ToolContext`. A tool with a side effect
+``ctx`` is the runtime's :class:`~services.toolkit.context.ToolContext`. A tool with a side effect
 should key it on ``ctx.idempotency_key`` when that is set: a call retried after a crash arrives
 again with the same key, and a tool that remembers the key can answer without acting twice.
 
 An async tool runs on the service's event loop, each step (the code between two awaits) timed: a
 step that holds the loop longer than the isolation's ``block_s`` quarantines the tool, whose later
-calls run on their tenant's own isolation loop (services/tools/isolation.py). A quarantined tool
+calls run on their tenant's own isolation loop (services/toolkit/isolation.py). A quarantined tool
 runs on another event loop than the service's: loop-bound objects it keeps between calls (a
 client, a lock) must be made per loop.
 """
@@ -24,15 +24,15 @@ import structlog
 
 from contracts.definitions import PythonTool
 from contracts.errors import CorralError, DeadlineExceeded, ToolFailed, Unavailable
-from services.tools.context import ToolContext
-from services.tools.isolation import LoopIsolation, TimedSteps, clock
-from services.tools.threads import ThreadBulkhead
+from services.toolkit.context import ToolContext
+from services.toolkit.isolation import LoopIsolation, TimedSteps, clock
+from services.toolkit.threads import ThreadBulkhead
 
 
 class PythonAdapter:
     """Imports the callable once; async functions run on the loop (their tenant's isolation loop
-    once quarantined, services/tools/isolation.py), sync ones in a worker thread of the tenant's
-    share (services/tools/threads.py)."""
+    once quarantined, services/toolkit/isolation.py), sync ones in a worker thread of the tenant's
+    share (services/toolkit/threads.py)."""
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ header, the runtime's value replacing any configured one. An upstream that honou
 acts once per key, so with a key POST and PATCH are tried again too; without one they never are
 (a lost answer does not say whether the first try acted).
 
-Arguments can never move a call to another resource (``services/tools/url_template.py``). The
+Arguments can never move a call to another resource (``services/toolkit/url_template.py``). The
 URL's ``${NAME}`` environment variables are filled in once, when the adapter is built.
 """
 
@@ -30,8 +30,8 @@ import httpx
 from contracts.definitions import HttpTool
 from contracts.errors import DeadlineExceeded, InvalidRequest, ToolFailed
 from services.runtime.retry import RetryPolicy, call_with_retries
-from services.tools.context import ToolContext
-from services.tools.url_template import UrlTemplate, expand_variables
+from services.toolkit.context import ToolContext
+from services.toolkit.url_template import UrlTemplate, expand_variables
 
 IDEMPOTENT = frozenset({"GET", "PUT", "DELETE"})
 IDEMPOTENCY_HEADER = "Idempotency-Key"
