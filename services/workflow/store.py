@@ -61,6 +61,7 @@ BUCKETS = (RUNS_BUCKET, LEASES_BUCKET, KEYS_BUCKET, SNAPSHOTS_BUCKET)
 STREAMS = (HISTORY_STREAM, TASKS_STREAM)
 SNAPSHOT_EVERY = 500
 WRONG_LAST_SEQUENCE = 10071
+EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 READ_BATCH = 1000
 APPEND_TIMEOUT_S = 5.0
 # A lease key is rewritten at every renewal; one left behind by a finished run (whose driver
@@ -70,6 +71,14 @@ LEASE_KEY_MAX_AGE_S = 300.0
 
 class StaleHistory(Exception):
     """An append found the run's history further on than this writer knew."""
+
+
+class _Refused(Exception):
+    """JetStream did not store a publish: its error code and description."""
+
+    def __init__(self, code: int | None, description: str) -> None:
+        super().__init__(description)
+        self.code, self.description = code, description
 
 
 @dataclass
@@ -142,22 +151,29 @@ class Store:
         """Append ``events`` (one message: all or none of them) after sequence ``expected`` of the
         run (0: the run's first message); :class:`StaleHistory` if the run has moved on since."""
         subject = subjects.workflow_history(tenant, run_id)
-        body = to_json(events, fallback=str)
-        headers = {"Nats-Expected-Last-Subject-Sequence": str(expected)}
+        try:
+            return await self._acked(subject, to_json(events, fallback=str), {EXPECTED_LAST: str(expected)})
+        except _Refused as refused:
+            raise _refused(subject, refused.code, refused.description) from None
+
+    async def _acked(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """Publish ``body`` to a stream (a history, a bucket's key, the task queue) and return the
+        sequence it was stored at; :class:`_Refused` with JetStream's error code if it was not.
+        The same publish as nats-py's ``js.publish`` (and a KV put), on the service's lighter
+        request path when it has one: every run makes ten or so of these."""
         if self.requester is None:
             try:
                 return (await self.js.publish(subject, body, headers=headers, timeout=5)).seq
             except APIError as error:
-                raise _refused(subject, error.err_code, error.description) from None
-        # The same publish as nats-py's js.publish, on the service's lighter request path.
+                raise _Refused(error.err_code, error.description or "") from None
         try:
             msg = await self.requester.request(subject, body, APPEND_TIMEOUT_S, headers)
         except (NatsTimeout, NoRespondersError):
-            raise Unavailable("the workflow history did not answer in time") from None
+            raise Unavailable("the workflow's JetStream storage did not answer in time") from None
         ack = json.loads(msg.data)
         error = ack.get("error")
         if error is not None:
-            raise _refused(subject, error.get("err_code"), error.get("description", ""))
+            raise _Refused(error.get("err_code"), error.get("description", ""))
         return int(ack["seq"])
 
     async def read(self, tenant: str, run_id: str, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
@@ -223,7 +239,7 @@ class Store:
     # ---- the run index --------------------------------------------------------------
 
     async def index(self, tenant: str, run_id: str, summary: dict[str, Any]) -> None:
-        await self.put(RUNS_BUCKET, f"{tenant}.{run_id}", summary)
+        await self._acked(f"$KV.{RUNS_BUCKET}.{tenant}.{run_id}", _json(summary))
 
     async def runs(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         """The tenant's runs, newest first: the last entry of each of its index keys, in one
@@ -255,11 +271,12 @@ class Store:
         key = f"{tenant}.{run_id}"
         until = time.time() + ttl_s
         value = _json({"owner": owner, "until": until})
-        try:
-            revision = await kv.create(key, value)
+        try:  # a KV create: the key's first message (a released key's is its delete marker)
+            revision = await self._acked(f"$KV.{LEASES_BUCKET}.{key}", value, {EXPECTED_LAST: "0"})
             return Lease(key, owner, revision, until)
-        except KeyWrongLastSequenceError:
-            pass
+        except _Refused as refused:
+            if refused.code != WRONG_LAST_SEQUENCE:
+                raise Unavailable(f"the lease could not be written: {refused.description}") from None
         try:
             entry = await kv.get(key)
         except KeyNotFoundError:  # released meanwhile (a deleted key reads as not found)
@@ -283,11 +300,14 @@ class Store:
 
     async def renew(self, lease: Lease, ttl_s: float) -> bool:
         until = time.time() + ttl_s
-        try:
-            lease.revision = await self.kv[LEASES_BUCKET].update(
-                lease.key, _json({"owner": lease.owner, "until": until}), last=lease.revision
+        value = _json({"owner": lease.owner, "until": until})
+        try:  # a KV update after the revision this replica wrote last
+            lease.revision = await self._acked(
+                f"$KV.{LEASES_BUCKET}.{lease.key}", value, {EXPECTED_LAST: str(lease.revision)}
             )
-        except KeyWrongLastSequenceError:
+        except _Refused as refused:
+            if refused.code != WRONG_LAST_SEQUENCE:
+                raise Unavailable(f"the lease could not be renewed: {refused.description}") from None
             lease.lost = True
             return False
         lease.until = until
@@ -304,7 +324,7 @@ class Store:
     async def wake(self, tenant: str, run_id: str) -> None:
         """Ask a replica to drive the run on now."""
         body = new_envelope_json(Kind.WORKFLOW_TASK, tenant, _json({"run_id": run_id}), run_id=run_id)
-        await self.js.publish(subjects.workflow_task(tenant, run_id), body, timeout=5)
+        await self._acked(subjects.workflow_task(tenant, run_id), body)
 
     async def wake_at(self, tenant: str, run_id: str, at: float) -> None:
         """Wake the run at ``at`` (replacing its earlier timer: one per run). The broker fires
@@ -312,11 +332,16 @@ class Store:
         stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = new_envelope_json(Kind.WORKFLOW_TASK, tenant, _json({"run_id": run_id}), run_id=run_id)
         headers = {"Nats-Schedule": f"@at {stamp}", "Nats-Schedule-Target": subjects.workflow_task(tenant, run_id)}
-        await self.js.publish(subjects.workflow_timer(tenant, run_id), body, headers=headers, timeout=5)
+        await self._acked(subjects.workflow_timer(tenant, run_id), body, headers)
 
     async def cancel_timer(self, tenant: str, run_id: str) -> None:
+        subject = subjects.workflow_timer(tenant, run_id)
         with contextlib.suppress(Exception):  # a timer left behind only wakes a finished run once
-            await self.js.purge_stream(TASKS_STREAM, subject=subjects.workflow_timer(tenant, run_id))
+            if self.requester is None:
+                await self.js.purge_stream(TASKS_STREAM, subject=subject)
+                return
+            purge = json.dumps({"filter": subject}).encode()
+            await self.requester.request(f"$JS.API.STREAM.PURGE.{TASKS_STREAM}", purge, APPEND_TIMEOUT_S)
 
     # ---- KV helpers ---------------------------------------------------------------
 
