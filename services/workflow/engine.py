@@ -237,6 +237,8 @@ class CompiledWorkflow:
     def __init__(self, definition: WorkflowDefinition) -> None:
         self.definition = definition
         self.digest = definition.digest()
+        # What a run's ``run_started`` keeps of it (read, never changed: shared by every run).
+        self.snapshot = definition.model_dump(mode="json", by_alias=True)
         self.steps = {step.name: step for step in definition.walk()}
         self.arguments: dict[str, Any] = {}
         self.templates: dict[str, tuple[Any, Any]] = {}

@@ -105,7 +105,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             "run_id": run_id,
             "workflow": payload.workflow,
             "digest": compiled.digest,
-            "definition": compiled.definition.model_dump(mode="json", by_alias=True),
+            "definition": compiled.snapshot,
             "input": payload.input,
             "params": route.params,
             "principal": req.principal,
