@@ -53,6 +53,8 @@ from corral.processes import (
 from corral.state import ADMIN_USER, init_state
 from services.registry import BY_NAME, SERVICES
 from services.runtime.credentials import Secrets
+from services.runtime.service import STOP_MARGIN_S
+from services.runtime.settings import Settings
 
 READINESS_TENANT = "corral-readiness"
 # Exit statuses of a child killed by a signal only a terminal sends to a whole process group.
@@ -524,9 +526,14 @@ class System:
 
     # ---- stopping ------------------------------------------------------------------------
 
-    def stop(self, *, timeout: float = 15.0) -> None:
+    def stop(self, *, timeout: float | None = None) -> None:
         """Stop services first (they finish in-flight messages and the tool calls they make), then
-        the demo payments API, then the broker."""
+        the demo payments API, then the broker. A service is given its drain timeout, the margin
+        it may take beyond it (Service.stop) and two seconds to exit, then killed."""
+        if timeout is None:
+            drain = {**os.environ, **self.env}.get("CORRAL_DRAIN_TIMEOUT_S")
+            drain_s = Settings(**({"drain_timeout_s": drain} if drain else {})).drain_timeout_s
+            timeout = drain_s + STOP_MARGIN_S + 2.0
         services = [proc for proc in self.processes if proc.name != PAYMENTS]
         for group in (services, [proc for proc in self.processes if proc.name == PAYMENTS]):
             for proc in group:

@@ -90,6 +90,8 @@ DEFAULT_PAYLOAD_LIMIT = ConnectionLimits().max_payload_bytes
 REFUSALS_PER_TURN = 16
 # When a durable message whose handler failed (retryably, or with a bug) comes back.
 DURABLE_RETRY_S = 1.0
+# How much longer than its drain timeout a replica may take to stop (Service.stop).
+STOP_MARGIN_S = 3.0
 
 __all__ = ["FORWARDED", "Request", "Service", "catalog_service", "run_service"]
 
@@ -288,7 +290,15 @@ class Service:
         self._subscriptions.append(sub)
 
     async def stop(self) -> None:
-        """Stop taking messages, finish those in flight, then close the connection."""
+        """Stop taking messages, finish those in flight, then close the connection: within
+        ``drain_timeout_s`` + :data:`STOP_MARGIN_S` in all (``corral up`` waits that long, then
+        kills). The messages in flight get ``drain_timeout_s``; the rest (abandoned ones
+        answering, the audit writer's last records) what remains of the margin."""
+        until = time.monotonic() + self.settings.drain_timeout_s + STOP_MARGIN_S
+
+        def left(least: float) -> float:
+            return max(least, until - time.monotonic())
+
         for notice in self._on_draining:
             notice()
         for consumer in self._consumers:  # a fetch can lose one cancellation (services/runtime/tasks.py)
@@ -318,9 +328,9 @@ class Service:
             for task in pending:
                 task.cancel()  # each answers its requester with `unavailable` (_abandon)
             if pending:
-                await asyncio.wait(pending, timeout=5)
+                await asyncio.wait(pending, timeout=min(1.0, left(0.1)))
         self.refusals.close_window()
-        await self.audit.stop()
+        await self.audit.stop(timeout=left(0.5))
         with contextlib.suppress(Exception):
             await self.requester.stop()
         for liveness in self.watched.values():

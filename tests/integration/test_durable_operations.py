@@ -4,6 +4,7 @@ acknowledged once; a message held by a replica killed with SIGKILL goes to anoth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -199,3 +200,31 @@ async def test_the_permissions_derived_from_a_durable_manifest_are_enough_and_no
             await service.stop()
             await setup.close()
     assert errors == []
+
+
+async def test_a_replica_stops_within_its_drain_timeout_and_margin_even_if_a_handler_will_not(nats_url, stream):
+    """What ``corral up`` waits for before it kills: a handler that swallows its cancellation
+    (the drain timeout cancels it once) holds stopping up for at most the margin's second."""
+    from services.runtime.service import STOP_MARGIN_S
+
+    name, js = stream
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(req):
+        started.set()
+        while not finished.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await finished.wait()
+
+    drain_s = 0.2
+    service = build(Settings(nats_url=nats_url, log_level="warning", drain_timeout_s=drain_s), name, stubborn)
+    await service.start()
+    try:
+        await js.publish(*item(name, "stuck"))
+        await asyncio.wait_for(started.wait(), 20)
+        began = time.monotonic()
+        await service.stop()
+        took = time.monotonic() - began
+    finally:
+        finished.set()
+    assert took < drain_s + STOP_MARGIN_S  # before: the abandoned handler was waited for 5 s more
