@@ -42,7 +42,7 @@ from contracts.tenants import validate_tenant_id
 from contracts.tokens import scopes_in, subject_of, unverified_claims
 from contracts.traceparent import new_traceparent, valid_or_none
 from services.runtime import connection
-from services.runtime.requests import Requester
+from services.runtime.requests import ReplyLost, Requester
 
 OnEvent = Callable[[RunEvent], Awaitable[None] | None]
 TERMINAL = (EventType.COMPLETED, EventType.FAILED)
@@ -299,6 +299,7 @@ class CorralClient:
     async def _on_disconnected(self) -> None:
         if self._admitting:
             return
+        self._requester.connection_lost()  # their replies are lost: a request fails now, retryable
         # nats-py awaits this before it reconnects, and before the closed callback when it closes.
         if not self._closing and await self._fresh_token():
             self.nc.options["token"] = self.token
@@ -436,6 +437,8 @@ class CorralClient:
         try:
             try:
                 msg = await self._requester.request(self._router_subject, body, timeout)
+            except ReplyLost:
+                raise Unavailable("the connection to the broker dropped while waiting for the answer") from None
             except NatsTimeout:
                 raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
             except NoRespondersError:
@@ -519,6 +522,8 @@ class CorralClient:
         body = new_envelope_json(kind, self.tenant, payload, deadline=time.time() + timeout, trace=new_traceparent())
         try:
             msg = await self._requester.request(subject, body, timeout)
+        except ReplyLost:
+            raise Unavailable("the connection to the broker dropped while waiting for the answer") from None
         except NatsTimeout:
             raise DeadlineExceeded(f"no answer within {timeout:.1f}s") from None
         except NoRespondersError:

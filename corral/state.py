@@ -214,6 +214,9 @@ def render_nats_config(
 
     config: dict[str, Any] = {} if host is None else {"host": host}  # None: every interface
     config |= {
+        # Kept across restarts (its id is new each time): the auth service then knows at once that
+        # a restarted broker's old connections are gone (services/auth/connections.py).
+        "server_name": "corral",
         "port": port,
         "max_payload": 1024 * 1024,
         # Per connection, for every connection: a tenant's own limits travel in its user JWT
@@ -247,6 +250,35 @@ def render_nats_config(
     if monitoring_port is not None:
         config["http"] = f"127.0.0.1:{monitoring_port}"  # never beyond this host: it lists every connection
     return json.dumps(config, indent=2) + "\n"
+
+
+def cluster_node_config(
+    config: str,
+    *,
+    name: str,
+    port: int,
+    cluster_port: int,
+    routes: list[str],
+    jetstream_dir: Path | str,
+    monitoring_port: int | None = None,
+    cluster: str = "corral",
+) -> str:
+    """One node of a NATS cluster, from the single broker's ``nats.conf`` (``config``): the same
+    accounts, users, auth callout and system account, with the node's name, client port, route
+    listener and the other nodes' routes, its own JetStream directory and monitoring port.
+    Every node then asks the auth service (wherever it is connected) and applies the same
+    permissions; streams and buckets get their copies from ``CORRAL_JETSTREAM_REPLICAS``."""
+    node = json.loads(config)
+    node |= {
+        "server_name": name,
+        "port": port,
+        "cluster": {"name": cluster, "listen": f"{node.get('host', '0.0.0.0')}:{cluster_port}", "routes": routes},
+        "jetstream": {"store_dir": str(jetstream_dir)},
+    }
+    node.pop("http", None)
+    if monitoring_port is not None:
+        node["http"] = f"127.0.0.1:{monitoring_port}"
+    return json.dumps(node, indent=2) + "\n"
 
 
 def write_runtime_info(state_dir: Path, info: dict[str, Any]) -> None:

@@ -18,11 +18,17 @@ connection (events were missed). Events that arrive during a rebuild are held an
 it. The listing comes in pages sorted by client id; a page that does not start at or before the
 last client id of the page before means connections closed in between and moved the rest
 forward, so the listing steps back rather than miss one.
+
+In a cluster every server answers the account's listing with its own connections, and sends
+the events of its own: each page is gathered from every server (those seen before, or until no
+other answers for a moment), each server's connections counted under its id, and a server not
+seen before, in an event or an authorization request, makes the count list again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -43,6 +49,8 @@ PAGE = 512  # connections per listing page: about 300 KB of JSON
 SWEEP_PAGE = 64  # connections per page of the subscription sweep (most subscriptions first)
 OVERLAP = 16  # each page starts this many connections before the previous one ended
 REQUEST_TIMEOUT_S = 5.0
+# How long a listing waits, after the last server's answer, for another server's (a cluster).
+GATHER_S = 0.2
 
 
 class BrokerConnections:
@@ -91,29 +99,42 @@ class BrokerConnections:
     async def sweep(self, limit_of: Callable[[str], int], lowest: int) -> int:
         """One sweep: close every tenant connection holding more subscriptions than ``limit_of``
         its tenant allows; returns how many it closed. ``lowest``: the lowest limit of any tenant
-        (the listing, most subscriptions first, stops at the first connection within it)."""
+        (each server's listing, most subscriptions first, stops at the first connection within
+        it). Every server of a cluster answers each page with its own connections."""
         closed, offset = 0, 0
-        while True:
-            body = await self._page(offset, sort="subs", limit=SWEEP_PAGE)
-            server, connections = str(body["server"]["id"]), body["data"].get("connections") or []
-            for connection in connections:
-                held = int(connection.get("subscriptions") or 0)
-                if held <= lowest:
-                    return closed
-                tenant, slash, _ = str(connection.get("authorized_user") or "").partition("/")
-                if not slash:
-                    continue  # a service's own user, not a tenant's
-                limit = limit_of(tenant)
-                if held > limit and await self._kick(server, int(connection["cid"])):
-                    closed += 1
-                    error = SubscriptionLimitReached(tenant, held, limit)
-                    client = str(connection.get("name") or "")[:64]
-                    self.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
-                    if self.denials is not None:
-                        self.denials.record(error, client)
-            if len(connections) < SWEEP_PAGE:
-                return closed
-            offset += len(connections)  # a connection closing meanwhile can only move one sooner
+        going: set[str] | None = None  # the servers whose listing goes on (None: not known yet)
+        while going is None or going:
+            pages = await self._pages(offset, sort="subs", limit=SWEEP_PAGE, expected=going)
+            going = set(pages) if going is None else going & set(pages)
+            for server, body in pages.items():
+                if server not in going:
+                    continue
+                connections = body["data"].get("connections") or []
+                for connection in connections:
+                    held = int(connection.get("subscriptions") or 0)
+                    if held <= lowest:
+                        going.discard(server)
+                        break
+                    closed += await self._enforce(server, connection, held, limit_of)
+                if len(connections) < SWEEP_PAGE:
+                    going.discard(server)
+            offset += SWEEP_PAGE  # a connection closing meanwhile can only move one sooner
+        return closed
+
+    async def _enforce(self, server: str, connection: dict[str, Any], held: int, limit_of: Callable[[str], int]) -> int:
+        """Close ``connection`` (on ``server``) if its tenant allows fewer than ``held`` subscriptions."""
+        tenant, slash, _ = str(connection.get("authorized_user") or "").partition("/")
+        if not slash:
+            return 0  # a service's own user, not a tenant's
+        limit = limit_of(tenant)
+        if held <= limit or not await self._kick(server, int(connection["cid"])):
+            return 0
+        error = SubscriptionLimitReached(tenant, held, limit)
+        client = str(connection.get("name") or "")[:64]
+        self.log.warning("auth_denied", reason=error.message, client=client, tenant_id=tenant)
+        if self.denials is not None:
+            self.denials.record(error, client)
+        return 1
 
     async def _kick(self, server: str, cid: int) -> bool:
         reply = await self.nc.request(
@@ -127,10 +148,11 @@ class BrokerConnections:
         if self.nc is not None:
             await self.nc.drain()
 
-    def admit(self, tenant: str, server: str, cid: int, limit: int) -> None:
+    def admit(self, tenant: str, server: str, cid: int, limit: int, server_name: str = "") -> None:
         """Count the connection ``cid`` on ``server`` for ``tenant``, or refuse it past ``limit``."""
         if cid <= 0:  # every nats-server since 2.10 sends it; without it nothing could be counted
             raise InvalidCalloutRequest("the authorization request names no client id")
+        self._saw(server, server_name)
         if not self.counts.admit(tenant, (server, cid), limit):
             raise ConnectionLimitReached(tenant, limit)
 
@@ -147,10 +169,12 @@ class BrokerConnections:
             event = json.loads(msg.data)
             client = event["client"]
             key = (str(event["server"]["id"]), int(client["id"]))
+            name = str(event["server"].get("name") or "")
             user = str(client.get("user") or "")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             self.log.warning("auth_connection_event_unreadable", subject=msg.subject)
             return
+        self._saw(key[0], name)
         if self._held is not None:
             self._held.append((connected, key, user))
         else:
@@ -179,6 +203,11 @@ class BrokerConnections:
         self.log.warning("auth_denied", reason=error.message, client=client, tenant_id=grant.tenant)
         if self.denials is not None:
             self.denials.record(error, client)
+
+    def _saw(self, server: str, name: str) -> None:
+        """A server not counted yet (a cluster node, or the broker after a restart): list again."""
+        if self.counts.saw_server(server, name):
+            self._spawn(self._rebuild_logged())
 
     # ---- rebuilding the count from the broker's listing --------------------------------
 
@@ -209,47 +238,100 @@ class BrokerConnections:
 
     async def _rebuild(self) -> None:
         self._held = []
-        listing: tuple[str, dict[int, str]] | None = None
+        listings: dict[str, dict[int, str]] | None = None
         try:
-            listing = await self._listing()
+            listings = await self._listing()
         finally:
             held, self._held = self._held, None
-            if listing is not None:
-                self.counts.rebuilt(listing[0], listing[1].items())
+            if listings is not None:
+                self.counts.rebuilt({server: listed.items() for server, listed in listings.items()})
             for connected, key, user in held:
                 self._apply(connected, key, user)
-        self.log.info("auth_connections_counted", connections=len(listing[1]), server=listing[0])
+        counted = sum(len(listed) for listed in listings.values())
+        self.log.info("auth_connections_counted", connections=counted, servers=sorted(listings))
 
-    async def _listing(self) -> tuple[str, dict[int, str]]:
-        """Every open connection of APP: client id -> user name, and the server's id."""
-        listed: dict[int, str] = {}
-        offset, last, pages, budget = 0, -1, 0, 8
+    async def _listing(self) -> dict[str, dict[int, str]]:
+        """Every open connection of APP on every server that answers: server id -> client id ->
+        user name. Each server pages its own listing; the pages are asked of all at once."""
+        listed: dict[str, dict[int, str]] = {}
+        last: dict[str, int] = {}
+        going: set[str] | None = None  # servers with more to list (None: not known yet)
+        offset, pages, budget = 0, 0, 8
         while pages < budget:
             pages += 1
-            body = await self._page(offset)
-            server, data = str(body["server"]["id"]), body["data"]
-            connections = data.get("connections") or []
-            if offset > 0 and (not connections or int(connections[0]["cid"]) > last):
-                offset = max(0, offset - PAGE // 2)  # connections before this page closed: step back
-                continue
-            for connection in connections:
-                listed[int(connection["cid"])] = str(connection.get("authorized_user") or "")
-            if len(connections) < PAGE:
-                return server, listed
-            last = int(connections[-1]["cid"])
-            offset += len(connections) - OVERLAP
-            budget = max(budget, 2 * int(data.get("total") or 0) // (PAGE - OVERLAP) + 8)
+            expected = going if going is not None else (self.counts.servers or None)
+            answers = await self._pages(offset, expected=expected)
+            if going is None:
+                going = set(answers)
+                listed = {server: {} for server in answers}
+            for server in going - answers.keys():  # it left the cluster (or restarted) meanwhile
+                going.discard(server)
+                listed.pop(server, None)
+            step_back = False
+            for server, body in answers.items():
+                if server not in going:
+                    continue
+                data = body["data"]
+                connections = data.get("connections") or []
+                if offset > 0 and (not connections or int(connections[0]["cid"]) > last[server]):
+                    step_back = True  # connections before this page closed: this server steps back
+                    continue
+                for connection in connections:
+                    listed[server][int(connection["cid"])] = str(connection.get("authorized_user") or "")
+                if len(connections) < PAGE:
+                    going.discard(server)
+                else:
+                    last[server] = int(connections[-1]["cid"])
+                budget = max(budget, 2 * int(data.get("total") or 0) // (PAGE - OVERLAP) + 8)
+            if not going:
+                return listed
+            offset = max(0, offset - PAGE // 2) if step_back else offset + PAGE - OVERLAP
         raise Unavailable("the broker's connection listing kept changing; not counted")
 
-    async def _page(self, offset: int, *, sort: str | None = None, limit: int = PAGE) -> dict[str, Any]:
+    async def _pages(
+        self, offset: int, *, sort: str | None = None, limit: int = PAGE, expected: set[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """One page of APP's connections from every server: server id -> its answer. Every server
+        of a cluster answers an account's listing; the answers are gathered until those of
+        ``expected`` are in, or else for :data:`GATHER_S` after the last one."""
         request: dict[str, Any] = {"offset": offset, "limit": limit, "auth": True}  # auth: with user names
         if sort is not None:
             request["sort"] = sort
-        reply = await self.nc.request(LIST_CONNECTIONS, json.dumps(request).encode(), timeout=REQUEST_TIMEOUT_S)
-        body = json.loads(reply.data)
-        if body.get("error"):
-            raise Unavailable(f"the broker refused to list connections: {body['error']}")
-        return body
+        answers: dict[str, dict[str, Any]] = {}
+        errors: list[str] = []
+        arrived = asyncio.Event()
+
+        async def on_answer(msg: Msg) -> None:
+            try:
+                body = json.loads(msg.data)
+                if body.get("error"):
+                    errors.append(str(body["error"]))
+                else:
+                    answers[str(body["server"]["id"])] = body
+            except (ValueError, KeyError, TypeError, AttributeError):
+                errors.append("an unreadable answer")
+            arrived.set()
+
+        inbox = self.nc.new_inbox()
+        subscription = await self.nc.subscribe(inbox, cb=on_answer)
+        try:
+            await self.nc.publish(LIST_CONNECTIONS, json.dumps(request).encode(), reply=inbox)
+            until = time.monotonic() + REQUEST_TIMEOUT_S
+            while not (expected and expected <= answers.keys()):
+                wait = REQUEST_TIMEOUT_S if not answers and not errors else GATHER_S
+                arrived.clear()
+                try:
+                    async with asyncio.timeout(max(0.0, min(wait, until - time.monotonic()))):
+                        await arrived.wait()
+                except TimeoutError:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        if not answers:
+            reason = errors[0] if errors else "no answer"
+            raise Unavailable(f"the broker did not list its connections: {reason}")
+        return answers
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -49,6 +49,8 @@ class CalloutRequest:
     # The connection's client id on that server: with ``server_id`` it names the connection in
     # the broker's CONNECT/DISCONNECT events (services/auth/connections.py).
     client_id: int = 0
+    # The server's name, which it keeps when it restarts (its id changes): a cluster node.
+    server_name: str = ""
 
 
 @functools.lru_cache(maxsize=64)  # a broker's key is the same in every request: decoded once
@@ -81,6 +83,7 @@ def decode_request(data: bytes) -> CalloutRequest:
             token=str((nats_claims.get("connect_opts") or {}).get("auth_token") or ""),
             client_name=str(client_info.get("name") or ""),
             client_id=int(client_info.get("id") or 0),
+            server_name=str(nats_claims["server_id"].get("name") or ""),
         )
     except InvalidCalloutRequest:
         raise

@@ -13,6 +13,12 @@ connection (the client gave up) expires after :data:`GRANT_TTL_S`. A DISCONNECT 
 tombstone for :data:`TOMBSTONE_TTL_S`, so an event or a listing that arrives after it (the two
 event subscriptions are not ordered with each other) cannot bring a closed connection back.
 
+In a cluster, connections are on several servers at once: each is counted under its own
+server's id, and a tenant's count is the sum. A server that restarts keeps its name and takes a
+new id: a request or an event from a known name with a new id drops the old id's connections (a
+server without a configured name is known by its id only; the listing after a reconnect, or
+the one a new id triggers, drops what is gone).
+
 Several replicas each count from the same events but see only their own grants, so two of them
 admitting at the same moment can let a tenant past its limit. The broker's CONNECT events come
 in one order to every replica: the replica whose grant arrives while the tenant already has its
@@ -61,7 +67,8 @@ class TenantConnections:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.server: str | None = None  # the broker counted (one broker: see docs/security.md)
+        self.servers: set[str] = set()  # the ids of the servers counted
+        self._names: dict[str, str] = {}  # a server's name -> its id now
         self._open: dict[Key, str] = {}
         self._open_counts: dict[str, int] = {}
         self._granted: dict[Key, Grant] = {}  # in grant order, so the expired are at the front
@@ -78,7 +85,6 @@ class TenantConnections:
 
     def admit(self, tenant: str, key: Key, limit: int) -> bool:
         """Whether ``tenant`` may open the connection ``key``; if so it counts from now on."""
-        self._follow_server(key[0])
         if key in self._open or key in self._granted:
             return True  # the same connection asked again: already counted
         if self.count(tenant) >= limit:
@@ -120,36 +126,44 @@ class TenantConnections:
         if grant is not None:
             _add(self._granted_counts, grant.tenant, -1)
 
-    def rebuilt(self, server: str, listed: Iterable[tuple[int, str]]) -> None:
-        """Replace the open connections with the broker's listing of ``server``, ``(cid, user)``
-        pairs. Grants stay (their CONNECT may still come); tombstoned connections stay closed."""
-        self._follow_server(server)
+    def rebuilt(self, listings: dict[str, Iterable[tuple[int, str]]]) -> None:
+        """Replace the open connections with the servers' listings (server id -> ``(cid, user)``
+        pairs): a server that is not listed has gone, and its connections with it. Grants stay
+        (their CONNECT may still come); tombstoned connections stay closed."""
         self._open, self._open_counts = {}, {}
-        for cid, user in listed:
-            key = (server, cid)
-            tenant = tenant_of_user(user)
-            if tenant is None or key in self._closed or key in self._open:
-                continue
-            grant = self._granted.pop(key, None)
-            if grant is not None:
-                _add(self._granted_counts, grant.tenant, -1)
-            self._open[key] = tenant
-            _add(self._open_counts, tenant, 1)
-
-    def _follow_server(self, server: str) -> None:
-        """A request or a listing from another broker id: the broker restarted, and every
-        connection of the old one went with it."""
-        if server == self.server:
-            return
-        if self.server is not None:
-            self._open = {key: tenant for key, tenant in self._open.items() if key[0] == server}
-            self._granted = {key: grant for key, grant in self._granted.items() if key[0] == server}
-            self._open_counts, self._granted_counts = {}, {}
-            for tenant in self._open.values():
+        self.servers = set(listings)
+        for server, listed in listings.items():
+            for cid, user in listed:
+                key = (server, cid)
+                tenant = tenant_of_user(user)
+                if tenant is None or key in self._closed or key in self._open:
+                    continue
+                grant = self._granted.pop(key, None)
+                if grant is not None:
+                    _add(self._granted_counts, grant.tenant, -1)
+                self._open[key] = tenant
                 _add(self._open_counts, tenant, 1)
-            for grant in self._granted.values():
-                _add(self._granted_counts, grant.tenant, 1)
-        self.server = server
+
+    def saw_server(self, server: str, name: str = "") -> bool:
+        """A request or an event from server ``server`` (its id) named ``name``. Returns True if
+        this id was not counted yet (the caller lists the connections again). A known name with
+        a new id is a server that restarted: every connection of its old id went with it."""
+        if name and name != server:
+            old = self._names.get(name)
+            self._names[name] = server
+            if old is not None and old != server:
+                self._drop_server(old)
+        if server in self.servers:
+            return False
+        self.servers.add(server)
+        return True
+
+    def _drop_server(self, server: str) -> None:
+        self.servers.discard(server)
+        for key in [key for key in self._open if key[0] == server]:
+            _add(self._open_counts, self._open.pop(key), -1)
+        for key in [key for key in self._granted if key[0] == server]:
+            _add(self._granted_counts, self._granted.pop(key).tenant, -1)
 
     def _expire_grants(self) -> None:
         now = self.clock()

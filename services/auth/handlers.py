@@ -99,7 +99,9 @@ def register(
             policy = policies.get(identity.tenant)
             limits = policy.connection if policy else defaults
             if connections is not None:
-                connections.admit(identity.tenant, request.server_id, request.client_id, limits.max_connections)
+                connections.admit(
+                    identity.tenant, request.server_id, request.client_id, limits.max_connections, request.server_name
+                )
         except CorralError as error:
             client = request.client_name[:64]
             tenant = error.tenant if isinstance(error, Denied) else None

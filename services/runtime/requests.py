@@ -25,6 +25,12 @@ from services.runtime.connection import Connection
 NO_RESPONDERS = "503"
 
 
+class ReplyLost(NatsTimeout):
+    """The connection dropped while the request waited: a reply sent meanwhile is lost, so it
+    is not waited for until the timeout (a step's default is 30 s). A nats-py timeout to every
+    caller that handles one; the request may or may not have been handled."""
+
+
 def _expire(future: asyncio.Future[Msg]) -> None:
     if not future.done():
         future.set_exception(NatsTimeout())
@@ -54,6 +60,12 @@ class Requester:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
             self._subscription = None
+
+    def connection_lost(self) -> None:
+        """Fail every request waiting for its reply (the connection's ``disconnected_cb``)."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ReplyLost())
 
     def quiet(self) -> bool:
         """At most one request waiting for its reply."""

@@ -26,10 +26,15 @@ from typing import Any
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    StaleConnectionError,
+)
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from pydantic import ValidationError
 
 from contracts import subjects
@@ -73,7 +78,7 @@ from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
 from services.runtime.pull import PullConsumer
 from services.runtime.refusals import Refusals
 from services.runtime.request import FORWARDED, Request, encode_result
-from services.runtime.requests import Requester
+from services.runtime.requests import ReplyLost, Requester
 from services.runtime.settings import Settings
 from services.runtime.slots import Slots
 from services.runtime.stats import UNKNOWN, OperationStats, ServiceStats, parse_stats_request
@@ -90,6 +95,16 @@ DEFAULT_PAYLOAD_LIMIT = ConnectionLimits().max_payload_bytes
 REFUSALS_PER_TURN = 16
 # When a durable message whose handler failed (retryably, or with a bug) comes back.
 DURABLE_RETRY_S = 1.0
+# What a handler's call to the broker or JetStream raises when it cannot answer for a moment.
+BROKER_TRANSIENT = (
+    NoRespondersError,
+    NatsTimeout,
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    StaleConnectionError,
+    ServiceUnavailableError,
+    NoStreamResponseError,
+)
 # How much longer than its drain timeout a replica may take to stop (Service.stop).
 STOP_MARGIN_S = 3.0
 
@@ -220,10 +235,17 @@ class Service:
             name=f"corral-{self.name}",
             inbox_prefix=subjects.service_inbox_prefix(self.name).encode(),
             error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
             max_reconnect_attempts=-1,
             reconnect_to_server_handler=connection.quick_reconnects(first_s=0.0, most_s=1.0),
             pending_size=8 * 1024 * 1024,
         )
+
+    async def _on_disconnected(self) -> None:
+        # A reply on its way now is lost: the requests waiting for one fail at once (retryable).
+        requester = getattr(self, "requester", None)
+        if requester is not None:
+            requester.connection_lost()
 
     async def start(self) -> None:
         """Connect and subscribe every operation of the manifest (core ones in the queue group
@@ -366,6 +388,8 @@ class Service:
         """Send an encoded envelope and return the reply's output, raising the typed error it carries."""
         try:
             msg = await self.requester.request(subject, body, timeout)
+        except ReplyLost:
+            raise Unavailable(f"the connection to the broker dropped while waiting for a reply on {subject}") from None
         except NatsTimeout:
             raise DeadlineExceeded(f"no reply on {subject} within {timeout:.1f}s") from None
         except NoRespondersError:
@@ -582,6 +606,15 @@ class Service:
             if durable and error.retryable and request.redeliver is None:
                 request.redeliver = DURABLE_RETRY_S  # the work is not done: the broker brings it back
             await self._refuse(msg.subject, reply, tenant, envelope, error, request.principal, tenant_facing)
+        except BROKER_TRANSIENT as error:
+            # The broker or JetStream could not answer for a moment (a reconnection, a stream's
+            # leader being elected on a cluster): typed and retryable, not a bug.
+            failure = ErrorCode.UNAVAILABLE.value
+            self.log.warning("broker_unavailable", subject=msg.subject, tenant_id=tenant, error=repr(error))
+            if durable:
+                request.redeliver = DURABLE_RETRY_S
+            failed = Unavailable(f"the broker did not answer {self.name} in time ({type(error).__name__}); retry")
+            await self._refuse(msg.subject, reply, tenant, envelope, failed, request.principal, tenant_facing)
         except Exception:
             failure = ErrorCode.INTERNAL.value
             self.log.exception("handler_failed", subject=msg.subject, tenant_id=tenant)

