@@ -293,7 +293,8 @@ class BrokerConnections:
     ) -> dict[str, dict[str, Any]]:
         """One page of APP's connections from every server: server id -> its answer. Every server
         of a cluster answers an account's listing; the answers are gathered until those of
-        ``expected`` are in, or else for :data:`GATHER_S` after the last one."""
+        ``expected`` are in (else as many as the cluster has nodes), or for :data:`GATHER_S`
+        after the last one (a node that does not answer)."""
         request: dict[str, Any] = {"offset": offset, "limit": limit, "auth": True}  # auth: with user names
         if sort is not None:
             request["sort"] = sort
@@ -317,7 +318,8 @@ class BrokerConnections:
         try:
             await self.nc.publish(LIST_CONNECTIONS, json.dumps(request).encode(), reply=inbox)
             until = time.monotonic() + REQUEST_TIMEOUT_S
-            while not (expected and expected <= answers.keys()):
+            nodes = self._nodes()
+            while not ((expected and expected <= answers.keys()) or (expected is None and len(answers) >= nodes)):
                 wait = REQUEST_TIMEOUT_S if not answers and not errors else GATHER_S
                 arrived.clear()
                 try:
@@ -332,6 +334,12 @@ class BrokerConnections:
             reason = errors[0] if errors else "no answer"
             raise Unavailable(f"the broker did not list its connections: {reason}")
         return answers
+
+    def _nodes(self) -> int:
+        """How many servers the broker says its cluster has (the client URLs its INFO
+        advertises, its own included; none: it is alone)."""
+        info = getattr(self.nc, "_server_info", None) or {}
+        return max(1, len(info.get("connect_urls") or ()))
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

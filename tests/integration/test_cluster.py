@@ -6,7 +6,12 @@ tenants to the others (docs/operations.md, Past one machine)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
 
 import nats
 import pytest
@@ -45,11 +50,30 @@ async def jetstream_ready(url: str, cluster: SecuredCluster) -> None:
         await admin.close()
 
 
+@contextlib.contextmanager
+def ready_cluster(state_dir: Path) -> Iterator[SecuredCluster]:
+    with mock.patch.dict(os.environ, {"CORRAL_JETSTREAM_REPLICAS": "3"}), secured_cluster(state_dir) as nodes:
+        asyncio.run(jetstream_ready(nodes.urls[0], nodes))
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory) -> Iterator[SecuredCluster]:
+    """One cluster for the tests that leave it as they found it (it takes seconds to form)."""
+    with ready_cluster(tmp_path_factory.mktemp("cluster") / "state") as nodes:
+        yield nodes
+
+
 @pytest.fixture
-async def cluster(tmp_path, monkeypatch):
-    monkeypatch.setenv("CORRAL_JETSTREAM_REPLICAS", "3")
-    with secured_cluster(tmp_path / "state") as nodes:
-        await jetstream_ready(nodes.urls[0], nodes)
+def cluster(shared_cluster) -> Iterator[SecuredCluster]:
+    with mock.patch.dict(os.environ, {"CORRAL_JETSTREAM_REPLICAS": "3"}):
+        yield shared_cluster
+
+
+@pytest.fixture
+def own_cluster(tmp_path) -> Iterator[SecuredCluster]:
+    """A cluster of the test's own, for one that kills a node."""
+    with ready_cluster(tmp_path / "state") as nodes, mock.patch.dict(os.environ, {"CORRAL_JETSTREAM_REPLICAS": "3"}):
         yield nodes
 
 
@@ -126,19 +150,30 @@ async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_pa
             await nc.close()
 
 
-async def test_workflow_runs_finish_when_the_node_the_services_use_is_killed(cluster):
+async def test_workflow_runs_finish_when_the_node_the_services_use_is_killed(own_cluster):
     """Every stream and bucket has three copies: with the services' node killed (SIGKILL), they
     reconnect to another node, JetStream elects new leaders, and every run started before
     finishes, each step recorded once."""
-    async with running_services(cluster.urls[0], cluster.state_dir, SERVICES):
-        client = await client_on(cluster, 1, "bench")
+    async with running_services(own_cluster.urls[0], own_cluster.state_dir, SERVICES):
+        client = await client_on(own_cluster, 1, "bench")
         try:
+            steps_done = 0
+            mid_way = asyncio.Event()
+
+            def on_event(event) -> None:
+                nonlocal steps_done
+                if event.type.value == "step_completed":
+                    steps_done += 1
+                    if steps_done == 4:  # about one step of each run done, four to go
+                        mid_way.set()
+
+            slow = {"value": 0, "delay_ms": 300}  # each step takes 0.3 s
             runs = [
-                asyncio.create_task(client.request(target="bench_wf", input={"value": 0, "delay_ms": 300}, timeout=60))
+                asyncio.create_task(client.request(target="bench_wf", input=slow, timeout=60, on_event=on_event))
                 for _ in range(4)
             ]
-            await asyncio.sleep(0.5)  # the runs are mid-way (each step waits 0.3 s): not a synchronisation
-            cluster.servers[0].process.kill()
+            await asyncio.wait_for(mid_way.wait(), READY_S)
+            own_cluster.servers[0].process.kill()
             results = await asyncio.gather(*runs)
             assert [result.output for result in results] == [5] * 4
             for result in results:
