@@ -1,4 +1,6 @@
-"""The broker's figures per tenant, from its HTTP monitoring endpoint (``/connz``).
+"""The broker's figures per tenant, from its HTTP monitoring endpoint (``/connz``): on a
+cluster, every node's (``CORRAL_MONITOR_BROKER_HTTP`` names them, comma-separated), each node
+listing its own connections, summed per tenant.
 
 Tenants' users are named ``<tenant>/<principal>`` by the auth callout; every connection in the
 ``APP`` account with such a name counts for its tenant. Paged with ``offset``/``limit``.
@@ -31,19 +33,21 @@ MAX_TENANTS = 100_000  # tenants whose slow consumers are remembered (the rest a
 
 class BrokerConnections:
     def __init__(self, base_url: str, *, timeout_s: float = 2.0, client: httpx.AsyncClient | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
+        """``base_url``: a node's monitoring endpoint, or several, comma-separated (a cluster)."""
+        self.base_urls = [url.strip().rstrip("/") for url in base_url.split(",") if url.strip()]
+        self.base_url = ",".join(self.base_urls)
         self._client = client or httpx.AsyncClient(timeout=timeout_s)
         # Slow consumers counted so far per tenant, and those the broker still lists (not again).
         self.slow_consumers: dict[str, int] = {}
-        self._slow_seen: set[tuple[str, str]] = set()
-        self._stalls: dict[tuple[str, str], int] = {}  # open connection -> its stalls at the last reading
+        self._slow_seen: set[tuple[str, str, str]] = set()
+        self._stalls: dict[tuple[str, str, str], int] = {}  # open connection -> its stalls at the last reading
 
     async def read(self) -> dict[str, tuple[int, int, int, int]]:
         """tenant -> (connections, subscriptions, slow consumers, stalled connections); raises
         httpx errors (and then counts nothing of that reading)."""
         opened, closed = await self._all("open"), await self._all("closed")
         found: dict[str, list[int]] = {}
-        stalls: dict[tuple[str, str], int] = {}
+        stalls: dict[tuple[str, str, str], int] = {}
         for connection in opened:
             tenant = _tenant_of(connection)
             if tenant is None:
@@ -57,7 +61,7 @@ class BrokerConnections:
                 if stalled > self._stalls.get(identity, 0):
                     figures[3] += 1
         self._stalls = stalls
-        listed: set[tuple[str, str]] = set()
+        listed: set[tuple[str, str, str]] = set()
         for connection in closed:
             tenant = _tenant_of(connection)
             if tenant is None or not str(connection.get("reason", "")).lower().startswith("slow consumer"):
@@ -74,10 +78,20 @@ class BrokerConnections:
         return {tenant: (f[0], f[1], f[2], f[3]) for tenant, f in found.items()}
 
     async def _all(self, state: str) -> list[dict[str, Any]]:
+        """Every node's connections in ``state``, each marked with its node (``_node``): client
+        ids are per node."""
+        out: list[dict[str, Any]] = []
+        for node in self.base_urls:
+            for connection in await self._node(node, state):
+                connection["_node"] = node
+                out.append(connection)
+        return out
+
+    async def _node(self, node: str, state: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for page in range(MAX_PAGES):
             params = {"acc": "APP", "auth": "1", "state": state, "offset": page * PAGE, "limit": PAGE}
-            reply = await self._client.get(f"{self.base_url}/connz", params=params)
+            reply = await self._client.get(f"{node}/connz", params=params)
             reply.raise_for_status()
             body = reply.json()
             if not isinstance(body, dict):
@@ -94,9 +108,10 @@ class BrokerConnections:
         await self._client.aclose()
 
 
-def _identity(connection: dict[str, Any]) -> tuple[str, str]:
-    """A connection, across readings: its ``cid`` and start (cids start again with the broker)."""
-    return (str(connection.get("cid")), str(connection.get("start")))
+def _identity(connection: dict[str, Any]) -> tuple[str, str, str]:
+    """A connection, across readings: its node, ``cid`` and start (cids are per node, and start
+    again with a restarted one)."""
+    return (str(connection.get("_node", "")), str(connection.get("cid")), str(connection.get("start")))
 
 
 def _count(value: Any) -> int:

@@ -27,7 +27,8 @@ class MonitorSettings(Settings):
     monitor_full_tenants: bool = False  # every tenant labelled in /metrics (opt-in: large scrapes)
     monitor_max_tenants: int = Field(default=20_000, ge=1)
     monitor_operator_token: str | None = None  # else the state directory's secrets
-    # The broker's monitoring endpoint (http://127.0.0.1:8222); else read from the state's nats.conf.
+    # The broker's monitoring endpoint (http://127.0.0.1:8222), or each node's of a cluster,
+    # comma-separated; else read from the state's nats.conf.
     monitor_broker_http: str | None = None
     monitor_broker_interval_s: float = Field(default=5.0, gt=0)
     # The scope a principal-scoped tenant's token needs to see that tenant's figures (its users'

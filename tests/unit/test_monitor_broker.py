@@ -98,3 +98,18 @@ async def test_no_connections_is_an_empty_reading(connz):
     fake, broker = connz
     fake.body = {"connections": None}  # nats-server writes null for none
     assert await broker.read() == {}
+
+
+async def test_every_node_of_a_cluster_is_read_and_its_connections_summed_per_tenant():
+    """Each node lists its own connections, with client ids of its own: the same cid on two
+    nodes is two connections (and two slow consumers)."""
+    nodes = {"a": FakeConnz(), "b": FakeConnz()}
+    nodes["a"].open = [conn(1, "acme/alice", subscriptions=2)]
+    nodes["b"].open = [conn(1, "acme/bob", subscriptions=1), conn(2, "globex/x")]
+    for fake in nodes.values():
+        fake.closed = [conn(3, "acme/carol", reason="Slow Consumer (Pending Bytes)")]
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: nodes[request.url.host](request)))
+    broker = BrokerConnections("http://a, http://b/", client=client)
+    assert broker.base_urls == ["http://a", "http://b"]
+    assert await broker.read() == {"acme": (2, 3, 2, 0), "globex": (1, 0, 0, 0)}
+    assert (await broker.read())["acme"][2] == 2  # each counted once
