@@ -118,14 +118,20 @@ async def connect(cluster: SecuredCluster, node: int, tenant: str, opened: list)
     return nc
 
 
-async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_path):
+async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_path, monkeypatch):
     """Two connections allowed: one on each of two nodes, and the third is refused on the last
     node; once one closes, the next is let in. Each node reports only its own connections: the
-    auth service counts them all."""
+    auth service counts them all, and its subscription sweep reads and closes on every node."""
+    monkeypatch.setenv("CORRAL_AUTH_SUBSCRIPTIONS_CHECK_S", "0.1")
     folder = tmp_path / "definitions"
     folder.mkdir()
-    capped = {"tenants": [{"tenant": "capped", "connection": {"max_connections": 2}}]}
-    (folder / "tenants.yaml").write_text(yaml.safe_dump(capped))
+    tenants = {
+        "tenants": [
+            {"tenant": "capped", "connection": {"max_connections": 2}},
+            {"tenant": "fewsubs", "connection": {"max_subscriptions": 2}},
+        ]
+    }
+    (folder / "tenants.yaml").write_text(yaml.safe_dump(tenants))
     opened: list[nats.NATS] = []
     try:
         async with running_services(cluster.urls[0], cluster.state_dir, ("auth",), definitions=folder):
@@ -134,20 +140,39 @@ async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_pa
             with pytest.raises(nats.errors.Error, match="Authorization Violation"):
                 await connect(cluster, 0, "capped", opened)
             await first.close()
-            deadline = time.monotonic() + READY_S
-            while True:  # once the auth service has seen node 1's DISCONNECT event
-                try:
-                    await connect(cluster, 0, "capped", opened)
-                    break
-                except nats.errors.Error as error:
-                    if "Authorization Violation" not in str(error) or time.monotonic() > deadline:
-                        raise
-                await asyncio.sleep(0.02)  # polling a condition with a deadline
+            await until(lambda: connect(cluster, 0, "capped", opened), "admitted once node 1's DISCONNECT is seen")
             with pytest.raises(nats.errors.Error, match="Authorization Violation"):
                 await connect(cluster, 1, "capped", opened)
+            # Past its subscription limit on node 2: closed by the auth service on node 0.
+            at_limit, over = await connect(cluster, 1, "fewsubs", opened), await connect(cluster, 2, "fewsubs", opened)
+            for n in range(3):
+                await over.subscribe(f"t.fewsubs.events.dev.run{n}")
+                if n < 2:
+                    await at_limit.subscribe(f"t.fewsubs.events.dev.run{n}")
+            await over.flush()
+
+            async def closed() -> None:
+                if not over.is_closed:
+                    raise nats.errors.Error("Authorization Violation: still open")
+
+            await until(closed, "the connection past its subscription limit closed")
+            await at_limit.flush(timeout=5)
+            assert not at_limit.is_closed
     finally:
         for nc in opened:
             await nc.close()
+
+
+async def until(attempt, what: str):
+    """``attempt()`` again while it fails with an authorization violation, within READY_S."""
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            return await attempt()
+        except nats.errors.Error as error:
+            if "Authorization Violation" not in str(error) or time.monotonic() > deadline:
+                raise AssertionError(f"not within {READY_S}s: {what}") from error
+        await asyncio.sleep(0.02)  # polling a condition with a deadline
 
 
 async def test_workflow_runs_finish_when_the_node_the_services_use_is_killed(own_cluster):
