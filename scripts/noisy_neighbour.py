@@ -91,6 +91,10 @@ async def quiet_round(client: CorralClient, requests: int) -> tuple[list[float],
     return latencies, lost
 
 
+# The flooding process's token or password (the operator's, for the control round).
+CREDENTIAL_VARIABLE = "NOISY_NEIGHBOUR_CREDENTIAL"
+
+
 async def flood(url: str, credential: str, rate: float, control: bool) -> dict[str, int]:
     """The noisy tenant: ``rate`` requests a second, open loop, until its standard input closes.
 
@@ -165,11 +169,12 @@ async def flooded_round(
 ) -> tuple[list[float], int, dict[str, int]]:
     """One quiet round while another process floods (see :func:`flood`)."""
     noisy = await asyncio.create_subprocess_exec(
-        *(sys.executable, __file__, "--flood", system.url, credential, "--flood-rate", str(rate)),
+        *(sys.executable, __file__, "--flood", system.url, "--flood-rate", str(rate)),
         *(("--control",) if control else ()),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "CORRAL_LOG_LEVEL": "warning"},
+        # In the environment, not the arguments: a password may start with "-" (and ps shows arguments).
+        env={**os.environ, "CORRAL_LOG_LEVEL": "warning", CREDENTIAL_VARIABLE: credential},
     )
     assert noisy.stdin is not None and noisy.stdout is not None
     try:
@@ -258,12 +263,12 @@ def main() -> None:
     parser.add_argument("--flood-factor", type=float, default=10.0, help="the flood, in times the rate limit")
     parser.add_argument("--flood-rate-per-s", type=float, help="the flood's rate itself (instead of a factor)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--flood", nargs=2, metavar=("URL", "CREDENTIAL"), help=argparse.SUPPRESS)
+    parser.add_argument("--flood", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--flood-rate", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--control", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood:
-        counts = flood(args.flood[0], args.flood[1], args.flood_rate, args.control)
+        counts = flood(args.flood, os.environ[CREDENTIAL_VARIABLE], args.flood_rate, args.control)
         print(json.dumps(event_loop.run(counts)), flush=True)
         return
     report = event_loop.run(run(args))

@@ -18,11 +18,11 @@ import pytest
 import yaml
 from nats.js.errors import NotFoundError
 
-from contracts import subjects
 from contracts.errors import Unavailable
 from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from tests.support.brokers import SecuredCluster, secured_cluster
+from tests.security.test_connection_limits import connect as connect_to
+from tests.support.brokers import SecuredBroker, SecuredCluster, secured_cluster
 from tests.support.services import running_services
 
 SERVICES = ("auth", "router", "graph", "tools", "workflow")
@@ -106,16 +106,8 @@ async def test_tenants_on_other_nodes_are_admitted_and_served_by_services_on_one
 
 
 async def connect(cluster: SecuredCluster, node: int, tenant: str, opened: list) -> nats.NATS:
-    nc = await nats.connect(
-        cluster.urls[node],
-        token=mint_dev_token(tenant, key=cluster.secrets.dev_key),
-        inbox_prefix=subjects.inbox_prefix(tenant).encode(),
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-        connect_timeout=3,
-    )
-    opened.append(nc)
-    return nc
+    """A raw tenant connection to one node (the connection-limit tests' own, aimed at the node)."""
+    return await connect_to(SecuredBroker(cluster.urls[node], cluster.state_dir, cluster.secrets), tenant, opened)
 
 
 async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import asyncio
 import uuid
 
 import nats
+import pytest
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
@@ -41,12 +42,23 @@ async def _consumer(nc, stream: str, durable: str, slots: Slots, started: asynci
     )
 
 
-async def test_each_message_is_started_as_it_arrives_not_when_a_batch_fills(nats_url):
+@pytest.fixture
+async def work(nats_url):
+    """A work-queue stream with a durable pull consumer ``d``: (its name, JetStream)."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     name = f"PULL_{uuid.uuid4().hex[:8]}"
     await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], retention=RetentionPolicy.WORK_QUEUE))
     await js.add_consumer(name, ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
+    try:
+        yield nc, js, name
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+async def test_each_message_is_started_as_it_arrives_not_when_a_batch_fills(work):
+    nc, js, name = work
     slots = Slots(64)
     started: asyncio.Queue = asyncio.Queue()
     given_back: list[int] = []
@@ -61,19 +73,13 @@ async def test_each_message_is_started_as_it_arrives_not_when_a_batch_fills(nats
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await js.delete_stream(name)
-        await nc.close()
     # The request asked for the 64 free slots; the three used stay taken (their handlers give
     # them back), the 61 others were given back when the consumer stopped.
     assert len(given_back) == 61
 
 
-async def test_a_full_replica_asks_for_nothing_until_a_slot_is_free(nats_url):
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    name = f"PULL_{uuid.uuid4().hex[:8]}"
-    await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], retention=RetentionPolicy.WORK_QUEUE))
-    await js.add_consumer(name, ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
+async def test_a_full_replica_asks_for_nothing_until_a_slot_is_free(work):
+    nc, js, name = work
     slots = Slots(1)
     started: asyncio.Queue = asyncio.Queue()
     consumer = await _consumer(nc, name, "d", slots, started, [])
@@ -93,5 +99,3 @@ async def test_a_full_replica_asks_for_nothing_until_a_slot_is_free(nats_url):
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await js.delete_stream(name)
-        await nc.close()
