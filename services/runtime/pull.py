@@ -5,8 +5,9 @@ for more messages than are waiting keeps the first ones until then. With a fetch
 a 5 s timeout, a run's wake-up waited up to 5 s in the replica that had it (measured: runs whose
 start went through the work queue took 5 s instead of milliseconds). Here a pull request asks for
 as many messages as the replica has free slots, and each message is started the moment it arrives;
-the next request goes out when this one is fulfilled, expires (the broker's 408) or is lost (a
-reconnection: no answer by its expiry). Status messages are the JetStream pull protocol's
+the next request goes out when this one is fulfilled, expires (the broker's 408), or the
+connection comes back from a reconnection (the request stayed with the old one; a request that
+gets no answer by its expiry is taken as lost too). Status messages are the JetStream pull protocol's
 (ADR-13): 100 heartbeat, 404 no messages, 408 expired, 409 refused (max waiting, consumer gone).
 """
 
@@ -88,6 +89,11 @@ class PullConsumer:
                     await asyncio.sleep(REFUSED_BACKOFF_S)
         finally:
             await subscription.unsubscribe()
+
+    def reconnected(self) -> None:
+        """The connection is back (perhaps to another node): the open request went with the old
+        one, so the next is asked for now rather than when this one would have expired."""
+        self._ended.set()
 
     async def _on_message(self, msg: Msg) -> None:
         headers = msg.headers

@@ -133,6 +133,7 @@ class Service:
         self.handlers: dict[str, Any] = {}
         self._subscriptions: list[Any] = []
         self._consumers: list[asyncio.Task[None]] = []
+        self._pulls: list[PullConsumer] = []  # the durable consumers' pulls, while they run
         # Each message's task -> the tenant it was admitted for (None: not admitted per tenant).
         self._in_flight: dict[asyncio.Task[None], str | None] = {}
         self._kept: set[asyncio.Task[Any]] = set()
@@ -236,6 +237,7 @@ class Service:
             inbox_prefix=subjects.service_inbox_prefix(self.name).encode(),
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
             max_reconnect_attempts=-1,
             reconnect_to_server_handler=connection.quick_reconnects(first_s=0.0, most_s=1.0),
             pending_size=8 * 1024 * 1024,
@@ -246,6 +248,10 @@ class Service:
         requester = getattr(self, "requester", None)
         if requester is not None:
             requester.connection_lost()
+
+    async def _on_reconnected(self) -> None:
+        for pull in self._pulls:  # their pull requests stayed with the old connection
+            pull.reconnected()
 
     async def start(self) -> None:
         """Connect and subscribe every operation of the manifest (core ones in the queue group
@@ -740,7 +746,7 @@ class Service:
                     await msg.ack()
 
         # Each message is started as it arrives, its slot taken before it was asked for.
-        await PullConsumer(
+        pull = PullConsumer(
             self.nc,
             op.stream,
             durable,
@@ -749,7 +755,12 @@ class Service:
             give_back=lambda: self._release(None),
             most=DURABLE_BATCH,
             log=self.log,
-        ).run()
+        )
+        self._pulls.append(pull)
+        try:
+            await pull.run()
+        finally:
+            self._pulls.remove(pull)
 
     async def _refuse(
         self,

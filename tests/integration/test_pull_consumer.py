@@ -15,6 +15,7 @@ import pytest
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 
+from corral.nats_server import NatsServer, free_port
 from services.runtime.pull import PullConsumer
 from services.runtime.slots import Slots
 
@@ -99,3 +100,44 @@ async def test_a_full_replica_asks_for_nothing_until_a_slot_is_free(work):
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_after_a_reconnection_the_next_pull_is_asked_for_at_once(tmp_path):
+    """The open pull request went with the broker that was killed; the consumer asks again as
+    soon as the connection is back, not when the old request would have expired (a minute
+    here). A broker that stops cleanly says so (409), one killed cannot."""
+    store, port = tmp_path / "js", free_port()
+    broker = NatsServer(args=["-js", "-sd", str(store)], port=port).start()
+    consumer: PullConsumer | None = None
+    back = asyncio.Event()
+
+    async def reconnected() -> None:
+        assert consumer is not None
+        consumer.reconnected()
+        back.set()
+
+    nc = await nats.connect(broker.url, reconnected_cb=reconnected, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="W", subjects=["W.>"], retention=RetentionPolicy.WORK_QUEUE))
+        await js.add_consumer("W", ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
+        slots, started = Slots(64), asyncio.Queue()
+        consumer = await _consumer(nc, "W", "d", slots, started, [])
+        task = asyncio.create_task(consumer.run())
+        try:
+            await js.publish("W.work", b"before")
+            await (await asyncio.wait_for(started.get(), WAIT_S)).ack()
+            broker.process.kill()  # SIGKILL: no word to the consumer about its open request
+            broker.process.wait()
+            broker.close()
+            broker = NatsServer(args=["-js", "-sd", str(store)], port=port).start()
+            await asyncio.wait_for(back.wait(), WAIT_S)
+            await js.publish("W.work", b"after")
+            msg = await asyncio.wait_for(started.get(), WAIT_S)
+            assert msg.data == b"after"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await nc.close()
+        broker.close()
