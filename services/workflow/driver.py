@@ -493,8 +493,10 @@ class _Run:
         if isinstance(step, ToolStep):
             arguments = self.workflow.arguments[step.name](scope)
             key = self._key(step.name, tries)
-            if step.local:
-                return await self._local_tool(step.tool, arguments, step.timeout_s, key)
+            # A run pinned to a definition with local steps, after every local step left the
+            # current ones, finds no tools here: the same call goes to the tools service.
+            if step.local and self.driver.tools is not None:
+                return await self._local_tool(self.driver.tools, step.tool, arguments, step.timeout_s, key)
             return await self._tool(step.tool, arguments, step.timeout_s, key)
         if isinstance(step, FunctionStep):
             function = self.driver.function(step.callable)
@@ -539,12 +541,12 @@ class _Run:
         payload = to_json({"tool": tool, "arguments": arguments})
         return await self._request(subjects.tool_call(self.state.tenant, tool), Kind.TOOL_CALL, payload, timeout, key)
 
-    async def _local_tool(self, tool: str, arguments: dict[str, Any], timeout: float, key: str) -> Any:
+    async def _local_tool(
+        self, tools: ToolRegistry, tool: str, arguments: dict[str, Any], timeout: float, key: str
+    ) -> Any:
         """A ``local`` step's call, in this replica: the tools service's own checks and context
         (services/toolkit/runtime.py), audited here."""
         state, service = self.state, self.service
-        tools = self.driver.tools
-        assert tools is not None  # built when any workflow has a local step (handlers.register)
 
         def audit(action: str, outcome: str, **detail: Any) -> None:
             service.audit.record(

@@ -176,6 +176,14 @@ class Store:
             raise _Refused(error.get("err_code"), error.get("description", ""))
         return int(ack["seq"])
 
+    async def _stored(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """:meth:`_acked` for a write with no condition of its own: a refusal (the stream full,
+        say) is :class:`~contracts.errors.Unavailable`."""
+        try:
+            return await self._acked(subject, body, headers)
+        except _Refused as refused:
+            raise Unavailable(f"the workflow's JetStream storage refused a write: {refused.description}") from None
+
     async def read(self, tenant: str, run_id: str, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
         """The run's events after stream sequence ``after``, in order, each with the sequence of
         the message that holds it (batched direct gets: one round trip per thousand messages,
@@ -239,7 +247,7 @@ class Store:
     # ---- the run index --------------------------------------------------------------
 
     async def index(self, tenant: str, run_id: str, summary: dict[str, Any]) -> None:
-        await self._acked(f"$KV.{RUNS_BUCKET}.{tenant}.{run_id}", _json(summary))
+        await self._stored(f"$KV.{RUNS_BUCKET}.{tenant}.{run_id}", _json(summary))
 
     async def runs(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
         """The tenant's runs, newest first: the last entry of each of its index keys, in one
@@ -324,7 +332,7 @@ class Store:
     async def wake(self, tenant: str, run_id: str) -> None:
         """Ask a replica to drive the run on now."""
         body = new_envelope_json(Kind.WORKFLOW_TASK, tenant, _json({"run_id": run_id}), run_id=run_id)
-        await self._acked(subjects.workflow_task(tenant, run_id), body)
+        await self._stored(subjects.workflow_task(tenant, run_id), body)
 
     async def wake_at(self, tenant: str, run_id: str, at: float) -> None:
         """Wake the run at ``at`` (replacing its earlier timer: one per run). The broker fires
@@ -332,7 +340,7 @@ class Store:
         stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = new_envelope_json(Kind.WORKFLOW_TASK, tenant, _json({"run_id": run_id}), run_id=run_id)
         headers = {"Nats-Schedule": f"@at {stamp}", "Nats-Schedule-Target": subjects.workflow_task(tenant, run_id)}
-        await self._acked(subjects.workflow_timer(tenant, run_id), body, headers)
+        await self._stored(subjects.workflow_timer(tenant, run_id), body, headers)
 
     async def cancel_timer(self, tenant: str, run_id: str) -> None:
         subject = subjects.workflow_timer(tenant, run_id)
