@@ -121,8 +121,12 @@ class Driver:
         self.models = models
         self.settings = WorkflowSettings.of(service.settings)
         self.owner = service.stats.replica_id
-        # The tools of ``local`` steps, called in this replica (None: no workflow has one).
+        # The tools of ``local`` steps, called in this replica (None: no workflow has one), and
+        # their calls by outcome (the tools service counts the others as its own operation).
         self.tools: ToolRegistry | None = None
+        self.local_calls = service.stats.counter(
+            "workflow_local_tool_calls", "Tool calls of local steps, made in this replica, by outcome", key="outcome"
+        )
         self.tenant_keys = frozenset(service.settings.tenant_argument_aliases)
         # Runs this replica drove last, with the sequence it saw: a wake-up that comes back here
         # need not read the history again (an append that finds it moved on reads the rest).
@@ -553,19 +557,25 @@ class _Run:
                 state.tenant, action, outcome, principal=state.principal, run_id=state.run_id, **detail
             )
 
-        return await invoke(
-            tools,
-            self.driver.tenant_keys,
-            state.tenant,
-            tool,
-            arguments,
-            run_id=state.run_id,
-            principal=state.principal,
-            timeout_s=timeout,
-            idempotency_key=key,
-            audit=audit,
-            log=service.log,
-        )
+        try:
+            output = await invoke(
+                tools,
+                self.driver.tenant_keys,
+                state.tenant,
+                tool,
+                arguments,
+                run_id=state.run_id,
+                principal=state.principal,
+                timeout_s=timeout,
+                idempotency_key=key,
+                audit=audit,
+                log=service.log,
+            )
+        except CorralError as error:
+            self.driver.local_calls.add(state.tenant, 1, error.code.value)
+            raise
+        self.driver.local_calls.add(state.tenant, 1, "ok")
+        return output
 
     async def _request(self, subject: str, kind: Kind, payload: bytes, timeout: float, key: str) -> Any:
         state = self.state

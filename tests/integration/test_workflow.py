@@ -334,6 +334,9 @@ async def test_a_local_step_calls_its_tool_in_the_workflow_replica_with_the_same
     assert ("globex", "step") not in workflow_tools.CALLS
     calls = next(op for op in services["tools"].stats.operations if op.name == "call")
     assert calls.totals()["num_requests"] == 0  # nothing went through the tools service
+    figures = services["workflow"].stats.snapshot()["figures"]
+    (local,) = [figure for figure in figures if figure["name"] == "workflow_local_tool_calls"]
+    assert local["tenants"]["acme"]["by"] == {"ok": 2, "tool_failed": 1}
     await services["workflow"].flushed()
     trail = await read_trail(broker.url, "admin", broker.secrets.passwords["admin"], "acme")
     of_run = [record for record in trail.records if record.run_id == result.run_id]
