@@ -34,6 +34,7 @@ from corral.state import (
     RUNTIME_FILE,
     existing_state_dir,
     init_state,
+    make_cluster_node,
     read_runtime_info,
     resolve_state_dir,
     write_runtime_info,
@@ -103,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--no-demo", dest="demo", action="store_false", help="do not copy the demo definitions")
     init.add_argument("--listen", default="127.0.0.1", help="address the broker listens on")
     init.add_argument("--client-url", help="the broker's URL as clients reach it (written for corral request)")
+    init.add_argument(
+        "--cluster-node",
+        metavar="NAME",
+        help="make nats.conf one node of a NATS cluster, named NAME (each node its own name; copy "
+        "secrets.json from the first node's state directory first, so every node shares its keys)",
+    )
+    init.add_argument("--cluster-port", type=int, default=6222, help="the port this node's routes listen on")
+    init.add_argument(
+        "--routes", default="", help="the other nodes' route URLs, comma-separated (nats://host:6222,...)"
+    )
 
     up = command("up", _up, "start the broker and every service; Ctrl-C stops them")
     up.add_argument("--port", type=int, default=4222, help="broker port (0 picks a free one)")
@@ -398,6 +409,12 @@ async def _connect(url: str, source: str, timeout: float, connect: Any) -> Any:
 def _init(args: argparse.Namespace) -> int:
     state_dir = resolve_state_dir(args.state_dir)
     init_state(state_dir, host=args.listen, port=args.port, demo=args.demo)
+    if args.cluster_node:
+        routes = [route.strip() for route in args.routes.split(",") if route.strip()]
+        make_cluster_node(
+            state_dir, name=args.cluster_node, port=args.port, cluster_port=args.cluster_port, routes=routes
+        )
+        print(f"nats.conf is node {args.cluster_node!r} of a cluster (set CORRAL_JETSTREAM_REPLICAS=3 everywhere)")
     if args.client_url:
         write_runtime_info(state_dir, {"nats_url": args.client_url})
     print(

@@ -281,6 +281,23 @@ def cluster_node_config(
     return json.dumps(node, indent=2) + "\n"
 
 
+def make_cluster_node(state_dir: Path, *, name: str, port: int, cluster_port: int, routes: list[str]) -> None:
+    """Rewrite the state directory's ``nats.conf`` (as :func:`init_state` wrote it) as node
+    ``name`` of a cluster (``corral init --cluster-node``): its JetStream in the state directory,
+    the monitoring port it had."""
+    config = state_dir / "nats.conf"
+    node = cluster_node_config(
+        config.read_text(),
+        name=name,
+        port=port,
+        cluster_port=cluster_port,
+        routes=routes,
+        jetstream_dir=state_dir / "jetstream",
+        monitoring_port=monitoring_port(config),
+    )
+    _write_private(config, node)
+
+
 def write_runtime_info(state_dir: Path, info: dict[str, Any]) -> None:
     (state_dir / RUNTIME_FILE).write_text(json.dumps(info, indent=2) + "\n")
 

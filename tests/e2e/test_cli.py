@@ -4,6 +4,7 @@ ping` answers for each service. Against a real `corral up` (two graph replicas) 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -291,3 +292,43 @@ def test_every_line_of_every_service_log_names_its_service_and_replica(system):
             lines = log_lines(state_dir / "logs" / f"{name}-{replica}.log")
             assert lines and all(line["service"] == name for line in lines), name
             assert {line["replica"] for line in lines} == {f"{name}-{replica}"}
+
+
+async def test_init_writes_nodes_that_form_a_cluster_with_the_first_nodes_keys(tmp_path):
+    """``corral init --cluster-node``: each machine's state directory, with the first one's
+    secrets.json copied in, becomes one node; the nodes route to each other and share accounts."""
+    import nats
+
+    from corral.nats_server import NatsServer
+
+    ports = {name: (free_port(), free_port()) for name in ("a", "b")}
+    for name, (port, cluster_port) in ports.items():
+        state = tmp_path / name
+        if name == "b":
+            state.mkdir()
+            shutil.copy(tmp_path / "a" / "secrets.json", state / "secrets.json")  # the first node's keys
+        other = next(p for n, p in ports.items() if n != name)
+        done, _ = corral(
+            *("init", "--state-dir", str(state), "--no-demo", "--port", str(port)),
+            *("--cluster-node", name, "--cluster-port", str(cluster_port), "--routes", f"nats://127.0.0.1:{other[1]}"),
+            env=clean_env(),
+        )
+        assert done.returncode == 0, done.stderr
+        assert (state / "nats.conf").stat().st_mode & 0o077 == 0  # it holds the users' passwords
+    secrets = load_secrets(tmp_path / "a")
+    assert secrets.passwords == load_secrets(tmp_path / "b").passwords
+    with (
+        NatsServer(config=tmp_path / "a" / "nats.conf", port=ports["a"][0], log_file=tmp_path / "a.log") as first,
+        NatsServer(config=tmp_path / "b" / "nats.conf", port=ports["b"][0], log_file=tmp_path / "b.log"),
+    ):
+        admin = await nats.connect(
+            first.url, user="admin", password=secrets.passwords["admin"], inbox_prefix=b"_INBOX._admin"
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while len(admin._server_info.get("connect_urls") or ()) < 2:  # the route is up: b is known
+                assert time.monotonic() < deadline, "the nodes did not form a cluster"
+                await admin.flush()
+                await asyncio.sleep(0.05)  # polling with a deadline
+        finally:
+            await admin.close()
