@@ -61,7 +61,7 @@ class ToolRegistry:
         """Connect to the MCP servers and take each MCP tool's schema from its server's listing
         (unless the definition gives one). A server that is down is retried on first use."""
         for name, tool in self.catalog.tools.items():
-            adapter = self.adapters[name]
+            adapter = self.adapters.get(name)  # (a registry of some tools only has no others)
             if not isinstance(adapter, McpAdapter):
                 continue
             try:
@@ -81,7 +81,10 @@ class ToolRegistry:
             if tool not in self.catalog.tools and policy is not None:
                 raise NotFound(f"unknown tool {tool!r}")
             raise Forbidden(f"tool {tool!r} is not allowed for tenant {tenant!r}")
-        return self.adapters[tool]
+        adapter = self.adapters.get(tool)
+        if adapter is None:  # a registry of some tools only (a workflow replica's local ones)
+            raise NotFound(f"tool {tool!r} is not one this service calls itself")
+        return adapter
 
     def schemas_for(self, tenant: str) -> list[dict[str, Any]]:
         """The tools a tenant may use, as shown to a model: name, description, parameters."""

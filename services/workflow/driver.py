@@ -497,10 +497,11 @@ class _Run:
         if isinstance(step, ToolStep):
             arguments = self.workflow.arguments[step.name](scope)
             key = self._key(step.name, tries)
-            # A run pinned to a definition with local steps, after every local step left the
-            # current ones, finds no tools here: the same call goes to the tools service.
-            if step.local and self.driver.tools is not None:
-                return await self._local_tool(self.driver.tools, step.tool, arguments, step.timeout_s, key)
+            # A run pinned to an older definition may have a local step whose tool no current
+            # one calls locally (this replica holds only those): the call goes to the tools service.
+            tools = self.driver.tools
+            if step.local and tools is not None and step.tool in tools.adapters:
+                return await self._local_tool(tools, step.tool, arguments, step.timeout_s, key)
             return await self._tool(step.tool, arguments, step.timeout_s, key)
         if isinstance(step, FunctionStep):
             function = self.driver.function(step.callable)

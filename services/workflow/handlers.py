@@ -53,8 +53,12 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
         driver.targets.update(run_targets(current, "workflow", changed))
 
     live.on_change(tenants_changed)
-    if any(isinstance(step, ToolStep) and step.local for w in catalog.workflows.values() for step in w.walk()):
-        driver.tools = tool_runtime(service, catalog, live=live)  # the tools of local steps
+    local = {
+        step.tool for w in catalog.workflows.values() for step in w.walk() if isinstance(step, ToolStep) and step.local
+    }
+    if local:  # the tools of local steps, and only those: no other tool's code is imported here
+        only_local = catalog.model_copy(update={"tools": {n: t for n, t in catalog.tools.items() if n in local}})
+        driver.tools = tool_runtime(service, only_local, live=live)
     schemas = {
         name: jsonschema.validators.validator_for(w.input_schema)(w.input_schema)
         for name, w in catalog.workflows.items()
