@@ -344,3 +344,39 @@ async def test_a_local_step_calls_its_tool_in_the_workflow_replica_with_the_same
     assert tool_calls == [("step", "ok"), ("flaky", "failed"), ("flaky", "ok")]
     override = [r for r in of_run if r.action == "tenant_override_attempt"]
     assert len(override) == 1 and override[0].detail["removed"] == ["tenant_id"] and not trail.problems
+
+
+async def test_a_pinned_runs_local_step_whose_tool_is_no_longer_local_goes_to_the_tools_service(secured, tmp_path):
+    """A replica holds only the tools the current definitions call locally; a run that started
+    with `pay` local (its definition pinned) finishes once `pay`'s tool is local nowhere."""
+    basic = (DEFINITIONS / "basic.yaml").read_text()
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    for folder in (first, second):
+        folder.mkdir()
+    local_pay = "      - {name: pay, kind: tool, tool: flaky, local: true,"
+    (first / "w.yaml").write_text(basic.replace("      - {name: pay, kind: tool, tool: flaky,", local_pay))
+    no_local_flaky = "      - {name: b, kind: tool, tool: flaky, args: {value: $a.value}}"
+    (second / "w.yaml").write_text(
+        basic.replace(
+            "      - {name: b, kind: tool, tool: flaky, local: true, args: {value: $a.value}}", no_local_flaky
+        )
+    )
+    assert local_pay in (first / "w.yaml").read_text() and no_local_flaky in (second / "w.yaml").read_text()
+    async with running_services(secured.url, secured.state_dir, ALL, definitions=first):
+        acme = await client_for(secured, "acme")
+        try:
+            waiting = await acme.request(target="approval", input={"amount": 500})
+            assert waiting.output["status"] == "waiting"
+        finally:
+            await acme.close()
+    async with running_services(secured.url, secured.state_dir, ALL, definitions=second) as services:
+        acme = await client_for(secured, "acme")
+        manager = await client_for(secured, "acme", sub="manager", scopes=["refund:approve"])
+        try:
+            await manager.signal(waiting.run_id, "approve", scope="refund:approve")
+            await waitfor_status(acme, waiting.run_id, "completed")
+        finally:
+            await acme.close()
+            await manager.close()
+        calls = next(op for op in services["tools"].stats.operations if op.name == "call")
+        assert calls.totals()["num_requests"] >= 1  # pay's call went through the tools service
