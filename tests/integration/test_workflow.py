@@ -263,6 +263,18 @@ async def test_the_demo_refund_goes_through_the_payments_api_once_per_run_even_w
     assert ledger.refunds("globex") == []
 
 
+async def approval_left_waiting(secured, definitions):
+    """An approval run left waiting for its signal by services on ``definitions``, then stopped."""
+    async with running_services(secured.url, secured.state_dir, ALL, definitions=definitions):
+        acme = await client_for(secured, "acme")
+        try:
+            waiting = await acme.request(target="approval", input={"amount": 500})
+            assert waiting.output["status"] == "waiting"
+            return waiting
+        finally:
+            await acme.close()
+
+
 async def test_a_running_run_keeps_its_definition_when_the_definitions_change(secured, tmp_path):
     first = tmp_path / "v1"
     first.mkdir()
@@ -278,13 +290,7 @@ async def test_a_running_run_keeps_its_definition_when_the_definitions_change(se
         )
     )
     (second / "w.yaml").write_text(changed)
-    async with running_services(secured.url, secured.state_dir, ALL, definitions=first):
-        acme = await client_for(secured, "acme")
-        try:
-            waiting = await acme.request(target="approval", input={"amount": 500})
-            assert waiting.output["status"] == "waiting"
-        finally:
-            await acme.close()
+    waiting = await approval_left_waiting(secured, first)
     async with running_services(secured.url, secured.state_dir, ALL, definitions=second):
         acme = await client_for(secured, "acme")
         manager = await client_for(secured, "acme", sub="manager", scopes=["refund:approve"])
@@ -362,13 +368,7 @@ async def test_a_pinned_runs_local_step_whose_tool_is_no_longer_local_goes_to_th
         )
     )
     assert local_pay in (first / "w.yaml").read_text() and no_local_flaky in (second / "w.yaml").read_text()
-    async with running_services(secured.url, secured.state_dir, ALL, definitions=first):
-        acme = await client_for(secured, "acme")
-        try:
-            waiting = await acme.request(target="approval", input={"amount": 500})
-            assert waiting.output["status"] == "waiting"
-        finally:
-            await acme.close()
+    waiting = await approval_left_waiting(secured, first)
     async with running_services(secured.url, secured.state_dir, ALL, definitions=second) as services:
         acme = await client_for(secured, "acme")
         manager = await client_for(secured, "acme", sub="manager", scopes=["refund:approve"])
