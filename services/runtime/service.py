@@ -34,7 +34,13 @@ from nats.errors import (
 )
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from pydantic import ValidationError
 
 from contracts import subjects
@@ -726,11 +732,7 @@ class Service:
             max_deliver=op.max_deliver,
             max_ack_pending=self.settings.max_in_flight,
         )
-        try:
-            await js.consumer_info(op.stream, durable)
-        except NotFoundError:
-            with contextlib.suppress(BadRequestError):  # another replica created it meanwhile
-                await js.add_consumer(op.stream, config=config)
+        await self._durable_consumer(js, op, durable, config)
 
         async def handle(msg: Msg) -> None:
             # In-progress acknowledgements keep a long message from being redelivered while it runs.
@@ -761,6 +763,24 @@ class Service:
             await pull.run()
         finally:
             self._pulls.remove(pull)
+
+    async def _durable_consumer(self, js: Any, op: Durable, durable: str, config: ConsumerConfig) -> None:
+        """Find the operation's durable consumer, or create it; until JetStream answers (a broker
+        or a cluster still starting, its stream's leader being elected), try again: a replica
+        whose consumer was never made would never take a message of it."""
+        wait = 0.1
+        while True:
+            try:
+                try:
+                    await js.consumer_info(op.stream, durable)
+                except NotFoundError:
+                    with contextlib.suppress(BadRequestError):  # another replica created it meanwhile
+                        await js.add_consumer(op.stream, config=config)
+                return
+            except (*BROKER_TRANSIENT, APIError) as error:
+                self.log.warning("durable_consumer_not_ready", operation=op.name, error=repr(error), retry_s=wait)
+                await asyncio.sleep(wait)  # a backoff, not a synchronisation
+                wait = min(2.0, wait * 2)
 
     async def _refuse(
         self,

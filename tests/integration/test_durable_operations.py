@@ -228,3 +228,35 @@ async def test_a_replica_stops_within_its_drain_timeout_and_margin_even_if_a_han
     finally:
         finished.set()
     assert took < drain_s + STOP_MARGIN_S  # before: the abandoned handler was waited for 5 s more
+
+
+async def test_a_replica_started_before_its_stream_exists_takes_its_messages_once_it_does(nats_url):
+    """Its durable consumer is made once JetStream can make it (the stream created after the
+    replica started, as on a cluster still electing leaders); before, the consumer task ended
+    at its first error and the replica never took a message of that operation."""
+    name = f"WORK{uuid.uuid4().hex[:8].upper()}"
+    handled: list[str] = []
+
+    async def on_item(req):
+        handled.append(req.payload.tool)
+
+    service = build(Settings(nats_url=nats_url, log_level="warning"), name, on_item)
+    await service.start()
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await js.add_stream(StreamConfig(name=name, subjects=[work_subject(name)]))
+        await js.publish(*item(name, "late"))
+        await until(lambda: settled_when_made(js, name))
+    finally:
+        await service.stop()
+        await js.delete_stream(name)
+        await nc.close()
+    assert handled == ["late"]
+
+
+async def settled_when_made(js, stream: str) -> bool:
+    try:
+        return await settled(js, stream)
+    except nats.js.errors.NotFoundError:  # the consumer is not made yet
+        return False
