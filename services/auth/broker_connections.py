@@ -50,7 +50,7 @@ SWEEP_PAGE = 64  # connections per page of the subscription sweep (most subscrip
 OVERLAP = 16  # each page starts this many connections before the previous one ended
 REQUEST_TIMEOUT_S = 5.0
 # How long a listing waits, after the last server's answer, for another server's (a cluster).
-GATHER_S = 0.2
+GATHER_S = 0.5
 
 
 class BrokerConnections:
