@@ -251,9 +251,7 @@ class Service:
 
     async def _on_disconnected(self) -> None:
         # A reply on its way now is lost: the requests waiting for one fail at once (retryable).
-        requester = getattr(self, "requester", None)
-        if requester is not None:
-            requester.connection_lost()
+        self.requester.connection_lost()
 
     async def _on_reconnected(self) -> None:
         for pull in self._pulls:  # their pull requests stayed with the old connection

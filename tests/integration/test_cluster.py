@@ -29,23 +29,34 @@ SERVICES = ("auth", "router", "graph", "tools", "workflow")
 READY_S = 30.0  # an upper bound: the cluster elects its JetStream leader in a few seconds
 
 
+async def retried(attempt, retry_if, what: str):
+    """``attempt()`` again while what it raises is ``retry_if`` it, within READY_S."""
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            return await attempt()
+        except Exception as error:
+            if not retry_if(error) or time.monotonic() > deadline:
+                raise AssertionError(f"not within {READY_S}s: {what}") from error
+        await asyncio.sleep(0.05)  # polling a condition with a deadline
+
+
+def refused(error: Exception) -> bool:
+    return "Authorization Violation" in str(error)
+
+
 async def jetstream_ready(url: str, cluster: SecuredCluster) -> None:
     """Until the cluster's JetStream answers (it has elected its meta leader)."""
     admin = await nats.connect(
         url, user="admin", password=cluster.secrets.passwords["admin"], inbox_prefix=b"_INBOX._admin"
     )
-    deadline = time.monotonic() + READY_S
+
+    async def answered() -> None:
+        with contextlib.suppress(NotFoundError):  # an answer, found or not, is ready
+            await admin.jetstream().stream_info("KV_TENANTS")
+
     try:
-        while True:
-            try:
-                await admin.jetstream().stream_info("KV_TENANTS")  # an answer, found or not, is ready
-                return
-            except NotFoundError:
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)  # polling the cluster's readiness with a deadline
+        await retried(answered, lambda error: True, "the cluster's JetStream answers")
     finally:
         await admin.close()
 
@@ -80,18 +91,6 @@ def own_cluster(tmp_path) -> Iterator[SecuredCluster]:
 async def client_on(cluster: SecuredCluster, node: int, tenant: str = "acme") -> CorralClient:
     token = mint_dev_token(tenant, key=cluster.secrets.dev_key)
     return await CorralClient.connect(cluster.urls[node], tenant=tenant, token=token)
-
-
-async def settled(ask):
-    """``ask()`` again while it is ``unavailable`` (a stream's new leader is being elected)."""
-    deadline = time.monotonic() + READY_S
-    while True:
-        try:
-            return await ask()
-        except Unavailable:
-            if time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.1)  # polling with a deadline
 
 
 async def test_tenants_on_other_nodes_are_admitted_and_served_by_services_on_one(cluster):
@@ -132,7 +131,9 @@ async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_pa
             with pytest.raises(nats.errors.Error, match="Authorization Violation"):
                 await connect(cluster, 0, "capped", opened)
             await first.close()
-            await until(lambda: connect(cluster, 0, "capped", opened), "admitted once node 1's DISCONNECT is seen")
+            await retried(
+                lambda: connect(cluster, 0, "capped", opened), refused, "admitted once node 1's DISCONNECT is seen"
+            )
             with pytest.raises(nats.errors.Error, match="Authorization Violation"):
                 await connect(cluster, 1, "capped", opened)
             # Past its subscription limit on node 2: closed by the auth service on node 0.
@@ -147,24 +148,12 @@ async def test_a_tenants_connection_limit_holds_across_the_nodes(cluster, tmp_pa
                 if not over.is_closed:
                     raise nats.errors.Error("Authorization Violation: still open")
 
-            await until(closed, "the connection past its subscription limit closed")
+            await retried(closed, refused, "the connection past its subscription limit closed")
             await at_limit.flush(timeout=5)
             assert not at_limit.is_closed
     finally:
         for nc in opened:
             await nc.close()
-
-
-async def until(attempt, what: str):
-    """``attempt()`` again while it fails with an authorization violation, within READY_S."""
-    deadline = time.monotonic() + READY_S
-    while True:
-        try:
-            return await attempt()
-        except nats.errors.Error as error:
-            if "Authorization Violation" not in str(error) or time.monotonic() > deadline:
-                raise AssertionError(f"not within {READY_S}s: {what}") from error
-        await asyncio.sleep(0.02)  # polling a condition with a deadline
 
 
 async def test_workflow_runs_finish_when_the_node_the_services_use_is_killed(own_cluster):
@@ -194,7 +183,11 @@ async def test_workflow_runs_finish_when_the_node_the_services_use_is_killed(own
             results = await asyncio.gather(*runs)
             assert [result.output for result in results] == [5] * 4
             for result in results:
-                shown = await settled(lambda run_id=result.run_id: client.show(run_id))
+                shown = await retried(
+                    lambda run_id=result.run_id: client.show(run_id),
+                    lambda error: isinstance(error, Unavailable),  # a stream's new leader being elected
+                    "the run shown",
+                )
                 steps = [e["step"] for e in shown["events"] if e["type"] == "step_completed"]
                 assert steps == ["s1", "s2", "s3", "s4", "s5"]
                 # A call whose reply went with the node failed at once and was tried again; it
