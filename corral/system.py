@@ -504,6 +504,20 @@ class System:
             raise BrokerError(f"{process.name} replica {process.replica} did not start again")
         await self.wait_ready(timeout=timeout)
 
+    async def add_replica(self, name: str, *, timeout: float = 30.0) -> ServiceProcess:
+        """Start one more replica of service ``name`` and wait until it is ready (scaling out
+        a running system; the supervisor restarts it like the others)."""
+        if name not in BY_NAME or name == PAYMENTS:
+            raise ValueError(f"no service {name!r} to scale")
+        replica = max((p.replica for p in self.processes if p.name == name), default=-1) + 1
+        process = self._spawn(name, replica)
+        self.processes.append(process)
+        self.replicas[name] = sum(p.name == name for p in self.processes)
+        self._record()
+        self._write_runtime_info()
+        await self.wait_ready(timeout=timeout)
+        return process
+
     async def _restart(self, key: tuple[str, int]) -> int | None:
         """Start one child again; its new pid, or None if it failed at once (counted as a crash)."""
         name, replica = key

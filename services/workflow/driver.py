@@ -27,6 +27,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -163,10 +164,36 @@ class Driver:
             and self._inline.get(tenant, 0) < settings.max_in_flight_per_tenant
         )
 
-    def drive_inline(self, state: RunState, lease: Lease, index: dict[str, Any]) -> None:
+    def opening(self, state: RunState) -> Opening:
+        """A fresh run's first moves, taken into its state before anything is written: the
+        decisions its plan records and the start of its first steps, to be appended in the
+        same message as its ``run_started`` (one write where there were two). Their calls begin
+        only once that message is acknowledged (:meth:`drive_inline`), never before the run
+        exists: a replica that dies first leaves no side effect of a run nobody was told of."""
+        workflow = self.library.of(state)
+        events: list[dict[str, Any]] = []
+
+        def record(event: dict[str, Any]) -> None:
+            event.setdefault("at", time.time())
+            apply(state, event, state.seq)
+            events.append(event)
+
+        while (step_plan := plan(state, workflow)).records:
+            for event in step_plan.records:
+                record(event)
+        actions = [] if step_plan.finished else step_plan.runs
+        for action in actions:
+            record(_started(action))
+        return Opening(events, actions)
+
+    def drive_inline(
+        self, state: RunState, lease: Lease, index: dict[str, Any], opening: Opening | None = None
+    ) -> None:
         """Drive a run this replica has just started, in the background of its start's reply.
         Its line in the run index (``index``) is written once it has run for
-        :data:`INDEX_AFTER_S` (a short run is indexed once, as it ends or waits).
+        :data:`INDEX_AFTER_S` (a short run is indexed once, as it ends or waits). ``opening``:
+        its first moves (:meth:`opening`), already appended with its start; their events are
+        published and their calls begin now.
 
         Its recovery timer (set with its first record) wakes it on another replica if this one
         dies; the lease's renewals push that timer on while the run is driven here."""
@@ -180,7 +207,7 @@ class Driver:
         async def go() -> None:
             indexed = asyncio.ensure_future(index_later())
             try:
-                handed_back = await self._drive(state, lease, recovering=True, indexed=indexed)
+                handed_back = await self._drive(state, lease, recovering=True, indexed=indexed, opening=opening)
                 if handed_back:  # stopping: another replica goes on with it at once
                     await self.store.wake(tenant, state.run_id)
             except Exception:
@@ -255,12 +282,19 @@ class Driver:
         return 0.0 if await self._drive(state, lease) else None
 
     async def _drive(
-        self, state: RunState, lease: Lease, *, recovering: bool = False, indexed: asyncio.Future[None] | None = None
+        self,
+        state: RunState,
+        lease: Lease,
+        *,
+        recovering: bool = False,
+        indexed: asyncio.Future[None] | None = None,
+        opening: Opening | None = None,
     ) -> bool:
         """Drive ``state``'s run under ``lease`` until it finishes, waits or is handed back
         (returns True: this replica is stopping and another should go on with it now).
         ``recovering``: the run has a recovery timer to keep ahead of the lease. ``indexed``:
-        the write of its first line in the run index, which the next one must follow."""
+        the write of its first line in the run index, which the next one must follow.
+        ``opening``: its first moves, written with its start (:meth:`opening`)."""
         ttl = self.settings.workflow_lease_s
         keeper = asyncio.create_task(self._keep(lease, ttl, state if recovering else None))
         run = _Run(self, state, self.library.of(state), lease, indexed)
@@ -268,6 +302,8 @@ class Driver:
         self._driving[tenant] = self._driving.get(tenant, 0) + 1
         try:
             try:
+                if opening is not None:
+                    await run.open(opening)
                 await run.go()
             except LeaseLost:
                 self.service.log.warning("workflow_lease_lost", tenant_id=state.tenant, run_id=state.run_id)
@@ -395,10 +431,18 @@ class _Run:
 
     def _start(self, action: RunStep | RunCompensation) -> None:
         """Start an attempt in its own task: its start is recorded with the next write."""
-        kind = Ev.COMPENSATION_STARTED if isinstance(action, RunCompensation) else Ev.STEP_STARTED
-        self._record({"type": kind, "step": action.step, "attempt": action.attempt})
+        self._record(_started(action))
         self.running[action.step] = asyncio.create_task(self._outcome(action))
         self._launched.append(action.step)
+
+    async def open(self, opening: Opening) -> None:
+        """The run's first moves, already in its history (appended with its start): their
+        attempts begin, and their events go out."""
+        for action in opening.actions:
+            self.running[action.step] = asyncio.create_task(self._outcome(action))
+        for event in opening.events:
+            await self._publish(event)
+        self._since_snapshot += len(opening.events)
 
     async def _write(self) -> bool:
         """Append what is pending in one message. False if the history had moved on: then the
@@ -660,6 +704,20 @@ class _Run:
                 await self._indexed
             self._indexed = None
         await self.store.index(self.state.tenant, self.state.run_id, summary(self.state, status, **extra))
+
+
+@dataclass(slots=True)
+class Opening:
+    """A fresh run's first moves (:meth:`Driver.opening`): the events recorded into its state
+    (appended with its ``run_started``) and the attempts to begin once they are written."""
+
+    events: list[dict[str, Any]]
+    actions: list[RunStep | RunCompensation]
+
+
+def _started(action: RunStep | RunCompensation) -> dict[str, Any]:
+    kind = Ev.COMPENSATION_STARTED if isinstance(action, RunCompensation) else Ev.STEP_STARTED
+    return {"type": kind, "step": action.step, "attempt": action.attempt}
 
 
 class InvalidOutput(CorralError):

@@ -119,13 +119,16 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             "at": time.time(),
         }
         state = started(event, tenant, 0)
-        # Driven on here at once when there is room (no wake-up to wait for): the lease and the
-        # run's recovery timer (another replica takes it over if this one dies) are written
-        # together with its first event. Otherwise a wake-up through the work queue.
+        # Driven on here at once when there is room (no wake-up to wait for): its first moves
+        # (the start of its first steps) are appended with its start, in one message, and the
+        # lease and the run's recovery timer (another replica takes it over if this one dies)
+        # are written meanwhile. Otherwise a wake-up through the work queue.
         lease: Lease | None = None
+        opening = None
         if driver.can_drive_inline(tenant):
+            opening = driver.opening(state)
             appended, lease, timer = await asyncio.gather(
-                store.append(tenant, run_id, [event], 0),
+                store.append(tenant, run_id, [event, *opening.events], 0),
                 store.lease(tenant, run_id, driver.owner, driver.settings.workflow_lease_s),
                 store.wake_at(tenant, run_id, time.time() + driver.recovery_s),
                 return_exceptions=True,
@@ -147,15 +150,16 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             raise Conflict(f"run id {run_id!r} is already in use") from None
         state.seq = appended
         driver.runs_counted.add(tenant, 1, "started")
-        if lease is not None:
-            driver.drive_inline(state, lease, index=summary(state))
-        else:
-            driver.remember(state, fresh=True)
-            await asyncio.gather(store.index(tenant, run_id, summary(state)), store.wake(tenant, run_id))
         req.audit("workflow_start", "accepted", workflow=payload.workflow, digest=compiled.digest)
         req.stream = payload.stream
-        if req.stream:
+        if req.stream:  # before the first step's events
             await req.emit(RunEvent(type=EventType.STARTED, service=service.name, data={"workflow": payload.workflow}))
+        if lease is not None:
+            driver.drive_inline(state, lease, index=summary(state), opening=opening)
+        else:
+            # (Its first steps, if recorded as started, run as interrupted attempts: once more.)
+            driver.remember(state, fresh=True)
+            await asyncio.gather(store.index(tenant, run_id, summary(state)), store.wake(tenant, run_id))
         return {"run_id": run_id, "workflow": payload.workflow, "digest": compiled.digest, "status": "running"}
 
     @service.handler("signal")

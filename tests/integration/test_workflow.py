@@ -48,6 +48,13 @@ async def test_a_five_step_run_completes_and_its_history_is_recorded(system):
     assert types[0] == "run_started" and types[-1] == "run_completed"
     assert types.count("step_completed") == 5
     assert shown["run"]["status"] == "completed"
+    # Its first message holds its start and the start of its first step (one write, not two);
+    # every later one a step's outcome and the next step's start.
+    seqs = [event["seq"] for event in shown["events"]]
+    assert types[:2] == ["run_started", "step_started"] and seqs[0] == seqs[1]
+    assert len(set(seqs)) == 6
+    watched = [e.type.value for e in result.events if e.service == "workflow"]
+    assert watched[:2] == ["started", "step_started"]
     keys = workflow_tools.CALLS[("acme", "step")]
     assert keys == [f"{result.run_id}:s{i}" for i in range(1, 6)]
     assert [e.type.value for e in result.events if e.service == "workflow"][-1] == "completed"
