@@ -347,7 +347,7 @@ class CorralClient:
         on_event: OnEvent | None = None,
         watch: bool = True,
         idempotency_key: str | None = None,
-        follow: bool = True,
+        follow: bool | None = None,
         session: str | None = None,
         trace: str | None = None,
     ) -> RunResult:
@@ -357,9 +357,12 @@ class CorralClient:
         a new conversation); the output has the ``session`` to continue it with.
 
         A workflow route answers at once with the run it started (``{"run_id", "status": "running"}``);
-        with ``follow`` (and ``watch``) the client then watches the run until it finishes (the
-        output is the run's, a failure raises its typed error), waits for a signal (the output says
-        ``"status": "waiting"`` and for what), or the timeout passes (``"status": "running"``).
+        when followed the client then waits until the run finishes (the output is the run's, a
+        failure raises its typed error), waits for a signal (the output says ``"status": "waiting"``
+        and for what), or the timeout passes (``"status": "running"``). ``follow``: None (the
+        default) follows it when ``watch``; True follows it without watching, so the run publishes
+        only its outcome, not every step's events (the cheapest way to wait for a run's result);
+        False answers with the start at once.
 
         With ``watch`` the run's events are collected (and passed to ``on_event``) until its
         terminal event, which may arrive just after the reply since it comes from another service.
@@ -393,11 +396,12 @@ class CorralClient:
         on_event: OnEvent | None,
         watch: bool,
         idempotency_key: str | None,
-        follow: bool = True,
+        follow: bool | None = None,
         session: str | None = None,
         trace: str | None = None,
     ) -> RunResult:
         run_id = new_id()
+        follows = watch if follow is None else follow
         started = time.monotonic()
         text_input = {"text": text} if text is not None else {}
         payload = RouterRequest(target=target, input={**(input or {}), **text_input}, session=session, stream=watch)
@@ -414,7 +418,7 @@ class CorralClient:
         subscription = None
         finished = asyncio.Event()
         stopped = asyncio.Event()  # a workflow's run finished or began to wait
-        if watch:
+        if watch or follows:  # (without watch, a workflow run publishes only its outcomes)
 
             async def on_message(msg: Msg) -> None:
                 event = envelope_of(RunEvent).model_validate_json(msg.data).payload
@@ -451,13 +455,13 @@ class CorralClient:
                 raise Unavailable(NOT_CONNECTED) from None
             output = decode_reply(msg.data)
             if subscription is not None and _is_workflow_start(output) and output["run_id"] == run_id:
-                if not follow:
+                if not follows:
                     return RunResult(run_id=run_id, output=output, events=events, trace=trace)
                 left = timeout - (time.monotonic() - started)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopped.wait(), timeout=max(0.0, left))
                 return RunResult(run_id=run_id, output=_workflow_outcome(output, events), events=events, trace=trace)
-            if subscription is not None and not _is_workflow_start(output):
+            if watch and not _is_workflow_start(output):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(finished.wait(), timeout=1.0)
             return RunResult(run_id=run_id, output=output, events=events, trace=trace)

@@ -4,8 +4,9 @@ Temporal, DBOS and the raw JetStream floor (:mod:`corral.bench.workflow_others`)
 Corral's side runs the demo's ``bench_wf`` workflow (five tool steps, each a trivial Python
 tool called over the bus through the tools service), and ``bench_wf_local`` (the same steps run
 in the workflow replica), on a system started here: per run one at a time (start through the
-router, every step recorded in the history, the client following the run's events until
-``completed``) and runs per second with 32 in flight, with one workflow replica, as the other
+router, every step recorded in the history, the client following the run to its outcome, as
+the other engines' clients wait for a result; ``watched_*``: the client watching every step's
+events too) and runs per second with 32 in flight, with one workflow replica, as the other
 engines have one worker; then a second replica is started, and the time to finish all runs
 after a kill -9 of one of them mid-way is measured (the other takes the runs over once their
 lease and wake-up expire). On this benchmark's two cores a second replica adds no core, only a
@@ -40,6 +41,10 @@ CORRAL_SIDES = {
         "service's checks, context and audit), no tools-service round trip; the same history",
     ),
 }
+WATCH_NOTE = (
+    "the client follows each run to its outcome (the run publishes only that); watched_*: the client "
+    "watches every step's events as well (two per step)"
+)
 RECOVERY_NOTE = (
     "recovery: a second replica started, then one of the two killed with SIGKILL mid-way; the other "
     "takes its runs over (lease and wake-up: 2 s)"
@@ -69,10 +74,18 @@ async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, dict[
                 system.url, tenant=TENANT, token=mint_dev_token(TENANT, key=secrets.dev_key, ttl_s=3600)
             )
 
-            def runner(target: str) -> Any:
+            def runner(target: str, *, watch: bool = False) -> Any:
+                """A run to its end: the client follows its outcome (as the other engines' clients
+                wait for the result), or with ``watch`` every step's events as well."""
+
                 async def run(delay_ms: float = 0, on_event: Any = None) -> Any:
                     result = await client.request(
-                        target=target, input={"value": 0, "delay_ms": delay_ms}, timeout=60, on_event=on_event
+                        target=target,
+                        input={"value": 0, "delay_ms": delay_ms},
+                        timeout=60,
+                        on_event=on_event,
+                        watch=watch,
+                        follow=True,
                     )
                     if result.output != 5:
                         raise RuntimeError(f"the workflow answered {result.output!r}, not 5")
@@ -83,16 +96,19 @@ async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, dict[
             try:
                 for side, (target, notes) in CORRAL_SIDES.items():
                     samples = await measure_latencies(runner(target), counts)
+                    watched = await measure_latencies(runner(target, watch=True), counts)
                     results[side] = {
                         "p50_ms": percentile(samples, 0.5),
                         "p99_ms": percentile(samples, 0.99),
                         "rps": await measure_throughput(runner(target), counts),
+                        "watched_p50_ms": percentile(watched, 0.5),
+                        "watched_rps": await measure_throughput(runner(target, watch=True), counts),
                         "runs": counts.latency_runs,
-                        "notes": f"{notes}; one workflow replica; {RECOVERY_NOTE}",
+                        "notes": f"{notes}; one workflow replica; {WATCH_NOTE}; {RECOVERY_NOTE}",
                     }
                 await system.add_replica("workflow")
                 for side, (target, _) in CORRAL_SIDES.items():
-                    results[side]["recovery_s"] = await _recovery(system, runner(target), counts)
+                    results[side]["recovery_s"] = await _recovery(system, runner(target, watch=True), counts)
             finally:
                 await client.close()
         finally:
@@ -143,6 +159,9 @@ async def run_workflow_bench(
             report[f"{side}_wf_p50_ms"] = round(figures["p50_ms"], 3)
             report[f"{side}_wf_rps"] = round(figures["rps"], 1)
             report[f"{side}_wf_recovery_s"] = figures.get("recovery_s")
+            if "watched_p50_ms" in figures:
+                report[f"{side}_wf_watched_p50_ms"] = round(figures["watched_p50_ms"], 3)
+                report[f"{side}_wf_watched_rps"] = round(figures["watched_rps"], 1)
     floor = results.get("floor", {})
     if "p50_ms" in floor:
         for side in CORRAL_SIDES:

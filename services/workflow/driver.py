@@ -73,6 +73,9 @@ EVENTS = {
     Ev.RUN_FAILED: EventType.FAILED,
     Ev.RUN_CANCELLED: EventType.CANCELLED,
 }
+# The events a run whose starter does not watch its progress still publishes: where it ended
+# or stopped to wait (what a client following it waits for). Every event is in its history.
+OUTCOMES = frozenset({EventType.WAITING, EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED})
 # What the audit trail records of a run (every step's outcome, who approved, how it ended).
 AUDITED = {
     Ev.STEP_COMPLETED: ("workflow_step", "ok"),
@@ -648,7 +651,7 @@ class _Run:
             shown = EventType.STEP_FAILED
         else:
             shown = EVENTS.get(kind)
-        if shown is not None:
+        if shown is not None and (state.progress or shown in OUTCOMES):
             data = {k: v for k, v in event.items() if k not in ("type", "step", "at", "ms", "output")}
             if kind in (Ev.STEP_COMPLETED, Ev.RUN_COMPLETED):
                 data["output"] = event.get("output")

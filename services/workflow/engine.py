@@ -124,6 +124,9 @@ class RunState:
     timer: bool = False  # a broker timer was set for the run (purged when it finishes)
     trace: str | None = None  # the W3C traceparent of the start: its steps' calls carry it on
     correlation_id: str | None = None  # the start request's: every event and call of the run carries it
+    # Whether its starter watches its progress (the start's ``stream``): each step's events are
+    # published; without, only its outcomes (waiting, completed, failed, cancelled) are.
+    progress: bool = True
     # Per list of steps (by its first step's name), how many of its steps are done (a cache).
     cursors: dict[str, int] = field(default_factory=dict)
 
@@ -163,6 +166,7 @@ def started(event: dict[str, Any], tenant: str, seq: int) -> RunState:
         started_at=event["at"],
         trace=event.get("trace"),
         correlation_id=event.get("correlation_id"),
+        progress=event.get("stream", True),
         events=1,
         seq=seq,
     )

@@ -116,6 +116,7 @@ def register(service: Service, catalog: Catalog, models: ModelRegistry | None = 
             "idempotency_key": key,
             "trace": req.envelope.trace,  # every step's call and event carries the start's trace on
             "correlation_id": req.envelope.correlation_id or req.envelope.id,  # and its correlation id
+            "stream": payload.stream,  # its starter watches: every step's events (else its outcomes only)
             "at": time.time(),
         }
         state = started(event, tenant, 0)

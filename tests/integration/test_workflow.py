@@ -60,6 +60,48 @@ async def test_a_five_step_run_completes_and_its_history_is_recorded(system):
     assert [e.type.value for e in result.events if e.service == "workflow"][-1] == "completed"
 
 
+async def test_a_run_followed_without_watching_publishes_only_its_outcome_and_records_every_step(system):
+    broker, _ = system
+    watcher = await nats.connect(
+        broker.url, token=mint_dev_token("acme", key=broker.secrets.dev_key), inbox_prefix=b"_INBOX.acme"
+    )
+    seen: list[dict] = []
+    completed = asyncio.Event()
+
+    async def kept(msg) -> None:
+        seen.append(json.loads(msg.data))
+        if seen[-1]["payload"]["type"] == "completed" and seen[-1]["payload"]["service"] == "workflow":
+            completed.set()
+
+    await watcher.subscribe("t.acme.events.>", cb=kept)
+    await watcher.flush()
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request(target="five", input={"value": 1}, watch=False, follow=True)
+        await asyncio.wait_for(completed.wait(), 10)
+        shown = await acme.show(result.run_id)
+        started = await acme.request(target="five", input={"value": 1}, watch=False)  # not followed
+    finally:
+        await acme.close()
+        await watcher.close()
+    assert result.output == 6
+    assert [event.type.value for event in result.events] == ["completed"]
+    assert [e["payload"]["type"] for e in seen if e["run_id"] == result.run_id] == ["completed"]
+    assert [event["type"] for event in shown["events"]].count("step_completed") == 5
+    assert started.output["status"] == "running" and started.events == []
+
+
+async def test_a_run_followed_without_watching_answers_when_it_waits_for_a_signal(system):
+    broker, _ = system
+    acme = await client_for(broker, "acme")
+    try:
+        result = await acme.request(target="approval", input={"amount": 5000}, watch=False, follow=True)
+    finally:
+        await acme.close()
+    assert result.output["status"] == "waiting" and result.output["waiting_for"] == "approve"
+    assert [event.type.value for event in result.events] == ["waiting"]
+
+
 async def test_every_event_of_a_run_carries_the_correlation_id_of_the_request_that_started_it(system):
     broker, _ = system
     watcher = await nats.connect(
