@@ -9,6 +9,7 @@ uvloop: each hop is a few loop iterations and a socket read and write, and uvloo
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar
@@ -31,6 +32,24 @@ def loop_name() -> Literal["uvloop", "asyncio"]:
             raise SystemExit("error: CORRAL_EVENT_LOOP=uvloop but uvloop is not installed") from None
         return "asyncio"
     return "uvloop"
+
+
+# Python's cycle collector runs its youngest generation every 700 allocations by default. A service
+# allocates quickly (each message makes envelopes, dicts, futures and tasks, nearly all freed by
+# reference counting) and holds a large long-lived heap (definitions, caches), so collections
+# were frequent and each walked survivors that were never garbage: with 20,000 the workflow
+# engine spent 15 % less CPU per run at 32 runs in flight (0.61-0.66 ms against 0.51-0.56 ms,
+# `corral bench workflow`'s local side). Cyclic garbage is still collected, a little later.
+GC_THRESHOLDS = (20_000, 10, 10)
+
+
+def settle_gc() -> None:
+    """Once a process has loaded what it keeps for its lifetime: collect, move everything alive
+    now out of the collector's sight (``gc.freeze``: never garbage, never walked again) and
+    collect less often from then on (:data:`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -389,6 +389,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.start()
+        event_loop.settle_gc()  # what it loaded to start (definitions, tools, caches) stays
         await self._stopping.wait()
         await self.stop()
 

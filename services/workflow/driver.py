@@ -521,7 +521,8 @@ class _Run:
         schema = self.workflow.schemas.get(step.name)
         problem: str | None = None
         for tries in range(1, step.validation_attempts + 1 if schema is not None else 2):
-            output = await asyncio.wait_for(self._call(step, tries, problem), step.timeout_s)
+            async with asyncio.timeout(step.timeout_s):  # (no task of its own, as wait_for makes)
+                output = await self._call(step, tries, problem)
             if schema is None:
                 return output, tries
             try:
@@ -587,7 +588,8 @@ class _Run:
         compensation = step.compensate
         arguments = self.workflow.compensations[step.name](self.state.scope())
         key = f"{self.state.run_id}:{step.name}:compensate"
-        await asyncio.wait_for(self._tool(compensation.tool, arguments, step.timeout_s, key), step.timeout_s)
+        async with asyncio.timeout(step.timeout_s):
+            await self._tool(compensation.tool, arguments, step.timeout_s, key)
 
     async def _tool(self, tool: str, arguments: dict[str, Any], timeout: float, key: str) -> Any:
         payload = to_json({"tool": tool, "arguments": arguments})

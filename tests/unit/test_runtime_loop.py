@@ -84,3 +84,17 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on():
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert slots.try_take()
+
+
+def test_settle_gc_freezes_what_is_alive_and_collects_less_often() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    kept = [object() for _ in range(10)]
+    try:
+        event_loop.settle_gc()
+        assert gc.get_threshold() == event_loop.GC_THRESHOLDS
+        assert gc.get_freeze_count() >= len(kept)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
