@@ -1,9 +1,10 @@
 """``corral bench workflow``: the same five-step workflow on Corral and, in the same run, on
 Temporal, DBOS and the raw JetStream floor (:mod:`corral.bench.workflow_others`).
 
-Corral's side runs the demo's ``bench_wf`` workflow (five tool steps, each a trivial Python
-tool called over the bus through the tools service), and ``bench_wf_local`` (the same steps run
-in the workflow replica), on a system started here: per run one at a time (start through the
+Corral's sides run the demo's ``bench_wf_local`` workflow (``corral``: five tool steps, each a
+trivial Python tool called in the workflow replica, as the floor calls its steps in its own
+process) and ``bench_wf`` (``corral_remote``: the same steps, each called over the bus through
+the tools service), on a system started here: per run one at a time (start through the
 router, every step recorded in the history, the client following the run to its outcome, as
 the other engines' clients wait for a result; ``watched_*``: the client watching every step's
 events too) and runs per second with 32 in flight, with one workflow replica, as the other
@@ -28,17 +29,19 @@ from corral.bench.workflow_others import QUICK, Counts, measure_latencies, measu
 from corral.nats_server import free_port
 from services.runtime.credentials import load_secrets
 
-# Corral's sides: the workflow each runs, and what its steps do.
+# Corral's sides: the workflow each runs, and what its steps do. ``corral`` calls each step's tool
+# where the floor calls its step, in the process that records the run; ``corral_remote`` sends
+# each call to the tools service over the bus.
 CORRAL_SIDES = {
     "corral": (
-        "bench_wf",
-        "five tool steps over the bus (router, workflow engine, tools service); every step's start "
-        "and outcome appended to the run's JetStream history before the run goes on",
-    ),
-    "corral_local": (
         "bench_wf_local",
-        "the same five steps marked `local`: each tool called in the workflow replica (the tools "
-        "service's checks, context and audit), no tools-service round trip; the same history",
+        "five tool steps marked `local` (router, workflow engine): each tool called in the workflow "
+        "replica with the tools service's checks, context and audit; every step's start and outcome "
+        "appended to the run's JetStream history before the run goes on",
+    ),
+    "corral_remote": (
+        "bench_wf",
+        "the same five steps, each tool called through the tools service over the bus; the same history",
     ),
 }
 WATCH_NOTE = (
@@ -174,17 +177,23 @@ async def run_workflow_bench(
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{'side':<10} {'p50 ms':>9} {'p99 ms':>9} {'runs/s':>9} {'recovery s':>11}"]
+    lines = [f"{'side':<14} {'p50 ms':>9} {'p99 ms':>9} {'runs/s':>9} {'recovery s':>11}"]
     for side, figures in report["sides"].items():
         if "error" in figures:
-            lines.append(f"{side:<10} error: {figures['error']}")
+            lines.append(f"{side:<14} error: {figures['error']}")
             continue
         recovery = figures.get("recovery_s")
         shown = f"{recovery:.2f}" if isinstance(recovery, int | float) else "n/a"
         lines.append(
-            f"{side:<10} {figures['p50_ms']:>9.2f} {figures['p99_ms']:>9.2f} {figures['rps']:>9.0f} {shown:>11}"
+            f"{side:<14} {figures['p50_ms']:>9.2f} {figures['p99_ms']:>9.2f} {figures['rps']:>9.0f} {shown:>11}"
         )
-    for key in ("corral_vs_floor_p50", "corral_vs_floor_rps", "corral_vs_temporal_rps"):
+    for key in (
+        "corral_vs_floor_p50",
+        "corral_vs_floor_rps",
+        "corral_remote_vs_floor_p50",
+        "corral_remote_vs_floor_rps",
+        "corral_vs_temporal_rps",
+    ):
         if key in report:
             lines.append(f"{key}: {report[key]}")
     return "\n".join(lines)
