@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from corral.bench import TENANT, percentile
-from corral.bench.workflow_others import QUICK, Counts, measure_latencies, measure_throughput, run_others_async
+from corral.bench.workflow_others import (
+    QUICK,
+    Counts,
+    measure_latencies,
+    measure_paired,
+    measure_throughput,
+    run_others_async,
+    running_floor,
+)
 from corral.nats_server import free_port
 from services.runtime.credentials import load_secrets
 
@@ -54,9 +62,11 @@ RECOVERY_NOTE = (
 )
 
 
-async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, dict[str, Any]]:
+async def corral_side(counts: Counts, *, quiet: bool = False, paired: bool = True) -> dict[str, dict[str, Any]]:
     """Both of Corral's sides (:data:`CORRAL_SIDES`) on one system, one after the other; a
-    workflow replica is killed in each side's recovery measurement and restarted after it."""
+    workflow replica is killed in each side's recovery measurement and restarted after it.
+    ``paired``: each side's latency is also measured in turns with the floor's (run by
+    :func:`~corral.bench.workflow_others.running_floor` beside the system), run for run."""
     from corral.client import CorralClient
     from corral.system import System
     from services.auth.tokens import mint_dev_token
@@ -109,6 +119,12 @@ async def corral_side(counts: Counts, *, quiet: bool = False) -> dict[str, dict[
                         "runs": counts.latency_runs,
                         "notes": f"{notes}; one workflow replica; {WATCH_NOTE}; {RECOVERY_NOTE}",
                     }
+                if paired:
+                    async with running_floor() as floor:
+                        for side, (target, _) in CORRAL_SIDES.items():
+                            mine, floors = await measure_paired(runner(target), floor.run, counts)
+                            results[side]["paired_p50_ms"] = percentile(mine, 0.5)
+                            results[side]["paired_floor_p50_ms"] = percentile(floors, 0.5)
                 await system.add_replica("workflow")
                 for side, (target, _) in CORRAL_SIDES.items():
                     results[side]["recovery_s"] = await _recovery(system, runner(target, watch=True), counts)
@@ -170,6 +186,10 @@ async def run_workflow_bench(
         for side in CORRAL_SIDES:
             report[f"{side}_vs_floor_p50"] = round(results[side]["p50_ms"] / floor["p50_ms"], 2)
             report[f"{side}_vs_floor_rps"] = round(results[side]["rps"] / floor["rps"], 3)
+    for side in CORRAL_SIDES:
+        figures = results[side]
+        if "paired_p50_ms" in figures:  # the same moments: what the machine's drift cannot skew
+            report[f"{side}_vs_floor_p50_paired"] = round(figures["paired_p50_ms"] / figures["paired_floor_p50_ms"], 2)
     temporal = results.get("temporal", {})
     if "rps" in temporal:
         report["corral_vs_temporal_rps"] = round(results["corral"]["rps"] / temporal["rps"], 1)
@@ -189,8 +209,10 @@ def table(report: dict[str, Any]) -> str:
         )
     for key in (
         "corral_vs_floor_p50",
+        "corral_vs_floor_p50_paired",
         "corral_vs_floor_rps",
         "corral_remote_vs_floor_p50",
+        "corral_remote_vs_floor_p50_paired",
         "corral_remote_vs_floor_rps",
         "corral_vs_temporal_rps",
     ):

@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +77,22 @@ async def measure_latencies(run: Run, counts: Counts) -> list[float]:
         started = time.perf_counter()
         await run()
         samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+async def measure_paired(first: Run, second: Run, counts: Counts) -> tuple[list[float], list[float]]:
+    """Milliseconds per run of two sides taken in turns, one run of each (which goes first
+    alternating), so that both see the same moments of a machine whose speed drifts."""
+    for _ in range(counts.warmup):
+        await first()
+        await second()
+    samples: tuple[list[float], list[float]] = ([], [])
+    sides = (first, second)
+    for index in range(counts.latency_runs * 2):
+        which = (index + index // 2) % 2  # first, second, second, first, first, second, ...
+        started = time.perf_counter()
+        await sides[which]()
+        samples[which].append((time.perf_counter() - started) * 1000)
     return samples
 
 
@@ -233,8 +249,25 @@ async def _expect_done(worker: _WorkerProcess, runs: int) -> None:
 # --- the floor: raw JetStream ---
 
 
-async def floor_side(counts: Counts) -> dict[str, Any]:
-    """The floor on a ``nats-server -js`` of its own, with file storage in a temporary folder."""
+@dataclass
+class Floor:
+    """A running floor: its server, its connection's JetStream and KV, and one ``run``."""
+
+    server: NatsServer
+    scratch: Path
+    js: Any
+    kv: Any
+
+    async def run(self) -> Any:
+        from corral.bench import workflow_workers as workers
+
+        return await workers.floor_run(self.js, self.kv, uuid.uuid4().hex)
+
+
+@contextlib.asynccontextmanager
+async def running_floor() -> AsyncIterator[Floor]:
+    """The floor on a ``nats-server -js`` of its own, with file storage in a temporary folder
+    (also run beside Corral's side, to measure both in the same moments)."""
     import nats
 
     from corral.bench import workflow_workers as workers
@@ -246,28 +279,31 @@ async def floor_side(counts: Counts) -> dict[str, Any]:
             nc = await nats.connect(server.url)
             try:
                 js = nc.jetstream()
-                kv = await workers.floor_setup(js)
-
-                async def run() -> Any:
-                    return await workers.floor_run(js, kv, uuid.uuid4().hex)
-
-                latencies = await measure_latencies(run, counts)
-                rps = await measure_throughput(run, counts)
-                run_ids = _run_ids("recovery", counts.recovery_runs)
-                args = [server.url, str(counts.step_delay_s), *run_ids]
-                log = Path(scratch) / "worker.log"
-
-                async def finished(worker: _WorkerProcess) -> None:
-                    await _expect_done(worker, len(run_ids))
-
-                recovery_s = await _recovery(lambda: _WorkerProcess.start("floor", args, log), counts, finished)
-                for run_id in run_ids:  # what the KV holds, not only what the worker says
-                    if json.loads((await kv.get(run_id)).value)["value"] != workers.STEPS:
-                        raise SideError(f"run {run_id} did not end at step {workers.STEPS}")
+                yield Floor(server, Path(scratch), js, await workers.floor_setup(js))
             finally:
                 await nc.close()
         finally:
             server.close()
+
+
+async def floor_side(counts: Counts) -> dict[str, Any]:
+    """The floor on a ``nats-server -js`` of its own, with file storage in a temporary folder."""
+    from corral.bench import workflow_workers as workers
+
+    async with running_floor() as floor:
+        latencies = await measure_latencies(floor.run, counts)
+        rps = await measure_throughput(floor.run, counts)
+        run_ids = _run_ids("recovery", counts.recovery_runs)
+        args = [floor.server.url, str(counts.step_delay_s), *run_ids]
+        log = floor.scratch / "worker.log"
+
+        async def finished(worker: _WorkerProcess) -> None:
+            await _expect_done(worker, len(run_ids))
+
+        recovery_s = await _recovery(lambda: _WorkerProcess.start("floor", args, log), counts, finished)
+        for run_id in run_ids:  # what the KV holds, not only what the worker says
+            if json.loads((await floor.kv.get(run_id)).value)["value"] != workers.STEPS:
+                raise SideError(f"run {run_id} did not end at step {workers.STEPS}")
     notes = (
         "nats-py on JetStream file storage (which syncs to disk every 2 minutes by default, not per "
         "write); a fresh worker continues each run from the step last recorded in KV, so the step in "
