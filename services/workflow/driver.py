@@ -26,7 +26,7 @@ import inspect
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,12 +203,8 @@ class Driver:
         tenant = state.tenant
         self._inline[tenant] = self._inline.get(tenant, 0) + 1
 
-        async def index_later() -> None:
-            await asyncio.sleep(INDEX_AFTER_S)
-            await self.store.index(tenant, state.run_id, index)
-
         async def go() -> None:
-            indexed = asyncio.ensure_future(index_later())
+            indexed = Later(INDEX_AFTER_S, lambda: self.store.index(tenant, state.run_id, index))
             try:
                 handed_back = await self._drive(state, lease, recovering=True, indexed=indexed, opening=opening)
                 if handed_back:  # stopping: another replica goes on with it at once
@@ -221,9 +217,7 @@ class Driver:
                     # Its first index line, usually cancelled by the run's end or wait: waited
                     # for without raising (awaiting a cancelled task raises CancelledError, which
                     # once skipped the count below and left every later run to the work queue).
-                    await asyncio.wait([indexed])
-                    if not indexed.cancelled():
-                        indexed.exception()  # retrieved: a failed index write is not worth a log line
+                    await indexed.settled()
                 finally:
                     self._inline[tenant] -= 1
                     if not self._inline[tenant]:
@@ -290,7 +284,7 @@ class Driver:
         lease: Lease,
         *,
         recovering: bool = False,
-        indexed: asyncio.Future[None] | None = None,
+        indexed: Later | None = None,
         opening: Opening | None = None,
     ) -> bool:
         """Drive ``state``'s run under ``lease`` until it finishes, waits or is handed back
@@ -299,7 +293,7 @@ class Driver:
         the write of its first line in the run index, which the next one must follow.
         ``opening``: its first moves, written with its start (:meth:`opening`)."""
         ttl = self.settings.workflow_lease_s
-        keeper = asyncio.create_task(self._keep(lease, ttl, state if recovering else None))
+        keeper = Later(ttl / 3, lambda: self._keep(lease, ttl, state if recovering else None))
         run = _Run(self, state, self.library.of(state), lease, indexed)
         tenant = state.tenant
         self._driving[tenant] = self._driving.get(tenant, 0) + 1
@@ -318,18 +312,18 @@ class Driver:
             self._driving[tenant] -= 1
             if not self._driving[tenant]:
                 del self._driving[tenant]
-            await cancel_and_wait(keeper)  # a lease renewal can lose one cancellation (tasks.py)
+            await keeper.stop()
             if not run.state.finished:  # a finished run's lease key goes by itself (LEASE_KEY_MAX_AGE_S)
                 await self.store.release(lease)
 
     async def _keep(self, lease: Lease, ttl: float, recovering: RunState | None) -> None:
-        """Renew the lease a third of the way through, until cancelled or lost (and push the
-        run's recovery timer on past the renewed lease)."""
+        """Renew the lease (a third of the way through: the run's keeper starts this then),
+        until cancelled or lost, and push the run's recovery timer on past the renewed lease."""
         while not lease.lost:
-            await asyncio.sleep(ttl / 3)
             with contextlib.suppress(Exception):  # a failed renewal is retried; expiry is the bound
                 if await self.store.renew(lease, ttl) and recovering is not None:
                     await self.store.wake_at(recovering.tenant, recovering.run_id, lease.until + RECOVERY_MARGIN_S)
+            await asyncio.sleep(ttl / 3)
 
     def function(self, target: str) -> Callable[..., Any]:
         found = self._functions.get(target)
@@ -359,7 +353,7 @@ class _Run:
         state: RunState,
         workflow: CompiledWorkflow,
         lease: Lease,
-        indexed: asyncio.Future[None] | None = None,
+        indexed: Later | None = None,
     ) -> None:
         self.driver = driver
         self._indexed = indexed
@@ -705,10 +699,55 @@ class _Run:
     async def _index(self, status: str, **extra: Any) -> None:
         if self._indexed is not None:  # the run's first line, if on its way, goes first
             self._indexed.cancel()  # (what was sent of it is ahead on the same connection)
-            with contextlib.suppress(BaseException):
-                await self._indexed
+            await self._indexed.settled()
             self._indexed = None
         await self.store.index(self.state.tenant, self.state.run_id, summary(self.state, status, **extra))
+
+
+class Later:
+    """Work that begins after ``delay_s`` unless cancelled first: a timer until then, and a task
+    only once it begins. Most runs are over before their first lease renewal and their first
+    index line are due, and a timer costs a fraction of a task created and cancelled per run."""
+
+    def __init__(self, delay_s: float, work: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        self._work = work
+        self._task: asyncio.Task[None] | None = None
+        self._done: asyncio.Future[None] = loop.create_future()  # ended, or cancelled before it began
+        self._handle: asyncio.TimerHandle | None = loop.call_later(delay_s, self._begin)
+
+    def _begin(self) -> None:
+        self._handle = None
+        self._task = asyncio.ensure_future(self._work())
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here; :meth:`stop` raises it again
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def cancel(self) -> None:
+        """Not begun: it never will. Begun: its task is cancelled (once; see :meth:`stop`)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self._done.set_result(None)
+        elif self._task is not None:
+            self._task.cancel()
+
+    async def settled(self) -> None:
+        """Until it has ended (waited for if not begun yet and not cancelled, as a task would
+        be); never raises."""
+        await asyncio.wait([self._done])
+
+    async def stop(self) -> None:
+        """Cancel it and wait until it has ended; raise what it raised, if not its cancellation
+        (its task is cancelled until it ends: one cancellation can be lost, tasks.py)."""
+        if self._task is None:
+            self.cancel()
+            return
+        await cancel_and_wait(self._task)
 
 
 @dataclass(slots=True)
