@@ -26,6 +26,7 @@ from typing import Any
 
 from corral.bench import TENANT, percentile
 from corral.bench.workflow_others import (
+    DEFAULT,
     QUICK,
     Counts,
     measure_latencies,
@@ -72,6 +73,7 @@ async def corral_side(counts: Counts, *, quiet: bool = False, paired: bool = Tru
     from services.auth.tokens import mint_dev_token
 
     results: dict[str, dict[str, Any]] = {}
+    fast = counts.fast()  # as many runs as the floor makes
     with tempfile.TemporaryDirectory(prefix="corral-bench-wf-") as scratch:
         state_dir = Path(scratch) / "state"
         system = await System(
@@ -108,21 +110,21 @@ async def corral_side(counts: Counts, *, quiet: bool = False, paired: bool = Tru
 
             try:
                 for side, (target, notes) in CORRAL_SIDES.items():
-                    samples = await measure_latencies(runner(target), counts)
-                    watched = await measure_latencies(runner(target, watch=True), counts)
+                    samples = await measure_latencies(runner(target), fast)
+                    watched = await measure_latencies(runner(target, watch=True), fast)
                     results[side] = {
                         "p50_ms": percentile(samples, 0.5),
                         "p99_ms": percentile(samples, 0.99),
-                        "rps": await measure_throughput(runner(target), counts),
+                        "rps": await measure_throughput(runner(target), fast),
                         "watched_p50_ms": percentile(watched, 0.5),
-                        "watched_rps": await measure_throughput(runner(target, watch=True), counts),
-                        "runs": counts.latency_runs,
+                        "watched_rps": await measure_throughput(runner(target, watch=True), fast),
+                        "runs": fast.latency_runs,
                         "notes": f"{notes}; one workflow replica; {WATCH_NOTE}; {RECOVERY_NOTE}",
                     }
                 if paired:
                     async with running_floor() as floor:
                         for side, (target, _) in CORRAL_SIDES.items():
-                            mine, floors = await measure_paired(runner(target), floor.run, counts)
+                            mine, floors = await measure_paired(runner(target), floor.run, fast)
                             results[side]["paired_p50_ms"] = percentile(mine, 0.5)
                             results[side]["paired_floor_p50_ms"] = percentile(floors, 0.5)
                 await system.add_replica("workflow")
@@ -165,7 +167,7 @@ async def run_workflow_bench(
 ) -> dict[str, Any]:
     """Every side, one after another; the report has each side's figures and the flat keys
     ``<side>_wf_p50_ms`` and ``<side>_wf_rps``, and Corral's ratios to the floor."""
-    counts = QUICK if quick else Counts()
+    counts = QUICK if quick else DEFAULT
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     say("corral: starting a system (one workflow replica, a second for the recovery)...")
     results: dict[str, Any] = await corral_side(counts, quiet=quiet)
