@@ -35,6 +35,25 @@ async def client_for(broker, tenant, sub="dev", scopes=()):
     return await CorralClient.connect(broker.url, tenant=tenant, token=token)
 
 
+async def watch_acme_events(broker):
+    """A connection of acme's watching all its events: (it, the envelopes seen, an event set once
+    a workflow run's ``completed`` was seen)."""
+    watcher = await nats.connect(
+        broker.url, token=mint_dev_token("acme", key=broker.secrets.dev_key), inbox_prefix=b"_INBOX.acme"
+    )
+    seen: list[dict] = []
+    completed = asyncio.Event()
+
+    async def kept(msg) -> None:
+        seen.append(json.loads(msg.data))
+        if seen[-1]["payload"]["type"] == "completed" and seen[-1]["payload"]["service"] == "workflow":
+            completed.set()
+
+    await watcher.subscribe("t.acme.events.>", cb=kept)
+    await watcher.flush()
+    return watcher, seen, completed
+
+
 async def test_a_five_step_run_completes_and_its_history_is_recorded(system):
     broker, _ = system
     acme = await client_for(broker, "acme")
@@ -62,19 +81,7 @@ async def test_a_five_step_run_completes_and_its_history_is_recorded(system):
 
 async def test_a_run_followed_without_watching_publishes_only_its_outcome_and_records_every_step(system):
     broker, _ = system
-    watcher = await nats.connect(
-        broker.url, token=mint_dev_token("acme", key=broker.secrets.dev_key), inbox_prefix=b"_INBOX.acme"
-    )
-    seen: list[dict] = []
-    completed = asyncio.Event()
-
-    async def kept(msg) -> None:
-        seen.append(json.loads(msg.data))
-        if seen[-1]["payload"]["type"] == "completed" and seen[-1]["payload"]["service"] == "workflow":
-            completed.set()
-
-    await watcher.subscribe("t.acme.events.>", cb=kept)
-    await watcher.flush()
+    watcher, seen, completed = await watch_acme_events(broker)
     acme = await client_for(broker, "acme")
     try:
         result = await acme.request(target="five", input={"value": 1}, watch=False, follow=True)
@@ -104,19 +111,7 @@ async def test_a_run_followed_without_watching_answers_when_it_waits_for_a_signa
 
 async def test_every_event_of_a_run_carries_the_correlation_id_of_the_request_that_started_it(system):
     broker, _ = system
-    watcher = await nats.connect(
-        broker.url, token=mint_dev_token("acme", key=broker.secrets.dev_key), inbox_prefix=b"_INBOX.acme"
-    )
-    seen: list[dict] = []
-    completed = asyncio.Event()
-
-    async def kept(msg) -> None:
-        seen.append(json.loads(msg.data))
-        if seen[-1]["payload"]["type"] == "completed" and seen[-1]["payload"]["service"] == "workflow":
-            completed.set()
-
-    await watcher.subscribe("t.acme.events.>", cb=kept)
-    await watcher.flush()
+    watcher, seen, completed = await watch_acme_events(broker)
     acme = await client_for(broker, "acme")
     try:
         result = await acme.request(target="five", input={"value": 1})
