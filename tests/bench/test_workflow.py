@@ -15,6 +15,6 @@ async def test_both_sides_report_figures_and_recover_after_a_replica_is_killed()
 
     assert set(results) == set(CORRAL_SIDES)
     for side, figures in results.items():
-        for name in ("p50_ms", "p99_ms", "rps", "recovery_s"):
+        for name in ("p50_ms", "p99_ms", "rps", "recovery_s", "watched_p50_ms", "paired_p50_ms", "paired_floor_p50_ms"):
             assert figures[name] > 0, (side, name, figures[name])
         assert figures["p99_ms"] >= figures["p50_ms"]
