@@ -184,10 +184,9 @@ class Driver:
         while (step_plan := plan(state, workflow)).records:
             for event in step_plan.records:
                 record(event)
-        actions = [] if step_plan.finished else step_plan.runs
-        for action in actions:
+        for action in step_plan.runs:  # (none once the plan is finished)
             record(_started(action))
-        return Opening(events, actions)
+        return Opening(events, step_plan.runs)
 
     def drive_inline(
         self, state: RunState, lease: Lease, index: dict[str, Any], opening: Opening | None = None

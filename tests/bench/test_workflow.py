@@ -7,7 +7,7 @@ from __future__ import annotations
 from corral.bench.workflow import CORRAL_SIDES, corral_side
 from corral.bench.workflow_others import Counts
 
-TINY = Counts(warmup=1, latency_runs=3, throughput_runs=6, concurrency=2, recovery_runs=2, step_delay_s=0.05)
+TINY = Counts(warmup=1, latency_runs=3, throughput_runs=6, concurrency=2, recovery_runs=2)
 
 
 async def test_both_sides_report_figures_and_recover_after_a_replica_is_killed() -> None:
