@@ -20,6 +20,11 @@ themselves cost. Each round measures the three once more with the monitor paused
 ``corral bench`` measures its share): it polls every service's per-tenant statistics each second,
 a cost that grows with the tenants the services know (the ``_unmonitored`` figures).
 
+``cpu_us_per_request`` says where each side's requests went: every process's CPU time (the
+broker, each service replica, this process with the tenants' connections) over the measured
+requests, in µs per request, the rounds' median. Many against spread is what the tenants cost
+each process, spread against single what the connections do.
+
 Also reported: the time to connect the N (``connect_total_s``, the slowest connect
 ``connect_slowest_s``, ``connect_retried``: connects the broker timed out that the client tried
 again), the broker's memory from its monitoring endpoint (``/varz`` ``mem``) before and after
@@ -51,6 +56,7 @@ import httpx
 import yaml
 
 from corral.bench import _throughput
+from corral.bench.cpu import process_cpu_s
 from corral.demo import DEFINITIONS as DEMO_DEFINITIONS
 from corral.nats_server import free_port
 from services.runtime.credentials import load_secrets
@@ -185,10 +191,20 @@ async def run_tenants_bench(
             await _throughput(calls["many"], len(clients), concurrency)  # every tenant's first request, not measured
             monitors = [child.process.pid for child in system.processes if child.name == "monitor"]
 
+            processes = {f"{child.name}{child.replica}": child.process.pid for child in system.processes}
+            processes["client"] = os.getpid()  # this process: the N tenants' connections
+            if system.broker is not None and system.broker.process is not None:
+                processes["broker"] = system.broker.process.pid
+
             async def measure(part: str, order: Sequence[str]) -> None:
                 for side in order:
                     await _throughput(calls[side], max(50, requests // 10), concurrency)  # warm-up
+                    before = {name: process_cpu_s(pid) for name, pid in processes.items()}
                     record(f"{side}_rps{part}", await _throughput(calls[side], requests, concurrency))
+                    for name, pid in processes.items():
+                        spent, earlier = process_cpu_s(pid), before[name]
+                        if spent is not None and earlier is not None:
+                            record(f"cpu {side}{part} {name}", (spent - earlier) / requests * 1e6)
                 record(f"ratio{part}", samples[f"many_rps{part}"][-1] / samples[f"single_rps{part}"][-1])
                 record(f"spread_ratio{part}", samples[f"many_rps{part}"][-1] / samples[f"spread_rps{part}"][-1])
 
@@ -222,6 +238,17 @@ async def run_tenants_bench(
         report[f"tenant_ratio{part}"] = median(f"ratio{part}", 3)
         report[f"tenant_ratio_same_connections{part}"] = median(f"spread_ratio{part}", 3)
     report["round_ratios"] = [round(ratio, 3) for ratio in samples["ratio"]]
+    # CPU per request of each process (µs, the rounds' median), by side: what grows with the
+    # tenants (many against spread), and with the connections (spread against single).
+    report["cpu_us_per_request"] = {
+        f"{side}{part}": {
+            name.rpartition(" ")[2]: median(name)
+            for name in samples
+            if name.startswith(f"cpu {side}{part} ") and median(name) >= 1
+        }
+        for part in PARTS
+        for side in SIDES
+    }
     return report | {
         **connected,
         "broker_mem_before_bytes": memory_before,
@@ -256,5 +283,11 @@ def table(report: dict[str, Any]) -> str:
         f"{report['broker_mem_after_bytes'] / 2**20:.0f} MiB "
         f"({report['broker_mem_per_connection_bytes'] / 1024:.0f} KiB per connection)",
         f"system start with {report['tenants']} tenants' definitions: {report['startup_s']} s",
+        "CPU per request, µs (monitor paused): "
+        + "; ".join(
+            f"{side} "
+            + ", ".join(f"{name} {us:.0f}" for name, us in report["cpu_us_per_request"][f"{side}_unmonitored"].items())
+            for side in SIDES
+        ),
     ]
     return "\n".join(lines)

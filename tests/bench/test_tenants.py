@@ -28,6 +28,9 @@ async def test_the_benchmark_reports_every_figure():
         for side in SIDES:
             assert report[f"{side}_rps{part}"] > 0, (side, part)
         assert report[f"tenant_ratio{part}"] > 0 and report[f"tenant_ratio_same_connections{part}"] > 0
+        for side in SIDES:  # where each request's CPU went: every hop of the path spent some
+            spent = report["cpu_us_per_request"][f"{side}{part}"]
+            assert {"router0", "graph0", "tools0", "broker", "client"} <= spent.keys(), (side, part, spent)
     assert report["tenants"] == 12 and report["connect_total_s"] >= report["connect_slowest_s"] >= 0
     assert report["broker_mem_after_bytes"] > 0 and report["startup_s"] > 0
-    assert "12 tenants, one connection each" in table(report)
+    assert "12 tenants, one connection each" in table(report) and "CPU per request" in table(report)
