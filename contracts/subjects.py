@@ -231,6 +231,13 @@ def ping(service: str) -> str:
 ALL_PINGS = "corral.ping.>"
 
 
+def leaving(service: str) -> str:
+    """A replica that begins to stop says so here, before it stops taking messages: the services
+    that pass requests on to it (the router to its executors) look again at once whether any
+    replica is left (services/runtime/liveness.py), not at their next probe."""
+    return f"corral.leaving.{validate_name(service)}"
+
+
 def stats(service: str) -> str:
     """Statistics subject answered by every replica of a service (services/runtime/stats.py)."""
     return f"corral.stats.{validate_name(service)}"

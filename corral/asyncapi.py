@@ -168,6 +168,13 @@ def build_broker() -> NatsBroker:
         description=f"Readiness: every replica answers {{service, replica, pid, in_flight}} (services: {served}).",
     )(_stub(str, dict[str, Any]))
     broker.subscriber(
+        "corral.leaving.{service}",
+        title="leaving",
+        description="A replica that begins to stop says so (an empty request; each watcher answers it with an "
+        "empty reply), then takes messages for a quarter of a second more: the services that pass requests on to "
+        "it (the router, to its executors) stop doing so at once and probe its ping again.",
+    )(_stub(bytes, bytes))
+    broker.subscriber(
         "corral.stats.{service}",
         title="stats",
         description="Per-operation, per-tenant statistics of every replica (each answers; paged by tenant: "

@@ -195,6 +195,7 @@ class Manifest:
         publish += [subjects.ping(other) for other in self.watches]
         if self.counts_replicas:
             publish.append(subjects.ping(self.name))
+        publish.append(subjects.leaving(self.name))
         for op in self.consumes:
             if isinstance(op, Durable):
                 publish += _durable_api(op.stream, self.durable_name(op))
@@ -207,6 +208,7 @@ class Manifest:
             f"{subjects.service_inbox_prefix(self.name)}.>",
             subjects.ping(self.name),
             subjects.stats(self.name),
+            *(subjects.leaving(other) for other in self.watches),
         ]
         return Permissions(publish=_unique(publish), subscribe=_unique(subscribe), allow_responses=True)
 

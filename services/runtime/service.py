@@ -78,7 +78,7 @@ from services.runtime.audit import AuditTrail
 from services.runtime.credentials import service_credentials
 from services.runtime.fairness import Admission, FairShare
 from services.runtime.guard import ReplyOutsideInbox, check_reply, check_tenant, reply_allowed
-from services.runtime.liveness import Liveness, Replicas
+from services.runtime.liveness import LEAVING_GRACE_S, Liveness, Replicas
 from services.runtime.logging import RunLog, configure_logging, replica_name
 from services.runtime.manifest import Consume, Durable, Manifest, Operation, Raw
 from services.runtime.pull import PullConsumer
@@ -138,6 +138,7 @@ class Service:
         self.stats = ServiceStats(self.name, replica_id=new_id())
         self.handlers: dict[str, Any] = {}
         self._subscriptions: list[Any] = []
+        self._ping: Any = None  # the ping subscription, the first to go when stopping
         self._consumers: list[asyncio.Task[None]] = []
         self._pulls: list[PullConsumer] = []  # the durable consumers' pulls, while they run
         # Each message's task -> the tenant it was admitted for (None: not admitted per tenant).
@@ -274,13 +275,15 @@ class Service:
             await self.audit.start()
         self.refusals = Refusals(self.log, self.audit if self.audit_enabled else None)
         for liveness in self.watched.values():
+            await liveness.listen(self.nc)
             liveness.start(self.nc)
         for setup in self._on_start:
             await setup()
         for op in self.manifest.consumes:
             await self._subscribe(op)
         if self.manifest.in_app:
-            self._subscriptions.append(await self.nc.subscribe(subjects.ping(self.name), cb=self.answer_ping))
+            self._ping = await self.nc.subscribe(subjects.ping(self.name), cb=self.answer_ping)
+            self._subscriptions.append(self._ping)
             if self.manifest.counts_replicas:
                 self.replicas.start(self.nc)
             self._subscriptions.append(await self.nc.subscribe(subjects.stats(self.name), cb=self.answer_stats))
@@ -331,6 +334,7 @@ class Service:
         def left(least: float) -> float:
             return max(least, until - time.monotonic())
 
+        await self._say_leaving()
         for notice in self._on_draining:
             notice()
         for consumer in self._consumers:  # a fetch can lose one cancellation (services/runtime/tasks.py)
@@ -376,6 +380,28 @@ class Service:
         if self.tracing is not None:
             self.tracing.shutdown()  # exports what is still batched
         self.log.info("service_stopped")
+
+    async def _say_leaving(self) -> None:
+        """Before it stops taking messages: stop answering pings, tell the services that pass
+        requests on to this one (``corral.leaving.<service>``, a request each of them answers
+        once it has taken note), and, if any does, go on taking messages until
+        :data:`~services.runtime.liveness.LEAVING_GRACE_S` has passed, while they look again
+        whether another replica is left (services/runtime/liveness.py). Without it, the last
+        replica of an executor stopping left its router passing requests on to nobody until its
+        next probe, up to a second, and their clients waited out their deadlines."""
+        if self._ping is None:
+            return
+        ping, self._ping = self._ping, None
+        started = time.monotonic()
+        try:
+            await ping.unsubscribe()
+            self._subscriptions.remove(ping)
+            await self.nc.request(subjects.leaving(self.name), b"", timeout=LEAVING_GRACE_S)
+        except NoRespondersError:
+            return  # nothing passes requests on to this service
+        except Exception:  # no watcher answered in time (busy), or the connection is gone: the grace is over
+            return
+        await asyncio.sleep(max(0.0, LEAVING_GRACE_S - (time.monotonic() - started)))
 
     async def flushed(self, timeout: float = 10.0) -> None:
         """Write what was counted and recorded so far to the audit trail now (tests, shutdown)."""

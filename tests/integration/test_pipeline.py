@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats
 import pytest
@@ -143,6 +144,26 @@ async def test_the_executor_answers_the_client_directly_and_its_absence_is_notic
             await assert_refused_at_once_for_lack_of_an_executor(secured)
         finally:
             await nc.close()
+
+
+async def test_an_executor_that_stops_says_so_and_the_router_takes_the_long_way_at_once(secured):
+    """The last graph executor's stop (what SIGTERM runs) begins with its leaving notice: the
+    router stops passing runs on to it at once, not at its next probe (a minute away here), so
+    no request is passed on to nobody to wait out its deadline."""
+    slow = {"probe_interval_s": 60.0}
+    async with running_services(secured.url, secured.state_dir, ("auth", "tools")):
+        graph = contextlib.AsyncExitStack()
+        await graph.enter_async_context(running_services(secured.url, secured.state_dir, ("graph",)))
+        try:
+            async with running_services(secured.url, secured.state_dir, ("router",), **slow) as services:
+                executor = services["router"].watched["graph"]
+                await asyncio.wait_for(until(executor, True), 10)  # its first probe, at its start
+                await graph.aclose()
+                await asyncio.wait_for(until(executor, False), 10)
+                assert executor.notices == 1
+                await assert_refused_at_once_for_lack_of_an_executor(secured)
+        finally:
+            await graph.aclose()
 
 
 async def test_a_tenant_without_routing_rules_is_forbidden(system):

@@ -19,6 +19,8 @@ def test_a_service_may_subscribe_exactly_what_it_consumes_plus_its_inbox_ping_an
         "_INBOX._router.>",
         subjects.ping("router"),
         subjects.stats("router"),
+        # the leaving notices of the executors it passes runs on to (services/runtime/liveness.py)
+        *(subjects.leaving(executor) for executor in ("graph", "workflow", "swarm")),
     }
 
 
@@ -33,11 +35,13 @@ def test_a_service_may_publish_exactly_what_it_publishes_requests_and_probes_plu
         subjects.ping("workflow"),
         subjects.ping("swarm"),
         subjects.ping("router"),  # it counts its own replicas, to share each tenant's rate limit
+        subjects.leaving("router"),  # as every service, when it stops
         *audit_api("router"),
         *registry_read_api(),  # it follows the tenant registry
     }
     tools = BY_NAME["tools"].permissions()
-    assert set(tools.publish) == {*audit_api("tools"), *registry_read_api()}  # it only answers, audits, follows
+    # it only answers, audits, follows, and says when it is leaving
+    assert set(tools.publish) == {*audit_api("tools"), *registry_read_api(), subjects.leaving("tools")}
 
 
 def test_every_service_may_read_the_tenant_registry_and_none_may_change_it():
