@@ -20,7 +20,7 @@ writes. With one request in flight each turn is pure latency, on every hop of a 
 Both use nats-py internals, checked on 2.16 (pyproject.toml pins nats-py to that minor version).
 :data:`AVAILABLE` says whether this nats-py has them (a test fails loudly if an upgrade loses
 them); ``CORRAL_CONNECTION_SHORTCUTS=off`` turns them off, and the client then behaves as
-nats-py's, but for the guard below. CI runs the integration and security tests in both modes, so
+nats-py's, but for the guard below. CI runs the tests of every message path in both modes (``.ci/run``), so
 an upgrade that changes what the internals do, not only their names, fails too. Measured with
 ``corral bench``; see docs/performance.md.
 
