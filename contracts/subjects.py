@@ -238,6 +238,11 @@ def leaving(service: str) -> str:
     return f"corral.leaving.{validate_name(service)}"
 
 
+# Every service's leaving subject: the auth service announces there the replicas whose
+# connection the broker saw close without a notice (a kill -9; services/auth/broker_connections.py).
+ALL_LEAVING = "corral.leaving.*"
+
+
 def stats(service: str) -> str:
     """Statistics subject answered by every replica of a service (services/runtime/stats.py)."""
     return f"corral.stats.{validate_name(service)}"

@@ -6,10 +6,12 @@ from contracts.definitions import Catalog, DefinitionError, TenantPolicy
 from services.auth.broker_connections import BrokerConnections
 from services.auth.callout import CalloutSigner
 from services.auth.denials import DenialAudit
+from services.auth.departures import Departures
 from services.auth.handlers import register
 from services.auth.jwks import JwksKeys
 from services.auth.manifest import MANIFEST
 from services.auth.settings import AuthSettings
+from services.registry import SERVICES
 from services.runtime.catalog import load_catalog
 from services.runtime.service import Service, run_service
 from services.runtime.settings import Settings
@@ -39,8 +41,16 @@ def build(base: Settings) -> Service:
         service.log.warning("auth_denials_not_audited", reason="no CORRAL_AUTH_AUDIT_PASSWORD or state directory")
     connections = None
     if settings.auth_system_password:
+        # A watched service's replica whose connection closed without a leaving notice (a kill
+        # -9) is announced on its leaving subject, through the audit writer's APP connection.
+        departures = Departures(denials, watched(), service.log, service.keep) if denials is not None else None
         connections = BrokerConnections(
-            settings.nats_url, settings.auth_system_user, settings.auth_system_password, service.log, denials
+            settings.nats_url,
+            settings.auth_system_user,
+            settings.auth_system_password,
+            service.log,
+            denials,
+            departures=departures,
         )
     else:
         service.log.warning("auth_connections_not_limited", reason="no CORRAL_AUTH_SYSTEM_PASSWORD or state directory")
@@ -66,6 +76,11 @@ def build(base: Settings) -> Service:
     elif catalog is not None:
         service.log.warning("auth_registry_not_followed", reason="no APP connection (no audit credential)")
     return service
+
+
+def watched() -> frozenset[str]:
+    """The services some service watches (the router its executors): those whose departures matter."""
+    return frozenset(other for manifest in SERVICES for other in manifest.watches)
 
 
 def _catalog(service: Service) -> Catalog | None:

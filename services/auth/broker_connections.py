@@ -12,6 +12,13 @@ connections by number of subscriptions, most first, and closes each tenant conne
 tenant's limit (it stops at the first connection within the lowest limit, so a sweep reads one
 short page however many connections are open).
 
+The same events tell when a service replica's connection closes. A replica that stops says it is
+leaving first (``corral.leaving.<service>``, services/runtime/liveness.py), but one killed with
+SIGKILL says nothing, and the router would go on passing runs on to it until its next probe
+(up to a second), each to wait out its client's deadline. So the closing of a service user's
+connection is handed to ``departures`` (the auth service announces it on the service's leaving
+subject, services/auth/__main__.py): the router probes again at once.
+
 The count is rebuilt from the broker's listing at start (before the callout is served, so a
 restarted replica refuses what it should from its first answer) and after each reconnect of this
 connection (events were missed). Events that arrive during a rebuild are held and applied after
@@ -39,7 +46,7 @@ from nats.aio.msg import Msg
 
 from contracts import subjects
 from contracts.errors import Unavailable
-from services.auth.connections import Grant, Key, TenantConnections
+from services.auth.connections import Grant, Key, TenantConnections, tenant_of_user
 from services.auth.denials import DenialAudit
 from services.auth.errors import ConnectionLimitReached, InvalidCalloutRequest, SubscriptionLimitReached
 from services.auth.manifest import CLOSE_CONNECTION, CONNECT_EVENTS, DISCONNECT_EVENTS, LIST_CONNECTIONS
@@ -54,8 +61,19 @@ GATHER_S = 0.5
 
 
 class BrokerConnections:
-    def __init__(self, url: str, user: str, password: str, log: Any, denials: DenialAudit | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        user: str,
+        password: str,
+        log: Any,
+        denials: DenialAudit | None = None,
+        departures: Callable[[str], None] | None = None,
+    ) -> None:
+        """``departures``: called with the user name of every connection that closes and is not
+        a tenant's (a service's, by its user name)."""
         self.url, self.user, self.password, self.log, self.denials = url, user, password, log, denials
+        self.departures = departures
         self.counts = TenantConnections(time.monotonic)
         self.nc: Any = None
         self._held: list[tuple[bool, Key, str]] | None = None  # events during a rebuild
@@ -175,6 +193,8 @@ class BrokerConnections:
             self.log.warning("auth_connection_event_unreadable", subject=msg.subject)
             return
         self._saw(key[0], name)
+        if not connected and self.departures is not None and user and tenant_of_user(user) is None:
+            self.departures(user)  # at once, not after a rebuild: the router waits for nothing else
         if self._held is not None:
             self._held.append((connected, key, user))
         else:

@@ -28,6 +28,9 @@ MANIFEST = Manifest(
     # The callout responder must live in an account of its own; its refusals of signed tokens
     # reach tenants' audit trails through a second connection in APP (the user `auth-audit`).
     account=AUTH_ACCOUNT,
+    # Its audit writer's connection also announces a service replica gone without a word (its
+    # connection closed with no leaving notice: a kill -9), on that service's leaving subject.
+    announces_departures=True,
     # A third connection, in the system account (the user `auth-system`), follows the tenants'
     # connections in APP, so each tenant's connection limit holds across disconnects and restarts.
     # Nothing else of the system account: no other account's events, no server-wide requests.

@@ -151,12 +151,18 @@ class Manifest:
     # Follows the tenant registry (services/runtime/tenant_registry.py): read-only access to it,
     # for a service outside APP through its audit writer's connection.
     follows_registry: bool = True
+    # Announces, through its audit writer's connection, the departure of any service's replica
+    # whose connection the broker saw close (the auth service, from the broker's DISCONNECT
+    # events): a replica killed with SIGKILL sends no leaving notice of its own.
+    announces_departures: bool = False
     module: str = field(default="")  # run as ``python -m <module>``; default ``services.<name>``
 
     def __post_init__(self) -> None:
         subjects.validate_name(self.name)
         if not self.module:
             object.__setattr__(self, "module", f"services.{self.name}")
+        if self.announces_departures and self.audit_user is None:
+            raise ValueError(f"service {self.name!r} announces departures through an audit writer it does not have")
         names = [op.name for op in self.consumes]
         if len(set(names)) != len(names):
             raise ValueError(f"service {self.name!r} declares an operation name twice: {names}")
@@ -219,7 +225,11 @@ class Manifest:
         if self.audit_user is not None:
             # It also answers the service's pings and statistics requests, which come from APP.
             writer = Permissions(
-                publish=(*audit_api(self.name), *(registry_read_api() if self.follows_registry else ())),
+                publish=(
+                    *audit_api(self.name),
+                    *(registry_read_api() if self.follows_registry else ()),
+                    *((subjects.ALL_LEAVING,) if self.announces_departures else ()),
+                ),
                 subscribe=(
                     f"{subjects.service_inbox_prefix(self.audit_user)}.>",
                     subjects.ping(self.name),

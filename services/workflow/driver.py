@@ -139,8 +139,10 @@ class Driver:
         self._functions: dict[str, Callable[..., Any]] = {}
         # Runs driven on from the start that created them (no wake-up in between), per tenant.
         self._inline: dict[str, int] = {}
-        # Runs being driven by this replica right now, per tenant (the statistics' gauge).
+        # Runs being driven by this replica right now, per tenant (the statistics' gauge), and
+        # which: a wake-up for one of them waits until that drive is over (:meth:`drive`).
         self._driving: dict[str, int] = {}
+        self._active: set[tuple[str, str]] = set()
         # Runs started, and finished by outcome, by this replica (its statistics; the run index
         # in KV is the authoritative list of a tenant's runs and their states).
         self.runs_counted = service.stats.counter(
@@ -201,6 +203,7 @@ class Driver:
         dies; the lease's renewals push that timer on while the run is driven here."""
         tenant = state.tenant
         self._inline[tenant] = self._inline.get(tenant, 0) + 1
+        self._active.add((tenant, state.run_id))
 
         async def go() -> None:
             indexed = Later(INDEX_AFTER_S, lambda: self.store.index(tenant, state.run_id, index))
@@ -218,6 +221,7 @@ class Driver:
                     # once skipped the count below and left every later run to the work queue).
                     await indexed.settled()
                 finally:
+                    self._active.discard((tenant, state.run_id))
                     self._inline[tenant] -= 1
                     if not self._inline[tenant]:
                         del self._inline[tenant]
@@ -255,8 +259,26 @@ class Driver:
         """Drive the run of a wake-up as far as it goes now. Returns None when done with it
         (finished, waiting on a timer or a signal, or given up to another replica), or a delay
         after which the wake-up should come back (the run's lease is held elsewhere: that
-        replica may be about to let it go; or this replica is stopping: at once)."""
+        replica may be about to let it go; this replica drives it right now; or this replica is
+        stopping: at once).
+
+        A wake-up for a run this replica is driving now (its recovery timer firing late on a
+        loaded machine, a hand-back's wake-up beside the timer's, a signal) comes back later: the
+        lease is this replica's, so it would be taken again, and two drives of one run in one
+        replica ran its current step twice and renewed the lease from under each other until
+        both gave the run up, leaving it to nobody.
+        """
         ttl = self.settings.workflow_lease_s
+        key = (tenant, run_id)
+        if key in self._active:
+            return ttl / 2
+        self._active.add(key)
+        try:
+            return await self._drive_woken(tenant, run_id, ttl)
+        finally:
+            self._active.discard(key)
+
+    async def _drive_woken(self, tenant: str, run_id: str, ttl: float) -> float | None:
         lease = await self.store.lease(tenant, run_id, self.owner, ttl)
         if lease is None:
             return ttl / 2

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
 
 import nats
 import pytest
@@ -153,17 +158,71 @@ async def test_an_executor_that_stops_says_so_and_the_router_takes_the_long_way_
     slow = {"probe_interval_s": 60.0}
     async with running_services(secured.url, secured.state_dir, ("auth", "tools")):
         graph = contextlib.AsyncExitStack()
-        await graph.enter_async_context(running_services(secured.url, secured.state_dir, ("graph",)))
+        graphs = await graph.enter_async_context(running_services(secured.url, secured.state_dir, ("graph",)))
         try:
             async with running_services(secured.url, secured.state_dir, ("router",), **slow) as services:
                 executor = services["router"].watched["graph"]
                 await asyncio.wait_for(until(executor, True), 10)  # its first probe, at its start
-                await graph.aclose()
+                stopping = asyncio.create_task(graph.aclose())
                 await asyncio.wait_for(until(executor, False), 10)
-                assert executor.notices == 1
+                # Heard while the replica was still connected (in its grace): its own notice, not
+                # the auth service's announcement of its closed connection, which comes after.
+                assert executor.notices == 1 and graphs["graph"].nc.is_connected
+                await stopping
                 await assert_refused_at_once_for_lack_of_an_executor(secured)
         finally:
             await graph.aclose()
+
+
+async def test_an_executor_killed_with_sigkill_is_announced_and_the_router_takes_the_long_way_at_once(secured):
+    """The last graph executor, a process of its own, is killed with SIGKILL: it says nothing,
+    but the broker sees its connection close and the auth service announces the departure on
+    its leaving subject, so the router stops passing runs on to nobody at once, not at its next
+    probe (a minute away here)."""
+    env = {
+        **os.environ,
+        "CORRAL_NATS_URL": secured.url,
+        "CORRAL_STATE_DIR": str(secured.state_dir),
+        "CORRAL_LOG_LEVEL": "warning",
+    }
+    async with running_services(secured.url, secured.state_dir, ("auth", "tools")):
+        graph = subprocess.Popen([sys.executable, "-m", "services.graph"], env=env)
+        try:
+            admin = await nats.connect(
+                secured.url,
+                user="admin",
+                password=secured.secrets.passwords["admin"],
+                inbox_prefix=b"_INBOX._admin",
+                allow_reconnect=False,
+            )
+            try:
+                await answering(admin, "graph", graph)
+            finally:
+                await admin.close()
+            async with running_services(secured.url, secured.state_dir, ("router",), probe_interval_s=60.0) as routers:
+                executor = routers["router"].watched["graph"]
+                await asyncio.wait_for(until(executor, True), 10)  # its first probe, at its start
+                graph.kill()
+                await asyncio.to_thread(graph.wait, 10)
+                await asyncio.wait_for(until(executor, False), 10)
+                assert executor.notices == 1  # the auth service's: the killed replica sent none
+                await assert_refused_at_once_for_lack_of_an_executor(secured)
+        finally:
+            if graph.poll() is None:
+                graph.kill()
+                graph.wait()
+
+
+async def answering(nc, service, process, timeout=30.0):
+    """Poll the service's ping with a deadline until this very process answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"python -m services.{service} exited with {process.returncode}"
+        with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            reply = await nc.request(subjects.ping(service), b"", timeout=0.5)
+            if json.loads(reply.data)["pid"] == process.pid:
+                return
+    raise AssertionError(f"python -m services.{service} did not answer within the deadline")
 
 
 async def test_a_tenant_without_routing_rules_is_forbidden(system):

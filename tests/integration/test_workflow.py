@@ -10,6 +10,8 @@ from pathlib import Path
 import nats
 import pytest
 
+from contracts import subjects
+from contracts.envelope import Kind, new_envelope_json
 from contracts.errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotFound, ToolFailed
 from corral.audit_reader import read_trail
 from corral.client import CorralClient
@@ -424,3 +426,32 @@ async def test_a_pinned_runs_local_step_whose_tool_is_no_longer_local_goes_to_th
             await manager.close()
         calls = next(op for op in services["tools"].stats.operations if op.name == "call")
         assert calls.totals()["num_requests"] >= 1  # pay's call went through the tools service
+
+
+async def test_a_wake_up_for_a_run_its_replica_is_driving_comes_back_later_and_no_step_runs_twice(system):
+    """A wake-up reaches the replica driving the run (its recovery timer firing late on a loaded
+    machine, beside a hand-back's wake-up). The lease is that replica's own, so it used to be
+    taken again: a second drive of the same run ran its current step again, and the two renewed
+    the lease from under each other until both gave the run up and it stopped for good (seen in
+    test_workflow_long.py on a loaded machine). The wake-up must wait for the drive to end."""
+    broker, services = system
+    acme = await client_for(broker, "acme")
+    try:
+        started = await acme.request(target="gated", input={"value": 1}, watch=False, follow=False)
+        run_id = started.output["run_id"]
+        await asyncio.wait_for(workflow_tools.ENTERED.wait(), 10)  # its first step is running
+        task = next(op for op in services["workflow"].stats.operations if op.name == "task")
+        body = new_envelope_json(Kind.WORKFLOW_TASK, "acme", json.dumps({"run_id": run_id}).encode(), run_id=run_id)
+        # (as a replica sends one: tenants and the operator may not)
+        await services["workflow"].nc.jetstream().publish(subjects.workflow_task("acme", run_id), body)
+        deadline = asyncio.get_running_loop().time() + 10
+        # Until the replica has handled the wake-up (or, wrongly, begun the step again with it).
+        while task.totals()["num_requests"] < 1 and len(workflow_tools.HELD) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the wake-up never reached the replica"
+            await asyncio.sleep(0.02)  # polling its statistics with a deadline
+        workflow_tools.GATE.set()
+        shown = await waitfor_status(acme, run_id, "completed")
+    finally:
+        await acme.close()
+    assert workflow_tools.HELD == [1]  # its step ran once
+    assert [e["type"] for e in shown["events"]].count("step_started") == 2  # each step started once

@@ -12,12 +12,26 @@ from services.toolkit.context import ToolContext
 # (tenant, tool) -> idempotency keys seen, in order (a key twice is a retry of the same call).
 CALLS: dict[tuple[str, str], list[str | None]] = defaultdict(list)
 FAILURES: dict[str, int] = {}  # key -> failures left before it succeeds
-GATE: asyncio.Event | None = None
+# held(): the values of its calls, set as a call begins, and opened to let the calls return.
+HELD: list[int] = []
+ENTERED = asyncio.Event()
+GATE = asyncio.Event()
 
 
 def reset() -> None:
+    global ENTERED, GATE
     CALLS.clear()
     FAILURES.clear()
+    HELD.clear()
+    ENTERED, GATE = asyncio.Event(), asyncio.Event()
+
+
+async def held(value: int) -> int:
+    """A function step that begins (``ENTERED``) and returns only once ``GATE`` is open."""
+    HELD.append(value)
+    ENTERED.set()
+    await GATE.wait()
+    return value + 1
 
 
 async def step(ctx: ToolContext, value: int = 0) -> dict[str, Any]:

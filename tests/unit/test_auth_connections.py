@@ -3,9 +3,16 @@ its listing, a restarted broker and several replicas, with no broker and a clock
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
+from contracts import subjects
+from services.auth import broker_connections
 from services.auth.connections import GRANT_TTL_S, TenantConnections, tenant_of_user
+from services.auth.denials import DenialAudit
+from services.auth.departures import Departures
 
 SERVER = "NSERVER"
 
@@ -189,3 +196,50 @@ async def test_the_paged_listing_misses_no_connection_open_throughout_though_oth
     assert set(listed) == {"NA", "NB"}
     for server, still in broker.open.items():
         assert set(still) <= set(listed[server])  # what is still open was listed, on each server
+
+
+class Event:
+    """A broker CONNECT/DISCONNECT event message, as BrokerConnections reads it."""
+
+    def __init__(self, user: str, cid: int) -> None:
+        body = {"server": {"id": SERVER, "name": "n1"}, "client": {"id": cid, "user": user, "name": "x"}}
+        self.data = json.dumps(body).encode()
+        self.subject = "$SYS.ACCOUNT.APP.DISCONNECT"
+
+
+def test_a_service_users_closed_connection_is_a_departure_and_a_tenants_is_not():
+    gone: list[str] = []
+    watcher = broker_connections.BrokerConnections(
+        "nats://unused", "auth-system", "x", log=None, departures=gone.append
+    )
+    watcher.counts.saw_server(SERVER, "n1")  # (no rebuild: this server is known)
+    watcher._event(True, Event("graph", 1))  # a connect is no departure
+    watcher._event(False, Event("acme/alice", 2))  # a tenant's connection: counted, not a departure
+    watcher._event(False, Event("graph", 1))
+    watcher._held = []  # during a rebuild the counts wait; the departure does not
+    watcher._event(False, Event("workflow", 3))
+    assert gone == ["graph", "workflow"]
+
+
+async def test_a_departure_of_a_watched_service_is_announced_on_its_leaving_subject():
+    published: list[tuple[str, bytes]] = []
+
+    class Connection:
+        is_connected = True
+
+        async def publish(self, subject: str, data: bytes) -> None:
+            published.append((subject, data))
+
+    class Log:
+        def info(self, *args: object, **kwargs: object) -> None: ...
+
+        def warning(self, *args: object, **kwargs: object) -> None: ...
+
+    denials = DenialAudit("nats://unused", "auth-audit", "x", Log())
+    denials.nc = Connection()
+    tasks: list[asyncio.Task[None]] = []
+    departures = Departures(denials, {"graph"}, Log(), tasks.append)
+    departures("graph")
+    departures("tools")  # nothing watches it: nobody to tell
+    await asyncio.gather(*tasks)
+    assert published == [(subjects.leaving("graph"), b"")] and departures.announced == 1

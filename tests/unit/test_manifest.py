@@ -68,7 +68,8 @@ def test_the_callout_responder_lives_outside_app_and_writes_audit_through_its_ow
     assert own.account == "AUTH" and own.permissions.subscribe == (subjects.AUTH_CALLOUT,)
     assert own.permissions.publish == ()
     assert writer.name == "auth-audit" and writer.account == "APP"
-    assert writer.permissions.publish == (*audit_api("auth"), *registry_read_api())  # and it follows the registry
+    # It follows the registry, and announces service replicas gone without a word (a kill -9).
+    assert writer.permissions.publish == (*audit_api("auth"), *registry_read_api(), subjects.ALL_LEAVING)
     assert system.name == "auth-system" and system.account == "SYS"  # tests/security/test_connection_limits.py
 
 
@@ -142,3 +143,9 @@ def test_no_tenant_subject_of_the_workflow_engines_state_is_a_tenants_to_publish
     for pattern in (subjects.WORKFLOW_HISTORY, subjects.WORKFLOW_TASKS, subjects.WORKFLOW_TIMERS):
         area = pattern.replace("t.*.", "t.acme.").rsplit(".", 1)[0]
         assert not any(s.startswith(area) for s in granted.publish + granted.subscribe)
+
+
+def test_only_a_service_with_an_audit_writer_may_announce_departures():
+    with pytest.raises(ValueError, match="announces departures"):
+        Manifest(name="lone", summary="x", consumes=(), announces_departures=True)
+    assert [m.name for m in SERVICES if m.announces_departures] == ["auth"]
