@@ -11,7 +11,6 @@ from services.auth.handlers import register
 from services.auth.jwks import JwksKeys
 from services.auth.manifest import MANIFEST
 from services.auth.settings import AuthSettings
-from services.registry import SERVICES
 from services.runtime.catalog import load_catalog
 from services.runtime.service import Service, run_service
 from services.runtime.settings import Settings
@@ -43,7 +42,7 @@ def build(base: Settings) -> Service:
     if settings.auth_system_password:
         # A watched service's replica whose connection closed without a leaving notice (a kill
         # -9) is announced on its leaving subject, through the audit writer's APP connection.
-        departures = Departures(denials, watched(), service.log, service.keep) if denials is not None else None
+        departures = Departures(denials, service.log, service.keep) if denials is not None else None
         connections = BrokerConnections(
             settings.nats_url,
             settings.auth_system_user,
@@ -76,11 +75,6 @@ def build(base: Settings) -> Service:
     elif catalog is not None:
         service.log.warning("auth_registry_not_followed", reason="no APP connection (no audit credential)")
     return service
-
-
-def watched() -> frozenset[str]:
-    """The services some service watches (the router its executors): those whose departures matter."""
-    return frozenset(other for manifest in SERVICES for other in manifest.watches)
 
 
 def _catalog(service: Service) -> Catalog | None:

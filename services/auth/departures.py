@@ -18,28 +18,28 @@ any run a replica held when it was killed (graph runs are at most once, docs/ope
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from contracts import subjects
+from contracts.tenants import NAME_PATTERN
 from services.auth.denials import DenialAudit
 
 
 class Departures:
     """The DISCONNECT of a service user's connection (``departures`` of BrokerConnections) ->
-    a leaving notice for that service, if any service watches it."""
+    a leaving notice on ``corral.leaving.<user>``. Every static user's is sent (a service does
+    not know which others are watched, services/runtime/manifest.py): only the watched
+    services' subjects have subscribers (the router's executors), and the broker drops the rest."""
 
-    def __init__(
-        self, denials: DenialAudit, watched: Iterable[str], log: Any, keep: Callable[[asyncio.Task[Any]], Any]
-    ) -> None:
+    def __init__(self, denials: DenialAudit, log: Any, keep: Callable[[asyncio.Task[Any]], Any]) -> None:
         self.denials = denials
-        self.watched = frozenset(watched)
         self.log = log
         self.keep = keep
         self.announced = 0
 
     def __call__(self, user: str) -> None:
-        if user in self.watched:
+        if is_name(user):
             self.keep(asyncio.ensure_future(self._announce(user)))
 
     async def _announce(self, service: str) -> None:
@@ -52,4 +52,9 @@ class Departures:
             self.log.warning("service_departure_not_announced", service=service, error=repr(error))
             return
         self.announced += 1
-        self.log.info("service_departure_announced", service=service)
+        self.log.debug("service_departure_announced", service=service)
+
+
+def is_name(user: str) -> bool:
+    """Whether ``user`` can name a leaving subject (a service's user name)."""
+    return NAME_PATTERN.fullmatch(user) is not None
