@@ -166,13 +166,19 @@ class CorralClient:
         while True:
             self.attempts += 1
             started = time.monotonic()
+            seen = len(self.errors)
             try:
                 # The first attempt is always made; a later one ends with the deadline.
                 async with asyncio.timeout(None if self.attempts == 1 else max(0.0, deadline - started)):
                     return await self._open()
             except CorralError:
                 raise  # the client's own finding: a token of another tenant
-            except Exception as error:
+            except Exception as raised:
+                error = raised
+                if isinstance(raised, nats_errors.NoServersError) and len(self.errors) > seen:
+                    # nats-py gave up on the server: why is what its error callback was told last
+                    # (a TCP connect timed out in a storm, the listen queue full; or refused).
+                    error = self.errors[-1]
                 if not _admission_timed_out(error, time.monotonic() - started, self.callout_timeout_s):
                     if _refused(error):
                         raise Unauthorized(

@@ -100,3 +100,34 @@ async def test_past_its_deadline_the_client_gives_up_with_unavailable():
 )
 def test_which_failures_mean_the_broker_could_not_authorise_in_time(error, elapsed_s, timed_out):
     assert _admission_timed_out(error, elapsed_s, callout_timeout_s=2.0) is timed_out
+
+
+def giving_up(client: CorralClient, *causes: BaseException) -> None:
+    """Attempts that nats-py gives up on with NoServersError, having told the client's error
+    callback ``causes`` in turn (the last one again and again), then one that connects."""
+    remaining = list(causes)
+
+    async def open_once():
+        if not remaining:
+            return "connected"
+        client.errors.append(remaining.pop(0))
+        raise nats_errors.NoServersError()
+
+    client._open = open_once  # type: ignore[method-assign]
+
+
+async def test_a_tcp_connect_that_timed_out_in_a_storm_is_tried_again_though_nats_py_says_no_servers():
+    # In a storm of thousands of connects the broker's listen queue fills: a TCP connect times
+    # out, and nats-py, allowed one server and no retry, raises NoServersError after it.
+    client = attempting("connected")
+    giving_up(client, TimeoutError(), ConnectionResetError())
+    assert await client._admitted() == "connected"
+    assert client.attempts == 3
+
+
+async def test_no_servers_because_nothing_listens_fails_at_once():
+    client = attempting("connected")
+    giving_up(client, ConnectionRefusedError(111, "Connection refused"))
+    with pytest.raises(nats_errors.NoServersError):
+        await client._admitted()
+    assert client.attempts == 1
