@@ -105,13 +105,7 @@ async def until_ready(logs: list[Path]) -> None:
 
 async def callouts_answered(broker: SecuredBroker, replicas: int) -> list[int]:
     """How many authorization requests each auth replica has answered (its statistics)."""
-    admin = await nats.connect(
-        broker.url,
-        user="admin",
-        password=broker.secrets.passwords["admin"],
-        inbox_prefix=b"_INBOX._admin",
-        allow_reconnect=False,
-    )
+    admin = await broker.admin()
     try:
         answers: asyncio.Queue[bytes] = asyncio.Queue()
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import sys
-import time
 
 import nats
 import pytest
@@ -19,7 +17,7 @@ from contracts.errors import DeadlineExceeded, NotFound, Unavailable
 from contracts.replies import decode_reply
 from corral.client import CorralClient
 from services.auth.tokens import mint_dev_token
-from tests.support.services import running_services
+from tests.support.services import answering, running_services
 
 ALL = ("auth", "router", "graph", "tools")
 
@@ -188,13 +186,7 @@ async def test_an_executor_killed_with_sigkill_is_announced_and_the_router_takes
     async with running_services(secured.url, secured.state_dir, ("auth", "tools")):
         graph = subprocess.Popen([sys.executable, "-m", "services.graph"], env=env)
         try:
-            admin = await nats.connect(
-                secured.url,
-                user="admin",
-                password=secured.secrets.passwords["admin"],
-                inbox_prefix=b"_INBOX._admin",
-                allow_reconnect=False,
-            )
+            admin = await secured.admin()
             try:
                 await answering(admin, "graph", graph)
             finally:
@@ -211,18 +203,6 @@ async def test_an_executor_killed_with_sigkill_is_announced_and_the_router_takes
             if graph.poll() is None:
                 graph.kill()
                 graph.wait()
-
-
-async def answering(nc, service, process, timeout=30.0):
-    """Poll the service's ping with a deadline until this very process answers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"python -m services.{service} exited with {process.returncode}"
-        with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            reply = await nc.request(subjects.ping(service), b"", timeout=0.5)
-            if json.loads(reply.data)["pid"] == process.pid:
-                return
-    raise AssertionError(f"python -m services.{service} did not answer within the deadline")
 
 
 async def test_a_tenant_without_routing_rules_is_forbidden(system):

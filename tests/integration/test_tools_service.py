@@ -8,13 +8,11 @@ runtime's ``decode_reply``, which raises the typed error an error reply carries.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,6 +31,7 @@ from services.runtime.service import Service
 from services.runtime.settings import Settings
 from services.tools.handlers import register
 from services.tools.manifest import MANIFEST
+from tests.support.services import answering
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFINITIONS = {
@@ -224,7 +223,7 @@ async def test_python_m_services_tools_starts_serves_and_stops_on_sigterm(nats_u
     process = subprocess.Popen([sys.executable, "-m", "services.tools"], cwd=ROOT, env=env)
     try:
         nc = await connect("acme")
-        await wait_until_answering(nc, process)
+        await answering(nc, "tools", process)
         output = await call(nc, "acme", "orders_lookup", {"query": "A-1002"})
         assert output["order"]["status"] == "delayed at the depot"
         process.send_signal(signal.SIGTERM)
@@ -233,15 +232,3 @@ async def test_python_m_services_tools_starts_serves_and_stops_on_sigterm(nats_u
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-async def wait_until_answering(nc, process, timeout=30.0):
-    """Poll the service's ping with a deadline until this very process answers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"python -m services.tools exited with {process.returncode}"
-        with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            reply = await nc.request(subjects.ping("tools"), b"", timeout=0.5)
-            if json.loads(reply.data)["pid"] == process.pid:
-                return
-    raise AssertionError("python -m services.tools did not answer within the deadline")

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
+
 from corral.nats_server import NatsServer, free_port
 from corral.state import cluster_node_config, init_state
 from services.runtime.credentials import Secrets
@@ -64,6 +66,16 @@ class SecuredBroker:
     url: str
     state_dir: Path
     secrets: Secrets
+
+    async def admin(self) -> nats.aio.client.Client:
+        """A connection as the operator's ``admin`` user (pings, statistics), not reconnecting."""
+        return await nats.connect(
+            self.url,
+            user="admin",
+            password=self.secrets.passwords["admin"],
+            inbox_prefix=b"_INBOX._admin",
+            allow_reconnect=False,
+        )
 
 
 @contextlib.contextmanager

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
+import nats
+
+from contracts import subjects
 from corral.demo import DEFINITIONS as DEFAULT_DEFINITIONS
 from corral.demo.payments import URL_VARIABLE, serve_in_thread
 from services.runtime.service import Service
@@ -33,6 +40,19 @@ async def running_services(
         finally:
             for service in reversed(started.values()):
                 await service.stop()
+
+
+async def answering(nc: Any, service: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Poll ``corral.ping.<service>`` on ``nc`` with a deadline until this very process (a
+    ``python -m services.<service>`` started by the test) answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"python -m services.{service} exited with {process.returncode}"
+        with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            reply = await nc.request(subjects.ping(service), b"", timeout=0.5)
+            if json.loads(reply.data)["pid"] == process.pid:
+                return
+    raise AssertionError(f"python -m services.{service} did not answer within the deadline")
 
 
 @contextlib.contextmanager
