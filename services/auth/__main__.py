@@ -40,8 +40,8 @@ def build(base: Settings) -> Service:
         service.log.warning("auth_denials_not_audited", reason="no CORRAL_AUTH_AUDIT_PASSWORD or state directory")
     connections = None
     if settings.auth_system_password:
-        # A watched service's replica whose connection closed without a leaving notice (a kill
-        # -9) is announced on its leaving subject, through the audit writer's APP connection.
+        # A service replica whose connection closed (a kill -9 sends no leaving notice of its
+        # own) is announced on its leaving subject, through the audit writer's APP connection.
         departures = Departures(denials, service.log, service.keep) if denials is not None else None
         connections = BrokerConnections(
             settings.nats_url,
