@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contracts.definitions import Catalog, TenantPolicy
+from contracts.definitions import Catalog, RouteNeeds, TenantPolicy
 from contracts.registry import BUCKET, read_entry
 from contracts.tenants import is_tenant_id
 from services.runtime.kv_follow import DELETES, follow_bucket
@@ -71,6 +71,9 @@ class LiveTenants:
         self._from_registry: set[str] = set()  # tenants whose policy is the registry's now
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
+        # What each route target needs, for checking every registry policy against the same
+        # definitions (only the tenants of ``catalog`` ever change here).
+        self._needs: RouteNeeds = {}
 
     # ---- what the services use -----------------------------------------------------------
 
@@ -138,7 +141,7 @@ class LiveTenants:
         if entry.policy.tenant != tenant:
             self.log.error("tenant_registry_rejected", tenant_id=tenant, problems=["the policy names another tenant"])
             return False
-        problems = self.catalog.tenant_problems(entry.policy)
+        problems = self.catalog.tenant_problems(entry.policy, self._needs)
         if problems:
             self.log.error("tenant_registry_rejected", tenant_id=tenant, problems=[m for _, m, _ in problems][:5])
             return False

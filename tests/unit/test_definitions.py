@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from contracts.definitions import Catalog, DefinitionError, DefinitionsFile
+from contracts.definitions import Catalog, DefinitionError, DefinitionsFile, Pattern, TenantPolicy
 from contracts.expressions import ExpressionError, compile_expression, evaluate, render, resolve
 from contracts.graphs import GraphDefinition
 from corral.demo import DEFINITIONS as DEFAULT_DEFINITIONS
@@ -173,6 +173,27 @@ def test_a_cycle_with_a_visit_limit_is_accepted():
             "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "a", "when": "true"}],
         }
     )
+
+
+def test_every_tenant_sharing_a_route_target_is_checked_against_its_own_tools():
+    # The tools a target needs are remembered across tenants (RouteNeeds), not their verdicts.
+    inner = {"name": "inner", "entry": "x", "nodes": {"x": {"kind": "tool", "tool": "lookup"}}}
+    tenants = [
+        {"tenant": "ok", "routes": {"r": {"graph": "inner"}}, "tools": ["lookup"]},
+        {"tenant": "lacks", "routes": {"r": {"graph": "inner"}}, "tools": []},
+        {"tenant": "also-ok", "routes": {"r": {"graph": "inner"}}, "tools": ["lookup"]},
+    ]
+    with pytest.raises(DefinitionError) as refused:
+        Catalog.merge([DefinitionsFile.model_validate({"tools": [TOOL], "graphs": [inner], "tenants": tenants})])
+    assert [problem.message for problem in refused.value.problems] == [
+        "tenant 'lacks': route 'r' needs tools ['lookup'] the tenant is not allowed"
+    ]
+    catalog = Catalog.merge([DefinitionsFile.model_validate({"tools": [TOOL], "graphs": [inner]})])
+    needs: dict = {}
+    for policy in (tenants[0], tenants[1]):
+        found = catalog.tenant_problems(TenantPolicy.model_validate(policy), needs)
+        assert bool(found) is (policy["tenant"] == "lacks")
+    assert needs == {(Pattern.GRAPH, "inner"): frozenset({"lookup"})}
 
 
 def test_subgraph_cycles_and_unknown_models_are_refused():
