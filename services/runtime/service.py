@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -930,7 +931,9 @@ def catalog_service(manifest: Manifest, register: Callable[[Service, Any], Any])
 def run_service(build: Callable[[Settings], Service], manifest: Manifest) -> None:
     """Entry point of a service's ``__main__``: build it from its settings and run it."""
     try:
-        service = build(manifest.settings())
+        with event_loop.collector_paused():
+            service = build(manifest.settings())
+        gc.set_threshold(*event_loop.GC_THRESHOLDS)  # starting (the registry's tenants too), until settled
     except DefinitionError as error:  # every problem on its line, no traceback (`corral validate` prints the same)
         raise SystemExit(f"{manifest.name}: the definitions have problems:\n{error.message}") from None
     with contextlib.suppress(KeyboardInterrupt):
