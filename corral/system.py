@@ -273,13 +273,16 @@ class System:
         """Write the definitions' tenants the tenant registry lacks (or took from an older version
         of the files) before any service reads it; say what changed."""
         from corral.tenant_admin import Registry
+        from services.runtime.loop import collector_paused
 
         deadline = time.monotonic() + timeout
         admin = await self._connect_admin(deadline, timeout)
         try:
             while True:
                 try:
-                    report = await (await Registry(admin, operator="corral-up").open()).seed(catalog)
+                    # (reading 10,000 tenants' entries back builds as many policies: no collections meanwhile)
+                    with collector_paused():
+                        report = await (await Registry(admin, operator="corral-up").open()).seed(catalog)
                     break
                 except NoRespondersError:  # JetStream is still starting up in a fresh broker
                     self._check_alive()
