@@ -18,6 +18,8 @@ widen a tenant's policy. Each change is recorded in the tenant's audit chain ``o
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -47,3 +49,25 @@ class RegistryEntry(BaseModel):
 def read_entry(data: bytes) -> RegistryEntry:
     """Decode a registry value; raises pydantic's ValidationError for one that is not valid."""
     return RegistryEntry.model_validate_json(data)
+
+
+def policy_digest(policy: TenantPolicy) -> str:
+    """The digest a seeded entry records of the file policy it was written from."""
+    return hashlib.sha256(policy.model_dump_json().encode()).hexdigest()[:32]
+
+
+def seeded_from(data: bytes, digest: str) -> bool:
+    """Whether a registry value is the file policy of digest ``digest`` as the seeding wrote it
+    (origin ``file``, a policy, that digest): then a reader may take the file's policy as it is,
+    without reading and checking the entry's copy of it again (with 10,000 tenants, about half a
+    second of every service's start). Only the operator and the seeding write the bucket."""
+    try:
+        head = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (
+        isinstance(head, dict)
+        and head.get("origin") == "file"
+        and head.get("digest") == digest
+        and isinstance(head.get("policy"), dict)
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from contracts.audit import AuditEntry, seal_json
 from contracts.definitions import Catalog, TenantPolicy
 from contracts.envelope import now_iso
 from contracts.errors import Conflict, InvalidRequest, NotFound
-from contracts.registry import AUDIT_SERVICE, BUCKET, HISTORY, STREAM, RegistryEntry, read_entry
+from contracts.registry import AUDIT_SERVICE, BUCKET, HISTORY, STREAM, RegistryEntry, policy_digest, read_entry
 from contracts.tenants import validate_tenant_id
 from services.runtime.audit import WRONG_LAST_SEQUENCE
 from services.runtime.manifest import registry_read_api
@@ -50,10 +49,6 @@ def admin_registry_api() -> tuple[str, ...]:
         subjects.service_audit(AUDIT_SERVICE),
         f"$JS.API.DIRECT.GET.{AUDIT_STREAM}.{subjects.service_audit(AUDIT_SERVICE)}",
     )
-
-
-def policy_digest(policy: TenantPolicy) -> str:
-    return hashlib.sha256(policy.model_dump_json().encode()).hexdigest()[:32]
 
 
 def check_policy(policy: TenantPolicy, catalog: Catalog | None) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from contracts.definitions import Catalog, RouteNeeds, TenantPolicy
-from contracts.registry import BUCKET, read_entry
+from contracts.registry import BUCKET, policy_digest, read_entry, seeded_from
 from contracts.tenants import is_tenant_id
 from services.runtime.kv_follow import DELETES, follow_bucket
 from services.runtime.tasks import keep_cancelling
@@ -74,6 +74,7 @@ class LiveTenants:
         # What each route target needs, for checking every registry policy against the same
         # definitions (only the tenants of ``catalog`` ever change here).
         self._needs: RouteNeeds = {}
+        self._digests: dict[str, str] = {}  # of the files' policies (they do not change)
 
     # ---- what the services use -----------------------------------------------------------
 
@@ -130,6 +131,9 @@ class LiveTenants:
 
     def _checked(self, tenant: str, data: bytes) -> TenantPolicy | bool | None:
         """The registry's policy for ``tenant`` (None: removed), or False if it is refused."""
+        own = self.files.get(tenant)
+        if own is not None and seeded_from(data, self._digest(tenant, own)):
+            return own  # the files' policy, read and checked at load: the same again
         try:
             entry = read_entry(data)
         except ValidationError as error:
@@ -146,6 +150,12 @@ class LiveTenants:
             self.log.error("tenant_registry_rejected", tenant_id=tenant, problems=[m for _, m, _ in problems][:5])
             return False
         return entry.policy
+
+    def _digest(self, tenant: str, policy: TenantPolicy) -> str:
+        digest = self._digests.get(tenant)
+        if digest is None:
+            digest = self._digests[tenant] = policy_digest(policy)
+        return digest
 
     # ---- following the bucket ---------------------------------------------------------------
 

@@ -9,8 +9,9 @@ import structlog
 from structlog.testing import CapturingLogger
 
 from contracts.definitions import TenantPolicy
-from contracts.registry import RegistryEntry
+from contracts.registry import RegistryEntry, policy_digest, read_entry
 from corral.demo import DEFINITIONS
+from services.runtime import tenant_registry
 from services.runtime.catalog import load_catalog
 from services.runtime.tenant_registry import LiveTenants
 
@@ -104,3 +105,26 @@ def test_a_listener_that_fails_does_not_keep_the_change_from_the_others():
     assert tenants.apply({"initech": value(acme_like("initech"))}) == {"initech"}
     assert seen == later == [frozenset({"initech"})] and tenants.policy("initech") is not None
     assert [call.kwargs.get("event") for call in log.calls].count("tenant_listener_failed") == 1
+
+
+def seeded(policy: TenantPolicy, digest: str, origin: str = "file") -> bytes:
+    entry = RegistryEntry(
+        policy=policy, origin=origin, changed_by="seed", at="2026-12-02T00:00:00+00:00", digest=digest
+    )
+    return entry.model_dump_json().encode()
+
+
+def test_an_entry_seeded_from_the_same_file_policy_is_that_policy_without_reading_it_again(monkeypatch):
+    tenants, _, seen = live()
+    files_policy = tenants.policy("acme")
+    read: list[bytes] = []
+    monkeypatch.setattr(tenant_registry, "read_entry", lambda data: read.append(data) or read_entry(data))
+    assert tenants.apply({"acme": seeded(files_policy, policy_digest(files_policy))}) == frozenset()
+    assert tenants.policy("acme") is files_policy and read == [] and seen == []
+    # Seeded from another version of the file, or changed by the operator: read and checked as ever.
+    other = TenantPolicy.model_validate(acme_like("acme", rate_limit={"per_second": 2, "burst": 2}))
+    for entry in (seeded(other, policy_digest(other)), seeded(other, policy_digest(files_policy), "operator")):
+        tenants.apply({"acme": entry})
+        assert tenants.policy("acme").rate_limit.per_second == 2
+        tenants.apply({"acme": seeded(files_policy, policy_digest(files_policy))})  # back to the file's
+    assert len(read) == 2
