@@ -36,7 +36,6 @@ class Departures:
         self.denials = denials
         self.log = log
         self.keep = keep
-        self.announced = 0
 
     def __call__(self, user: str) -> None:
         if is_name(user):
@@ -51,7 +50,6 @@ class Departures:
         except Exception as error:  # reconnecting: the watchers' probes notice it
             self.log.warning("service_departure_not_announced", service=service, error=repr(error))
             return
-        self.announced += 1
         self.log.debug("service_departure_announced", service=service)
 
 

@@ -398,9 +398,7 @@ class Service:
             await ping.unsubscribe()
             self._subscriptions.remove(ping)
             await self.nc.request(subjects.leaving(self.name), b"", timeout=LEAVING_GRACE_S)
-        except NoRespondersError:
-            return  # nothing passes requests on to this service
-        except Exception:  # no watcher answered in time (busy), or the connection is gone: the grace is over
+        except Exception:  # no responders (nothing watches this service), no answer in time, or no connection
             return
         await asyncio.sleep(max(0.0, LEAVING_GRACE_S - (time.monotonic() - started)))
 
