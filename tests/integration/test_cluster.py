@@ -45,26 +45,29 @@ def refused(error: Exception) -> bool:
     return "Authorization Violation" in str(error)
 
 
-async def jetstream_ready(url: str, cluster: SecuredCluster) -> None:
-    """Until the cluster's JetStream answers (it has elected its meta leader)."""
-    admin = await nats.connect(
-        url, user="admin", password=cluster.secrets.passwords["admin"], inbox_prefix=b"_INBOX._admin"
-    )
+async def jetstream_ready(cluster: SecuredCluster) -> None:
+    """Until every node's JetStream answers: each has joined the meta group, so a stream of three
+    replicas can be placed (with only the leader answering, a service starting at once was
+    refused its streams, "no suitable peers for placement", on a loaded machine)."""
+    for url in cluster.urls:
+        admin = await nats.connect(
+            url, user="admin", password=cluster.secrets.passwords["admin"], inbox_prefix=b"_INBOX._admin"
+        )
 
-    async def answered() -> None:
-        with contextlib.suppress(NotFoundError):  # an answer, found or not, is ready
-            await admin.jetstream().stream_info("KV_TENANTS")
+        async def answered(admin: nats.NATS = admin) -> None:
+            with contextlib.suppress(NotFoundError):  # an answer, found or not, is ready
+                await admin.jetstream().stream_info("KV_TENANTS")
 
-    try:
-        await retried(answered, lambda error: True, "the cluster's JetStream answers")
-    finally:
-        await admin.close()
+        try:
+            await retried(answered, lambda error: True, f"the JetStream of {url} answers")
+        finally:
+            await admin.close()
 
 
 @contextlib.contextmanager
 def ready_cluster(state_dir: Path) -> Iterator[SecuredCluster]:
     with mock.patch.dict(os.environ, {"CORRAL_JETSTREAM_REPLICAS": "3"}), secured_cluster(state_dir) as nodes:
-        asyncio.run(jetstream_ready(nodes.urls[0], nodes))
+        asyncio.run(jetstream_ready(nodes))
         yield nodes
 
 
