@@ -22,7 +22,7 @@ import yaml
 from contracts.errors import Conflict, DeadlineExceeded, Unavailable
 from corral.client import CorralClient
 from corral.nats_server import NatsServer, free_port
-from corral.state import init_state
+from corral.state import ADMIN_USER, init_state
 from services.auth.tokens import mint_dev_token
 from tests.e2e.test_workflow_chaos import Processes
 from tests.support.http import Received, Reply, http_server
@@ -74,6 +74,9 @@ async def test_a_session_goes_on_after_kill_9_of_its_replica_mid_turn(tmp_path):
         try:
             for name in ("auth", "router", "tools", "swarm"):
                 procs.start(name, name)
+            # Every service serves before the first turn: a turn whose tool's service is not up
+            # yet gets 'unavailable' back, which this model answers by calling the tool again.
+            await procs.serving(broker.url, secrets.passwords[ADMIN_USER], "router", "tools", "swarm")
             token = mint_dev_token("acme", key=secrets.dev_key, ttl_s=3600)
 
             client, first = await _first_answer(broker.url, token, time.monotonic() + 60)

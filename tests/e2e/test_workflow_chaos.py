@@ -21,15 +21,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import nats
 import pytest
 import yaml
 
 from corral.client import CorralClient
 from corral.nats_server import NatsServer, free_port
-from corral.state import init_state
+from corral.state import ADMIN_USER, init_state
 from corral.system import service_command, service_environment
 from services.auth.tokens import mint_dev_token
 from tests.support.http import Received, Reply, http_server
+from tests.support.services import answering
 
 RUNS = 24
 STEP_DELAY_S = 0.03  # the payment API's latency: runs are mid-way when a replica dies
@@ -104,12 +106,24 @@ class Processes:
         }
         self.logs = logs
         self.children: dict[str, subprocess.Popen] = {}
+        self.services: dict[str, str] = {}
 
     def start(self, name: str, service: str) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.services[name] = service
         self.children[name] = subprocess.Popen(
             service_command(service, sys.executable), env=self.env, stdout=log, stderr=log, start_new_session=True
         )
+
+    async def serving(self, url: str, admin_password: str, *names: str) -> None:
+        """Until each named process answers its service's ping: its subscriptions are in place.
+        Started is not serving, and on a busy machine the gap is seconds."""
+        nc = await nats.connect(url, user=ADMIN_USER, password=admin_password, inbox_prefix=b"_INBOX._admin")
+        try:
+            for name in names:
+                await answering(nc, self.services[name], self.children[name], timeout=60)
+        finally:
+            await nc.close()
 
     def kill(self, name: str) -> None:
         process = self.children.pop(name)
@@ -180,6 +194,11 @@ async def test_runs_survive_kill_9_of_workflow_replicas_and_a_broker_restart(tmp
                 procs.start(name, name)
             procs.start("workflow-1", "workflow")
             procs.start("workflow-2", "workflow")
+            # Each serves before the first run: a step's call that finds no tools service fails
+            # its three attempts within a second.
+            await procs.serving(
+                broker.url, secrets.passwords[ADMIN_USER], "router", "tools", "workflow-1", "workflow-2"
+            )
             token = mint_dev_token("acme", key=secrets.dev_key, ttl_s=3600)
 
             async def connect() -> CorralClient:
