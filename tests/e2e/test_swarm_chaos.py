@@ -22,9 +22,10 @@ import yaml
 from contracts.errors import Conflict, DeadlineExceeded, Unavailable
 from corral.client import CorralClient
 from corral.nats_server import NatsServer, free_port
-from corral.state import ADMIN_USER, init_state
+from corral.state import init_state
 from services.auth.tokens import mint_dev_token
 from tests.e2e.test_workflow_chaos import Processes
+from tests.support.brokers import SecuredBroker
 from tests.support.http import Received, Reply, http_server
 
 
@@ -76,7 +77,7 @@ async def test_a_session_goes_on_after_kill_9_of_its_replica_mid_turn(tmp_path):
                 procs.start(name, name)
             # Every service serves before the first turn: a turn whose tool's service is not up
             # yet gets 'unavailable' back, which this model answers by calling the tool again.
-            await procs.serving(broker.url, secrets.passwords[ADMIN_USER], "router", "tools", "swarm")
+            await procs.serving(SecuredBroker(broker.url, state, secrets), "router", "tools", "swarm")
             token = mint_dev_token("acme", key=secrets.dev_key, ttl_s=3600)
 
             client, first = await _first_answer(broker.url, token, time.monotonic() + 60)

@@ -21,15 +21,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import nats
 import pytest
 import yaml
 
 from corral.client import CorralClient
 from corral.nats_server import NatsServer, free_port
-from corral.state import ADMIN_USER, init_state
+from corral.state import init_state
 from corral.system import service_command, service_environment
 from services.auth.tokens import mint_dev_token
+from tests.support.brokers import SecuredBroker
 from tests.support.http import Received, Reply, http_server
 from tests.support.services import answering
 
@@ -115,10 +115,10 @@ class Processes:
             service_command(service, sys.executable), env=self.env, stdout=log, stderr=log, start_new_session=True
         )
 
-    async def serving(self, url: str, admin_password: str, *names: str) -> None:
+    async def serving(self, broker: SecuredBroker, *names: str) -> None:
         """Until each named process answers its service's ping: its subscriptions are in place.
         Started is not serving, and on a busy machine the gap is seconds."""
-        nc = await nats.connect(url, user=ADMIN_USER, password=admin_password, inbox_prefix=b"_INBOX._admin")
+        nc = await broker.admin()
         try:
             for name in names:
                 await answering(nc, self.services[name], self.children[name], timeout=60)
@@ -197,7 +197,7 @@ async def test_runs_survive_kill_9_of_workflow_replicas_and_a_broker_restart(tmp
             # Each serves before the first run: a step's call that finds no tools service fails
             # its three attempts within a second.
             await procs.serving(
-                broker.url, secrets.passwords[ADMIN_USER], "router", "tools", "workflow-1", "workflow-2"
+                SecuredBroker(broker.url, state, secrets), "router", "tools", "workflow-1", "workflow-2"
             )
             token = mint_dev_token("acme", key=secrets.dev_key, ttl_s=3600)
 
